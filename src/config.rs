@@ -1,0 +1,832 @@
+//! The configuration file: its YAML format (serde types, `deny_unknown_fields`) kept apart from
+//! the validated runtime types the gateway runs on.
+//!
+//! Loading never panics and never echoes a key or a token: every error message goes through
+//! [`redact`] before it reaches the user.
+
+use crate::secret::{parse_sha256_hex, sha256, Secret};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Gemini's own request size limit: the default for `max_body_bytes`.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+
+/// What can go wrong loading a configuration. Messages name the file, the field or the pool,
+/// never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// File format
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default)]
+    allow_unauthenticated: bool,
+    threads: Option<usize>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_grace")]
+    shutdown_grace_seconds: u64,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+    #[serde(default)]
+    retry: FileRetry,
+    pools: Vec<FilePool>,
+    #[serde(default)]
+    tenants: Vec<FileTenant>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_grace() -> u64 {
+    5
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileTimeouts {
+    connect_seconds: u64,
+    read_seconds: u64,
+    write_seconds: u64,
+    idle_seconds: u64,
+}
+
+impl Default for FileTimeouts {
+    fn default() -> Self {
+        FileTimeouts {
+            connect_seconds: 10,
+            // A thinking model can take minutes before its first byte.
+            read_seconds: 600,
+            write_seconds: 60,
+            idle_seconds: 60,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRetry {
+    transient_retries: u32,
+    backoff_ms: u64,
+    max_attempts: u32,
+}
+
+impl Default for FileRetry {
+    fn default() -> Self {
+        FileRetry {
+            transient_retries: 2,
+            backoff_ms: 250,
+            max_attempts: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    name: String,
+    upstream: String,
+    #[serde(default)]
+    keys: Vec<FileKey>,
+    keys_env: Option<String>,
+    keys_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileKey {
+    Bare(String),
+    Full(FileKeyFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeyFull {
+    key: String,
+    project: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTenant {
+    name: String,
+    token: Option<String>,
+    token_env: Option<String>,
+    token_sha256: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime types
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the client listener.
+    pub listen: SocketAddr,
+    /// Worker threads for the proxy service.
+    pub threads: usize,
+    /// Largest request body accepted (and replayed); larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+    /// How failed attempts are retried.
+    pub retry: RetryPolicy,
+    /// Key pools; requests go to the first one.
+    pub pools: Vec<PoolConfig>,
+    /// Clients allowed in; empty means anyone (loopback only unless `allow_unauthenticated`).
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect (and, separately, TLS handshake) timeout.
+    pub connect: Duration,
+    /// Longest wait for any single read from upstream, the response header included.
+    pub read: Duration,
+    /// Longest wait for any single write to upstream.
+    pub write: Duration,
+    /// How long an unused upstream connection stays in the pool.
+    pub idle: Duration,
+}
+
+/// How many times, and how, a request is re-sent.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries of answers that are nobody's fault: connect errors, timeouts, 500/503,
+    /// Google's shared-capacity 429.
+    pub transient_retries: u32,
+    /// First backoff before a transient retry; doubles each time.
+    pub backoff: Duration,
+    /// Hard cap on upstream attempts per request, key-level failures included.
+    pub max_attempts: u32,
+}
+
+/// One pool of keys in front of one upstream.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The pool's name, used in logs and error messages.
+    pub name: String,
+    /// Where its requests go.
+    pub upstream: UpstreamConfig,
+    /// Its keys, deduplicated, in file order.
+    pub keys: Vec<KeyConfig>,
+    /// CA bundle to verify the upstream with instead of the system roots.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// A parsed `http(s)://host[:port]` upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// `https` or not.
+    pub tls: bool,
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port, defaulted from the scheme.
+    pub port: u16,
+}
+
+impl UpstreamConfig {
+    /// Value for the `Host` header / `:authority`.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+/// One API key and the Google project whose quota it spends.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    /// The key.
+    pub secret: Secret,
+    /// The project: keys of one project share its quota. Defaults to the key's fingerprint.
+    pub project: String,
+}
+
+/// A client allowed to use the gateway.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    /// Name shown in logs.
+    pub name: String,
+    /// SHA-256 of the token: only the hash is kept in memory.
+    pub token_sha256: [u8; 32],
+}
+
+impl Config {
+    /// Reads and validates the file at `path`, taking `keys_env` and `token_env` values from the
+    /// process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.kind().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML text. `base` resolves relative `keys_file` paths; `env` looks
+    /// up environment variables (a parameter so tests need not touch the real environment).
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = redact_path(&e.path().to_string());
+            let inner = e.into_inner().to_string();
+            // serde_yaml may start its message with its own (shorter) path: drop it.
+            let inner = match inner.split_once(": ") {
+                Some((head, tail)) if !head.contains(' ') => tail.to_string(),
+                _ => inner,
+            };
+            let inner = redact(&inner);
+            if path == "." || path.is_empty() {
+                ConfigError::Parse(inner)
+            } else {
+                ConfigError::Parse(format!("{path}: {inner}"))
+            }
+        })?;
+        validate(file, base, env)
+    }
+
+    /// One line saying what this configuration serves, without any secret.
+    pub fn summary(&self) -> String {
+        let pools: Vec<String> = self
+            .pools
+            .iter()
+            .map(|p| {
+                let projects: HashSet<&str> = p.keys.iter().map(|k| k.project.as_str()).collect();
+                format!(
+                    "{} ({} keys in {} projects -> {})",
+                    p.name,
+                    p.keys.len(),
+                    projects.len(),
+                    p.upstream.authority()
+                )
+            })
+            .collect();
+        let auth = if self.tenants.is_empty() {
+            "no tenants: open access".to_string()
+        } else {
+            format!("{} tenants", self.tenants.len())
+        };
+        format!(
+            "config OK: listen {}, {} pool(s): {}; {}",
+            self.listen,
+            self.pools.len(),
+            pools.join(", "),
+            auth
+        )
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+fn validate(
+    file: FileConfig,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let listen: SocketAddr = file.listen.parse().map_err(|_| {
+        invalid(format!(
+            "listen: {:?} is not an address like 127.0.0.1:8080",
+            file.listen
+        ))
+    })?;
+    if file.pools.is_empty() {
+        return Err(invalid("pools: at least one pool is needed"));
+    }
+    if file.max_body_bytes == 0 {
+        return Err(invalid("max_body_bytes: must be greater than 0"));
+    }
+    let t = &file.timeouts;
+    for (name, value) in [
+        ("connect_seconds", t.connect_seconds),
+        ("read_seconds", t.read_seconds),
+        ("write_seconds", t.write_seconds),
+    ] {
+        if value == 0 {
+            return Err(invalid(format!("timeouts.{name}: must be greater than 0")));
+        }
+    }
+    if file.retry.max_attempts == 0 {
+        return Err(invalid("retry.max_attempts: must be at least 1"));
+    }
+    if file.threads == Some(0) {
+        return Err(invalid("threads: must be at least 1"));
+    }
+
+    let mut pools = Vec::with_capacity(file.pools.len());
+    let mut names = HashSet::new();
+    for (i, pool) in file.pools.into_iter().enumerate() {
+        let ctx = format!("pools[{i}]");
+        if pool.name.trim().is_empty() {
+            return Err(invalid(format!("{ctx}.name: must not be empty")));
+        }
+        if !names.insert(pool.name.clone()) {
+            return Err(invalid(format!(
+                "{ctx}.name: pool {:?} is defined twice",
+                pool.name
+            )));
+        }
+        pools.push(validate_pool(pool, &ctx, base, env)?);
+    }
+
+    let mut tenants = Vec::with_capacity(file.tenants.len());
+    let mut tenant_names = HashSet::new();
+    let mut hashes = HashSet::new();
+    for (i, tenant) in file.tenants.into_iter().enumerate() {
+        let ctx = format!("tenants[{i}]");
+        if tenant.name.trim().is_empty() {
+            return Err(invalid(format!("{ctx}.name: must not be empty")));
+        }
+        if !tenant_names.insert(tenant.name.clone()) {
+            return Err(invalid(format!(
+                "{ctx}.name: tenant {:?} is defined twice",
+                tenant.name
+            )));
+        }
+        let hash = tenant_hash(&tenant, &ctx, env)?;
+        if !hashes.insert(hash) {
+            return Err(invalid(format!(
+                "{ctx}: tenant {:?} has the same token as another tenant",
+                tenant.name
+            )));
+        }
+        tenants.push(TenantConfig {
+            name: tenant.name,
+            token_sha256: hash,
+        });
+    }
+
+    if tenants.is_empty() && !listen.ip().is_loopback() && !file.allow_unauthenticated {
+        return Err(invalid(format!(
+            "listen: {listen} is reachable from other machines but no tenants are configured, so \
+             anyone could spend your keys; add tenants, listen on 127.0.0.1, or set \
+             allow_unauthenticated: true"
+        )));
+    }
+
+    Ok(Config {
+        listen,
+        threads: file.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        max_body_bytes: file.max_body_bytes,
+        shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds),
+        timeouts: Timeouts {
+            connect: Duration::from_secs(t.connect_seconds),
+            read: Duration::from_secs(t.read_seconds),
+            write: Duration::from_secs(t.write_seconds),
+            idle: Duration::from_secs(t.idle_seconds),
+        },
+        retry: RetryPolicy {
+            transient_retries: file.retry.transient_retries,
+            backoff: Duration::from_millis(file.retry.backoff_ms),
+            max_attempts: file.retry.max_attempts,
+        },
+        pools,
+        tenants,
+    })
+}
+
+fn validate_pool(
+    pool: FilePool,
+    ctx: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PoolConfig, ConfigError> {
+    let upstream =
+        parse_upstream(&pool.upstream).map_err(|why| invalid(format!("{ctx}.upstream: {why}")))?;
+
+    // (key, explicit project) in the order: inline, environment, file.
+    let mut raw: Vec<(String, Option<String>, String)> = Vec::new();
+    for (j, key) in pool.keys.into_iter().enumerate() {
+        let (k, p) = match key {
+            FileKey::Bare(k) => (k, None),
+            FileKey::Full(f) => (f.key, f.project),
+        };
+        raw.push((k, p, format!("{ctx}.keys[{j}]")));
+    }
+    if let Some(var) = &pool.keys_env {
+        match env(var) {
+            Some(value) => {
+                for (j, item) in value.split(',').enumerate() {
+                    let item = item.trim();
+                    if item.is_empty() {
+                        continue;
+                    }
+                    let (k, p) = match item.split_once(':') {
+                        Some((k, p)) => (k.trim().to_string(), Some(p.trim().to_string())),
+                        None => (item.to_string(), None),
+                    };
+                    raw.push((k, p, format!("{ctx}.keys_env ${var}, entry {}", j + 1)));
+                }
+            }
+            None => log::warn!("{ctx}.keys_env: environment variable {var} is not set"),
+        }
+    }
+    if let Some(file) = &pool.keys_file {
+        let path = if file.is_absolute() {
+            file.clone()
+        } else {
+            base.join(file)
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+            path: format!("{ctx}.keys_file {}", path.display()),
+            reason: e.kind().to_string(),
+        })?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let k = words.next().unwrap_or("").to_string();
+            let p = words.next().map(str::to_string);
+            if words.next().is_some() {
+                return Err(invalid(format!(
+                    "{ctx}.keys_file {} line {}: expected `KEY` or `KEY project`",
+                    path.display(),
+                    n + 1
+                )));
+            }
+            raw.push((k, p, format!("{ctx}.keys_file line {}", n + 1)));
+        }
+    }
+
+    let mut keys = Vec::with_capacity(raw.len());
+    let mut seen = HashSet::new();
+    for (key, project, place) in raw {
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            return Err(invalid(format!("{place}: empty key")));
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(format!(
+                "{place}: a key may hold only visible ASCII characters"
+            )));
+        }
+        let secret = Secret::new(key);
+        if !seen.insert(secret.expose().to_string()) {
+            log::warn!("{place}: {secret} is listed twice; using it once");
+            continue;
+        }
+        let project = match project.map(|p| p.trim().to_string()) {
+            Some(p) if !p.is_empty() => p,
+            Some(_) => return Err(invalid(format!("{place}: empty project"))),
+            None => secret.fingerprint(),
+        };
+        keys.push(KeyConfig { secret, project });
+    }
+    if keys.is_empty() {
+        let mut sources = vec!["keys".to_string()];
+        if let Some(var) = &pool.keys_env {
+            sources.push(format!("keys_env (${var})"));
+        }
+        if pool.keys_file.is_some() {
+            sources.push("keys_file".into());
+        }
+        return Err(invalid(format!(
+            "{ctx}: pool {:?} has no keys; looked in {}",
+            pool.name,
+            sources.join(", ")
+        )));
+    }
+    Ok(PoolConfig {
+        name: pool.name,
+        upstream,
+        keys,
+        tls_ca_file: pool
+            .tls_ca_file
+            .map(|p| if p.is_absolute() { p } else { base.join(p) }),
+    })
+}
+
+fn tenant_hash(
+    tenant: &FileTenant,
+    ctx: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<[u8; 32], ConfigError> {
+    let given = [
+        tenant.token.is_some(),
+        tenant.token_env.is_some(),
+        tenant.token_sha256.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if given != 1 {
+        return Err(invalid(format!(
+            "{ctx}: tenant {:?} needs exactly one of token, token_env, token_sha256",
+            tenant.name
+        )));
+    }
+    if let Some(token) = &tenant.token {
+        if token.trim().is_empty() {
+            return Err(invalid(format!("{ctx}.token: must not be empty")));
+        }
+        return Ok(sha256(token.as_bytes()));
+    }
+    if let Some(var) = &tenant.token_env {
+        return match env(var) {
+            Some(v) if !v.trim().is_empty() => Ok(sha256(v.trim().as_bytes())),
+            _ => Err(invalid(format!(
+                "{ctx}.token_env: environment variable {var} is not set"
+            ))),
+        };
+    }
+    let hex = tenant.token_sha256.as_deref().unwrap_or("");
+    parse_sha256_hex(hex)
+        .ok_or_else(|| invalid(format!("{ctx}.token_sha256: expected 64 hex digits")))
+}
+
+/// Parses `http(s)://host[:port]` (no path, no credentials).
+pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
+    let (tls, rest) = if let Some(r) = text.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = text.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err("must start with http:// or https://".into());
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err("must be scheme://host[:port] with no path, query or credentials".into());
+    }
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        let (h, after) = inner.split_once(']').ok_or("unclosed [ in IPv6 address")?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err("unexpected text after ]".into()),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    let port = match port {
+        Some(p) => p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
+        None if tls => 443,
+        None => 80,
+    };
+    Ok(UpstreamConfig { tls, host, port })
+}
+
+/// A field path such as `pools[0].upstreem`, with any segment that does not look like one of
+/// our field names (a key typed as a field name, say) replaced by `…`.
+fn redact_path(path: &str) -> String {
+    path.split('.')
+        .map(|segment| {
+            let name = segment.split('[').next().unwrap_or("");
+            let field_like = name.len() <= 32
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if field_like {
+                segment.to_string()
+            } else {
+                "…".to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Removes values from a serde error message so a key typed in the wrong place is never
+/// echoed back. serde quotes values with `"…"` and names fields with backticks; a backticked
+/// word is kept only when it looks like one of our field names.
+pub fn redact(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[start] as char;
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find(quote) {
+            Some(end) => {
+                let inner = &after[..end];
+                let field_like = quote == '`'
+                    && !inner.is_empty()
+                    && inner.len() <= 32
+                    && inner
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                out.push(quote);
+                out.push_str(if field_like { inner } else { "…" });
+                out.push(quote);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str("…");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("."), &|_| None)
+    }
+
+    const MINIMAL: &str =
+        "pools:\n  - name: main\n    upstream: https://example.com\n    keys: [k1]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.max_body_bytes, 20 * 1024 * 1024);
+        assert_eq!(c.pools[0].upstream.port, 443);
+        assert_eq!(
+            c.pools[0].keys[0].project,
+            c.pools[0].keys[0].secret.fingerprint()
+        );
+        assert!(c.summary().contains("1 keys in 1 projects"));
+    }
+
+    #[test]
+    fn unknown_field_error_names_its_path() {
+        let e = parse("pools:\n  - name: main\n    upstreem: https://x\n    keys: [k1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("pools[0]"), "{e}");
+        assert!(e.contains("unknown field `upstreem`"), "{e}");
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_place_is_not_echoed() {
+        let e = parse(
+            "pools:\n  - name: main\n    upstream: https://x\n    keys: AIzaSyMadeUpKeyValue123\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("AIzaSyMadeUpKeyValue123"), "{e}");
+        assert!(e.contains("pools[0].keys"), "{e}");
+        let e = parse(
+            "pools:\n  - name: main\n    upstream: https://x\n    AIzaSyMadeUpKeyValue123: 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("AIzaSyMadeUpKeyValue123"), "{e}");
+    }
+
+    #[test]
+    fn keys_from_all_three_sources_with_projects() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("keys"),
+            "# comment\nfile-key-1 proj-f\nfile-key-2   # trailing comment\n\n",
+        )
+        .unwrap();
+        let text = "pools:\n  - name: main\n    upstream: http://127.0.0.1:9\n    keys:\n      - key: inline-1\n        project: p1\n      - inline-2\n    keys_env: KEYS\n    keys_file: keys\n";
+        let c = Config::parse(text, dir.path(), &|name| {
+            (name == "KEYS").then(|| "env-1, env-2:proj-e,".to_string())
+        })
+        .unwrap();
+        let got: Vec<(&str, &str)> = c.pools[0]
+            .keys
+            .iter()
+            .map(|k| (k.secret.expose(), k.project.as_str()))
+            .collect();
+        assert_eq!(got.len(), 6);
+        assert_eq!(got[0], ("inline-1", "p1"));
+        assert_eq!(got[3], ("env-2", "proj-e"));
+        assert_eq!(got[4], ("file-key-1", "proj-f"));
+        assert_eq!(got[5].0, "file-key-2");
+        assert!(got[5].1.starts_with("key#"));
+    }
+
+    #[test]
+    fn empty_pool_is_an_error_naming_the_sources() {
+        let e = parse("pools:\n  - name: main\n    upstream: https://x\n    keys_env: NOPE\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no keys") && e.contains("$NOPE"), "{e}");
+    }
+
+    #[test]
+    fn missing_keys_file_is_an_error_not_a_panic() {
+        let e = parse(
+            "pools:\n  - name: main\n    upstream: https://x\n    keys_file: /nonexistent/keys\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/keys"), "{e}");
+    }
+
+    #[test]
+    fn open_access_only_on_loopback_unless_explicit() {
+        let public = format!("listen: 0.0.0.0:8080\n{MINIMAL}");
+        let e = parse(&public).unwrap_err().to_string();
+        assert!(e.contains("allow_unauthenticated"), "{e}");
+        assert!(parse(&format!("allow_unauthenticated: true\n{public}")).is_ok());
+        let with_tenant = format!("{public}tenants:\n  - name: a\n    token: t\n");
+        assert!(parse(&with_tenant).is_ok());
+    }
+
+    #[test]
+    fn tenants_need_exactly_one_token_form() {
+        let two = format!("{MINIMAL}tenants:\n  - name: a\n    token: t\n    token_env: X\n");
+        assert!(parse(&two).is_err());
+        let hashed = format!(
+            "{MINIMAL}tenants:\n  - name: a\n    token_sha256: {}\n",
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+        let c = parse(&hashed).unwrap();
+        assert_eq!(c.tenants[0].token_sha256, sha256(b"test"));
+        let dup = format!(
+            "{MINIMAL}tenants:\n  - name: a\n    token: dup-token-value\n  - name: b\n    token: dup-token-value\n"
+        );
+        let e = parse(&dup).unwrap_err().to_string();
+        assert!(
+            e.contains("same token") && !e.contains("dup-token-value"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn parses_upstreams() {
+        assert_eq!(
+            parse_upstream("https://generativelanguage.googleapis.com").unwrap(),
+            UpstreamConfig {
+                tls: true,
+                host: "generativelanguage.googleapis.com".into(),
+                port: 443
+            }
+        );
+        let u = parse_upstream("http://127.0.0.1:8081/").unwrap();
+        assert_eq!(
+            (u.tls, u.port, u.authority()),
+            (false, 8081, "127.0.0.1:8081".into())
+        );
+        let v6 = parse_upstream("http://[::1]:9000").unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.authority(), "[::1]:9000");
+        assert!(parse_upstream("ftp://x").is_err());
+        assert!(parse_upstream("https://x/v1beta").is_err());
+        assert!(parse_upstream("https://user:pw@x").is_err());
+    }
+
+    #[test]
+    fn redact_keeps_field_names_and_drops_values() {
+        assert_eq!(
+            redact("invalid type: string \"AIzaXYZ\", expected a sequence"),
+            "invalid type: string \"…\", expected a sequence"
+        );
+        assert_eq!(
+            redact("unknown field `upstreem`, expected one of `name`, `upstream`"),
+            "unknown field `upstreem`, expected one of `name`, `upstream`"
+        );
+        assert_eq!(redact("unknown field `AIzaSyX`"), "unknown field `…`");
+    }
+}

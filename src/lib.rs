@@ -1,0 +1,57 @@
+//! keygate: a Pingora gateway in front of Google's Gemini API that spreads traffic over a pool
+//! of API keys, reads Google's quota errors, cools the (project, model) that ran dry for as long
+//! as Google says, and replays the same request on another key.
+//!
+//! Modules, by responsibility:
+//! - [`config`]: the YAML file and its validated runtime form;
+//! - [`secret`]: keys and tokens that never print, and their fingerprints;
+//! - [`classify`]: what an upstream answer means (pure);
+//! - [`keys`]: the key pool and its health table (pick a key, record a failure);
+//! - [`tenants`]: client authentication;
+//! - [`request`]: the client request and its upstream form (pure);
+//! - [`upstream`]: resolved upstream addresses and the connection pool;
+//! - [`proxy`]: the Pingora hooks and the attempt loop;
+//! - [`error`]: keygate's own Gemini-shaped error answers.
+
+pub mod classify;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod proxy;
+pub mod request;
+pub mod secret;
+pub mod tenants;
+pub mod upstream;
+
+use config::Config;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+
+/// Starts the gateway and serves until a signal stops it. Returns only on a start-up error.
+pub fn run(config: Config) -> Result<(), String> {
+    // Bind once up front so a busy or forbidden address is a clear error, not a panic later.
+    std::net::TcpListener::bind(config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+
+    let conf = ServerConf {
+        threads: config.threads,
+        // SIGTERM: stop accepting, let in-flight requests finish for this long, then exit.
+        grace_period_seconds: Some(config.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let gateway = proxy::Gateway::new(&config);
+    let resolver = upstream::Resolver::new(gateway.upstreams());
+    let mut service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "keygate");
+    service.add_tcp(&config.listen.to_string());
+    server.add_service(service);
+    server.add_service(background_service("dns", resolver));
+
+    log::info!("{}", config.summary());
+    server.run_forever()
+}

@@ -1,0 +1,42 @@
+//! The `keygate` command: parse the command line, load the config, run or check it.
+
+use clap::Parser;
+use keygate::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// A Gemini API gateway that rotates keys and replays quota-refused requests on another key.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Path of the YAML configuration file.
+    #[arg(long, default_value = "conf/keygate.yaml")]
+    config: PathBuf,
+    /// Validate the configuration, print a one-line summary, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keygate: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    match keygate::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keygate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

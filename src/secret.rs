@@ -1,0 +1,99 @@
+//! Secrets (API keys, tenant tokens) and the short fingerprints that stand for them in logs.
+//!
+//! A [`Secret`] never prints its value: `Debug` and `Display` both show its fingerprint, so a
+//! secret that slips into a log line or an error message is still safe.
+
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// A credential whose value must never appear in a log, a metric, an error or an HTTP answer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that needs it: the upstream request header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A short, stable, non-reversible name for this secret, e.g. `key#1a2b3c4d`.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(self.0.as_bytes())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.fingerprint())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.fingerprint())
+    }
+}
+
+/// SHA-256 of a value; how tenant tokens are stored and compared.
+pub fn sha256(value: &[u8]) -> [u8; 32] {
+    Sha256::digest(value).into()
+}
+
+/// `key#` followed by the first 8 hex digits of the value's SHA-256: enough to tell keys apart
+/// in a log, far too little to recover or guess the key.
+pub fn fingerprint(value: &[u8]) -> String {
+    let digest = sha256(value);
+    let mut out = String::with_capacity(12);
+    out.push_str("key#");
+    for byte in &digest[..4] {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// Parses 64 hex digits into a SHA-256 digest.
+pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_value() {
+        let s = Secret::new("AIza-made-up-secret-value");
+        assert!(!format!("{s:?}").contains("made-up"));
+        assert!(!format!("{s}").contains("made-up"));
+        assert!(format!("{s}").starts_with("key#"));
+        assert_eq!(format!("{s}").len(), 12);
+    }
+
+    #[test]
+    fn fingerprints_differ_between_keys_and_are_stable() {
+        assert_eq!(fingerprint(b"a"), fingerprint(b"a"));
+        assert_ne!(fingerprint(b"a"), fingerprint(b"b"));
+    }
+
+    #[test]
+    fn parses_sha256_hex() {
+        let digest = sha256(b"test");
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(parse_sha256_hex(&hex), Some(digest));
+        assert_eq!(parse_sha256_hex("abc"), None);
+        assert_eq!(parse_sha256_hex(&"zz".repeat(32)), None);
+    }
+}

@@ -1,0 +1,218 @@
+//! Where a pool's requests go: the upstream's resolved addresses (refreshed by a background
+//! service, never on the request path), the ready-made peers for them, and the connection
+//! pool that reuses connections across requests and attempts.
+
+use crate::config::{PoolConfig, Timeouts, UpstreamConfig};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How often a resolved host name is looked up again.
+const REFRESH: Duration = Duration::from_secs(30);
+/// How soon a failed lookup is tried again.
+const RETRY_FAILED: Duration = Duration::from_secs(2);
+/// Concurrent HTTP/2 streams allowed on one upstream connection.
+const MAX_H2_STREAMS: usize = 100;
+
+/// One pool's upstream: resolved peers plus the connection pool.
+pub struct Upstream {
+    config: UpstreamConfig,
+    timeouts: Timeouts,
+    authority: String,
+    peers: ArcSwap<Vec<Arc<HttpPeer>>>,
+    next: AtomicUsize,
+    resolved: Notify,
+    /// Pingora's connector: TLS (rustls), ALPN h2/h1, and the idle connection pool.
+    pub connector: Connector,
+}
+
+impl Upstream {
+    /// Sets up the upstream of `pool`. An IP literal is ready at once; a host name waits for
+    /// the resolver service.
+    pub fn new(pool: &PoolConfig, timeouts: Timeouts) -> Upstream {
+        let mut options = ConnectorOptions::new(256);
+        if let Some(ca) = &pool.tls_ca_file {
+            options.ca_file = Some(ca.display().to_string());
+        }
+        let upstream = Upstream {
+            authority: pool.upstream.authority(),
+            config: pool.upstream.clone(),
+            timeouts,
+            peers: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+            resolved: Notify::new(),
+            connector: Connector::new(Some(options)),
+        };
+        if let Ok(ip) = upstream.config.host.parse::<IpAddr>() {
+            upstream.set_addresses(&[SocketAddr::new(ip, upstream.config.port)]);
+        }
+        upstream
+    }
+
+    /// `host[:port]` for the `Host` header / `:authority`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// Whether requests use TLS.
+    pub fn tls(&self) -> bool {
+        self.config.tls
+    }
+
+    /// Whether the host is a name that the resolver must look up.
+    pub fn needs_dns(&self) -> bool {
+        self.config.host.parse::<IpAddr>().is_err()
+    }
+
+    /// Whether at least one address is known.
+    pub fn is_resolved(&self) -> bool {
+        !self.peers.load().is_empty()
+    }
+
+    /// The next peer, round-robin over the resolved addresses. Waits up to `wait` for the
+    /// first resolution; `None` when the host could not be resolved in time.
+    pub async fn peer(&self, wait: Duration) -> Option<Arc<HttpPeer>> {
+        if let Some(p) = self.next_peer() {
+            return Some(p);
+        }
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                let notified = self.resolved.notified();
+                if self.is_resolved() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        self.next_peer()
+    }
+
+    fn next_peer(&self) -> Option<Arc<HttpPeer>> {
+        let peers = self.peers.load();
+        if peers.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Relaxed) % peers.len();
+        Some(peers[i].clone())
+    }
+
+    /// Looks the host name up once and installs the addresses found.
+    pub async fn resolve(&self) -> std::io::Result<usize> {
+        let found: Vec<SocketAddr> =
+            tokio::net::lookup_host((self.config.host.as_str(), self.config.port))
+                .await?
+                .collect();
+        if found.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no addresses",
+            ));
+        }
+        let same = {
+            let current = self.peers.load();
+            current.len() == found.len()
+                && current
+                    .iter()
+                    .zip(&found)
+                    .all(|(p, a)| matches!(p.address(), PeerAddr::Inet(x) if x == a))
+        };
+        if !same {
+            self.set_addresses(&found);
+        }
+        Ok(found.len())
+    }
+
+    fn set_addresses(&self, addrs: &[SocketAddr]) {
+        let peers = addrs.iter().map(|a| Arc::new(self.make_peer(*a))).collect();
+        self.peers.store(Arc::new(peers));
+        self.resolved.notify_waiters();
+    }
+
+    fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
+        // SNI is always the host name: an empty SNI would turn certificate checks off.
+        // A SocketAddr converts without any DNS lookup.
+        let mut peer = HttpPeer::new(addr, self.config.tls, self.config.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.timeouts.connect);
+        o.total_connection_timeout = Some(self.timeouts.connect * 2);
+        o.read_timeout = Some(self.timeouts.read);
+        o.write_timeout = Some(self.timeouts.write);
+        o.idle_timeout = Some(self.timeouts.idle);
+        if self.config.tls {
+            // Offer HTTP/2, fall back to HTTP/1.1; many requests share one connection.
+            o.set_http_version(2, 1);
+            o.max_h2_streams = MAX_H2_STREAMS;
+            o.h2_ping_interval = Some(Duration::from_secs(30));
+        }
+        peer
+    }
+}
+
+/// The background service that keeps host names resolved.
+pub struct Resolver {
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Resolver {
+    /// A resolver for the upstreams that have host names.
+    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Resolver {
+        Resolver {
+            upstreams: upstreams.into_iter().filter(|u| u.needs_dns()).collect(),
+        }
+    }
+
+    async fn refresh_all(&self) -> bool {
+        let mut all_ok = true;
+        for u in &self.upstreams {
+            match u.resolve().await {
+                Ok(n) => log::debug!("resolved {}: {n} address(es)", u.authority()),
+                Err(e) => {
+                    all_ok = false;
+                    if u.is_resolved() {
+                        log::warn!(
+                            "cannot re-resolve {}: {e}; keeping the old addresses",
+                            u.authority()
+                        );
+                    } else {
+                        log::error!(
+                            "cannot resolve {}: {e}; requests to it fail until it resolves",
+                            u.authority()
+                        );
+                    }
+                }
+            }
+        }
+        all_ok
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Resolver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if self.upstreams.is_empty() {
+            return;
+        }
+        loop {
+            let wait = if self.refresh_all().await {
+                REFRESH
+            } else {
+                RETRY_FAILED
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
