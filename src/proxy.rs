@@ -302,7 +302,11 @@ impl Gateway {
         job: &Job<'_>,
     ) -> pingora::Result<bool> {
         let pool = &self.pools[ctx.pool];
+        // Projects not to use again for this request: `avoid` because they refused it
+        // (quota, billing), `prefer_not` because they just failed transiently; the latter
+        // are used again when no other project is left.
         let mut avoid: Vec<u32> = Vec::new();
+        let mut prefer_not: Vec<u32> = Vec::new();
         let mut transient_left = self.retry.transient_retries;
         let mut backoff = self.retry.backoff;
         let mut stale_retry_left = true;
@@ -310,7 +314,16 @@ impl Gateway {
         let mut last_error: Option<SendError> = None;
 
         for _ in 0..self.retry.max_attempts {
-            let key = match pool.keys.pick(job.model, job.method, &avoid, now_millis()) {
+            let now = now_millis();
+            let both: Vec<u32> = avoid.iter().chain(&prefer_not).copied().collect();
+            let pick = match pool.keys.pick(job.model, job.method, &both, now) {
+                Pick::OnlyTriedProjects if !prefer_not.is_empty() => {
+                    prefer_not.clear();
+                    pool.keys.pick(job.model, job.method, &avoid, now)
+                }
+                pick => pick,
+            };
+            let key = match pick {
                 Pick::Key(k) => k,
                 Pick::Exhausted(ex) => {
                     let e = exhausted_error(&pool.keys, job.model, &ex);
@@ -331,7 +344,7 @@ impl Gateway {
                         stale_retry_left = false;
                     } else if transient_left > 0 {
                         transient_left -= 1;
-                        avoid.push(project);
+                        prefer_not.push(project);
                         sleep_backoff(&mut backoff).await;
                     } else {
                         let e = err.into_gateway_error(pool.keys.name());
@@ -378,7 +391,7 @@ impl Gateway {
                         return self.relay(session, ctx, pool, answer).await;
                     }
                     transient_left -= 1;
-                    avoid.push(project);
+                    prefer_not.push(project);
                     sleep_backoff(&mut backoff).await;
                 }
             }
