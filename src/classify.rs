@@ -285,7 +285,7 @@ fn classify_429(facts: &ErrorFacts) -> Outcome {
 /// Parses a protobuf JSON duration such as `"53s"` or `"0.5s"`.
 pub fn parse_retry_delay(text: &str) -> Option<Duration> {
     let seconds: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 86_400.0 * 7.0 {
+    if !seconds.is_finite() || !(0.0..=86_400.0 * 7.0).contains(&seconds) {
         return None;
     }
     Some(Duration::from_secs_f64(seconds))

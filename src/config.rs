@@ -18,10 +18,18 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
 /// never a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A file (the config, a keys file) could not be read.
     #[error("cannot read {path}: {reason}")]
-    Read { path: String, reason: String },
+    Read {
+        /// Which file, and for a keys file which pool.
+        path: String,
+        /// The I/O error kind.
+        reason: String,
+    },
+    /// The YAML does not match the format: the message starts with the field's path.
     #[error("{0}")]
     Parse(String),
+    /// The values are inconsistent or unusable.
     #[error("{0}")]
     Invalid(String),
 }
@@ -661,7 +669,7 @@ pub fn redact(message: &str) -> String {
                 rest = &after[end + 1..];
             }
             None => {
-                out.push_str("…");
+                out.push('…');
                 rest = "";
             }
         }

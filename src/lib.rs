@@ -13,6 +13,9 @@
 //! - [`proxy`]: the Pingora hooks and the attempt loop;
 //! - [`error`]: keygate's own Gemini-shaped error answers.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![warn(clippy::await_holding_lock, missing_docs)]
+
 pub mod classify;
 pub mod config;
 pub mod error;

@@ -1,5 +1,7 @@
 //! The `keygate` command: parse the command line, load the config, run or check it.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 use clap::Parser;
 use keygate::config::Config;
 use std::path::PathBuf;

@@ -46,7 +46,7 @@ impl Tenants {
         }
         match token {
             None => Auth::Missing,
-            Some(t) if t.is_empty() => Auth::Missing,
+            Some([]) => Auth::Missing,
             Some(t) => match self.by_digest.get(&sha256(t)) {
                 Some(name) => Auth::Tenant(name.clone()),
                 None => Auth::Wrong,

@@ -86,7 +86,7 @@ async fn exhausted_pool_answers_429_with_retry_after_and_stays_off_upstream() {
         let (status, headers, _) = generate(&kg.url(), PRO, None).await;
         assert_eq!(status, 429);
         let ra: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!(ra <= 54 && ra >= 50, "retry-after {ra}");
+        assert!((50..=54).contains(&ra), "retry-after {ra}");
     }
     assert_eq!(mock.seen().len(), 1);
 

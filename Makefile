@@ -1,0 +1,34 @@
+# The README's quick start: `make run` starts the gateway, `make test` runs the whole test suite.
+# Both install what a fresh machine lacks: cmake (Pingora builds zlib-ng with it) and, for the
+# tests, a Python virtualenv with the real google-genai and openai SDKs.
+
+CONFIG ?= conf/keygate.yaml
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTHON ?= python3
+
+.PHONY: run test lint deps check-config
+
+run: deps
+	cargo run --release -- --config $(CONFIG)
+
+test: deps .venv/.installed
+	KEYGATE_PYTHON=$(CURDIR)/.venv/bin/python cargo test --all-targets
+	$(MAKE) --no-print-directory check-config
+
+# The example config must always pass the binary's own check (with made-up keys).
+check-config:
+	GEMINI_API_KEYS=made-up-key-1,made-up-key-2:made-up-project cargo run --quiet -- --config conf/keygate.yaml --check
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+deps:
+	@command -v cmake >/dev/null 2>&1 || { \
+		echo "cmake is missing (Pingora needs it to build); installing it with apt-get"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
+
+.venv/.installed: tests/sdk/requirements.txt
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+	touch $@

@@ -1,0 +1,118 @@
+//! The real Python SDKs (google-genai, openai) talking to keygate, which talks to the mock.
+//!
+//! The SDKs live in the virtualenv that the README's test command (`make test`) creates; point
+//! `KEYGATE_PYTHON` at another interpreter that has them, or set `KEYGATE_SKIP_SDK_TESTS=1` to
+//! skip these tests knowingly.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+
+fn python() -> Option<PathBuf> {
+    if std::env::var_os("KEYGATE_SKIP_SDK_TESTS").is_some() {
+        eprintln!("KEYGATE_SKIP_SDK_TESTS is set: skipping the SDK tests");
+        return None;
+    }
+    let path = std::env::var_os("KEYGATE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python with the SDKs at {}: run `make test` (it creates .venv), set KEYGATE_PYTHON, \
+         or set KEYGATE_SKIP_SDK_TESTS=1",
+        path.display()
+    );
+    Some(path)
+}
+
+/// A mock where project p1 is out of per-minute quota for flash and p2 serves, behind keygate
+/// with one tenant.
+async fn setup() -> (Mock, Keygate) {
+    let mock = Mock::start().await;
+    mock.key("sdk-key-1", "p1").key("sdk-key-2", "p2");
+    mock.per_minute_limit("p1", "gemini-2.5-flash", 0, "40s");
+    let yaml = format!(
+        "{}tenants:\n  - name: sdk\n    token: \"sdk-tenant-token\"\n",
+        pool_yaml(&mock.url(), &[("sdk-key-1", "p1"), ("sdk-key-2", "p2")])
+    );
+    let kg = Keygate::start(&yaml);
+    (mock, kg)
+}
+
+async fn run_script(python: &PathBuf, script: &str, kg: &Keygate) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .env("KEYGATE_URL", kg.url())
+        .env("KEYGATE_TOKEN", "sdk-tenant-token")
+        .env("EXPECT_TEXT", "hello from p2")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{stderr}\nkeygate log:\n{}",
+        script.display(),
+        kg.logs()
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn google_genai_sdk_generates_and_streams_through_keygate() {
+    let Some(python) = python() else { return };
+    let (mock, kg) = setup().await;
+    let out = run_script(&python, "genai_e2e.py", &kg).await;
+    assert!(out.contains("genai ok"), "{out}");
+    let seen = mock.seen();
+    // p1 refused once and was cooled; everything else went to p2.
+    assert_eq!(
+        seen.iter().filter(|s| s.status == 429).count(),
+        1,
+        "{seen:?}"
+    );
+    assert!(seen
+        .iter()
+        .any(|s| s.path.ends_with(":streamGenerateContent")));
+    for s in &seen {
+        assert!(s.headers.get("x-goog-api-key").is_some());
+        assert!(!format!("{:?}", s.headers).contains("sdk-tenant-token"));
+    }
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_sdk_completes_and_streams_through_keygate() {
+    let Some(python) = python() else { return };
+    let (mock, kg) = setup().await;
+    let out = run_script(&python, "openai_e2e.py", &kg).await;
+    assert!(out.contains("openai ok"), "{out}");
+    let seen = mock.seen();
+    assert_eq!(
+        seen.iter().filter(|s| s.status == 429).count(),
+        1,
+        "{seen:?}"
+    );
+    for s in &seen {
+        assert!(
+            s.path.starts_with("/v1beta/openai/chat/completions"),
+            "{}",
+            s.path
+        );
+        let auth = s.headers["authorization"].to_str().unwrap();
+        assert!(
+            auth == "Bearer sdk-key-1" || auth == "Bearer sdk-key-2",
+            "{auth}"
+        );
+    }
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
+}

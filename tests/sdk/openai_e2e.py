@@ -1,0 +1,24 @@
+"""Drives the real openai SDK through keygate's OpenAI-compatible paths (against the Rust mock).
+
+Run by tests/sdk.rs with KEYGATE_URL, KEYGATE_TOKEN and EXPECT_TEXT set.
+"""
+import os
+
+from openai import OpenAI
+
+client = OpenAI(
+    api_key=os.environ["KEYGATE_TOKEN"],
+    base_url=os.environ["KEYGATE_URL"] + "/v1beta/openai/",
+    max_retries=0,  # a 429 reaching the SDK must fail the test, not be retried away
+)
+messages = [{"role": "user", "content": "hi"}]
+
+reply = client.chat.completions.create(model="gemini-2.5-flash", messages=messages)
+content = reply.choices[0].message.content
+assert content == os.environ["EXPECT_TEXT"], f"chat completion: {content!r}"
+
+stream = client.chat.completions.create(model="gemini-2.5-flash", messages=messages, stream=True)
+text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+assert text == "chunk 0 chunk 1 chunk 2 chunk 3 ", f"streamed chat completion: {text!r}"
+
+print("openai ok")
