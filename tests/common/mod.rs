@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub type Body = BoxBody<Bytes, Infallible>;
+pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// One request as the mock received it.
 #[derive(Clone, Debug)]
@@ -68,19 +68,66 @@ struct State {
     connections: usize,
     sse_events: usize,
     sse_gap: Duration,
+    /// After this many SSE events the connection is cut mid-stream.
+    sse_abort_after: Option<usize>,
+    /// Non-streaming answers wait this long before their header.
+    delay: Duration,
 }
 
 /// The mock Gemini API.
 pub struct Mock {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Mock {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
+}
+
+fn accept_loop(
+    listener: tokio::net::TcpListener,
+    st: Arc<Mutex<State>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let connection = {
+                let mut s = st.lock().unwrap();
+                s.connections += 1;
+                s.connections - 1
+            };
+            let st = st.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req| handle(st.clone(), connection, req));
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            });
+        }
+    })
 }
 
 pub const PER_MINUTE_BODY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"MODEL"},"quotaValue":"5"}]},{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"DELAY"}]}}"#;
@@ -100,6 +147,37 @@ pub const OVERLOADED_BODY: &str = r#"{"error":{"code":503,"message":"The model i
 impl Mock {
     /// Starts a mock on 127.0.0.1, port 0, speaking HTTP/1.1 and HTTP/2 (prior knowledge).
     pub async fn start() -> Mock {
+        Mock::start_with(None).await
+    }
+
+    /// Starts a mock that speaks TLS (ALPN h2, http/1.1) with a certificate for `localhost`
+    /// signed by a fresh test CA; returns the CA's PEM to trust it with.
+    pub async fn start_tls() -> (Mock, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Mock::start_with(Some(acceptor)).await, ca.pem())
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Mock {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -110,29 +188,15 @@ impl Mock {
             connections: 0,
             sse_events: 4,
             sse_gap: Duration::from_millis(0),
+            sse_abort_after: None,
+            delay: Duration::ZERO,
         }));
-        let st = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let connection = {
-                    let mut s = st.lock().unwrap();
-                    s.connections += 1;
-                    s.connections - 1
-                };
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req| handle(st.clone(), connection, req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Mock { addr, state, task }
+        let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
+        // Where `localhost` also means ::1, answer there too (best effort).
+        if let Ok(v6) = tokio::net::TcpListener::bind(("::1", addr.port())).await {
+            tasks.push(accept_loop(v6, state.clone(), tls));
+        }
+        Mock { addr, state, tasks }
     }
 
     pub fn url(&self) -> String {
@@ -206,6 +270,18 @@ impl Mock {
         self
     }
 
+    /// SSE answers stop after `events` events by cutting the connection.
+    pub fn sse_abort_after(&self, events: usize) -> &Self {
+        self.state.lock().unwrap().sse_abort_after = Some(events);
+        self
+    }
+
+    /// Non-streaming answers wait `delay` before their header.
+    pub fn delay(&self, delay: Duration) -> &Self {
+        self.state.lock().unwrap().delay = delay;
+        self
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
     }
@@ -227,7 +303,11 @@ fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Bod
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()).boxed())
+        .body(
+            Full::new(body.into())
+                .map_err(|e: Infallible| match e {})
+                .boxed(),
+        )
         .unwrap()
 }
 
@@ -240,20 +320,23 @@ fn json(status: u16, body: String, openai: bool) -> Response<Body> {
     full(status, "application/json; charset=UTF-8", body)
 }
 
-fn sse(chunks: Vec<String>, gap: Duration) -> Response<Body> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+fn sse(chunks: Vec<String>, gap: Duration, abort_after: Option<usize>) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
-        for chunk in chunks {
-            if tx.send(Bytes::from(chunk)).await.is_err() {
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if abort_after == Some(i) {
+                let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock cut");
+                let _ = tx.send(Err(cut)).await;
+                return;
+            }
+            if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                 return;
             }
             tokio::time::sleep(gap).await;
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv().await.map(|item| (item.map(Frame::data), rx))
     });
     Response::builder()
         .status(200)
@@ -288,6 +371,10 @@ async fn handle(
         });
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
+    let delay = state.lock().unwrap().delay;
+    if !delay.is_zero() && !path.contains("streamGenerateContent") {
+        tokio::time::sleep(delay).await;
+    }
     let response = decide(&state, &path, query.as_deref(), key.as_deref(), &body);
     state.lock().unwrap().seen.push(Seen {
         method: parts.method.to_string(),
@@ -371,7 +458,7 @@ fn decide(
     }
 
     let text = format!("hello from {project}");
-    let (events, gap) = (s.sse_events, s.sse_gap);
+    let (events, gap, abort) = (s.sse_events, s.sse_gap, s.sse_abort_after);
     drop(s);
     if openai {
         if path.ends_with("/chat/completions") {
@@ -385,7 +472,7 @@ fn decide(
                     })
                     .collect();
                 chunks.push("data: [DONE]\n\n".into());
-                return sse(chunks, gap);
+                return sse(chunks, gap, abort);
             }
             return json(
                 200,
@@ -417,7 +504,7 @@ fn decide(
                 }
             })
             .collect();
-        return sse(chunks, gap);
+        return sse(chunks, gap, abort);
     }
     if path.ends_with(":generateContent") {
         return json(

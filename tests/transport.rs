@@ -1,0 +1,177 @@
+//! The transport under the gateway: TLS with certificate checks, HTTP/2 to the upstream, host
+//! names resolved by the background resolver, `Expect: 100-continue`, streams cut mid-way, and
+//! upstream timeouts.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+const FLASH: &str = "gemini-2.5-flash";
+
+fn with_ca(yaml: String, ca_path: &std::path::Path) -> String {
+    format!("{yaml}    tls_ca_file: \"{}\"\n", ca_path.display())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_upstream_by_name_speaks_http2_on_one_verified_connection() {
+    let (mock, ca) = Mock::start_tls().await;
+    mock.key("key-a", "p1").key("key-b", "p2");
+    mock.respond_next(
+        None,
+        1,
+        429,
+        &PER_MINUTE_BODY
+            .replace("DELAY", "30s")
+            .replace("MODEL", FLASH),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca).unwrap();
+    let upstream = format!("https://localhost:{}", mock.addr.port());
+    let kg = Keygate::start(&with_ca(
+        pool_yaml(&upstream, &[("key-a", "p1"), ("key-b", "p2")]),
+        &ca_path,
+    ));
+
+    // A 100 KB body, refused once by the first key and replayed over HTTP/2.
+    let text = "y".repeat(100 * 1024);
+    let body = format!(r#"{{"contents":[{{"parts":[{{"text":"{text}"}}]}}]}}"#);
+    let resp = client()
+        .post(format!(
+            "{}/v1beta/models/{FLASH}:generateContent",
+            kg.url()
+        ))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for _ in 0..4 {
+        let (status, _, _) = generate(&kg.url(), FLASH, None).await;
+        assert_eq!(status, 200);
+    }
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 6);
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "HTTP/2 negotiated by ALPN"
+    );
+    assert!(
+        seen[..2].iter().all(|s| s.body == body.as_bytes()),
+        "replayed intact over h2"
+    );
+    assert_eq!(
+        mock.connections(),
+        1,
+        "one connection carried every request and attempt"
+    );
+    assert!(
+        seen.iter().all(|s| s.headers.get("host").is_none()),
+        "h2 uses :authority"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_certificate_is_refused() {
+    let (mock, _ca) = Mock::start_tls().await;
+    mock.key("key-a", "p1");
+    let upstream = format!("https://localhost:{}", mock.addr.port());
+    let kg = Keygate::start(&format!(
+        "retry:\n  transient_retries: 0\n{}",
+        pool_yaml(&upstream, &[("key-a", "p1")])
+    ));
+    let (status, _, body) = generate(&kg.url(), FLASH, None).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        mock.seen().is_empty(),
+        "no request crossed an unverified connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1")]));
+    let body = prompt();
+    let addr = kg.addr;
+    let (interim, full) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "POST /v1beta/models/{FLASH}:generateContent HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        // keygate must say "go on" before the body is sent (curl waits for it).
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+        s.write_all(body.as_bytes()).unwrap();
+        let mut rest = String::new();
+        let _ = s.read_to_string(&mut rest);
+        (interim, rest)
+    })
+    .await
+    .unwrap();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
+    assert!(
+        full.contains("200 OK") && full.contains("hello from p1"),
+        "{full}"
+    );
+    assert!(mock.seen()[0].headers.get("expect").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_cut_upstream_is_cut_for_the_client_too() {
+    use futures_util::StreamExt;
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1")
+        .sse(5, Duration::from_millis(20))
+        .sse_abort_after(2);
+    let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1")]));
+    let resp = client()
+        .post(format!(
+            "{}/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
+            kg.url()
+        ))
+        .body(prompt())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    let mut error = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(text.matches("data: ").count(), 2, "{text}");
+    assert!(
+        error.is_some(),
+        "the client must see a broken stream, not a clean end"
+    );
+    assert_eq!(mock.seen().len(), 1, "output had started: no retry");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_never_answers_is_a_504() {
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1").delay(Duration::from_secs(4));
+    let kg = Keygate::start(&format!(
+        "timeouts:\n  read_seconds: 1\nretry:\n  transient_retries: 0\n{}",
+        pool_yaml(&mock.url(), &[("key-a", "p1")])
+    ));
+    let (status, _, body) = generate(&kg.url(), FLASH, None).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("DEADLINE_EXCEEDED"), "{body}");
+}
