@@ -186,14 +186,7 @@ async fn invalid_and_suspended_keys_are_never_used_again() {
 async fn a_5_mb_body_is_replayed_byte_for_byte() {
     let mock = Mock::start().await;
     mock.key("key-a", "p1").key("key-b", "p2");
-    mock.respond_next(
-        None,
-        1,
-        429,
-        &PER_MINUTE_BODY
-            .replace("DELAY", "30s")
-            .replace("MODEL", PRO),
-    );
+    mock.respond_next(None, 1, 429, &per_minute_429(PRO, "30s"));
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1"), ("key-b", "p2")]));
     // 5 MB of valid JSON with varied bytes.
     let filler: String = (0..5 * 1024 * 1024 / 16u64)
@@ -284,9 +277,10 @@ async fn a_client_error_passes_through_once_without_penalty() {
 async fn tenant_credentials_are_stripped_in_all_four_forms() {
     let mock = Mock::start().await;
     mock.key("pool-key-1", "p1");
-    let yaml = format!(
-        "{}tenants:\n  - name: alice\n    token: \"tok-alice-secret\"\n",
-        pool_yaml(&mock.url(), &[("pool-key-1", "p1")])
+    let yaml = with_tenant(
+        &pool_yaml(&mock.url(), &[("pool-key-1", "p1")]),
+        "alice",
+        "tok-alice-secret",
     );
     let kg = Keygate::start(&yaml);
     let url = format!("{}/v1beta/models/{FLASH}:generateContent", kg.url());
@@ -344,9 +338,10 @@ async fn tenant_credentials_are_stripped_in_all_four_forms() {
 async fn missing_or_wrong_token_gets_401_without_upstream_contact() {
     let mock = Mock::start().await;
     mock.key("key-a", "p1");
-    let yaml = format!(
-        "{}tenants:\n  - name: alice\n    token: \"tok-alice\"\n",
-        pool_yaml(&mock.url(), &[("key-a", "p1")])
+    let yaml = with_tenant(
+        &pool_yaml(&mock.url(), &[("key-a", "p1")]),
+        "alice",
+        "tok-alice",
     );
     let kg = Keygate::start(&yaml);
     let (status, _, body) = generate(&kg.url(), FLASH, None).await;
@@ -434,14 +429,7 @@ async fn sse_chunks_arrive_at_their_original_spacing_also_after_a_retry() {
     assert_spaced(&timed_chunks(resp).await, 5, gap);
 
     // The next key refuses before any output: the stream comes from the other one, as spaced.
-    mock.respond_next(
-        None,
-        1,
-        429,
-        &PER_MINUTE_BODY
-            .replace("DELAY", "30s")
-            .replace("MODEL", FLASH),
-    );
+    mock.respond_next(None, 1, 429, &per_minute_429(FLASH, "30s"));
     let resp = client().post(&url).body(prompt()).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_spaced(&timed_chunks(resp).await, 5, gap);
@@ -521,14 +509,7 @@ async fn one_upstream_connection_serves_requests_and_retries() {
     let mock = Mock::start().await;
     mock.key("key-a", "p1").key("key-b", "p2");
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1"), ("key-b", "p2")]));
-    mock.respond_next(
-        None,
-        1,
-        429,
-        &PER_MINUTE_BODY
-            .replace("DELAY", "30s")
-            .replace("MODEL", PRO),
-    );
+    mock.respond_next(None, 1, 429, &per_minute_429(PRO, "30s"));
     for _ in 0..5 {
         let (status, _, _) = generate(&kg.url(), PRO, None).await;
         assert_eq!(status, 200);

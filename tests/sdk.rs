@@ -32,9 +32,10 @@ async fn setup() -> (Mock, Keygate) {
     let mock = Mock::start().await;
     mock.key("sdk-key-1", "p1").key("sdk-key-2", "p2");
     mock.per_minute_limit("p1", "gemini-2.5-flash", 0, "40s");
-    let yaml = format!(
-        "{}tenants:\n  - name: sdk\n    token: \"sdk-tenant-token\"\n",
-        pool_yaml(&mock.url(), &[("sdk-key-1", "p1"), ("sdk-key-2", "p2")])
+    let yaml = with_tenant(
+        &pool_yaml(&mock.url(), &[("sdk-key-1", "p1"), ("sdk-key-2", "p2")]),
+        "sdk",
+        "sdk-tenant-token",
     );
     let kg = Keygate::start(&yaml);
     (mock, kg)

@@ -18,14 +18,7 @@ fn with_ca(yaml: String, ca_path: &std::path::Path) -> String {
 async fn https_upstream_by_name_speaks_http2_on_one_verified_connection() {
     let (mock, ca) = Mock::start_tls().await;
     mock.key("key-a", "p1").key("key-b", "p2");
-    mock.respond_next(
-        None,
-        1,
-        429,
-        &PER_MINUTE_BODY
-            .replace("DELAY", "30s")
-            .replace("MODEL", FLASH),
-    );
+    mock.respond_next(None, 1, 429, &per_minute_429(FLASH, "30s"));
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca).unwrap();

@@ -636,6 +636,18 @@ pub fn pool_yaml(upstream: &str, keys: &[(&str, &str)]) -> String {
     y
 }
 
+/// `yaml` plus one tenant.
+pub fn with_tenant(yaml: &str, name: &str, token: &str) -> String {
+    format!("{yaml}tenants:\n  - name: {name}\n    token: \"{token}\"\n")
+}
+
+/// Google's per-minute 429 body for `model` with `RetryInfo.retryDelay` = `delay`.
+pub fn per_minute_429(model: &str, delay: &str) -> String {
+    PER_MINUTE_BODY
+        .replace("MODEL", model)
+        .replace("DELAY", delay)
+}
+
 /// An HTTP client that never uses an environment proxy.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
