@@ -379,11 +379,13 @@ impl Gateway {
                 Verdict::PassThrough => return self.relay(session, ctx, pool, answer).await,
                 Verdict::OtherKey(penalty) => {
                     pool.keys.penalise(key, job.model, job.method, &penalty);
-                    if matches!(
-                        penalty,
-                        Penalty::CoolProjectModel { .. } | Penalty::DisableProject
-                    ) {
-                        avoid.push(project);
+                    match penalty {
+                        Penalty::CoolProjectModel { .. } | Penalty::DisableProject => {
+                            avoid.push(project)
+                        }
+                        // The key, not its project, is at fault: other projects first, but the
+                        // project's other keys remain a fallback.
+                        Penalty::DisableKey(_) | Penalty::BlockMethod => prefer_not.push(project),
                     }
                 }
                 Verdict::Transient => {
