@@ -6,7 +6,7 @@ CONFIG ?= conf/keygate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTHON ?= python3
 
-.PHONY: run test lint deps check-config
+.PHONY: run test lint deps check-config bench bench-deps
 
 run: deps
 	cargo run --release -- --config $(CONFIG)
@@ -22,6 +22,15 @@ check-config:
 lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+
+# The load benchmark (BENCHMARKS.md): direct upstream vs nginx vs keygate, side by side.
+bench: deps bench-deps
+	cargo build --release
+	cargo bench --bench load
+
+bench-deps:
+	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx-light; }
+	@command -v oha >/dev/null 2>&1 || cargo install oha --locked --version 1.16.0
 
 deps:
 	@command -v cmake >/dev/null 2>&1 || { \

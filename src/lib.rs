@@ -42,6 +42,9 @@ pub fn run(config: Config) -> Result<(), String> {
         // SIGTERM: stop accepting, let in-flight requests finish for this long, then exit.
         grace_period_seconds: Some(config.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        // One single-threaded runtime per worker thread, like nginx's workers: measured
+        // cheaper per request than tokio's work-stealing pool (BENCHMARKS.md).
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

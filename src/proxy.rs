@@ -159,8 +159,7 @@ fn is_timeout(e: &Error) -> bool {
 
 /// Everything the attempt loop needs about the request.
 struct Job<'a> {
-    api: Api,
-    base: RequestHeader,
+    forward: request::Forward<'a>,
     body: Bytes,
     model: &'a str,
     method: &'a str,
@@ -252,8 +251,11 @@ impl ProxyHttp for Gateway {
         .unwrap_or_default();
         ctx.model = model.clone();
         let job = Job {
-            api,
-            base: request::upstream_base(session.req_header(), &path_and_query, body.len())?,
+            forward: request::Forward {
+                api,
+                path_and_query: &path_and_query,
+                body_len: body.len(),
+            },
             body,
             model: &model,
             method: request::method_of(&path),
@@ -327,12 +329,12 @@ impl Gateway {
                 Pick::Key(k) => k,
                 Pick::Exhausted(ex) => {
                     let e = exhausted_error(&pool.keys, job.model, &ex);
-                    return respond(session, ctx, Some(job.api), &e).await;
+                    return respond(session, ctx, Some(job.forward.api), &e).await;
                 }
                 Pick::OnlyTriedProjects => break,
             };
             let project = pool.keys.key(key).project;
-            let mut answer = match self.send(pool, job, key).await {
+            let mut answer = match self.send(pool, job, session.req_header(), key).await {
                 Ok(a) => a,
                 Err(err) => {
                     ctx.attempts.push(AttemptLog {
@@ -348,7 +350,7 @@ impl Gateway {
                         sleep_backoff(&mut backoff).await;
                     } else {
                         let e = err.into_gateway_error(pool.keys.name());
-                        return respond(session, ctx, Some(job.api), &e).await;
+                        return respond(session, ctx, Some(job.forward.api), &e).await;
                     }
                     last_error = Some(err);
                     continue;
@@ -407,11 +409,11 @@ impl Gateway {
             (Some(answer), _) => self.relay(session, ctx, pool, answer).await,
             (None, Some(err)) => {
                 let e = err.into_gateway_error(pool.keys.name());
-                respond(session, ctx, Some(job.api), &e).await
+                respond(session, ctx, Some(job.forward.api), &e).await
             }
             (None, None) => {
                 let e = GatewayError::new(503, "UNAVAILABLE", "keygate: no key could be tried");
-                respond(session, ctx, Some(job.api), &e).await
+                respond(session, ctx, Some(job.forward.api), &e).await
             }
         }
     }
@@ -447,6 +449,7 @@ impl Gateway {
         &self,
         pool: &PoolRuntime,
         job: &Job<'_>,
+        client: &RequestHeader,
         key: KeyId,
     ) -> Result<Answer, SendError> {
         let upstream = &pool.upstream;
@@ -459,14 +462,16 @@ impl Gateway {
             .get_http_session(&*peer)
             .await
             .map_err(SendError::Connect)?;
-        let h2 = matches!(http, ClientSession::H2(_));
-        let req = request::for_attempt(
-            &job.base,
-            job.api,
+        let target = request::Target {
+            authority: upstream.authority(),
+            tls: upstream.tls(),
+            h2: matches!(http, ClientSession::H2(_)),
+        };
+        let req = request::upstream_request(
+            client,
+            &job.forward,
             pool.keys.key(key).secret.expose(),
-            upstream.authority(),
-            upstream.tls(),
-            h2,
+            &target,
         )
         .map_err(|error| SendError::Exchange {
             error,
@@ -510,7 +515,8 @@ impl Gateway {
         pool: &PoolRuntime,
         mut answer: Answer,
     ) -> pingora::Result<bool> {
-        let mut header = answer.header.clone();
+        let placeholder = ResponseHeader::build(200, Some(0))?;
+        let mut header = std::mem::replace(&mut answer.header, placeholder);
         let head = session.req_header().method == http::Method::HEAD;
         prepare_downstream_header(&mut header, head)?;
         ctx.status = header.status.as_u16();
@@ -540,11 +546,13 @@ async fn exchange(
     req: RequestHeader,
     body: &Bytes,
 ) -> pingora::Result<()> {
+    let cork = crate::upstream::Cork::hold(http);
     http.write_request_header(Box::new(req)).await?;
     if !body.is_empty() {
         http.write_request_body(body.clone(), true).await?;
     }
     http.finish_request_body().await?;
+    drop(cork); // header and body leave together now
     loop {
         http.read_response_header().await?;
         let informational = http.response_header().is_some_and(|h| {

@@ -136,20 +136,50 @@ pub fn clean_path_and_query(req: &RequestHeader) -> String {
     }
 }
 
-/// The upstream request shared by every attempt: the client's method, path and headers with
-/// credentials, hop-by-hop headers and `key=` removed. Each attempt adds its key and the
-/// protocol-specific target ([`for_attempt`]).
-pub fn upstream_base(
+/// What is forwarded, the same for every attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// Which API: decides how the key is sent.
+    pub api: Api,
+    /// `path?query` without `key=` ([`clean_path_and_query`]).
+    pub path_and_query: &'a str,
+    /// Length of the buffered body.
+    pub body_len: usize,
+}
+
+/// Where one attempt goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// `host[:port]` for `Host` / `:authority`.
+    pub authority: &'a str,
+    /// Whether the connection is TLS (the scheme of an HTTP/2 URI).
+    pub tls: bool,
+    /// Whether the connection speaks HTTP/2.
+    pub h2: bool,
+}
+
+/// One attempt's upstream request, built from the client's: its method, path and headers with
+/// credentials, hop-by-hop headers and `key=` removed, plus the pool key (as `x-goog-api-key`,
+/// or `Authorization: Bearer` for the OpenAI-compatible API) and the target for HTTP/1.1
+/// (`Host`) or HTTP/2 (absolute URI, no `Host`). Built afresh per attempt: cheaper than
+/// building once and cloning, since most requests need a single attempt.
+pub fn upstream_request(
     client: &RequestHeader,
-    path_and_query: &str,
-    body_len: usize,
+    fwd: &Forward<'_>,
+    key: &str,
+    target: &Target<'_>,
 ) -> pingora::Result<RequestHeader> {
     let mut req = RequestHeader::build(
         client.method.clone(),
-        path_and_query.as_bytes(),
+        fwd.path_and_query.as_bytes(),
         Some(client.headers.len() + 2),
     )?;
-    let listed = connection_listed(client);
+    let has_connection_list = client.headers.contains_key(header::CONNECTION);
+    let listed = if has_connection_list {
+        connection_listed(client)
+    } else {
+        Vec::new()
+    };
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if CREDENTIAL_HEADERS.contains(&n)
@@ -165,35 +195,19 @@ pub fn upstream_base(
         client.method.as_str(),
         "GET" | "HEAD" | "DELETE" | "OPTIONS"
     );
-    if body_len > 0 || method_has_body {
-        req.insert_header(header::CONTENT_LENGTH, body_len)?;
+    if fwd.body_len > 0 || method_has_body {
+        req.insert_header(header::CONTENT_LENGTH, fwd.body_len)?;
     }
-    Ok(req)
-}
-
-/// One attempt's request: `base` plus the key (as `x-goog-api-key`, or `Authorization:
-/// Bearer` for the OpenAI-compatible API) and the target for HTTP/1.1 (`Host`) or HTTP/2
-/// (absolute URI, no `Host`).
-pub fn for_attempt(
-    base: &RequestHeader,
-    api: Api,
-    key: &str,
-    authority: &str,
-    tls: bool,
-    h2: bool,
-) -> pingora::Result<RequestHeader> {
-    let mut req = base.clone();
-    match api {
+    match fwd.api {
         Api::Gemini => req.insert_header("x-goog-api-key", key)?,
         Api::OpenAi => req.insert_header(header::AUTHORIZATION, format!("Bearer {key}"))?,
     }
-    if h2 {
+    if target.h2 {
         req.set_version(http::Version::HTTP_2);
-        let path_and_query = base.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let uri = http::Uri::builder()
-            .scheme(if tls { "https" } else { "http" })
-            .authority(authority)
-            .path_and_query(path_and_query)
+            .scheme(if target.tls { "https" } else { "http" })
+            .authority(target.authority)
+            .path_and_query(fwd.path_and_query)
             .build()
             .map_err(|e| {
                 pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream uri", e)
@@ -201,7 +215,7 @@ pub fn for_attempt(
         req.set_uri(uri);
     } else {
         req.set_version(http::Version::HTTP_11);
-        req.insert_header(header::HOST, authority)?;
+        req.insert_header(header::HOST, target.authority)?;
     }
     Ok(req)
 }
@@ -364,8 +378,17 @@ mod tests {
         );
         let path = clean_path_and_query(&client);
         assert_eq!(path, "/v1beta/openai/chat/completions");
-        let base = upstream_base(&client, &path, 10).unwrap();
-        let req = for_attempt(&base, Api::OpenAi, "POOLKEY", "upstream.test", true, false).unwrap();
+        let fwd = Forward {
+            api: Api::OpenAi,
+            path_and_query: &path,
+            body_len: 10,
+        };
+        let h1 = Target {
+            authority: "upstream.test",
+            tls: true,
+            h2: false,
+        };
+        let req = upstream_request(&client, &fwd, "POOLKEY", &h1).unwrap();
         let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
         for gone in [
             "x-goog-api-key",
@@ -383,13 +406,17 @@ mod tests {
         assert_eq!(req.headers["content-length"], "10");
         assert_eq!(req.headers["x-goog-api-client"], "genai-py");
 
-        let native =
-            for_attempt(&base, Api::Gemini, "POOLKEY", "upstream.test", true, true).unwrap();
-        assert_eq!(native.headers["x-goog-api-key"], "POOLKEY");
-        assert!(native.headers.get("authorization").is_none());
-        assert!(native.headers.get("host").is_none());
+        let native = Forward {
+            api: Api::Gemini,
+            ..fwd
+        };
+        let h2 = Target { h2: true, ..h1 };
+        let req = upstream_request(&client, &native, "POOLKEY", &h2).unwrap();
+        assert_eq!(req.headers["x-goog-api-key"], "POOLKEY");
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("host").is_none());
         assert_eq!(
-            native.uri.to_string(),
+            req.uri.to_string(),
             "https://upstream.test/v1beta/openai/chat/completions"
         );
     }

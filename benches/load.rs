@@ -1,0 +1,681 @@
+//! The load benchmark: the upstream directly, nginx as a reverse proxy that sets the key header,
+//! and keygate, measured side by side in one run on 127.0.0.1.
+//!
+//! Run it with `make bench` (installs nginx and oha, then `cargo bench --bench load`).
+//! It starts a fast local upstream that answers like Gemini (a fixed generateContent JSON, an
+//! SSE stream), then nginx and keygate as child processes, drives them with `oha`, and prints a
+//! Markdown report (also written to `target/load-report.md`). Every process it starts is killed
+//! when it ends, panics included. Tunables (environment): `LOAD_SECONDS` (default 10),
+//! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
+//! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GENERATE_JSON: &str = r#"{"candidates":[{"content":{"parts":[{"text":"The quick brown fox jumps over the lazy dog. This is a fixed answer of a realistic size for a short generation, a few hundred bytes long, like Gemini's."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":38,"totalTokenCount":50},"modelVersion":"gemini-2.5-flash","responseId":"bench-response-id"}"#;
+const PROMPT: &str =
+    r#"{"contents":[{"role":"user","parts":[{"text":"Write one sentence about foxes."}]}]}"#;
+const REFUSE_KEY: &str = "made-up-refused-key";
+const BENCH_KEY: &str = "made-up-bench-key";
+const PER_MINUTE_0S: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-flash"}}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0s"}]}}"#;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast upstream
+// ---------------------------------------------------------------------------------------------
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn upstream_handler(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, Infallible> {
+    let refused = req
+        .headers()
+        .get("x-goog-api-key")
+        .is_some_and(|k| k.as_bytes() == REFUSE_KEY.as_bytes());
+    let stream = req.uri().path().ends_with(":streamGenerateContent");
+    let _ = req.into_body().collect().await;
+    if refused {
+        return Ok(hyper::Response::builder()
+            .status(429)
+            .header("content-type", "application/json; charset=UTF-8")
+            .body(Full::new(Bytes::from_static(PER_MINUTE_0S.as_bytes())).boxed())
+            .unwrap_or_default());
+    }
+    if stream {
+        // First event at once, then four more 5 ms apart.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        tokio::spawn(async move {
+            for i in 0..5 {
+                let event = format!(
+                    "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"part {i} \"}}],\"role\":\"model\"}},\"index\":0}}]}}\r\n\r\n"
+                );
+                if tx.send(Bytes::from(event)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        return Ok(hyper::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(body)))
+            .unwrap_or_default());
+    }
+    Ok(hyper::Response::builder()
+        .header("content-type", "application/json; charset=UTF-8")
+        .body(Full::new(Bytes::from_static(GENERATE_JSON.as_bytes())).boxed())
+        .unwrap_or_default())
+}
+
+/// Starts the upstream on its own thread (one tokio worker) and returns its address.
+fn start_upstream() -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("upstream runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            hyper::service::service_fn(upstream_handler),
+                        )
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------------
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_listening(addr: SocketAddr, proc: &mut Proc) -> Duration {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect(addr).is_ok() {
+            return start.elapsed();
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("{} exited with {status} before listening", proc.name);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} did not start",
+            proc.name
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let conf = format!(
+        r#"worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log {dir}/nginx-access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    client_max_body_size 20m;
+    upstream gemini {{ server {upstream}; keepalive 128; }}
+    server {{
+        listen {addr} backlog=4096;
+        location / {{
+            proxy_pass http://gemini;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header x-goog-api-key "{BENCH_KEY}";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .arg("-g")
+        .arg("daemon off; master_process off;")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx (make bench installs it)");
+    let mut proc = Proc {
+        child,
+        name: "nginx",
+    };
+    wait_listening(addr, &mut proc);
+    (proc, addr)
+}
+
+fn keygate_bin() -> PathBuf {
+    // The bench runs from target/release/deps; the binary sits in target/release.
+    let exe = std::env::current_exe().expect("current exe");
+    let release = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = release.join("keygate");
+    assert!(
+        bin.exists(),
+        "build keygate first: cargo build --release ({})",
+        bin.display()
+    );
+    bin
+}
+
+fn start_keygate(dir: &Path, name: &str, yaml: &str) -> (Proc, SocketAddr, Duration) {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, format!("listen: \"{addr}\"\n{yaml}")).expect("write config");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+    let child = Command::new(keygate_bin())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start keygate");
+    let mut proc = Proc {
+        child,
+        name: "keygate",
+    };
+    let startup = wait_listening(addr, &mut proc);
+    (proc, addr, startup)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/pid/stat: 12 and 13 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident memory (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load runs
+// ---------------------------------------------------------------------------------------------
+
+/// What one oha run measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    rps: f64,
+    ok_ratio: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    cpu_per_10k: f64,
+}
+
+fn oha(url: &str, seconds: u64, connections: usize, rate: Option<f64>, pid: Option<u32>) -> Run {
+    let cpu_before = pid.map(cpu_seconds).unwrap_or(0.0);
+    let mut cmd = Command::new("oha");
+    cmd.args(["--no-tui", "--output-format", "json", "-m", "POST"])
+        .args(["-H", "content-type: application/json", "-d", PROMPT])
+        .args(["-z", &format!("{seconds}s"), "-c", &connections.to_string()]);
+    if let Some(q) = rate {
+        cmd.args(["-q", &format!("{q:.0}")]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("run oha (make bench installs it)");
+    let cpu = pid.map(cpu_seconds).unwrap_or(0.0) - cpu_before;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "oha output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let summary = &json["summary"];
+    let pct = &json["latencyPercentiles"];
+    let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let rps = summary["requestsPerSec"].as_f64().unwrap_or(0.0);
+    let total = json["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_f64()).sum::<f64>())
+        .unwrap_or(0.0);
+    let ok = json["statusCodeDistribution"]["200"]
+        .as_f64()
+        .unwrap_or(0.0);
+    Run {
+        rps,
+        ok_ratio: if total > 0.0 { ok / total } else { 0.0 },
+        p50_ms: ms(&pct["p50"]),
+        p99_ms: ms(&pct["p99"]),
+        p999_ms: ms(&pct["p99.9"]),
+        cpu_per_10k: if total > 0.0 {
+            cpu / total * 10_000.0
+        } else {
+            f64::NAN
+        },
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// Time to the first SSE byte, `samples` sequential requests, in ms: (median, p99).
+fn sse_ttfb(rt: &tokio::runtime::Runtime, base: &str, samples: usize) -> (f64, f64) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let url = format!("{base}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse");
+    let times: Vec<f64> = rt.block_on(async {
+        use futures_util::StreamExt;
+        let mut out = Vec::with_capacity(samples);
+        for i in 0..samples + 5 {
+            let start = Instant::now();
+            let resp = client
+                .post(&url)
+                .body(PROMPT)
+                .send()
+                .await
+                .expect("sse request");
+            assert_eq!(resp.status(), 200, "sse through {base}");
+            let mut stream = resp.bytes_stream();
+            let first = stream.next().await;
+            let t = start.elapsed().as_secs_f64() * 1000.0;
+            assert!(first.is_some_and(|c| c.is_ok()));
+            while stream.next().await.is_some() {}
+            if i >= 5 {
+                out.push(t); // the first five warm connections up
+            }
+        }
+        out
+    });
+    (median(times.clone()), percentile(times, 0.99))
+}
+
+/// Sequential generateContent latencies in ms, one request every `spacing`.
+fn sequential(
+    rt: &tokio::runtime::Runtime,
+    base: &str,
+    samples: usize,
+    spacing: Duration,
+) -> Vec<f64> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let url = format!("{base}/v1beta/models/gemini-2.5-flash:generateContent");
+    rt.block_on(async {
+        let mut out = Vec::with_capacity(samples);
+        for i in 0..samples + 2 {
+            let start = Instant::now();
+            let resp = client
+                .post(&url)
+                .body(PROMPT)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), 200, "through {base}");
+            let _ = resp.bytes().await;
+            if i >= 2 {
+                out.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+            tokio::time::sleep(spacing).await;
+        }
+        out
+    })
+}
+
+fn large_config(upstream: SocketAddr, keys: usize, tenants: usize) -> String {
+    let mut y = format!(
+        "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys:\n"
+    );
+    for i in 0..keys {
+        let _ = writeln!(
+            y,
+            "      - key: \"made-up-key-{i:05}\"\n        project: \"project-{}\"",
+            i / 2
+        );
+    }
+    y.push_str("tenants:\n");
+    for i in 0..tenants {
+        let _ = writeln!(
+            y,
+            "  - name: tenant-{i}\n    token: \"made-up-token-{i:04}\""
+        );
+    }
+    y
+}
+
+fn main() {
+    // `cargo bench` passes --bench; anything else (a test harness probe) is not a request to run.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let seconds: u64 = env_or("LOAD_SECONDS", 10);
+    let conns: usize = env_or("LOAD_CONNECTIONS", 16);
+    let sat_conns: usize = env_or("LOAD_SATURATION_CONNECTIONS", 128);
+    let workers: usize = env_or("PROXY_WORKERS", 1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let upstream = start_upstream();
+    let (nginx, nginx_addr) = start_nginx(dir.path(), upstream, workers);
+    let kg_yaml = format!(
+        "threads: {workers}\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys: [\"{BENCH_KEY}\"]\n"
+    );
+    let (keygate, kg_addr, _) = start_keygate(dir.path(), "keygate", &kg_yaml);
+
+    let targets = [
+        ("direct", format!("http://{upstream}"), None),
+        ("nginx", format!("http://{nginx_addr}"), Some(nginx.pid())),
+        ("keygate", format!("http://{kg_addr}"), Some(keygate.pid())),
+    ];
+    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "Machine: {} CPUs ({}), {}s per run, proxies with {workers} worker(s); upstream, proxy and oha share the machine.\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .unwrap_or_default(),
+        seconds
+    );
+
+    // Saturation first: it sets the rate of the half-saturation run.
+    let mut saturation = Vec::new();
+    for (name, base, pid) in &targets {
+        // Warm up connections and caches.
+        let _ = oha(&format!("{base}{path}"), 2, conns, None, None);
+        saturation.push((
+            name,
+            oha(&format!("{base}{path}"), seconds, sat_conns, None, *pid),
+        ));
+    }
+    let mut fixed = Vec::new();
+    for (name, base, pid) in &targets {
+        fixed.push((
+            name,
+            oha(&format!("{base}{path}"), seconds, conns, None, *pid),
+        ));
+    }
+    let kg_sat = saturation
+        .iter()
+        .find(|(n, _)| **n == "keygate")
+        .map(|(_, r)| r.rps)
+        .unwrap_or(0.0);
+    let half = (kg_sat / 2.0).max(1.0);
+    let mut half_runs = Vec::new();
+    for (name, base, pid) in &targets {
+        half_runs.push((
+            name,
+            oha(&format!("{base}{path}"), seconds, conns, Some(half), *pid),
+        ));
+    }
+
+    let table = |title: &str, runs: &[(&&str, Run)]| {
+        let mut t = format!(
+            "### {title}\n\n| target | req/s | 200s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        );
+        for (name, r) in runs {
+            let pid = targets
+                .iter()
+                .find(|(n, _, _)| *n == **name)
+                .and_then(|(_, _, p)| *p);
+            let rss = pid
+                .map(|p| format!("{:.1}", peak_rss_mib(p)))
+                .unwrap_or_else(|| "-".into());
+            let cpu = if r.cpu_per_10k.is_nan() || pid.is_none() {
+                "-".into()
+            } else {
+                format!("{:.2}", r.cpu_per_10k)
+            };
+            let _ = writeln!(
+                t,
+                "| {name} | {:.0} | {:.1}% | {:.3} | {:.3} | {:.3} | {cpu} | {rss} |",
+                r.rps,
+                r.ok_ratio * 100.0,
+                r.p50_ms,
+                r.p99_ms,
+                r.p999_ms
+            );
+        }
+        t
+    };
+    report.push_str(&table(
+        &format!("Saturation ({sat_conns} connections)"),
+        &saturation,
+    ));
+    report.push('\n');
+    report.push_str(&table(
+        &format!("Fixed concurrency ({conns} connections)"),
+        &fixed,
+    ));
+    report.push('\n');
+    report.push_str(&table(
+        &format!("Half of keygate's saturation rate ({half:.0} req/s, {conns} connections)"),
+        &half_runs,
+    ));
+
+    let ratio = |runs: &[(&&str, Run)], a: &str, b: &str, f: fn(&Run) -> f64| {
+        let get = |n: &str| {
+            runs.iter()
+                .find(|(x, _)| **x == n)
+                .map(|(_, r)| f(r))
+                .unwrap_or(f64::NAN)
+        };
+        (get(a), get(b))
+    };
+    let (kg, ng) = ratio(&saturation, "keygate", "nginx", |r| r.rps);
+    let (kg99, d99) = ratio(&half_runs, "keygate", "direct", |r| r.p99_ms);
+    let _ = writeln!(
+        report,
+        "\nkeygate/nginx throughput at saturation: {:.2}x. keygate p99 over direct at half saturation: {:+.3} ms.\n",
+        kg / ng,
+        kg99 - d99
+    );
+
+    // SSE time to first byte.
+    let _ = writeln!(report, "### SSE time to first byte (50 sequential streams)\n\n| target | median ms | p99 ms |\n|---|---:|---:|");
+    let mut ttfb = Vec::new();
+    for (name, base, _) in &targets {
+        let (m, p) = sse_ttfb(&rt, base, 50);
+        ttfb.push((*name, m));
+        let _ = writeln!(report, "| {name} | {m:.3} | {p:.3} |");
+    }
+    let _ = writeln!(
+        report,
+        "\nkeygate SSE TTFB over direct (median): {:+.3} ms.\n",
+        ttfb[2].1 - ttfb[0].1
+    );
+
+    // Cost of one 429 retry: the first key always refuses (cooling 1 s), the second serves.
+    drop(keygate);
+    let retry_yaml = format!(
+        "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys:\n      - key: \"{REFUSE_KEY}\"\n        project: refused\n      - key: \"{BENCH_KEY}\"\n        project: serving\n"
+    );
+    let one_yaml = format!(
+        "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys: [\"{BENCH_KEY}\"]\n"
+    );
+    let (plain, plain_addr, _) = start_keygate(dir.path(), "keygate-plain", &one_yaml);
+    let without = sequential(
+        &rt,
+        &format!("http://{plain_addr}"),
+        20,
+        Duration::from_millis(1100),
+    );
+    drop(plain);
+    let (retry, retry_addr, _) = start_keygate(dir.path(), "keygate-retry", &retry_yaml);
+    let with = sequential(
+        &rt,
+        &format!("http://{retry_addr}"),
+        20,
+        Duration::from_millis(1100),
+    );
+    drop(retry);
+    let retried = std::fs::read_to_string(dir.path().join("keygate-retry.log"))
+        .unwrap_or_default()
+        .matches(":quota_minute,")
+        .count();
+    let _ = writeln!(
+        report,
+        "### Cost of one 429 retry (20 sequential requests, 1.1 s apart so the refusing key is back each time)\n\n| | median ms |\n|---|---:|\n| served by the first key | {:.3} |\n| refused by the first key, replayed on the second | {:.3} |\n\nOne retry adds {:+.3} ms (median); {retried} of {} requests were retried.\n",
+        median(without.clone()),
+        median(with.clone()),
+        median(with) - median(without),
+        22
+    );
+
+    // Large config: 10,000 keys, 1,000 tenants, 1,000 idle client connections.
+    drop(nginx);
+    let big = large_config(upstream, 10_000, 1_000);
+    let check_start = Instant::now();
+    let path = dir.path().join("big-check.yaml");
+    std::fs::write(&path, format!("listen: \"127.0.0.1:1\"\n{big}")).expect("write");
+    let status = Command::new(keygate_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .stdout(Stdio::null())
+        .status()
+        .expect("check");
+    let check_time = check_start.elapsed();
+    assert!(status.success());
+    let (big_kg, big_addr, startup) = start_keygate(dir.path(), "keygate-big", &big);
+    let idle_before = peak_rss_mib(big_kg.pid());
+    let idle: Vec<TcpStream> = (0..1000)
+        .filter_map(|_| TcpStream::connect(big_addr).ok())
+        .collect();
+    // Give the listener a moment to accept all of them, then serve a few requests on top.
+    std::thread::sleep(Duration::from_millis(500));
+    let client_token = "made-up-token-0007";
+    let served = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let mut ok = 0;
+        for _ in 0..100 {
+            let resp = client
+                .post(format!(
+                    "http://{big_addr}/v1beta/models/gemini-2.5-flash:generateContent"
+                ))
+                .header("x-goog-api-key", client_token)
+                .body(PROMPT)
+                .send()
+                .await;
+            if resp.is_ok_and(|r| r.status() == 200) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    let peak = peak_rss_mib(big_kg.pid());
+    let _ = writeln!(
+        report,
+        "### 10,000 keys, 1,000 tenants\n\n| measure | value |\n|---|---:|\n| `--check` of the config (process start to exit) | {:.0} ms |\n| start-up (spawn to accepting connections) | {:.0} ms |\n| peak RSS after start-up | {idle_before:.1} MiB |\n| peak RSS with {} idle client connections and 100 requests served ({served} OK) | {peak:.1} MiB |\n",
+        check_time.as_secs_f64() * 1000.0,
+        startup.as_secs_f64() * 1000.0,
+        idle.len()
+    );
+    drop(idle);
+    drop(big_kg);
+
+    println!("{report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/load-report.md");
+    let _ = std::fs::write(&out, &report);
+    eprintln!("report written to {}", out.display());
+}
