@@ -7,11 +7,6 @@ use keygate::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc malloc: the proxy path allocates and frees small buffers on every
-/// request, and glibc's allocator showed as ~10% of keygate's CPU under load (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A Gemini API gateway that rotates keys and replays quota-refused requests on another key.
 #[derive(Parser, Debug)]
 #[command(version, about)]
