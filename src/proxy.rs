@@ -498,12 +498,14 @@ impl Gateway {
         })
     }
 
-    /// Returns a fully read answer's connection to the pool, keeping the bytes.
+    /// Returns a fully read answer's connection to the pool, keeping the bytes. Does nothing
+    /// while the body is still being read.
     async fn park(&self, pool: &PoolRuntime, answer: &mut Answer) {
+        if !answer.complete {
+            return;
+        }
         if let (Some(http), Some(peer)) = (answer.http.take(), answer.peer.take()) {
-            if answer.complete {
-                release(&pool.upstream, http, &peer, self.timeouts.idle).await;
-            }
+            release(&pool.upstream, http, &peer, self.timeouts.idle).await;
         }
     }
 
@@ -520,22 +522,25 @@ impl Gateway {
         let head = session.req_header().method == http::Method::HEAD;
         prepare_downstream_header(&mut header, head)?;
         ctx.status = header.status.as_u16();
+        // The upstream connection goes back to the pool as soon as its body is complete, before
+        // the client has the end of the answer: its next request can then reuse it.
+        self.park(pool, &mut answer).await;
         session
             .write_response_header(Box::new(header), false)
             .await?;
         for chunk in std::mem::take(&mut answer.body) {
             session.write_response_body(Some(chunk), false).await?;
         }
-        if !answer.complete {
-            if let Some(http) = answer.http.as_mut() {
-                while let Some(chunk) = http.read_response_body().await? {
-                    session.write_response_body(Some(chunk), false).await?;
-                }
-                answer.complete = true;
+        while let Some(http) = answer.http.as_mut() {
+            let chunk = http.read_response_body().await?;
+            answer.complete = chunk.is_none() || http.response_done();
+            self.park(pool, &mut answer).await;
+            match chunk {
+                Some(chunk) => session.write_response_body(Some(chunk), false).await?,
+                None => break,
             }
         }
         session.write_response_body(None, true).await?;
-        self.park(pool, &mut answer).await;
         Ok(true)
     }
 }
