@@ -377,6 +377,7 @@ impl Gateway {
             });
             self.note(&pool.keys, key, &outcome);
 
+            let mut back_off = false;
             match outcome.verdict(Utc::now()) {
                 Verdict::PassThrough => return self.relay(session, ctx, pool, answer).await,
                 Verdict::OtherKey(penalty) => {
@@ -396,11 +397,15 @@ impl Gateway {
                     }
                     transient_left -= 1;
                     prefer_not.push(project);
-                    sleep_backoff(&mut backoff).await;
+                    back_off = true;
                 }
             }
+            // The answer was read whole: its connection goes back to the pool before any wait.
             self.park(pool, &mut answer).await;
             last = Some(answer);
+            if back_off {
+                sleep_backoff(&mut backoff).await;
+            }
         }
 
         // Attempts exhausted, or only already-tried projects are left: give the client the
