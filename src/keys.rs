@@ -202,7 +202,7 @@ impl KeyPool {
                 continue;
             }
             // The snapshot may be a moment old: re-check the key's own deadlines.
-            if self.out_until(k, &health, now) > now {
+            if self.out_until(k, &health) > now {
                 continue;
             }
             if self.any_blocked.load(Relaxed) && self.is_blocked(k, method) {
@@ -256,12 +256,6 @@ impl KeyPool {
         reason_from_code(self.key_reason[key.0 as usize].load(Relaxed))
     }
 
-    /// When `key` can next serve `model` (`0` when it can now; [`NEVER`] when disabled).
-    pub fn available_at(&self, key: KeyId, model: &str) -> Millis {
-        let health = self.health(model);
-        self.out_until(key.0, &health, 0)
-    }
-
     fn health(&self, model: &str) -> Arc<ModelHealth> {
         let models = self.models.load();
         if models.is_empty() {
@@ -298,7 +292,7 @@ impl KeyPool {
     }
 
     /// When key `k` is next usable for this model's health entry.
-    fn out_until(&self, k: u32, health: &ModelHealth, _now: Millis) -> Millis {
+    fn out_until(&self, k: u32, health: &ModelHealth) -> Millis {
         let k = k as usize;
         let project = self.keys[k].project as usize;
         self.key_disabled_until[k]
@@ -330,7 +324,7 @@ impl KeyPool {
         let mut valid_until = NEVER;
         let (mut cooling, mut disabled) = (0, 0);
         for k in 0..self.keys.len() as u32 {
-            let until = self.out_until(k, health, now);
+            let until = self.out_until(k, health);
             if until <= now {
                 keys.push(k);
             } else if until == NEVER {
