@@ -58,6 +58,47 @@ async fn per_minute_429_is_retried_on_another_project_and_the_project_cools() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn gzip_encoded_errors_are_understood_and_passed_on_encoded() {
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1").key("key-b", "p2");
+    mock.per_minute_limit("p1", PRO, 0, "53s");
+    let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1"), ("key-b", "p2")]));
+    let url = format!("{}/v1beta/models/{PRO}:generateContent", kg.url());
+    for _ in 0..4 {
+        let resp = client()
+            .post(&url)
+            .header("accept-encoding", "gzip")
+            .body(prompt())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    // The gzipped per-minute 429 was read as such: p1 was asked once and cooled.
+    let seen = mock.seen();
+    assert_eq!(
+        seen.iter().filter(|s| s.status == 429).count(),
+        1,
+        "{seen:?}"
+    );
+    // A client error passes through still compressed, exactly as Google sent it.
+    let resp = client()
+        .post(&url)
+        .header("accept-encoding", "gzip")
+        .body(r#"{"INVALID_PAYLOAD":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let zipped = resp.bytes().await.unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&zipped[..]), &mut text)
+        .unwrap();
+    assert_eq!(text, BAD_REQUEST_BODY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn exhausted_pool_answers_429_with_retry_after_and_stays_off_upstream() {
     let mock = Mock::start().await;
     mock.key("key-a", "p1").key("key-b", "p1");

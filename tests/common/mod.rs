@@ -376,6 +376,16 @@ async fn handle(
         tokio::time::sleep(delay).await;
     }
     let response = decide(&state, &path, query.as_deref(), key.as_deref(), &body);
+    // Like Google, compress error answers for clients that accept gzip.
+    let accepts_gzip = parts
+        .headers
+        .get("accept-encoding")
+        .is_some_and(|v| v.to_str().unwrap_or("").contains("gzip"));
+    let response = if accepts_gzip && response.status().as_u16() >= 400 {
+        gzipped(response).await
+    } else {
+        response
+    };
     state.lock().unwrap().seen.push(Seen {
         method: parts.method.to_string(),
         path,
@@ -388,6 +398,29 @@ async fn handle(
         version: parts.version,
     });
     Ok(response)
+}
+
+async fn gzipped(response: Response<Body>) -> Response<Body> {
+    use std::io::Write;
+    let (mut parts, body) = response.into_parts();
+    let plain = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&plain).unwrap();
+    let zipped = enc.finish().unwrap();
+    parts
+        .headers
+        .insert("content-encoding", "gzip".parse().unwrap());
+    parts.headers.remove("content-length");
+    Response::from_parts(
+        parts,
+        Full::new(Bytes::from(zipped))
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    )
 }
 
 fn decide(
