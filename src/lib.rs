@@ -38,8 +38,7 @@ const CLIENT_READ_BUFFER: usize = 16 * 1024;
 
 /// Starts the gateway and serves until a signal stops it. Returns only on a start-up error.
 pub fn run(config: Config) -> Result<(), String> {
-    // Bind once up front so a busy or forbidden address is a clear error, not a panic later.
-    std::net::TcpListener::bind(config.listen)
+    check_bindable(config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
 
     let conf = ServerConf {
@@ -69,4 +68,17 @@ pub fn run(config: Config) -> Result<(), String> {
 
     log::info!("{}", config.summary());
     server.run_forever()
+}
+
+/// Binds the address once, without listening, so a busy or forbidden address is a clear error
+/// rather than a failure inside Pingora. Not listening matters: a listening socket would accept
+/// (and then reset) a client that connects in that instant.
+fn check_bindable(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
 }

@@ -586,7 +586,13 @@ impl Keygate {
                 .port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let config = dir.path().join("keygate.yaml");
-            std::fs::write(&config, format!("listen: \"{addr}\"\nthreads: 2\n{yaml}")).unwrap();
+            // Two workers unless the test chooses: closer to production than one.
+            let threads = if yaml.contains("threads:") {
+                ""
+            } else {
+                "threads: 2\n"
+            };
+            std::fs::write(&config, format!("listen: \"{addr}\"\n{threads}{yaml}")).unwrap();
             let log = dir.path().join(format!("keygate-{attempt}.log"));
             let log_file = std::fs::File::create(&log).unwrap();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
