@@ -348,36 +348,49 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.get(i).copied().unwrap_or(f64::NAN)
 }
 
-/// Time to the first SSE byte, `samples` sequential requests, in ms: (median, p99).
-fn sse_ttfb(rt: &tokio::runtime::Runtime, base: &str, samples: usize) -> (f64, f64) {
+/// Sends `warmup + samples` sequential POSTs of the prompt to `url`, `spacing` apart, and returns
+/// for each sample the milliseconds until the first body byte (`first_byte`) or until the whole
+/// answer was read. The warm-up requests open connections and are not counted.
+fn timed_posts(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    warmup: usize,
+    samples: usize,
+    spacing: Duration,
+    first_byte: bool,
+) -> Vec<f64> {
+    use futures_util::StreamExt;
     let client = reqwest::Client::builder()
         .no_proxy()
         .build()
         .expect("client");
-    let url = format!("{base}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse");
-    let times: Vec<f64> = rt.block_on(async {
-        use futures_util::StreamExt;
+    rt.block_on(async {
         let mut out = Vec::with_capacity(samples);
-        for i in 0..samples + 5 {
+        for i in 0..warmup + samples {
             let start = Instant::now();
-            let resp = client
-                .post(&url)
-                .body(PROMPT)
-                .send()
-                .await
-                .expect("sse request");
-            assert_eq!(resp.status(), 200, "sse through {base}");
-            let mut stream = resp.bytes_stream();
-            let first = stream.next().await;
-            let t = start.elapsed().as_secs_f64() * 1000.0;
-            assert!(first.is_some_and(|c| c.is_ok()));
-            while stream.next().await.is_some() {}
-            if i >= 5 {
-                out.push(t); // the first five warm connections up
+            let resp = client.post(url).body(PROMPT).send().await.expect("request");
+            assert_eq!(resp.status(), 200, "through {url}");
+            let mut body = resp.bytes_stream();
+            let first = body.next().await;
+            assert!(first.is_some_and(|c| c.is_ok()), "no body from {url}");
+            let mut elapsed = start.elapsed();
+            while body.next().await.is_some() {}
+            if !first_byte {
+                elapsed = start.elapsed();
             }
+            if i >= warmup {
+                out.push(elapsed.as_secs_f64() * 1000.0);
+            }
+            tokio::time::sleep(spacing).await;
         }
         out
-    });
+    })
+}
+
+/// Time to the first SSE byte over `samples` sequential streams, in ms: (median, p99).
+fn sse_ttfb(rt: &tokio::runtime::Runtime, base: &str, samples: usize) -> (f64, f64) {
+    let url = format!("{base}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse");
+    let times = timed_posts(rt, &url, 5, samples, Duration::ZERO, true);
     (median(times.clone()), percentile(times, 0.99))
 }
 
@@ -388,30 +401,8 @@ fn sequential(
     samples: usize,
     spacing: Duration,
 ) -> Vec<f64> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
     let url = format!("{base}/v1beta/models/gemini-2.5-flash:generateContent");
-    rt.block_on(async {
-        let mut out = Vec::with_capacity(samples);
-        for i in 0..samples + 2 {
-            let start = Instant::now();
-            let resp = client
-                .post(&url)
-                .body(PROMPT)
-                .send()
-                .await
-                .expect("request");
-            assert_eq!(resp.status(), 200, "through {base}");
-            let _ = resp.bytes().await;
-            if i >= 2 {
-                out.push(start.elapsed().as_secs_f64() * 1000.0);
-            }
-            tokio::time::sleep(spacing).await;
-        }
-        out
-    })
+    timed_posts(rt, &url, 2, samples, spacing, false)
 }
 
 fn large_config(upstream: SocketAddr, keys: usize, tenants: usize) -> String {
