@@ -394,15 +394,29 @@ fn sse_ttfb(rt: &tokio::runtime::Runtime, base: &str, samples: usize) -> (f64, f
     (median(times.clone()), percentile(times, 0.99))
 }
 
-/// Sequential generateContent latencies in ms, one request every `spacing`.
-fn sequential(
-    rt: &tokio::runtime::Runtime,
-    base: &str,
-    samples: usize,
-    spacing: Duration,
-) -> Vec<f64> {
+const SEQUENTIAL_WARMUP: usize = 2;
+const SEQUENTIAL_SAMPLES: usize = 20;
+
+/// Sequential generateContent latencies in ms, 1.1 s apart: longer than the 1 s cooldown a
+/// refusal with `retryDelay: 0s` causes, so a refusing key is back for every request.
+fn sequential(rt: &tokio::runtime::Runtime, base: &str) -> Vec<f64> {
     let url = format!("{base}/v1beta/models/gemini-2.5-flash:generateContent");
-    timed_posts(rt, &url, 2, samples, spacing, false)
+    let spacing = Duration::from_millis(1100);
+    timed_posts(
+        rt,
+        &url,
+        SEQUENTIAL_WARMUP,
+        SEQUENTIAL_SAMPLES,
+        spacing,
+        false,
+    )
+}
+
+/// A keygate config with one key in front of `upstream`.
+fn one_key_yaml(upstream: SocketAddr, threads: usize) -> String {
+    format!(
+        "threads: {threads}\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys: [\"{BENCH_KEY}\"]\n"
+    )
 }
 
 fn large_config(upstream: SocketAddr, keys: usize, tenants: usize) -> String {
@@ -443,10 +457,8 @@ fn main() {
 
     let upstream = start_upstream();
     let (nginx, nginx_addr) = start_nginx(dir.path(), upstream, workers);
-    let kg_yaml = format!(
-        "threads: {workers}\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys: [\"{BENCH_KEY}\"]\n"
-    );
-    let (keygate, kg_addr, _) = start_keygate(dir.path(), "keygate", &kg_yaml);
+    let (keygate, kg_addr, _) =
+        start_keygate(dir.path(), "keygate", &one_key_yaml(upstream, workers));
 
     let targets = [
         ("direct", format!("http://{upstream}"), None),
@@ -578,24 +590,12 @@ fn main() {
     let retry_yaml = format!(
         "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys:\n      - key: \"{REFUSE_KEY}\"\n        project: refused\n      - key: \"{BENCH_KEY}\"\n        project: serving\n"
     );
-    let one_yaml = format!(
-        "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys: [\"{BENCH_KEY}\"]\n"
-    );
-    let (plain, plain_addr, _) = start_keygate(dir.path(), "keygate-plain", &one_yaml);
-    let without = sequential(
-        &rt,
-        &format!("http://{plain_addr}"),
-        20,
-        Duration::from_millis(1100),
-    );
+    let (plain, plain_addr, _) =
+        start_keygate(dir.path(), "keygate-plain", &one_key_yaml(upstream, 1));
+    let without = sequential(&rt, &format!("http://{plain_addr}"));
     drop(plain);
     let (retry, retry_addr, _) = start_keygate(dir.path(), "keygate-retry", &retry_yaml);
-    let with = sequential(
-        &rt,
-        &format!("http://{retry_addr}"),
-        20,
-        Duration::from_millis(1100),
-    );
+    let with = sequential(&rt, &format!("http://{retry_addr}"));
     drop(retry);
     let retried = std::fs::read_to_string(dir.path().join("keygate-retry.log"))
         .unwrap_or_default()
@@ -607,7 +607,7 @@ fn main() {
         median(without.clone()),
         median(with.clone()),
         median(with) - median(without),
-        22
+        SEQUENTIAL_WARMUP + SEQUENTIAL_SAMPLES
     );
 
     // Large config: 10,000 keys, 1,000 tenants, 1,000 idle client connections.

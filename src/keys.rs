@@ -161,16 +161,6 @@ impl KeyPool {
         &self.name
     }
 
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// True when the pool has no keys (never the case for a validated config).
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
     /// A key by id.
     pub fn key(&self, id: KeyId) -> &PoolKey {
         &self.keys[id.0 as usize]

@@ -74,6 +74,7 @@ pub struct Ctx {
     target: String,
     tenant: Option<Arc<str>>,
     model: String,
+    /// Index of the pool serving the request: the first, until pools are chosen by model.
     pool: usize,
     attempts: Vec<AttemptLog>,
     status: u16,
@@ -87,13 +88,18 @@ struct AttemptLog {
 
 /// An upstream answer whose header has arrived.
 struct Answer {
+    header: ResponseHeader,
+    body: AnswerBody,
+}
+
+/// An answer's body: the bytes read so far, and the connection the rest comes from.
+struct AnswerBody {
     /// The connection, while the body is still to be read from it.
     http: Option<ClientSession>,
     peer: Option<Arc<HttpPeer>>,
-    header: ResponseHeader,
     /// Body bytes already read.
-    body: Vec<Bytes>,
-    /// Whether `body` holds the whole body.
+    read: Vec<Bytes>,
+    /// Whether `read` holds the whole body.
     complete: bool,
 }
 
@@ -360,8 +366,8 @@ impl Gateway {
             let status = answer.header.status.as_u16();
             let transient_status = classify(status, &[]) == Outcome::ServerError;
             let outcome = if classify::needs_body(status) || transient_status {
-                read_up_to(&mut answer, MAX_CLASSIFY_BODY).await;
-                if answer.complete {
+                read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+                if answer.body.complete {
                     classify(status, &decoded_body(&answer))
                 } else if transient_status {
                     Outcome::ServerError
@@ -392,7 +398,7 @@ impl Gateway {
                     }
                 }
                 Verdict::Transient => {
-                    if transient_left == 0 || !answer.complete {
+                    if transient_left == 0 || !answer.body.complete {
                         return self.relay(session, ctx, pool, answer).await;
                     }
                     transient_left -= 1;
@@ -401,7 +407,7 @@ impl Gateway {
                 }
             }
             // The answer was read whole: its connection goes back to the pool before any wait.
-            self.park(pool, &mut answer).await;
+            self.park(pool, &mut answer.body).await;
             last = Some(answer);
             if back_off {
                 sleep_backoff(&mut backoff).await;
@@ -495,21 +501,23 @@ impl Gateway {
                 reused,
             })?;
         Ok(Answer {
-            http: Some(http),
-            peer: Some(peer),
             header,
-            body: Vec::new(),
-            complete: false,
+            body: AnswerBody {
+                http: Some(http),
+                peer: Some(peer),
+                read: Vec::new(),
+                complete: false,
+            },
         })
     }
 
     /// Returns a fully read answer's connection to the pool, keeping the bytes. Does nothing
     /// while the body is still being read.
-    async fn park(&self, pool: &PoolRuntime, answer: &mut Answer) {
-        if !answer.complete {
+    async fn park(&self, pool: &PoolRuntime, body: &mut AnswerBody) {
+        if !body.complete {
             return;
         }
-        if let (Some(http), Some(peer)) = (answer.http.take(), answer.peer.take()) {
+        if let (Some(http), Some(peer)) = (body.http.take(), body.peer.take()) {
             release(&pool.upstream, http, &peer, self.timeouts.idle).await;
         }
     }
@@ -520,26 +528,28 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut Ctx,
         pool: &PoolRuntime,
-        mut answer: Answer,
+        answer: Answer,
     ) -> pingora::Result<bool> {
-        let placeholder = ResponseHeader::build(200, Some(0))?;
-        let mut header = std::mem::replace(&mut answer.header, placeholder);
+        let Answer {
+            mut header,
+            mut body,
+        } = answer;
         let head = session.req_header().method == http::Method::HEAD;
         prepare_downstream_header(&mut header, head)?;
         ctx.status = header.status.as_u16();
         // The upstream connection goes back to the pool as soon as its body is complete, before
         // the client has the end of the answer: its next request can then reuse it.
-        self.park(pool, &mut answer).await;
+        self.park(pool, &mut body).await;
         session
             .write_response_header(Box::new(header), false)
             .await?;
-        for chunk in std::mem::take(&mut answer.body) {
+        for chunk in std::mem::take(&mut body.read) {
             session.write_response_body(Some(chunk), false).await?;
         }
-        while let Some(http) = answer.http.as_mut() {
+        while let Some(http) = body.http.as_mut() {
             let chunk = http.read_response_body().await?;
-            answer.complete = chunk.is_none() || http.response_done();
-            self.park(pool, &mut answer).await;
+            body.complete = chunk.is_none() || http.response_done();
+            self.park(pool, &mut body).await;
             match chunk {
                 Some(chunk) => session.write_response_body(Some(chunk), false).await?,
                 None => break,
@@ -575,19 +585,19 @@ async fn exchange(
 }
 
 /// Reads the answer's body until it ends or `limit` bytes are buffered.
-async fn read_up_to(answer: &mut Answer, limit: usize) {
-    let Some(http) = answer.http.as_mut() else {
+async fn read_up_to(body: &mut AnswerBody, limit: usize) {
+    let Some(http) = body.http.as_mut() else {
         return;
     };
-    let mut size: usize = answer.body.iter().map(Bytes::len).sum();
+    let mut size: usize = body.read.iter().map(Bytes::len).sum();
     while size <= limit {
         match http.read_response_body().await {
             Ok(Some(chunk)) => {
                 size += chunk.len();
-                answer.body.push(chunk);
+                body.read.push(chunk);
             }
             Ok(None) => {
-                answer.complete = true;
+                body.complete = true;
                 return;
             }
             Err(e) => {
@@ -600,7 +610,7 @@ async fn read_up_to(answer: &mut Answer, limit: usize) {
 
 /// The buffered body, gunzipped when Google compressed it.
 fn decoded_body(answer: &Answer) -> Vec<u8> {
-    let raw: Vec<u8> = answer.body.concat();
+    let raw: Vec<u8> = answer.body.read.concat();
     let gzip = answer
         .header
         .headers
@@ -641,15 +651,7 @@ fn prepare_downstream_header(
     header: &mut ResponseHeader,
     head_request: bool,
 ) -> pingora::Result<()> {
-    let listed: Vec<http::HeaderName> = header
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
+    for name in request::connection_listed(&header.headers) {
         header.remove_header(&name);
     }
     for name in [

@@ -174,12 +174,7 @@ pub fn upstream_request(
         fwd.path_and_query.as_bytes(),
         Some(client.headers.len() + 2),
     )?;
-    let has_connection_list = client.headers.contains_key(header::CONNECTION);
-    let listed = if has_connection_list {
-        connection_listed(client)
-    } else {
-        Vec::new()
-    };
+    let listed = connection_listed(&client.headers);
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if CREDENTIAL_HEADERS.contains(&n)
@@ -220,9 +215,10 @@ pub fn upstream_request(
     Ok(req)
 }
 
-/// Header names listed in the client's `Connection` header (hop-by-hop by declaration).
-fn connection_listed(req: &RequestHeader) -> Vec<HeaderName> {
-    req.headers
+/// Header names listed in a `Connection` header: hop-by-hop by declaration, in requests and
+/// responses alike. No allocation when there are none.
+pub fn connection_listed(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
