@@ -33,6 +33,7 @@ fn pool(n: usize) -> KeyPool {
             })
             .collect(),
         tls_ca_file: None,
+        models: Vec::new(),
     })
 }
 
@@ -239,9 +240,12 @@ fn tenant_lookup(c: &mut Criterion) {
         .map(|(i, t)| TenantConfig {
             name: format!("tenant-{i}"),
             token_sha256: sha256(t.as_bytes()),
+            pools: vec![0],
+            rpm: None,
+            max_concurrent: None,
         })
         .collect();
-    let tenants = Tenants::new(&configs);
+    let tenants = Tenants::new(&configs, None);
     // The naive baseline: compare the presented token with every stored one.
     let naive: Vec<(String, String)> = tokens
         .iter()

@@ -57,6 +57,7 @@ struct FileConfig {
     pools: Vec<FilePool>,
     #[serde(default)]
     tenants: Vec<FileTenant>,
+    admin: Option<FileAdmin>,
 }
 
 fn default_listen() -> String {
@@ -118,6 +119,7 @@ struct FilePool {
     keys_env: Option<String>,
     keys_file: Option<PathBuf>,
     tls_ca_file: Option<PathBuf>,
+    models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +143,27 @@ struct FileTenant {
     token: Option<String>,
     token_env: Option<String>,
     token_sha256: Option<String>,
+    pools: Option<Vec<String>>,
+    rpm: Option<u32>,
+    max_concurrent: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: String,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    /// Accepted only to refuse it with a clear message: the admin token never sits in the file.
+    token: Option<serde::de::IgnoredAny>,
+    #[serde(default = "default_key_check")]
+    key_check_interval_seconds: u64,
+}
+
+fn default_key_check() -> u64 {
+    // Listing models spends no generation quota, but there is no reason to ask often: a key
+    // Google disabled stays disabled for long.
+    1800
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -166,6 +189,19 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Clients allowed in; empty means anyone (loopback only unless `allow_unauthenticated`).
     pub tenants: Vec<TenantConfig>,
+    /// The admin listener, if configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin API's listener and credential.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of the admin listener.
+    pub listen: SocketAddr,
+    /// SHA-256 of the admin token.
+    pub token_sha256: [u8; 32],
+    /// How often every key is checked (a model listing, no quota spent); zero turns it off.
+    pub key_check_interval: Duration,
 }
 
 /// Upstream timeouts.
@@ -204,6 +240,39 @@ pub struct PoolConfig {
     pub keys: Vec<KeyConfig>,
     /// CA bundle to verify the upstream with instead of the system roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// Model globs this pool serves; empty means every model.
+    pub models: Vec<String>,
+}
+
+impl PoolConfig {
+    /// Whether this pool serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|g| glob_match(g, model))
+    }
+}
+
+/// Matches `text` against a glob where `*` stands for any run of characters (and `?` for one).
+pub fn glob_match(glob: &str, text: &str) -> bool {
+    let (g, t) = (glob.as_bytes(), text.as_bytes());
+    let (mut gi, mut ti) = (0, 0);
+    // Where the last `*` was, and the text position it currently covers up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if gi < g.len() && (g[gi] == b'?' || g[gi] == t[ti]) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == b'*' {
+            star = Some((gi, ti));
+            gi += 1;
+        } else if let Some((sg, st)) = star {
+            gi = sg + 1;
+            ti = st + 1;
+            star = Some((sg, st + 1));
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|&c| c == b'*')
 }
 
 /// A parsed `http(s)://host[:port]` upstream.
@@ -250,6 +319,12 @@ pub struct TenantConfig {
     pub name: String,
     /// SHA-256 of the token: only the hash is kept in memory.
     pub token_sha256: [u8; 32],
+    /// Indices into [`Config::pools`] of the pools this tenant may use, in config order.
+    pub pools: Vec<usize>,
+    /// Requests per minute allowed, if limited.
+    pub rpm: Option<u32>,
+    /// Requests in flight allowed, if limited.
+    pub max_concurrent: Option<u32>,
 }
 
 impl Config {
@@ -396,11 +471,50 @@ fn validate(
                 tenant.name
             )));
         }
+        let allowed = match &tenant.pools {
+            None => (0..pools.len()).collect(),
+            Some(names) if names.is_empty() => {
+                return Err(invalid(format!(
+                    "{ctx}.pools: an empty list would let tenant {:?} use nothing; leave it out to allow every pool",
+                    tenant.name
+                )))
+            }
+            Some(names) => {
+                let mut allowed = Vec::with_capacity(names.len());
+                for name in names {
+                    let Some(i) = pools.iter().position(|p: &PoolConfig| &p.name == name) else {
+                        return Err(invalid(format!(
+                            "{ctx}.pools: no pool is named {name:?}"
+                        )));
+                    };
+                    if !allowed.contains(&i) {
+                        allowed.push(i);
+                    }
+                }
+                // The first matching pool in config order wins, whatever order the tenant lists.
+                allowed.sort_unstable();
+                allowed
+            }
+        };
+        if tenant.rpm == Some(0) {
+            return Err(invalid(format!("{ctx}.rpm: must be at least 1")));
+        }
+        if tenant.max_concurrent == Some(0) {
+            return Err(invalid(format!("{ctx}.max_concurrent: must be at least 1")));
+        }
         tenants.push(TenantConfig {
             name: tenant.name,
             token_sha256: hash,
+            pools: allowed,
+            rpm: tenant.rpm,
+            max_concurrent: tenant.max_concurrent,
         });
     }
+
+    let admin = match file.admin {
+        Some(admin) => Some(validate_admin(admin, listen, base, env)?),
+        None => None,
+    };
 
     if tenants.is_empty() && !listen.ip().is_loopback() && !file.allow_unauthenticated {
         return Err(invalid(format!(
@@ -432,6 +546,61 @@ fn validate(
         },
         pools,
         tenants,
+        admin,
+    })
+}
+
+fn validate_admin(
+    admin: FileAdmin,
+    listen: SocketAddr,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AdminConfig, ConfigError> {
+    let addr: SocketAddr = admin.listen.parse().map_err(|_| {
+        invalid(format!(
+            "admin.listen: {:?} is not an address like 127.0.0.1:9090",
+            admin.listen
+        ))
+    })?;
+    if addr == listen {
+        return Err(invalid(
+            "admin.listen: must differ from listen (the admin API has its own listener)",
+        ));
+    }
+    if admin.token.is_some() {
+        return Err(invalid(
+            "admin.token: the admin token may not be written in the config file; use token_env              (an environment variable) or token_file",
+        ));
+    }
+    let token = match (&admin.token_env, &admin.token_file) {
+        (Some(var), None) => env(var).ok_or_else(|| {
+            invalid(format!(
+                "admin.token_env: environment variable {var} is not set"
+            ))
+        })?,
+        (None, Some(file)) => {
+            let path = if file.is_absolute() {
+                file.clone()
+            } else {
+                base.join(file)
+            };
+            std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+                path: format!("admin.token_file {}", path.display()),
+                reason: e.kind().to_string(),
+            })?
+        }
+        _ => return Err(invalid("admin: needs exactly one of token_env, token_file")),
+    };
+    let token = token.trim();
+    if token.len() < 16 {
+        return Err(invalid(
+            "admin: the admin token must be at least 16 characters long",
+        ));
+    }
+    Ok(AdminConfig {
+        listen: addr,
+        token_sha256: sha256(token.as_bytes()),
+        key_check_interval: Duration::from_secs(admin.key_check_interval_seconds),
     })
 }
 
@@ -545,6 +714,18 @@ fn validate_pool(
         tls_ca_file: pool
             .tls_ca_file
             .map(|p| if p.is_absolute() { p } else { base.join(p) }),
+        models: match pool.models {
+            Some(globs) if globs.is_empty() || globs.iter().any(|g| g.trim().is_empty()) => {
+                return Err(invalid(format!(
+                    "{ctx}.models: globs must not be empty; leave `models` out to serve every model"
+                )))
+            }
+            Some(globs) => globs
+                .into_iter()
+                .map(|g| g.trim().trim_start_matches("models/").to_string())
+                .collect(),
+            None => Vec::new(),
+        },
     })
 }
 
@@ -836,5 +1017,85 @@ mod tests {
             "unknown field `upstreem`, expected one of `name`, `upstream`"
         );
         assert_eq!(redact("unknown field `AIzaSyX`"), "unknown field `…`");
+    }
+
+    #[test]
+    fn model_globs() {
+        assert!(glob_match("gemini-2.5-pro*", "gemini-2.5-pro"));
+        assert!(glob_match(
+            "gemini-2.5-pro*",
+            "gemini-2.5-pro-preview-05-06"
+        ));
+        assert!(!glob_match("gemini-2.5-pro*", "gemini-2.5-flash"));
+        assert!(glob_match("*flash*", "gemini-2.0-flash-lite"));
+        assert!(glob_match("gemini-?.5-*", "gemini-2.5-flash"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*b", "a"));
+        assert!(glob_match("a*b*c", "axxbyybzc"));
+    }
+
+    const TWO_POOLS: &str = "pools:\n  - name: pro\n    upstream: https://example.com\n    keys: [k1]\n    models: [\"gemini-2.5-pro*\"]\n  - name: flash\n    upstream: https://example.com\n    keys: [k2]\n";
+
+    #[test]
+    fn tenants_name_their_pools_and_limits() {
+        let c = parse(&format!(
+            "{TWO_POOLS}tenants:\n  - name: ci\n    token: t-ci\n    pools: [flash, pro]\n    rpm: 60\n    max_concurrent: 8\n  - name: all\n    token: t-all\n"
+        ))
+        .unwrap();
+        assert!(c.pools[0].serves("gemini-2.5-pro"));
+        assert!(!c.pools[0].serves("gemini-2.5-flash"));
+        assert!(c.pools[1].serves("anything"));
+        // Config order, whatever order the tenant lists them in.
+        assert_eq!(c.tenants[0].pools, vec![0, 1]);
+        assert_eq!(
+            (c.tenants[0].rpm, c.tenants[0].max_concurrent),
+            (Some(60), Some(8))
+        );
+        assert_eq!(c.tenants[1].pools, vec![0, 1]);
+        let e = parse(&format!(
+            "{TWO_POOLS}tenants:\n  - name: ci\n    token: t-ci\n    pools: [lite]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tenants[0].pools: no pool is named \"lite\""),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{TWO_POOLS}tenants:\n  - name: ci\n    token: t\n    rpm: 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tenants[0].rpm"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_comes_from_env_or_file_never_inline() {
+        let env = |name: &str| (name == "ADM").then(|| "admin-token-0123456789".to_string());
+        let yaml = format!("{MINIMAL}admin:\n  listen: 127.0.0.1:9090\n  token_env: ADM\n");
+        let c = Config::parse(&yaml, Path::new("."), &env).unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.token_sha256, sha256(b"admin-token-0123456789"));
+        assert_eq!(admin.key_check_interval, Duration::from_secs(1800));
+
+        let inline = format!(
+            "{MINIMAL}admin:\n  listen: 127.0.0.1:9090\n  token: inline-secret-value-123\n"
+        );
+        let e = parse(&inline).unwrap_err().to_string();
+        assert!(
+            e.contains("admin.token: the admin token may not be written"),
+            "{e}"
+        );
+        assert!(!e.contains("inline-secret-value-123"), "{e}");
+
+        let unset = format!("{MINIMAL}admin:\n  listen: 127.0.0.1:9090\n  token_env: NOPE\n");
+        let e = parse(&unset).unwrap_err().to_string();
+        assert!(e.contains("NOPE is not set"), "{e}");
+
+        let same = format!("{MINIMAL}admin:\n  listen: 127.0.0.1:8080\n  token_env: ADM\n");
+        let e = Config::parse(&same, Path::new("."), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must differ from listen"), "{e}");
     }
 }

@@ -11,7 +11,7 @@
 //! never held across an `.await`) only when the table changes or a deadline in it passes.
 
 use crate::classify::{DeadReason, Penalty};
-use crate::config::PoolConfig;
+use crate::config::{KeyConfig, PoolConfig};
 use crate::secret::Secret;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -40,6 +40,83 @@ pub struct PoolKey {
     pub fingerprint: String,
     /// Index of its project in [`KeyPool::project_name`].
     pub project: u32,
+    /// Requests and tokens it served; shared with the pools that replace this one (admin
+    /// changes), so counts survive them.
+    pub usage: Arc<Usage>,
+}
+
+/// Requests and tokens counted for a key or a tenant.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Requests answered (any status), counted once per request, not per attempt.
+    pub requests: AtomicU64,
+    /// Prompt tokens Google reported.
+    pub prompt_tokens: AtomicU64,
+    /// Output tokens (candidates and thoughts) Google reported.
+    pub output_tokens: AtomicU64,
+    /// Total tokens Google reported.
+    pub total_tokens: AtomicU64,
+}
+
+impl Usage {
+    /// Adds one answer's token counts.
+    pub fn add_tokens(&self, prompt: u64, output: u64, total: u64) {
+        self.prompt_tokens.fetch_add(prompt, Relaxed);
+        self.output_tokens.fetch_add(output, Relaxed);
+        self.total_tokens.fetch_add(total, Relaxed);
+    }
+}
+
+/// Why a key is out until someone acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disabled {
+    /// Google refused the key itself.
+    Dead(DeadReason),
+    /// Its project ran out of prepaid credit (402).
+    Billing,
+    /// An operator disabled it through the admin API.
+    Operator,
+}
+
+impl Disabled {
+    /// Short label for the admin API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disabled::Dead(reason) => reason.as_str(),
+            Disabled::Billing => "project_billing",
+            Disabled::Operator => "disabled_by_operator",
+        }
+    }
+}
+
+/// Which keys can serve a model right now, for fairness decisions and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Availability {
+    /// Distinct projects with at least one usable key.
+    pub usable_projects: usize,
+    /// Keys cooling for this model.
+    pub cooling: usize,
+    /// Keys disabled until an operator acts.
+    pub disabled: usize,
+    /// When the first cooling key is back, if any is cooling.
+    pub next_recovery: Option<Millis>,
+}
+
+/// One key as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct KeyReport {
+    /// The key's fingerprint.
+    pub fingerprint: String,
+    /// Its project.
+    pub project: String,
+    /// Why it is out for every model, if it is.
+    pub disabled: Option<Disabled>,
+    /// Models its project is cooling for, with the deadline.
+    pub cooldowns: Vec<(String, Millis)>,
+    /// Methods Google refused for this key.
+    pub blocked_methods: Vec<String>,
+    /// What it served.
+    pub usage: Arc<Usage>,
 }
 
 /// The answer of [`KeyPool::pick`].
@@ -69,6 +146,8 @@ pub struct Exhaustion {
 #[derive(Debug)]
 struct Eligible {
     keys: Vec<u32>,
+    /// Distinct projects among `keys`, ascending.
+    projects: Vec<u32>,
     /// The pool's generation this snapshot was built from.
     generation: u64,
     /// The snapshot must be rebuilt at this time: the earliest deadline among excluded keys.
@@ -90,6 +169,7 @@ impl ModelHealth {
             cool_until: (0..projects).map(|_| AtomicU64::new(0)).collect(),
             eligible: ArcSwap::from_pointee(Eligible {
                 keys: Vec::new(),
+                projects: Vec::new(),
                 generation: u64::MAX, // stale: built on first use
                 valid_until: 0,
                 cooling: 0,
@@ -124,23 +204,33 @@ pub struct KeyPool {
 impl KeyPool {
     /// Builds the pool from its validated configuration.
     pub fn new(config: &PoolConfig) -> KeyPool {
+        KeyPool::build(&config.name, &config.keys, |_| None)
+    }
+
+    fn build(
+        name: &str,
+        configs: &[KeyConfig],
+        usage_of: impl Fn(&str) -> Option<Arc<Usage>>,
+    ) -> KeyPool {
         let mut projects: Vec<String> = Vec::new();
         let mut index: HashMap<&str, u32> = HashMap::new();
-        let mut keys = Vec::with_capacity(config.keys.len());
-        for k in &config.keys {
+        let mut keys = Vec::with_capacity(configs.len());
+        for k in configs {
             let project = *index.entry(k.project.as_str()).or_insert_with(|| {
                 projects.push(k.project.clone());
                 (projects.len() - 1) as u32
             });
+            let fingerprint = k.secret.fingerprint();
             keys.push(PoolKey {
-                fingerprint: k.secret.fingerprint(),
+                usage: usage_of(&fingerprint).unwrap_or_default(),
+                fingerprint,
                 secret: k.secret.clone(),
                 project,
             });
         }
         let n_projects = projects.len();
         KeyPool {
-            name: config.name.clone(),
+            name: name.to_string(),
             key_disabled_until: keys.iter().map(|_| AtomicU64::new(0)).collect(),
             key_reason: keys.iter().map(|_| AtomicU8::new(0)).collect(),
             project_disabled_until: (0..n_projects).map(|_| AtomicU64::new(0)).collect(),
@@ -174,6 +264,47 @@ impl KeyPool {
     /// The next key, round-robin, that can serve `model` and `method` at `now`, skipping keys
     /// of the projects in `tried`.
     pub fn pick(&self, model: &str, method: &str, tried: &[u32], now: Millis) -> Pick {
+        self.pick_where(model, method, tried, None, now)
+    }
+
+    /// Like [`KeyPool::pick`], but only keys of `project`: for resources Google bound to it.
+    /// When none of them can serve, the answer says when the project is back.
+    pub fn pick_in_project(&self, model: &str, method: &str, project: u32, now: Millis) -> Pick {
+        match self.pick_where(model, method, &[], Some(project), now) {
+            Pick::OnlyTriedProjects | Pick::Exhausted(_) => {
+                let health = self.health(model);
+                let mut ex = Exhaustion {
+                    retry_at: None,
+                    cooling: 0,
+                    disabled: 0,
+                };
+                for (k, key) in self.keys.iter().enumerate() {
+                    if key.project != project {
+                        continue;
+                    }
+                    match self.out_until(k as u32, &health) {
+                        NEVER => ex.disabled += 1,
+                        until if until > now => {
+                            ex.cooling += 1;
+                            ex.retry_at = Some(ex.retry_at.map_or(until, |r| r.min(until)));
+                        }
+                        _ => {}
+                    }
+                }
+                Pick::Exhausted(ex)
+            }
+            pick => pick,
+        }
+    }
+
+    fn pick_where(
+        &self,
+        model: &str,
+        method: &str,
+        tried: &[u32],
+        only: Option<u32>,
+        now: Millis,
+    ) -> Pick {
         let health = self.health(model);
         let snapshot = self.snapshot(&health, now);
         let n = snapshot.keys.len();
@@ -188,7 +319,7 @@ impl KeyPool {
         for i in 0..n {
             let k = snapshot.keys[(start.wrapping_add(i)) % n];
             let project = self.keys[k as usize].project;
-            if tried.contains(&project) {
+            if tried.contains(&project) || only.is_some_and(|p| p != project) {
                 continue;
             }
             // The snapshot may be a moment old: re-check the key's own deadlines.
@@ -241,9 +372,211 @@ impl KeyPool {
         self.generation.fetch_add(1, Relaxed);
     }
 
-    /// Why a key is disabled, if it is.
-    pub fn disabled_reason(&self, key: KeyId) -> Option<DeadReason> {
-        reason_from_code(self.key_reason[key.0 as usize].load(Relaxed))
+    /// Why a key is out for every model until someone acts, if it is.
+    pub fn disabled(&self, key: KeyId) -> Option<Disabled> {
+        let k = key.0 as usize;
+        if self.key_disabled_until[k].load(Relaxed) == NEVER {
+            return reason_from_code(self.key_reason[k].load(Relaxed));
+        }
+        let project = self.keys[k].project as usize;
+        (self.project_disabled_until[project].load(Relaxed) == NEVER).then_some(Disabled::Billing)
+    }
+
+    /// How many projects the pool's keys belong to.
+    pub fn project_count(&self) -> usize {
+        self.projects.len()
+    }
+
+    /// How many keys the pool holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the pool holds no key (possible after the admin API removed them all).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key with this fingerprint (`key#1a2b3c4d` or just `1a2b3c4d`).
+    pub fn find(&self, fingerprint: &str) -> Option<KeyId> {
+        let hex = fingerprint.strip_prefix("key#").unwrap_or(fingerprint);
+        self.keys
+            .iter()
+            .position(|k| k.fingerprint.strip_prefix("key#") == Some(hex))
+            .map(|i| KeyId(i as u32))
+    }
+
+    /// The index of the project named `name`.
+    pub fn project_index(&self, name: &str) -> Option<u32> {
+        self.projects
+            .iter()
+            .position(|p| p == name)
+            .map(|i| i as u32)
+    }
+
+    /// Which keys can serve `model` at `now`.
+    pub fn availability(&self, model: &str, now: Millis) -> Availability {
+        let snapshot = self.snapshot(&self.health(model), now);
+        Availability {
+            usable_projects: snapshot.projects.len(),
+            cooling: snapshot.cooling,
+            disabled: snapshot.disabled,
+            next_recovery: (snapshot.cooling > 0).then_some(snapshot.valid_until),
+        }
+    }
+
+    /// The last `count` projects (in pool order) that can serve `model` now: the ones a heavy
+    /// tenant leaves to lighter ones.
+    pub fn reserved_projects(&self, model: &str, count: usize, now: Millis) -> Vec<u32> {
+        let snapshot = self.snapshot(&self.health(model), now);
+        let usable = &snapshot.projects;
+        usable[usable.len().saturating_sub(count)..].to_vec()
+    }
+
+    /// An operator takes `key` out of service until enabled again.
+    pub fn disable(&self, key: KeyId) {
+        let k = key.0 as usize;
+        self.key_reason[k].store(OPERATOR, Relaxed);
+        self.key_disabled_until[k].store(NEVER, Relaxed);
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    /// An operator (or a successful key check) puts `key` back: whatever disabled it (the key
+    /// itself, or its project's billing) is forgotten, and methods blocked for it are unblocked.
+    /// Cooldowns stay: they end on their own.
+    pub fn enable(&self, key: KeyId) {
+        let k = key.0 as usize;
+        self.key_reason[k].store(0, Relaxed);
+        self.key_disabled_until[k].store(0, Relaxed);
+        self.project_disabled_until[self.keys[k].project as usize].store(0, Relaxed);
+        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let list: Vec<(u32, Box<str>)> = self
+            .blocked
+            .load()
+            .iter()
+            .filter(|(kk, _)| *kk != key.0)
+            .cloned()
+            .collect();
+        self.any_blocked.store(!list.is_empty(), Relaxed);
+        self.blocked.store(Arc::new(list));
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    /// Ends the cooldowns of `key`'s project, for `model` or for every model. Returns how many
+    /// cooldowns were running.
+    pub fn clear_cooldowns(&self, key: KeyId, model: Option<&str>, now: Millis) -> usize {
+        let project = self.keys[key.0 as usize].project as usize;
+        let mut cleared = 0;
+        for (name, health) in self.models.load().iter() {
+            if model.is_some_and(|m| m != &**name) {
+                continue;
+            }
+            if health.cool_until[project].swap(0, Relaxed) > now {
+                cleared += 1;
+            }
+        }
+        self.generation.fetch_add(1, Relaxed);
+        cleared
+    }
+
+    /// Every key with its state, for the admin API.
+    pub fn report(&self, now: Millis) -> Vec<KeyReport> {
+        let models = self.models.load();
+        let blocked = self.blocked.load();
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(k, key)| {
+                let project = key.project as usize;
+                let mut cooldowns: Vec<(String, Millis)> = models
+                    .iter()
+                    .map(|(m, h)| (m.to_string(), h.cool_until[project].load(Relaxed)))
+                    .filter(|(_, until)| *until > now)
+                    .collect();
+                cooldowns.sort();
+                KeyReport {
+                    fingerprint: key.fingerprint.clone(),
+                    project: self.projects[project].clone(),
+                    disabled: self.disabled(KeyId(k as u32)),
+                    cooldowns,
+                    blocked_methods: blocked
+                        .iter()
+                        .filter(|(kk, _)| *kk as usize == k)
+                        .map(|(_, m)| m.to_string())
+                        .collect(),
+                    usage: key.usage.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The keys as configuration entries (secret and project), in pool order.
+    pub fn key_configs(&self) -> Vec<KeyConfig> {
+        self.keys
+            .iter()
+            .map(|k| KeyConfig {
+                secret: k.secret.clone(),
+                project: self.projects[k.project as usize].clone(),
+            })
+            .collect()
+    }
+
+    /// A new pool of `keys` that keeps this pool's health table for the keys and projects the
+    /// two share (cooldowns, disabled keys and projects, blocked methods) and its usage counts.
+    /// This is how keys are added or removed at run time: requests already running finish on
+    /// the old pool.
+    pub fn rebuilt(&self, keys: &[KeyConfig]) -> KeyPool {
+        let old_by_fp: HashMap<&str, usize> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.fingerprint.as_str(), i))
+            .collect();
+        let fresh = KeyPool::build(&self.name, keys, |fp| {
+            old_by_fp.get(fp).map(|&i| self.keys[i].usage.clone())
+        });
+        for (k, key) in fresh.keys.iter().enumerate() {
+            if let Some(&old) = old_by_fp.get(key.fingerprint.as_str()) {
+                fresh.key_disabled_until[k]
+                    .store(self.key_disabled_until[old].load(Relaxed), Relaxed);
+                fresh.key_reason[k].store(self.key_reason[old].load(Relaxed), Relaxed);
+            }
+        }
+        let project_map: Vec<Option<usize>> = fresh
+            .projects
+            .iter()
+            .map(|name| self.projects.iter().position(|p| p == name))
+            .collect();
+        for (new_p, old_p) in project_map.iter().enumerate() {
+            if let Some(old_p) = old_p {
+                fresh.project_disabled_until[new_p]
+                    .store(self.project_disabled_until[*old_p].load(Relaxed), Relaxed);
+            }
+        }
+        let mut models = HashMap::new();
+        for (name, health) in self.models.load().iter() {
+            let copy = ModelHealth::new(fresh.projects.len());
+            for (new_p, old_p) in project_map.iter().enumerate() {
+                if let Some(old_p) = old_p {
+                    copy.cool_until[new_p].store(health.cool_until[*old_p].load(Relaxed), Relaxed);
+                }
+            }
+            models.insert(name.clone(), Arc::new(copy));
+        }
+        fresh.models.store(Arc::new(models));
+        let blocked: Vec<(u32, Box<str>)> = self
+            .blocked
+            .load()
+            .iter()
+            .filter_map(|(old, method)| {
+                let fp = &self.keys[*old as usize].fingerprint;
+                let new = fresh.keys.iter().position(|k| &k.fingerprint == fp)?;
+                Some((new as u32, method.clone()))
+            })
+            .collect();
+        fresh.any_blocked.store(!blocked.is_empty(), Relaxed);
+        fresh.blocked.store(Arc::new(blocked));
+        fresh
     }
 
     fn health(&self, model: &str) -> Arc<ModelHealth> {
@@ -313,10 +646,12 @@ impl KeyPool {
         let mut keys = Vec::with_capacity(self.keys.len());
         let mut valid_until = NEVER;
         let (mut cooling, mut disabled) = (0, 0);
+        let mut usable_projects = vec![false; self.projects.len()];
         for k in 0..self.keys.len() as u32 {
             let until = self.out_until(k, health);
             if until <= now {
                 keys.push(k);
+                usable_projects[self.keys[k as usize].project as usize] = true;
             } else if until == NEVER {
                 disabled += 1;
             } else {
@@ -326,6 +661,9 @@ impl KeyPool {
         }
         let fresh = Arc::new(Eligible {
             keys,
+            projects: (0..usable_projects.len() as u32)
+                .filter(|&p| usable_projects[p as usize])
+                .collect(),
             generation,
             valid_until,
             cooling,
@@ -336,6 +674,9 @@ impl KeyPool {
     }
 }
 
+/// `key_reason` code of a key an operator disabled.
+const OPERATOR: u8 = 5;
+
 fn reason_code(reason: DeadReason) -> u8 {
     match reason {
         DeadReason::Invalid => 1,
@@ -345,12 +686,13 @@ fn reason_code(reason: DeadReason) -> u8 {
     }
 }
 
-fn reason_from_code(code: u8) -> Option<DeadReason> {
+fn reason_from_code(code: u8) -> Option<Disabled> {
     match code {
-        1 => Some(DeadReason::Invalid),
-        2 => Some(DeadReason::Suspended),
-        3 => Some(DeadReason::ServiceDisabled),
-        4 => Some(DeadReason::Restricted),
+        1 => Some(Disabled::Dead(DeadReason::Invalid)),
+        2 => Some(Disabled::Dead(DeadReason::Suspended)),
+        3 => Some(Disabled::Dead(DeadReason::ServiceDisabled)),
+        4 => Some(Disabled::Dead(DeadReason::Restricted)),
+        OPERATOR => Some(Disabled::Operator),
         _ => None,
     }
 }
@@ -385,6 +727,7 @@ mod tests {
                 })
                 .collect(),
             tls_ca_file: None,
+            models: Vec::new(),
         })
     }
 
@@ -460,7 +803,10 @@ mod tests {
             "generateContent",
             &Penalty::DisableKey(DeadReason::Invalid),
         );
-        assert_eq!(p.disabled_reason(KeyId(0)), Some(DeadReason::Invalid));
+        assert_eq!(
+            p.disabled(KeyId(0)),
+            Some(Disabled::Dead(DeadReason::Invalid))
+        );
         p.penalise(KeyId(1), "pro", "generateContent", &Penalty::DisableProject);
         let far_future = 4_000_000_000_000;
         assert_eq!(

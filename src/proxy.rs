@@ -5,13 +5,16 @@
 //! and either replay on another key or stream the answer to the client. Pingora's own retry is
 //! not used: it replays at most 64 KiB of body and decides on headers alone.
 
+use crate::affinity;
 use crate::classify::{self, classify, Outcome, Penalty, Verdict, MAX_CLASSIFY_BODY};
-use crate::config::{Config, RetryPolicy, Timeouts};
+use crate::config::Timeouts;
 use crate::error::GatewayError;
-use crate::keys::{now_millis, Exhaustion, KeyId, KeyPool, Pick};
+use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Pick};
 use crate::request::{self, Api};
-use crate::tenants::{Auth, Tenants};
+use crate::runtime::{Pool, Route, Runtime, Shared};
+use crate::tenants::{Auth, InFlight, Refusal, Tenant};
 use crate::upstream::Upstream;
+use crate::usage::BodyTap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
@@ -22,48 +25,19 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::io::Read;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// One pool at run time: its keys with their health, and its upstream.
-pub struct PoolRuntime {
-    /// Keys and health table.
-    pub keys: KeyPool,
-    /// Addresses and connections.
-    pub upstream: Arc<Upstream>,
-}
-
-/// The gateway: what every request shares.
+/// The gateway: the Pingora proxy over the shared runtime.
 pub struct Gateway {
-    pools: Vec<PoolRuntime>,
-    tenants: Tenants,
-    max_body: usize,
-    retry: RetryPolicy,
-    timeouts: Timeouts,
+    shared: Arc<Shared>,
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated config.
-    pub fn new(config: &Config) -> Gateway {
-        Gateway {
-            pools: config
-                .pools
-                .iter()
-                .map(|p| PoolRuntime {
-                    keys: KeyPool::new(p),
-                    upstream: Arc::new(Upstream::new(p, config.timeouts)),
-                })
-                .collect(),
-            tenants: Tenants::new(&config.tenants),
-            max_body: config.max_body_bytes,
-            retry: config.retry,
-            timeouts: config.timeouts,
-        }
-    }
-
-    /// Every pool's upstream, for the resolver service.
-    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.pools.iter().map(|p| p.upstream.clone()).collect()
+    /// A gateway serving `shared` (which the admin API may change under it).
+    pub fn new(shared: Arc<Shared>) -> Gateway {
+        Gateway { shared }
     }
 }
 
@@ -72,10 +46,12 @@ pub struct Ctx {
     started: Instant,
     /// `METHOD /path?query` without any `key=` parameter.
     target: String,
-    tenant: Option<Arc<str>>,
+    tenant: Option<Arc<Tenant>>,
+    /// The tenant's concurrency slot, released when the context is dropped.
+    in_flight: Option<InFlight>,
     model: String,
-    /// Index of the pool serving the request: the first, until pools are chosen by model.
-    pool: usize,
+    /// The keys the attempts used, to name them in the access line.
+    keys: Option<Arc<KeyPool>>,
     attempts: Vec<AttemptLog>,
     status: u16,
 }
@@ -163,13 +139,47 @@ fn is_timeout(e: &Error) -> bool {
     )
 }
 
+/// What a successful answer teaches keygate, decided before the request goes out.
+enum Learn {
+    /// Nothing beyond token usage.
+    Nothing,
+    /// A resumable upload starts: hand out keygate's own upload URL instead of Google's.
+    UploadStart {
+        /// `scheme://host[:port]` the client reached keygate at.
+        public_base: String,
+    },
+    /// Bytes of an upload keygate handed out; the final answer names the new file.
+    UploadContinue {
+        /// keygate's upload id.
+        id: String,
+    },
+    /// A request that may create resources (caches, batches, operations...): the answer names
+    /// them.
+    Create,
+    /// A successful DELETE of these resources.
+    Delete(Vec<String>),
+}
+
 /// Everything the attempt loop needs about the request.
 struct Job<'a> {
     forward: request::Forward<'a>,
     body: Bytes,
     model: &'a str,
     method: &'a str,
+    pool: Arc<Pool>,
+    keys: Arc<KeyPool>,
+    /// Only keys of this project may serve (a resource Google bound to it).
+    project: Option<u32>,
+    /// Resources the request names that keygate does not know the owner of yet: bound to the
+    /// project that serves the request successfully.
+    unbound: Vec<String>,
+    learn: Learn,
+    /// Projects this request may not use: left to tenants lighter than this one.
+    reserved: Vec<u32>,
 }
+
+/// Largest answer body read to learn the names of created resources.
+const CREATED_ANSWER_LIMIT: usize = 256 * 1024;
 
 #[async_trait]
 impl ProxyHttp for Gateway {
@@ -180,8 +190,9 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             target: String::new(),
             tenant: None,
+            in_flight: None,
             model: String::new(),
-            pool: 0,
+            keys: None,
             attempts: Vec::new(),
             status: 0,
         }
@@ -200,6 +211,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        let rt = self.shared.runtime.load_full();
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let path_and_query = request::clean_path_and_query(req);
@@ -214,12 +226,18 @@ impl ProxyHttp for Gateway {
             return respond(session, ctx, None, &e).await;
         };
 
-        match self
-            .tenants
-            .authenticate(request::client_token(req).as_deref())
-        {
-            Auth::Open => {}
-            Auth::Tenant(name) => ctx.tenant = Some(name),
+        // The bytes of a resumable upload come with keygate's upload id and, from the SDKs, no
+        // credential: the id (unguessable, bound to a tenant) is the credential then.
+        let upload_id = path
+            .starts_with("/upload/")
+            .then(|| req.uri.query().and_then(affinity::upload_id_of))
+            .flatten()
+            .map(str::to_string);
+        let token = request::client_token(req);
+        let tenant = match rt.tenants.authenticate(token.as_deref()) {
+            Auth::Open => None,
+            Auth::Tenant(t) => Some(t),
+            Auth::Missing if upload_id.is_some() => None,
             Auth::Missing | Auth::Wrong => {
                 let e = GatewayError::new(
                     401,
@@ -228,13 +246,51 @@ impl ProxyHttp for Gateway {
                      your SDK sends its API key (x-goog-api-key, ?key=, Authorization: Bearer \
                      or X-Access-Token)",
                 );
-                // The body was not read: do not reuse the connection.
-                session.set_keepalive(None);
-                return respond(session, ctx, Some(api), &e).await;
+                return refuse(session, ctx, api, &e).await;
+            }
+        };
+        let now = now_millis();
+        let upload = match &upload_id {
+            None => None,
+            Some(id) => match self.shared.uploads.get(id, now) {
+                Some(up) if tenant.is_none() || tenant_name(&tenant) == up.owner.tenant => {
+                    Some((id.clone(), up))
+                }
+                found => {
+                    let e = match found {
+                        Some(_) => GatewayError::new(
+                            403,
+                            "PERMISSION_DENIED",
+                            "keygate: this upload was started by another tenant",
+                        ),
+                        None => GatewayError::new(
+                            404,
+                            "NOT_FOUND",
+                            "keygate: unknown or expired upload id; start the upload again",
+                        ),
+                    };
+                    return refuse(session, ctx, api, &e).await;
+                }
+            },
+        };
+        // An upload continuation without a credential counts against the tenant that started it.
+        let tenant = tenant.or_else(|| {
+            let owner = upload.as_ref()?.1.owner.tenant.as_deref()?;
+            rt.tenants.by_name(owner).cloned()
+        });
+        ctx.tenant = tenant.clone();
+
+        if let Some(t) = &tenant {
+            match t.admit(now_micros()) {
+                Ok(slot) => ctx.in_flight = Some(slot),
+                Err(refusal) => {
+                    let e = limit_error(&t.name, refusal);
+                    return refuse(session, ctx, api, &e).await;
+                }
             }
         }
 
-        let body = match read_body(session, self.max_body).await? {
+        let body = match read_body(session, rt.max_body).await? {
             Some(body) => body,
             None => {
                 let e = GatewayError::new(
@@ -242,11 +298,10 @@ impl ProxyHttp for Gateway {
                     "INVALID_ARGUMENT",
                     format!(
                         "keygate: request body larger than max_body_bytes ({} bytes)",
-                        self.max_body
+                        rt.max_body
                     ),
                 );
-                session.set_keepalive(None);
-                return respond(session, ctx, Some(api), &e).await;
+                return refuse(session, ctx, api, &e).await;
             }
         };
 
@@ -256,6 +311,56 @@ impl ProxyHttp for Gateway {
         }
         .unwrap_or_default();
         ctx.model = model.clone();
+
+        let placed = match upload {
+            Some((id, up)) => self.place_upload(&rt, id, up),
+            None => self.place(
+                &rt,
+                session.req_header(),
+                tenant.as_deref(),
+                &path,
+                &model,
+                &body,
+                now,
+            ),
+        };
+        let placed = match placed {
+            Ok(p) => p,
+            Err(e) => return respond(session, ctx, Some(api), &e).await,
+        };
+        let keys = placed.pool.keys.load_full();
+        ctx.keys = Some(keys.clone());
+        let project = match &placed.project {
+            None => None,
+            Some(name) => match keys.project_index(name) {
+                Some(p) => Some(p),
+                None => {
+                    let e = GatewayError::new(
+                        503,
+                        "UNAVAILABLE",
+                        format!(
+                            "keygate: the resource this request names belongs to project '{name}', which no longer has keys in pool '{}'",
+                            placed.pool.name()
+                        ),
+                    );
+                    return respond(session, ctx, Some(api), &e).await;
+                }
+            },
+        };
+
+        // A tenant that used the pool more than others lately leaves some projects to them.
+        let mut reserved = Vec::new();
+        if let Some(t) = &tenant {
+            if project.is_none() && rt.tenants.list().len() > 1 {
+                let lighter = placed.pool.fair.lighter_than(&t.name, now);
+                if lighter > 0 {
+                    reserved = keys.reserved_projects(&model, lighter, now);
+                }
+            }
+            placed.pool.fair.record(&t.name, now);
+        }
+
+        let path_and_query = placed.path_and_query.unwrap_or(path_and_query);
         let job = Job {
             forward: request::Forward {
                 api,
@@ -265,6 +370,12 @@ impl ProxyHttp for Gateway {
             body,
             model: &model,
             method: request::method_of(&path),
+            pool: placed.pool,
+            keys,
+            project,
+            unbound: placed.unbound,
+            learn: placed.learn,
+            reserved,
         };
         self.attempt_loop(session, ctx, &job).await
     }
@@ -274,19 +385,24 @@ impl ProxyHttp for Gateway {
             0 => session.response_written().map_or(0, |r| r.status.as_u16()),
             s => s,
         };
-        let pool = &self.pools[ctx.pool].keys;
-        let attempts: Vec<String> = ctx
-            .attempts
-            .iter()
-            .map(|a| format!("{}:{}", pool.key(a.key).fingerprint, a.outcome))
-            .collect();
+        if let Some(t) = &ctx.tenant {
+            t.state.usage.requests.fetch_add(1, Relaxed);
+        }
+        let attempts: Vec<String> = match &ctx.keys {
+            Some(keys) => ctx
+                .attempts
+                .iter()
+                .map(|a| format!("{}:{}", keys.key(a.key).fingerprint, a.outcome))
+                .collect(),
+            None => Vec::new(),
+        };
         let error = error
             .map(|e| format!(" error={}", e.etype().as_str()))
             .unwrap_or_default();
         log::info!(
             target: "keygate::access",
             "tenant={} \"{}\" model={} status={} attempts=[{}] ms={}{}",
-            ctx.tenant.as_deref().unwrap_or("-"),
+            ctx.tenant.as_ref().map_or("-", |t| &*t.name),
             ctx.target,
             if ctx.model.is_empty() { "-" } else { &ctx.model },
             status,
@@ -302,45 +418,186 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Where a request goes, decided before any attempt.
+struct Placed {
+    pool: Arc<Pool>,
+    /// Name of the only project that may serve it.
+    project: Option<String>,
+    /// The upstream path, when it is not the client's (upload continuations).
+    path_and_query: Option<String>,
+    unbound: Vec<String>,
+    learn: Learn,
+}
+
 impl Gateway {
+    /// Chooses the pool (and, for resources bound to a project, the project) of a request.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &self,
+        rt: &Runtime,
+        req: &RequestHeader,
+        tenant: Option<&Tenant>,
+        path: &str,
+        model: &str,
+        body: &Bytes,
+        now: Millis,
+    ) -> Result<Placed, GatewayError> {
+        let mut names = affinity::names_in_path(path);
+        if !self.shared.affinity.is_empty() {
+            for name in affinity::names_in_body(body) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let is_post = req.method == http::Method::POST;
+        let learn = if is_post && path.starts_with("/upload/") && is_upload_start(req) {
+            Learn::UploadStart {
+                public_base: public_base(req),
+            }
+        } else if req.method == http::Method::DELETE && !names.is_empty() {
+            Learn::Delete(names.clone())
+        } else if is_post && creates_resources(path) {
+            Learn::Create
+        } else {
+            Learn::Nothing
+        };
+
+        let mut owner = None;
+        let mut unbound = Vec::new();
+        for name in names {
+            match self.shared.affinity.owner(&name, now) {
+                Some(o) if owner.is_none() => owner = Some((name, o)),
+                Some(_) => {}
+                None => unbound.push(name),
+            }
+        }
+        let tenant_name = tenant.map(|t| t.name.clone());
+        if let Some((name, owner)) = owner {
+            if owner.tenant != tenant_name {
+                return Err(GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    format!("keygate: {name} belongs to another tenant"),
+                ));
+            }
+            let allowed = rt
+                .pool_index(&owner.pool)
+                .filter(|i| tenant.is_none_or(|t| t.pools.contains(i)));
+            let Some(i) = allowed else {
+                return Err(GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    format!("keygate: {name} was created in a pool this tenant may not use"),
+                ));
+            };
+            return Ok(Placed {
+                pool: rt.pools[i].clone(),
+                project: Some(owner.project.to_string()),
+                path_and_query: None,
+                unbound,
+                learn,
+            });
+        }
+        match rt.route(tenant, model) {
+            Route::Pool(i) => Ok(Placed {
+                pool: rt.pools[i].clone(),
+                project: None,
+                path_and_query: None,
+                unbound,
+                learn,
+            }),
+            Route::NoPool => Err(GatewayError::new(
+                403,
+                "PERMISSION_DENIED",
+                format!("keygate: model '{model}' is not available to this tenant"),
+            )),
+        }
+    }
+
+    /// Places the bytes of an upload keygate handed out: the pool and project that started it,
+    /// Google's own upload URL.
+    fn place_upload(
+        &self,
+        rt: &Runtime,
+        id: String,
+        up: affinity::UploadSession,
+    ) -> Result<Placed, GatewayError> {
+        let Some(i) = rt.pool_index(&up.owner.pool) else {
+            return Err(GatewayError::new(
+                503,
+                "UNAVAILABLE",
+                format!(
+                    "keygate: pool '{}' that started this upload no longer exists",
+                    up.owner.pool
+                ),
+            ));
+        };
+        Ok(Placed {
+            pool: rt.pools[i].clone(),
+            project: Some(up.owner.project.to_string()),
+            path_and_query: Some(up.upstream_path_and_query),
+            unbound: Vec::new(),
+            learn: Learn::UploadContinue { id },
+        })
+    }
+
     async fn attempt_loop(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
         job: &Job<'_>,
     ) -> pingora::Result<bool> {
-        let pool = &self.pools[ctx.pool];
+        let rt = self.shared.runtime.load();
+        let retry = rt.retry;
+        let keys = &job.keys;
         // Projects not to use again for this request: `avoid` because they refused it
         // (quota, billing), `prefer_not` because they just failed transiently; the latter
         // are used again when no other project is left.
-        let mut avoid: Vec<u32> = Vec::new();
+        let mut avoid: Vec<u32> = job.reserved.clone();
         let mut prefer_not: Vec<u32> = Vec::new();
-        let mut transient_left = self.retry.transient_retries;
-        let mut backoff = self.retry.backoff;
+        let mut transient_left = retry.transient_retries;
+        let mut backoff = retry.backoff;
         let mut stale_retry_left = true;
-        let mut last: Option<Answer> = None;
+        let mut last: Option<(Answer, KeyId)> = None;
         let mut last_error: Option<SendError> = None;
 
-        for _ in 0..self.retry.max_attempts {
+        for _ in 0..retry.max_attempts {
             let now = now_millis();
-            let both: Vec<u32> = avoid.iter().chain(&prefer_not).copied().collect();
-            let pick = match pool.keys.pick(job.model, job.method, &both, now) {
-                Pick::OnlyTriedProjects if !prefer_not.is_empty() => {
-                    prefer_not.clear();
-                    pool.keys.pick(job.model, job.method, &avoid, now)
+            let pick = match job.project {
+                Some(project) => keys.pick_in_project(job.model, job.method, project, now),
+                None => {
+                    let both: Vec<u32> = avoid.iter().chain(&prefer_not).copied().collect();
+                    match keys.pick(job.model, job.method, &both, now) {
+                        Pick::OnlyTriedProjects if !prefer_not.is_empty() => {
+                            prefer_not.clear();
+                            keys.pick(job.model, job.method, &avoid, now)
+                        }
+                        pick => pick,
+                    }
                 }
-                pick => pick,
             };
             let key = match pick {
                 Pick::Key(k) => k,
+                // The bound project refused already: give the client Google's answer.
+                Pick::Exhausted(ex)
+                    if job.project.is_some() && last.is_some() && ex.retry_at.is_none() =>
+                {
+                    break
+                }
                 Pick::Exhausted(ex) => {
-                    let e = exhausted_error(&pool.keys, job.model, &ex);
+                    let e = exhausted_error(keys, job.model, &ex, job.project);
+                    return respond(session, ctx, Some(job.forward.api), &e).await;
+                }
+                Pick::OnlyTriedProjects if !job.reserved.is_empty() => {
+                    let tenant = ctx.tenant.as_ref().map_or("-", |t| &*t.name);
+                    let e = fair_share_error(keys, tenant, job.model, job.reserved.len());
                     return respond(session, ctx, Some(job.forward.api), &e).await;
                 }
                 Pick::OnlyTriedProjects => break,
             };
-            let project = pool.keys.key(key).project;
-            let mut answer = match self.send(pool, job, session.req_header(), key).await {
+            let project = keys.key(key).project;
+            let mut answer = match self.send(&job.pool, job, session.req_header(), key).await {
                 Ok(a) => a,
                 Err(err) => {
                     ctx.attempts.push(AttemptLog {
@@ -355,7 +612,7 @@ impl Gateway {
                         prefer_not.push(project);
                         sleep_backoff(&mut backoff).await;
                     } else {
-                        let e = err.into_gateway_error(pool.keys.name());
+                        let e = err.into_gateway_error(keys.name());
                         return respond(session, ctx, Some(job.forward.api), &e).await;
                     }
                     last_error = Some(err);
@@ -381,13 +638,22 @@ impl Gateway {
                 key,
                 outcome: outcome.label(),
             });
-            self.note(&pool.keys, key, &outcome);
+            self.note(keys, key, &outcome);
 
             let mut back_off = false;
             match outcome.verdict(Utc::now()) {
-                Verdict::PassThrough => return self.relay(session, ctx, pool, answer).await,
+                // A resource keygate has no owner for (made before keygate knew, or elsewhere):
+                // look for the project that can see it, without blaming anyone.
+                Verdict::PassThrough
+                    if outcome == Outcome::ResourceOfOtherProject
+                        && job.project.is_none()
+                        && answer.body.complete =>
+                {
+                    avoid.push(project);
+                }
+                Verdict::PassThrough => return self.relay(session, ctx, job, key, answer).await,
                 Verdict::OtherKey(penalty) => {
-                    pool.keys.penalise(key, job.model, job.method, &penalty);
+                    keys.penalise(key, job.model, job.method, &penalty);
                     match penalty {
                         Penalty::CoolProjectModel { .. } | Penalty::DisableProject => {
                             avoid.push(project)
@@ -399,7 +665,7 @@ impl Gateway {
                 }
                 Verdict::Transient => {
                     if transient_left == 0 || !answer.body.complete {
-                        return self.relay(session, ctx, pool, answer).await;
+                        return self.relay(session, ctx, job, key, answer).await;
                     }
                     transient_left -= 1;
                     prefer_not.push(project);
@@ -407,8 +673,8 @@ impl Gateway {
                 }
             }
             // The answer was read whole: its connection goes back to the pool before any wait.
-            self.park(pool, &mut answer.body).await;
-            last = Some(answer);
+            self.park(&job.pool, &mut answer.body).await;
+            last = Some((answer, key));
             if back_off {
                 sleep_backoff(&mut backoff).await;
             }
@@ -417,9 +683,9 @@ impl Gateway {
         // Attempts exhausted, or only already-tried projects are left: give the client the
         // last real answer rather than an invented one.
         match (last, last_error) {
-            (Some(answer), _) => self.relay(session, ctx, pool, answer).await,
+            (Some((answer, key)), _) => self.relay(session, ctx, job, key, answer).await,
             (None, Some(err)) => {
-                let e = err.into_gateway_error(pool.keys.name());
+                let e = err.into_gateway_error(keys.name());
                 respond(session, ctx, Some(job.forward.api), &e).await
             }
             (None, None) => {
@@ -434,12 +700,12 @@ impl Gateway {
         let fp = &pool.key(key).fingerprint;
         match outcome {
             Outcome::KeyDead(reason) => log::warn!(
-                "pool {}: disabling {fp}: {}; it stays out until restart or reload",
+                "pool {}: disabling {fp}: {}; it stays out until a key check finds it working, an operator enables it, or a restart",
                 pool.name(),
                 reason.as_str()
             ),
             Outcome::BillingExhausted => log::warn!(
-                "pool {}: project {} is out of prepaid credit (402); its keys stay out until restart or reload",
+                "pool {}: project {} is out of prepaid credit (402); its keys stay out until an operator enables one of them, or a restart",
                 pool.name(),
                 pool.project_name(pool.key(key).project)
             ),
@@ -458,14 +724,15 @@ impl Gateway {
     /// Sends the request on `key` and reads the answer's header.
     async fn send(
         &self,
-        pool: &PoolRuntime,
+        pool: &Pool,
         job: &Job<'_>,
         client: &RequestHeader,
         key: KeyId,
     ) -> Result<Answer, SendError> {
         let upstream = &pool.upstream;
+        let timeouts = self.shared.runtime.load().timeouts;
         let peer = upstream
-            .peer(self.timeouts.connect)
+            .peer(timeouts.connect)
             .await
             .ok_or(SendError::Unresolved)?;
         let (mut http, reused) = upstream
@@ -481,15 +748,15 @@ impl Gateway {
         let req = request::upstream_request(
             client,
             &job.forward,
-            pool.keys.key(key).secret.expose(),
+            job.keys.key(key).secret.expose(),
             &target,
         )
         .map_err(|error| SendError::Exchange {
             error,
             reused: false,
         })?;
-        http.set_read_timeout(Some(self.timeouts.read));
-        http.set_write_timeout(Some(self.timeouts.write));
+        http.set_read_timeout(Some(timeouts.read));
+        http.set_write_timeout(Some(timeouts.write));
         exchange(&mut http, req, &job.body)
             .await
             .map_err(|error| SendError::Exchange { error, reused })?;
@@ -513,50 +780,167 @@ impl Gateway {
 
     /// Returns a fully read answer's connection to the pool, keeping the bytes. Does nothing
     /// while the body is still being read.
-    async fn park(&self, pool: &PoolRuntime, body: &mut AnswerBody) {
+    async fn park(&self, pool: &Pool, body: &mut AnswerBody) {
         if !body.complete {
             return;
         }
         if let (Some(http), Some(peer)) = (body.http.take(), body.peer.take()) {
-            release(&pool.upstream, http, &peer, self.timeouts.idle).await;
+            let idle = self.shared.runtime.load().timeouts.idle;
+            release(&pool.upstream, http, &peer, idle).await;
         }
     }
 
-    /// Streams an answer to the client, chunk by chunk as it arrives.
+    /// Streams an answer to the client, chunk by chunk as it arrives, and afterwards records
+    /// what it says: token usage, and for successful answers the resources it created.
     async fn relay(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        pool: &PoolRuntime,
+        job: &Job<'_>,
+        key: KeyId,
         answer: Answer,
     ) -> pingora::Result<bool> {
         let Answer {
             mut header,
             mut body,
         } = answer;
+        let success = header.status.is_success();
         let head = session.req_header().method == http::Method::HEAD;
         prepare_downstream_header(&mut header, head)?;
+        if success {
+            self.rewrite_upload_url(&mut header, job, key, ctx.tenant.as_deref())?;
+        }
         ctx.status = header.status.as_u16();
+        let gzip = header
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let keep_head = match job.learn {
+            Learn::Create | Learn::UploadContinue { .. } if success => CREATED_ANSWER_LIMIT,
+            _ => 0,
+        };
+        let mut tap = success.then(|| BodyTap::new(gzip, keep_head));
+        let upload_final = header
+            .headers
+            .get("x-goog-upload-status")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"final"));
         // The upstream connection goes back to the pool as soon as its body is complete, before
         // the client has the end of the answer: its next request can then reuse it.
-        self.park(pool, &mut body).await;
+        self.park(&job.pool, &mut body).await;
         session
             .write_response_header(Box::new(header), false)
             .await?;
         for chunk in std::mem::take(&mut body.read) {
+            if let Some(tap) = tap.as_mut() {
+                tap.feed(&chunk);
+            }
             session.write_response_body(Some(chunk), false).await?;
         }
         while let Some(http) = body.http.as_mut() {
             let chunk = http.read_response_body().await?;
             body.complete = chunk.is_none() || http.response_done();
-            self.park(pool, &mut body).await;
+            self.park(&job.pool, &mut body).await;
             match chunk {
-                Some(chunk) => session.write_response_body(Some(chunk), false).await?,
+                Some(chunk) => {
+                    if let Some(tap) = tap.as_mut() {
+                        tap.feed(&chunk);
+                    }
+                    session.write_response_body(Some(chunk), false).await?
+                }
                 None => break,
             }
         }
         session.write_response_body(None, true).await?;
+        let pool_key = job.keys.key(key);
+        pool_key.usage.requests.fetch_add(1, Relaxed);
+        if let Some(tap) = tap {
+            self.learn(ctx, job, key, &tap, upload_final);
+            if let Some(t) = tap.tokens() {
+                pool_key.usage.add_tokens(t.prompt, t.output, t.total);
+                if let Some(tenant) = &ctx.tenant {
+                    tenant.state.usage.add_tokens(t.prompt, t.output, t.total);
+                }
+            }
+        }
         Ok(true)
+    }
+
+    /// Hands out keygate's own upload URL in place of Google's, bound to the tenant and the
+    /// project of `key`.
+    fn rewrite_upload_url(
+        &self,
+        header: &mut ResponseHeader,
+        job: &Job<'_>,
+        key: KeyId,
+        tenant: Option<&Tenant>,
+    ) -> pingora::Result<()> {
+        let Learn::UploadStart { public_base } = &job.learn else {
+            return Ok(());
+        };
+        let Some(google_url) = header
+            .headers
+            .get("x-goog-upload-url")
+            .and_then(|v| v.to_str().ok())
+            .and_then(affinity::upstream_path_of)
+        else {
+            return Ok(());
+        };
+        let session = affinity::UploadSession {
+            owner: self.owner(job, key, tenant),
+            key_fingerprint: job.keys.key(key).fingerprint.clone(),
+            upstream_path_and_query: google_url.clone(),
+        };
+        match self.shared.uploads.start(session, now_millis()) {
+            Some(id) => {
+                let url = affinity::rewrite_upload_url(&google_url, public_base, &id);
+                header.insert_header("x-goog-upload-url", url)?;
+            }
+            None => {
+                log::error!("no randomness for an upload id: the upload URL is withheld");
+                header.remove_header("x-goog-upload-url");
+            }
+        }
+        Ok(())
+    }
+
+    /// Who owns what this request creates: the pool, the project of `key`, the tenant.
+    fn owner(&self, job: &Job<'_>, key: KeyId, tenant: Option<&Tenant>) -> affinity::Owner {
+        let keys = &job.keys;
+        affinity::Owner {
+            pool: Arc::from(job.pool.name()),
+            project: Arc::from(keys.project_name(keys.key(key).project)),
+            tenant: tenant.map(|t| t.name.clone()),
+        }
+    }
+
+    /// Records what a successful answer taught: resources created, deleted, or seen working.
+    fn learn(&self, ctx: &Ctx, job: &Job<'_>, key: KeyId, tap: &BodyTap, upload_final: bool) {
+        let now = now_millis();
+        let table = &self.shared.affinity;
+        let owner = || self.owner(job, key, ctx.tenant.as_deref());
+        match &job.learn {
+            Learn::Create | Learn::UploadContinue { .. } => {
+                for name in tap.head().map(affinity::created_names).unwrap_or_default() {
+                    table.bind(&name, owner(), now);
+                }
+            }
+            Learn::Delete(names) => {
+                for name in names {
+                    table.forget(name);
+                }
+            }
+            Learn::Nothing | Learn::UploadStart { .. } => {}
+        }
+        if let Learn::UploadContinue { id } = &job.learn {
+            if upload_final {
+                self.shared.uploads.finish(id);
+            }
+        }
+        if !matches!(job.learn, Learn::Delete(_)) {
+            for name in &job.unbound {
+                table.bind(name, owner(), now);
+            }
+        }
     }
 }
 
@@ -711,12 +1095,25 @@ async fn read_body(session: &mut Session, limit: usize) -> pingora::Result<Optio
     }))
 }
 
-/// The answer for "no key can serve this model now".
-fn exhausted_error(pool: &KeyPool, model: &str, ex: &Exhaustion) -> GatewayError {
+/// The answer for "no key can serve this model now"; `project` when only one project could.
+fn exhausted_error(
+    pool: &KeyPool,
+    model: &str,
+    ex: &Exhaustion,
+    project: Option<u32>,
+) -> GatewayError {
     let what = if model.is_empty() {
         String::new()
     } else {
         format!(" for model '{model}'")
+    };
+    let whose = match project {
+        Some(p) => format!(
+            "the keys of project '{}' (which owns a resource this request names) in pool '{}'",
+            pool.project_name(p),
+            pool.name()
+        ),
+        None => format!("every key of pool '{}'", pool.name()),
     };
     match ex.retry_at {
         Some(at) => {
@@ -725,8 +1122,7 @@ fn exhausted_error(pool: &KeyPool, model: &str, ex: &Exhaustion) -> GatewayError
                 code: 429,
                 status: "RESOURCE_EXHAUSTED",
                 message: format!(
-                    "keygate: every key of pool '{}' is out of quota{what} ({} cooling, {} disabled); the first one is back in {secs} s",
-                    pool.name(),
+                    "keygate: {whose} are out of quota{what} ({} cooling, {} disabled); the first one is back in {secs} s",
                     ex.cooling,
                     ex.disabled
                 ),
@@ -737,12 +1133,125 @@ fn exhausted_error(pool: &KeyPool, model: &str, ex: &Exhaustion) -> GatewayError
             503,
             "UNAVAILABLE",
             format!(
-                "keygate: no key of pool '{}' can serve{what}: all {} are disabled (invalid, suspended or out of credit); an operator must add or fix keys",
-                pool.name(),
+                "keygate: none of {whose} can serve{what}: {} are disabled (invalid, suspended, out of credit or by an operator); an operator must add or fix keys",
                 ex.disabled
             ),
         ),
     }
+}
+
+/// The answer for a request refused by the tenant's own limits.
+fn limit_error(tenant: &str, refusal: Refusal) -> GatewayError {
+    match refusal {
+        Refusal::Rate { retry_after, rpm } => GatewayError {
+            code: 429,
+            status: "RESOURCE_EXHAUSTED",
+            message: format!(
+                "keygate: tenant '{tenant}' is over its own limit of {rpm} requests per minute (rpm); retry in {retry_after} s. The key pool is not exhausted."
+            ),
+            retry_after: Some(retry_after),
+        },
+        Refusal::Concurrency { limit } => GatewayError {
+            code: 429,
+            status: "RESOURCE_EXHAUSTED",
+            message: format!(
+                "keygate: tenant '{tenant}' already has {limit} requests in flight, its own limit (max_concurrent); retry when one finishes. The key pool is not exhausted."
+            ),
+            retry_after: Some(1),
+        },
+    }
+}
+
+/// The answer for a tenant whose share of the pool is used up: the projects left are kept for
+/// tenants that used the pool less.
+fn fair_share_error(pool: &KeyPool, tenant: &str, model: &str, reserved: usize) -> GatewayError {
+    let secs = pool
+        .availability(model, now_millis())
+        .next_recovery
+        .map_or(1, |at| {
+            at.saturating_sub(now_millis()).div_ceil(1000).max(1)
+        });
+    GatewayError {
+        code: 429,
+        status: "RESOURCE_EXHAUSTED",
+        message: format!(
+            "keygate: tenant '{tenant}' used pool '{}' more than other tenants in the last minute, and the projects it may use are out of quota for model '{model}'; the {reserved} project(s) left are kept for the other tenants. Retry in {secs} s.",
+            pool.name()
+        ),
+        retry_after: Some(secs),
+    }
+}
+
+/// Answers without reading the request body: the connection cannot be reused.
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    api: Api,
+    e: &GatewayError,
+) -> pingora::Result<bool> {
+    session.set_keepalive(None);
+    respond(session, ctx, Some(api), e).await
+}
+
+fn tenant_name(tenant: &Option<Arc<Tenant>>) -> Option<Arc<str>> {
+    tenant.as_ref().map(|t| t.name.clone())
+}
+
+/// Microseconds since the epoch, for rate limits.
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether a request starts a resumable upload.
+fn is_upload_start(req: &RequestHeader) -> bool {
+    req.headers
+        .get("x-goog-upload-command")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|c| c.trim().eq_ignore_ascii_case("start")))
+}
+
+/// Whether a successful POST to `path` may create resources Google binds to a project.
+fn creates_resources(path: &str) -> bool {
+    [
+        "/cachedContents",
+        "/batches",
+        "/tunedModels",
+        "/files",
+        ":batchGenerateContent",
+        ":asyncBatchEmbedContent",
+        ":predictLongRunning",
+    ]
+    .iter()
+    .any(|p| path.contains(p))
+}
+
+/// `scheme://host[:port]` as the client reached keygate, for URLs handed back to it. A proxy in
+/// front (TLS termination) says so with `X-Forwarded-Proto` / `X-Forwarded-Host`.
+fn public_base(req: &RequestHeader) -> String {
+    let header = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let scheme = match header("x-forwarded-proto").as_deref() {
+        Some("https") => "https",
+        _ => "http",
+    };
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .or_else(|| req.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "localhost".to_string());
+    // A host header is the client's own word: keep only characters a host[:port] may hold.
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '_'))
+        .collect();
+    format!("{scheme}://{host}")
 }
 
 /// Writes one of keygate's own answers.
@@ -763,4 +1272,115 @@ async fn respond(
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
+}
+
+/// What a key check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Google accepted the key.
+    Alive,
+    /// Google refused the key itself.
+    Dead(classify::DeadReason),
+    /// Nothing can be said about the key (network error, quota, Google's side): the label says
+    /// what happened.
+    Inconclusive(&'static str),
+}
+
+/// Path of the key check: a one-model listing, which spends no generation quota.
+const KEY_CHECK_PATH: &str = "/v1beta/models?pageSize=1";
+
+/// Asks Google whether `key` works, with a request that spends no quota, and updates the health
+/// table: a dead key is disabled; a key disabled as dead that works again is put back (keys an
+/// operator disabled, and projects out of credit, stay as they are).
+pub async fn check_key(pool: &Pool, keys: &KeyPool, key: KeyId, timeouts: Timeouts) -> KeyCheck {
+    let result = fetch(&pool.upstream, keys.key(key).secret.expose(), timeouts).await;
+    let check = match result {
+        Err(label) => KeyCheck::Inconclusive(label),
+        Ok((status, body)) => match classify(status, &body) {
+            Outcome::Success => KeyCheck::Alive,
+            Outcome::KeyDead(reason) => KeyCheck::Dead(reason),
+            other => KeyCheck::Inconclusive(other.label()),
+        },
+    };
+    let fp = &keys.key(key).fingerprint;
+    match &check {
+        KeyCheck::Alive => {
+            if let Some(Disabled::Dead(reason)) = keys.disabled(key) {
+                keys.enable(key);
+                log::warn!(
+                    "pool {}: {fp} works again (was {}): back in service",
+                    keys.name(),
+                    reason.as_str()
+                );
+            }
+        }
+        KeyCheck::Dead(reason) => {
+            if !matches!(keys.disabled(key), Some(Disabled::Dead(_))) {
+                log::warn!(
+                    "pool {}: key check: disabling {fp}: {}",
+                    keys.name(),
+                    reason.as_str()
+                );
+            }
+            keys.penalise(key, "", KEY_CHECK_PATH, &Penalty::DisableKey(*reason));
+        }
+        KeyCheck::Inconclusive(label) => {
+            log::info!(
+                "pool {}: key check of {fp} inconclusive: {label}",
+                keys.name()
+            )
+        }
+    }
+    check
+}
+
+/// GETs the key check path with `key`; the status and the (decoded, bounded) body.
+async fn fetch(
+    upstream: &Upstream,
+    key: &str,
+    timeouts: Timeouts,
+) -> Result<(u16, Vec<u8>), &'static str> {
+    let peer = upstream.peer(timeouts.connect).await.ok_or("unresolved")?;
+    let (mut http, _) = upstream
+        .connector
+        .get_http_session(&*peer)
+        .await
+        .map_err(|_| "connect_error")?;
+    let client = RequestHeader::build("GET", KEY_CHECK_PATH.as_bytes(), None)
+        .map_err(|_| "request_error")?;
+    let forward = request::Forward {
+        api: Api::Gemini,
+        path_and_query: KEY_CHECK_PATH,
+        body_len: 0,
+    };
+    let target = request::Target {
+        authority: upstream.authority(),
+        tls: upstream.tls(),
+        h2: matches!(http, ClientSession::H2(_)),
+    };
+    let req =
+        request::upstream_request(&client, &forward, key, &target).map_err(|_| "request_error")?;
+    http.set_read_timeout(Some(timeouts.read.min(Duration::from_secs(30))));
+    http.set_write_timeout(Some(timeouts.write));
+    exchange(&mut http, req, &Bytes::new())
+        .await
+        .map_err(|_| "upstream_error")?;
+    let header = http.response_header().cloned().ok_or("upstream_error")?;
+    let mut answer = Answer {
+        header,
+        body: AnswerBody {
+            http: Some(http),
+            peer: Some(peer.clone()),
+            read: Vec::new(),
+            complete: false,
+        },
+    };
+    read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+    let body = decoded_body(&answer);
+    if answer.body.complete {
+        if let Some(http) = answer.body.http.take() {
+            release(upstream, http, &peer, timeouts.idle).await;
+        }
+    }
+    Ok((answer.header.status.as_u16(), body))
 }

@@ -117,3 +117,50 @@ async fn openai_sdk_completes_and_streams_through_keygate() {
     }
     kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn google_genai_sdk_uploads_a_file_and_uses_it_across_a_multi_project_pool() {
+    let Some(python) = python() else { return };
+    // Three projects: a file is visible only to keys of the project that uploaded it, so the
+    // request that uses it must go there whatever key rotation would pick next.
+    let mock = Mock::start().await;
+    let keys = [
+        ("sdk-key-1", "p1"),
+        ("sdk-key-2", "p2"),
+        ("sdk-key-3", "p3"),
+    ];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let yaml = with_tenant(&pool_yaml(&mock.url(), &keys), "sdk", "sdk-tenant-token");
+    let kg = Keygate::start(&yaml);
+    let out = run_script(&python, "genai_files.py", &kg).await;
+    let file = out
+        .lines()
+        .find_map(|l| l.strip_prefix("file "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let owner = mock.owner_of(file).unwrap();
+    assert!(out.contains(&format!("reply hello from {owner}")), "{out}");
+    // The SDK sent its bytes to keygate (the upload URL keygate handed out), which passed them
+    // on with Google's own upload id and a key of the right project (the SDK itself sends none:
+    // bytes sent straight to the mock would arrive without a key). No request was refused.
+    let seen = mock.seen();
+    assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
+    let continuations: Vec<_> = seen
+        .iter()
+        .filter(|s| {
+            s.query
+                .as_deref()
+                .is_some_and(|q| q.contains("upload_id=mock-upload"))
+        })
+        .collect();
+    assert!(!continuations.is_empty(), "{seen:?}");
+    for c in continuations {
+        let key = c.key.as_deref().unwrap_or_default();
+        assert_eq!(
+            keys.iter().find(|(k, _)| *k == key).map(|(_, p)| *p),
+            Some(owner.as_str())
+        );
+    }
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2", "sdk-key-3"]);
+}

@@ -3,8 +3,10 @@
 //!
 //! The mock models what the gateway must understand: keys that belong to projects, per-project
 //! per-model quotas answered with Google's real 429 bodies (per minute and per day), invalid and
-//! suspended keys, client errors, slow SSE streams, and the OpenAI-compatible endpoints. It
-//! records every request it receives, so tests can assert what reached "Google".
+//! suspended keys, client errors, slow SSE streams, and the OpenAI-compatible endpoints. Files
+//! (resumable upload) and cached contents belong to the project whose key created them, and
+//! other projects get Google's 403 for them. It records every request it receives, so tests
+//! can assert what reached "Google".
 
 #![allow(dead_code)]
 
@@ -51,6 +53,25 @@ struct Quota {
     per_minute: Option<(u32, String)>,
     per_day: Option<u32>,
     used: u32,
+    window: Option<Window>,
+}
+
+/// A fixed window of `length` that opens at the first request it counts.
+#[derive(Clone, Debug)]
+struct Window {
+    allowed: u32,
+    length: Duration,
+    start: Option<Instant>,
+    count: u32,
+}
+
+/// A resumable upload between `start` and `finalize`.
+struct Upload {
+    project: String,
+    display_name: Option<String>,
+    mime_type: String,
+    declared: Option<usize>,
+    data: Vec<u8>,
 }
 
 struct Canned {
@@ -72,6 +93,14 @@ struct State {
     sse_abort_after: Option<usize>,
     /// Non-streaming answers wait this long before their header.
     delay: Duration,
+    /// This mock's own URL, for upload URLs and file URIs.
+    base: String,
+    uploads: HashMap<String, Upload>,
+    uploads_started: usize,
+    /// `files/...` and `cachedContents/...` by name: owning project and the resource's JSON.
+    resources: HashMap<String, (String, serde_json::Value)>,
+    files_made: usize,
+    caches_made: usize,
 }
 
 /// The mock Gemini API.
@@ -142,6 +171,12 @@ pub const BAD_REQUEST_BODY: &str = r#"{"error":{"code":400,"message":"Invalid JS
 
 pub const SHARED_CAPACITY_BODY: &str = r#"{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}"#;
 
+pub const FILE_DENIED_BODY: &str = r#"{"error":{"code":403,"message":"You do not have permission to access the File ID or it may not exist.","status":"PERMISSION_DENIED"}}"#;
+
+pub const CACHE_DENIED_BODY: &str = r#"{"error":{"code":403,"message":"CachedContent not found (or permission denied)","status":"PERMISSION_DENIED"}}"#;
+
+pub const MODELS_BODY: &str = r#"{"models":[{"name":"models/gemini-2.5-flash","version":"001","displayName":"Gemini 2.5 Flash","supportedGenerationMethods":["generateContent","countTokens","createCachedContent"]},{"name":"models/gemini-2.5-pro","version":"2.5","displayName":"Gemini 2.5 Pro","supportedGenerationMethods":["generateContent","countTokens","createCachedContent"]}]}"#;
+
 pub const OVERLOADED_BODY: &str = r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
 
 impl Mock {
@@ -180,6 +215,10 @@ impl Mock {
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Mock {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let base = match tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
         let state = Arc::new(Mutex::new(State {
             keys: HashMap::new(),
             quotas: HashMap::new(),
@@ -190,6 +229,12 @@ impl Mock {
             sse_gap: Duration::from_millis(0),
             sse_abort_after: None,
             delay: Duration::ZERO,
+            base,
+            uploads: HashMap::new(),
+            uploads_started: 0,
+            resources: HashMap::new(),
+            files_made: 0,
+            caches_made: 0,
         }));
         let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
         // Where `localhost` also means ::1, answer there too (best effort).
@@ -251,6 +296,27 @@ impl Mock {
         self
     }
 
+    /// A rolling per-minute quota: at most `allowed` requests of `project` for `model` per
+    /// `window`, which opens at the first request counted; beyond that a per-minute 429 whose
+    /// `retryDelay` is the time left in the window (e.g. "1.234s").
+    pub fn per_minute_window(
+        &self,
+        project: &str,
+        model: &str,
+        allowed: u32,
+        window: Duration,
+    ) -> &Self {
+        let mut s = self.state.lock().unwrap();
+        let q = s.quotas.entry((project.into(), model.into())).or_default();
+        q.window = Some(Window {
+            allowed,
+            length: window,
+            start: None,
+            count: 0,
+        });
+        self
+    }
+
     /// The next `times` requests (carrying `key`, or any key when `None`) get this answer.
     pub fn respond_next(&self, key: Option<&str>, times: usize, status: u16, body: &str) -> &Self {
         self.state.lock().unwrap().canned.push(Canned {
@@ -296,6 +362,17 @@ impl Mock {
 
     pub fn connections(&self) -> usize {
         self.state.lock().unwrap().connections
+    }
+
+    /// The project owning `files/...` or `cachedContents/...`, if it exists.
+    pub fn owner_of(&self, name: &str) -> Option<String> {
+        let s = self.state.lock().unwrap();
+        s.resources.get(name).map(|(project, _)| project.clone())
+    }
+
+    /// How many resumable uploads were started.
+    pub fn uploads_started(&self) -> usize {
+        self.state.lock().unwrap().uploads_started
     }
 }
 
@@ -375,7 +452,7 @@ async fn handle(
     if !delay.is_zero() && !path.contains("streamGenerateContent") {
         tokio::time::sleep(delay).await;
     }
-    let response = decide(&state, &path, query.as_deref(), key.as_deref(), &body);
+    let response = decide(&state, &parts, key.as_deref(), &body);
     // Like Google, compress error answers for clients that accept gzip.
     let accepts_gzip = parts
         .headers
@@ -425,11 +502,11 @@ async fn gzipped(response: Response<Body>) -> Response<Body> {
 
 fn decide(
     state: &Mutex<State>,
-    path: &str,
-    query: Option<&str>,
+    parts: &http::request::Parts,
     key: Option<&str>,
     body: &[u8],
 ) -> Response<Body> {
+    let (path, query) = (parts.uri.path(), parts.uri.query());
     let openai = path.contains("/openai/");
     let mut s = state.lock().unwrap();
 
@@ -441,6 +518,15 @@ fn decide(
         c.remaining -= 1;
         return json(c.status, c.body.clone(), openai);
     }
+    // Upload continuations need no key: the upload id authorises them.
+    if let Some(id) = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("upload_id="))
+    {
+        let id = id.to_string();
+        return upload_chunk(&mut s, path, &id, &parts.headers, body);
+    }
     let Some(key) = key else {
         return json(403, r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.","status":"PERMISSION_DENIED"}}"#.into(), openai);
     };
@@ -449,6 +535,15 @@ fn decide(
         Some(KeyState::Suspended) => return json(403, SUSPENDED_BODY.into(), openai),
         Some(KeyState::Invalid) | None => return json(400, INVALID_KEY_BODY.into(), openai),
     };
+    if let Some(answer) = resource(&mut s, parts, &project, body) {
+        return answer;
+    }
+    if let Some(denied) = foreign_mention(&s, &project, body) {
+        return json(403, denied, openai);
+    }
+    if parts.method == http::Method::GET && !openai && path.ends_with("/models") {
+        return json(200, MODELS_BODY.into(), false);
+    }
 
     let request: serde_json::Value =
         serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
@@ -470,7 +565,13 @@ fn decide(
     if body.windows(15).any(|w| w == b"INVALID_PAYLOAD") {
         return json(400, BAD_REQUEST_BODY.into(), openai);
     }
-    if let Some(q) = s.quotas.get_mut(&(project.clone(), model.clone())) {
+    // Reading (listing models, say) spends no quota.
+    let counted = parts.method != http::Method::GET;
+    if let Some(q) = s
+        .quotas
+        .get_mut(&(project.clone(), model.clone()))
+        .filter(|_| counted)
+    {
         if let Some(day) = q.per_day {
             if q.used >= day {
                 return json(429, PER_DAY_BODY.replace("MODEL", &model), openai);
@@ -486,6 +587,26 @@ fn decide(
                     openai,
                 );
             }
+        }
+        if let Some(w) = &mut q.window {
+            let now = Instant::now();
+            if w.start.is_some_and(|t| now >= t + w.length) {
+                (w.start, w.count) = (None, 0);
+            }
+            if w.count >= w.allowed {
+                let left = w
+                    .start
+                    .map_or(w.length, |t| (t + w.length).saturating_duration_since(now));
+                return json(
+                    429,
+                    PER_MINUTE_BODY
+                        .replace("MODEL", &model)
+                        .replace("DELAY", &google_duration(left)),
+                    openai,
+                );
+            }
+            w.start.get_or_insert(now);
+            w.count += 1;
         }
         q.used += 1;
     }
@@ -549,6 +670,269 @@ fn decide(
         );
     }
     json(200, r#"{"models":[]}"#.into(), false)
+}
+
+/// `d` as Google writes a duration: "53s", "1.234s" (rounded up to the millisecond).
+pub fn google_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    match ms % 1000 {
+        0 => format!("{}s", ms / 1000),
+        frac => format!("{}.{frac:03}s", ms / 1000),
+    }
+}
+
+fn now_plus(d: Duration) -> String {
+    (chrono::Utc::now() + d).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Standard padded base64 (Google's `sha256Hash` is the hex digest in base64).
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(match i <= c.len() {
+                true => ABC[(n >> (18 - 6 * i)) as usize & 63] as char,
+                false => '=',
+            });
+        }
+    }
+    out
+}
+
+/// The ids that `text` names after `prefix` (`files/` gives `abc` for `.../v1/files/abc"`).
+fn named<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+    text.match_indices(prefix).filter_map(move |(i, _)| {
+        if text[..i].ends_with(|c: char| c.is_ascii_alphanumeric()) {
+            return None; // e.g. "profiles/"
+        }
+        let rest = &text[i + prefix.len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .unwrap_or(rest.len());
+        Some(&rest[..end]).filter(|id| !id.is_empty())
+    })
+}
+
+/// Google's 403 for the first file or cached content that `body` names and `project` does not
+/// own. Any `files/<id>` or `cachedContents/<id>` anywhere in the body counts.
+fn foreign_mention(s: &State, project: &str, body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let owned = |name: String| s.resources.get(&name).is_some_and(|(p, _)| p == project);
+    if let Some(id) = named(&text, "files/").find(|id| !owned(format!("files/{id}"))) {
+        return Some(FILE_DENIED_BODY.replace("ID", id));
+    }
+    let foreign_cache =
+        named(&text, "cachedContents/").any(|id| !owned(format!("cachedContents/{id}")));
+    foreign_cache.then(|| CACHE_DENIED_BODY.to_string())
+}
+
+/// The lower-cased commands of `x-goog-upload-command` ("upload, finalize" gives both).
+fn upload_commands(headers: &http::HeaderMap) -> Vec<String> {
+    let value = headers
+        .get("x-goog-upload-command")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    value
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .collect()
+}
+
+fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// An answer of the upload protocol, with `x-goog-upload-status: {upload_status}`.
+fn upload_reply(status: u16, body: String, upload_status: &str) -> Response<Body> {
+    let mut r = json(status, body, false);
+    r.headers_mut()
+        .insert("x-goog-upload-status", upload_status.parse().unwrap());
+    r
+}
+
+/// An upload continuation (`upload`, `upload, finalize`) to `/upload/{ver}/files?upload_id=`.
+/// Errors carry `x-goog-upload-status: final` so that the SDK fails at once.
+fn upload_chunk(
+    s: &mut State,
+    path: &str,
+    id: &str,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> Response<Body> {
+    let error = |code: u16, status: &str, message: String| {
+        let body =
+            format!(r#"{{"error":{{"code":{code},"message":"{message}","status":"{status}"}}}}"#);
+        upload_reply(code, body, "final")
+    };
+    let commands = upload_commands(headers);
+    let Some(upload) = s.uploads.get_mut(id) else {
+        return error(404, "NOT_FOUND", format!("Upload {id} not found."));
+    };
+    if !commands.iter().any(|c| c == "upload" || c == "finalize") {
+        let got = commands.join(", ");
+        return error(
+            400,
+            "INVALID_ARGUMENT",
+            format!("Unsupported upload command: {got}."),
+        );
+    }
+    let offset = header_str(headers, "x-goog-upload-offset").and_then(|v| v.parse().ok());
+    if commands.iter().any(|c| c == "upload") {
+        if offset != Some(upload.data.len()) {
+            let have = upload.data.len();
+            s.uploads.remove(id);
+            return error(
+                400,
+                "INVALID_ARGUMENT",
+                format!("Upload offset {offset:?} does not match the {have} bytes received."),
+            );
+        }
+        upload.data.extend_from_slice(body);
+    }
+    if !commands.iter().any(|c| c == "finalize") {
+        return upload_reply(200, String::new(), "active");
+    }
+    let upload = s.uploads.remove(id).unwrap();
+    if upload.declared.is_some_and(|n| n != upload.data.len()) {
+        let (declared, got) = (upload.declared.unwrap(), upload.data.len());
+        return error(
+            400,
+            "INVALID_ARGUMENT",
+            format!("Declared {declared} bytes, received {got}."),
+        );
+    }
+    use sha2::Digest;
+    s.files_made += 1;
+    let name = format!("files/mockfile{}", s.files_made);
+    let ver = path.split('/').nth(2).unwrap_or("v1beta");
+    let now = now_plus(Duration::ZERO);
+    let mut file = serde_json::json!({
+        "name": name,
+        "mimeType": upload.mime_type,
+        "sizeBytes": upload.data.len().to_string(),
+        "createTime": now,
+        "updateTime": now,
+        "expirationTime": now_plus(Duration::from_secs(48 * 3600)),
+        "sha256Hash": base64(format!("{:x}", sha2::Sha256::digest(&upload.data)).as_bytes()),
+        "uri": format!("{}/{ver}/{name}", s.base),
+        "state": "ACTIVE",
+        "source": "UPLOADED",
+    });
+    if let Some(display) = upload.display_name {
+        file["displayName"] = display.into();
+    }
+    let body = serde_json::json!({ "file": file }).to_string();
+    s.resources.insert(name, (upload.project, file));
+    upload_reply(200, body, "final")
+}
+
+/// Upload starts, files and cached contents (`/{ver}/files/{id}`, `/{ver}/cachedContents[/{id}]`)
+/// for a request of `project`; `None` for any other path.
+fn resource(
+    s: &mut State,
+    parts: &http::request::Parts,
+    project: &str,
+    body: &[u8],
+) -> Option<Response<Body>> {
+    let segments: Vec<&str> = parts
+        .uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .collect();
+    let method = &parts.method;
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match segments[..] {
+        ["upload", ver, "files"] if ver.starts_with("v1") && method == http::Method::POST => {
+            if !upload_commands(&parts.headers).iter().any(|c| c == "start") {
+                return Some(json(400, r#"{"error":{"code":400,"message":"Missing x-goog-upload-command: start.","status":"INVALID_ARGUMENT"}}"#.into(), false));
+            }
+            let headers = &parts.headers;
+            // Google takes either spelling; google-genai sends `mime_type`.
+            let field = |camel: &str, snake: &str| {
+                let file = &request["file"];
+                file[camel]
+                    .as_str()
+                    .or(file[snake].as_str())
+                    .map(str::to_string)
+            };
+            let mime_type = field("mimeType", "mime_type")
+                .or(header_str(headers, "x-goog-upload-header-content-type").map(str::to_string))
+                .unwrap_or("application/octet-stream".into());
+            s.uploads_started += 1;
+            let id = format!("mock-upload-{}", s.uploads_started);
+            s.uploads.insert(
+                id.clone(),
+                Upload {
+                    project: project.into(),
+                    display_name: field("displayName", "display_name"),
+                    mime_type,
+                    declared: header_str(headers, "x-goog-upload-header-content-length")
+                        .and_then(|v| v.trim().parse().ok()),
+                    data: Vec::new(),
+                },
+            );
+            let url = format!(
+                "{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
+                s.base
+            );
+            let mut r = upload_reply(200, String::new(), "active");
+            r.headers_mut()
+                .insert("x-goog-upload-url", url.parse().unwrap());
+            Some(r)
+        }
+        [ver, "cachedContents"] if ver.starts_with("v1") && method == http::Method::POST => {
+            if let Some(denied) = foreign_mention(s, project, body) {
+                return Some(json(403, denied, false));
+            }
+            s.caches_made += 1;
+            let name = format!("cachedContents/mockcache{}", s.caches_made);
+            let ttl = request["ttl"]
+                .as_str()
+                .and_then(|t| t.trim_end_matches('s').parse::<f64>().ok())
+                .unwrap_or(3600.0);
+            let now = now_plus(Duration::ZERO);
+            let mut cache = serde_json::json!({
+                "name": name,
+                "model": request["model"],
+                "createTime": now,
+                "updateTime": now,
+                "expireTime": now_plus(Duration::from_secs_f64(ttl)),
+                "usageMetadata": {"totalTokenCount": 10},
+            });
+            if let Some(display) = request["displayName"].as_str() {
+                cache["displayName"] = display.into();
+            }
+            let answer = cache.to_string();
+            s.resources.insert(name, (project.into(), cache));
+            Some(json(200, answer, false))
+        }
+        [ver, kind @ ("files" | "cachedContents"), id]
+            if ver.starts_with("v1")
+                && (method == http::Method::GET || method == http::Method::DELETE) =>
+        {
+            let name = format!("{kind}/{id}");
+            let owned = s.resources.get(&name).filter(|(p, _)| p == project);
+            let answer = match owned {
+                None if kind == "files" => json(403, FILE_DENIED_BODY.replace("ID", id), false),
+                None => json(403, CACHE_DENIED_BODY.into(), false),
+                Some((_, resource)) if method == http::Method::GET => {
+                    json(200, resource.to_string(), false)
+                }
+                Some(_) => {
+                    s.resources.remove(&name);
+                    json(200, "{}".into(), false)
+                }
+            };
+            Some(answer)
+        }
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

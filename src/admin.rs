@@ -1,0 +1,496 @@
+//! The admin API: its own listener, a token of its own, JSON in and out.
+//!
+//! Endpoints (all need `Authorization: Bearer <admin token>`):
+//! - `GET  /admin/pools`: every pool and key: fingerprint, project, state, cooldowns, usage;
+//! - `POST /admin/pools/{pool}/keys` `{"key": "...", "project": "..."}`: add a key;
+//! - `DELETE /admin/pools/{pool}/keys/{fingerprint}`: remove a key;
+//! - `POST /admin/pools/{pool}/keys/{fingerprint}/disable` | `/enable`: take out, put back;
+//! - `POST /admin/pools/{pool}/keys/{fingerprint}/clear-cooldown` `{"model": "..."}` (optional
+//!   model: all models when absent);
+//! - `POST /admin/pools/{pool}/keys/{fingerprint}/check`, `POST /admin/pools/{pool}/check`: ask
+//!   Google whether keys work (a model listing, no quota spent);
+//! - `GET  /admin/tenants`: tenants with their limits and usage.
+//!
+//! Keys are named by fingerprint (`key#1a2b3c4d`, or `1a2b3c4d` in a URL); a key never appears
+//! in an answer. Every change says whether it survives a restart: none does, since keygate
+//! writes no keys anywhere; the config file is the place for lasting changes.
+
+use crate::config::KeyConfig;
+use crate::keys::{now_millis, KeyId, KeyPool, Millis};
+use crate::proxy::{check_key, KeyCheck};
+use crate::runtime::{Pool, Shared};
+use crate::secret::{sha256, Secret};
+use async_trait::async_trait;
+use chrono::{TimeZone, Utc};
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest admin request body read.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// What every change answers about persistence.
+const NOT_PERSISTED: &str =
+    "runtime change only: lost on restart; put lasting changes in the config file";
+
+/// The admin API service.
+pub struct Admin {
+    shared: Arc<Shared>,
+    token_sha256: [u8; 32],
+}
+
+impl Admin {
+    /// The admin API over `shared`, accepting the token whose SHA-256 is `token_sha256`.
+    pub fn new(shared: Arc<Shared>, token_sha256: [u8; 32]) -> Admin {
+        Admin {
+            shared,
+            token_sha256,
+        }
+    }
+}
+
+/// An admin answer: status and JSON body.
+struct Answer(StatusCode, Value);
+
+fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+    Answer(status, json!({ "error": message.into() }))
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, http: &mut ServerSession) -> Response<Vec<u8>> {
+        let answer = self.handle(http).await;
+        let body = serde_json::to_vec_pretty(&answer.1).unwrap_or_default();
+        Response::builder()
+            .status(answer.0)
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .header("cache-control", "no-store")
+            .body(body)
+            .unwrap_or_default()
+    }
+}
+
+impl Admin {
+    async fn handle(&self, http: &mut ServerSession) -> Answer {
+        if !authorized(self.token_sha256, http) {
+            http.set_keepalive(None);
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token (Authorization: Bearer <token>)",
+            );
+        }
+        let method = http.req_header().method.clone();
+        let path = http.req_header().uri.path().to_string();
+        let body = match read_body(http).await {
+            Ok(b) => b,
+            Err(a) => return a,
+        };
+        let parts: Vec<&str> = path
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .split('/')
+            .collect();
+        match (method.as_str(), parts.as_slice()) {
+            ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
+            ("GET", ["admin", "tenants"]) => Answer(StatusCode::OK, self.tenants()),
+            ("POST", ["admin", "pools", pool, "keys"]) => self.add_key(pool, &body),
+            ("POST", ["admin", "pools", pool, "check"]) => self.check_pool(pool).await,
+            ("DELETE", ["admin", "pools", pool, "keys", fp]) => self.remove_key(pool, fp),
+            ("POST", ["admin", "pools", pool, "keys", fp, action]) => {
+                self.key_action(pool, fp, action, &body).await
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no admin endpoint {method} {path}; see the README's admin API section"),
+            ),
+        }
+    }
+
+    fn pool(&self, name: &str) -> Result<Arc<Pool>, Answer> {
+        let rt = self.shared.runtime.load();
+        rt.pools
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no pool named '{name}'")))
+    }
+
+    fn pools(&self) -> Value {
+        let rt = self.shared.runtime.load();
+        let now = now_millis();
+        let pools: Vec<Value> = rt
+            .pools
+            .iter()
+            .map(|pool| {
+                let keys = pool.keys.load();
+                let list: Vec<Value> = keys.report(now).iter().map(|k| key_json(k, now)).collect();
+                json!({
+                    "name": pool.name(),
+                    "upstream": pool.config.upstream.authority(),
+                    "models": if pool.config.models.is_empty() { json!(["*"]) } else { json!(pool.config.models) },
+                    "keys": list,
+                })
+            })
+            .collect();
+        json!({
+            "pools": pools,
+            "affinity_entries": self.shared.affinity.len(),
+        })
+    }
+
+    fn tenants(&self) -> Value {
+        let rt = self.shared.runtime.load();
+        let tenants: Vec<Value> = rt
+            .tenants
+            .list()
+            .iter()
+            .map(|t| {
+                let s = &t.state;
+                let pools: Vec<&str> = t
+                    .pools
+                    .iter()
+                    .filter_map(|&i| rt.pools.get(i).map(|p| p.name()))
+                    .collect();
+                json!({
+                    "name": &*t.name,
+                    "pools": pools,
+                    "rpm": t.rpm,
+                    "max_concurrent": t.max_concurrent,
+                    "in_flight": s.in_flight(),
+                    "requests": s.usage.requests.load(Relaxed),
+                    "prompt_tokens": s.usage.prompt_tokens.load(Relaxed),
+                    "output_tokens": s.usage.output_tokens.load(Relaxed),
+                    "total_tokens": s.usage.total_tokens.load(Relaxed),
+                    "refused": {
+                        "rpm": s.refused_rate.load(Relaxed),
+                        "max_concurrent": s.refused_concurrency.load(Relaxed),
+                        "fair_share": s.refused_fair_share.load(Relaxed),
+                    },
+                })
+            })
+            .collect();
+        json!({ "tenants": tenants })
+    }
+
+    fn add_key(&self, pool_name: &str, body: &[u8]) -> Answer {
+        let pool = match self.pool(pool_name) {
+            Ok(p) => p,
+            Err(a) => return a,
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct NewKey {
+            key: String,
+            project: Option<String>,
+        }
+        let new: NewKey = match serde_json::from_slice(body) {
+            Ok(k) => k,
+            Err(e) => {
+                // serde_json quotes offending values: say where, never what.
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected {{\"key\": \"...\", \"project\": \"...\"}} (project optional): invalid JSON at line {} column {}",
+                        e.line(),
+                        e.column()
+                    ),
+                );
+            }
+        };
+        let key = new.key.trim();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "a key must be non-empty visible ASCII",
+            );
+        }
+        let secret = Secret::new(key);
+        let fingerprint = secret.fingerprint();
+        let project = match new.project.as_deref().map(str::trim) {
+            Some("") => return error(StatusCode::BAD_REQUEST, "project must not be empty"),
+            Some(p) => p.to_string(),
+            None => fingerprint.clone(),
+        };
+        let old = pool.keys.load_full();
+        if old.find(&fingerprint).is_some() {
+            return error(
+                StatusCode::CONFLICT,
+                format!("{fingerprint} is already in pool '{pool_name}'"),
+            );
+        }
+        let mut configs = old.key_configs();
+        configs.push(KeyConfig {
+            secret,
+            project: project.clone(),
+        });
+        pool.keys.store(Arc::new(old.rebuilt(&configs)));
+        log::warn!("admin: added {fingerprint} (project {project}) to pool {pool_name}");
+        Answer(
+            StatusCode::CREATED,
+            json!({
+                "added": fingerprint,
+                "pool": pool_name,
+                "project": project,
+                "survives_restart": false,
+                "note": NOT_PERSISTED,
+            }),
+        )
+    }
+
+    fn remove_key(&self, pool_name: &str, fp: &str) -> Answer {
+        let (pool, old, id) = match self.find_key(pool_name, fp) {
+            Ok(found) => found,
+            Err(a) => return a,
+        };
+        let fingerprint = old.key(id).fingerprint.clone();
+        let configs: Vec<KeyConfig> = old
+            .key_configs()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != id.0 as usize)
+            .map(|(_, k)| k)
+            .collect();
+        pool.keys.store(Arc::new(old.rebuilt(&configs)));
+        log::warn!("admin: removed {fingerprint} from pool {pool_name}");
+        Answer(
+            StatusCode::OK,
+            json!({
+                "removed": fingerprint,
+                "pool": pool_name,
+                "keys_left": configs.len(),
+                "survives_restart": false,
+                "note": NOT_PERSISTED,
+            }),
+        )
+    }
+
+    async fn key_action(&self, pool_name: &str, fp: &str, action: &str, body: &[u8]) -> Answer {
+        let (pool, keys, id) = match self.find_key(pool_name, fp) {
+            Ok(found) => found,
+            Err(a) => return a,
+        };
+        let fingerprint = keys.key(id).fingerprint.clone();
+        let done = match action {
+            "disable" => {
+                keys.disable(id);
+                log::warn!("admin: disabled {fingerprint} in pool {pool_name}");
+                json!({ "disabled": fingerprint })
+            }
+            "enable" => {
+                keys.enable(id);
+                log::warn!("admin: enabled {fingerprint} in pool {pool_name}");
+                json!({ "enabled": fingerprint })
+            }
+            "clear-cooldown" => {
+                let model = serde_json::from_slice::<Value>(body)
+                    .ok()
+                    .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string))
+                    .map(|m| m.trim_start_matches("models/").to_string());
+                let cleared = keys.clear_cooldowns(id, model.as_deref(), now_millis());
+                log::warn!(
+                    "admin: cleared {cleared} cooldown(s) of {fingerprint}'s project in pool {pool_name}"
+                );
+                json!({
+                    "cleared": cleared,
+                    "project": keys.project_name(keys.key(id).project),
+                    "model": model,
+                })
+            }
+            "check" => {
+                let timeouts = self.shared.runtime.load().timeouts;
+                let check = check_key(&pool, &keys, id, timeouts).await;
+                return Answer(
+                    StatusCode::OK,
+                    json!({ "checks": [check_json(&keys, id, &check)] }),
+                );
+            }
+            other => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown key action '{other}': disable, enable, clear-cooldown, check"),
+                )
+            }
+        };
+        let mut done = done;
+        done["pool"] = json!(pool_name);
+        done["survives_restart"] = json!(false);
+        done["note"] = json!(NOT_PERSISTED);
+        Answer(StatusCode::OK, done)
+    }
+
+    async fn check_pool(&self, pool_name: &str) -> Answer {
+        let pool = match self.pool(pool_name) {
+            Ok(p) => p,
+            Err(a) => return a,
+        };
+        let keys = pool.keys.load_full();
+        let timeouts = self.shared.runtime.load().timeouts;
+        let mut checks = Vec::with_capacity(keys.len());
+        for k in 0..keys.len() {
+            let id = KeyId(k as u32);
+            let check = check_key(&pool, &keys, id, timeouts).await;
+            checks.push(check_json(&keys, id, &check));
+        }
+        Answer(StatusCode::OK, json!({ "checks": checks }))
+    }
+
+    fn find_key(
+        &self,
+        pool_name: &str,
+        fp: &str,
+    ) -> Result<(Arc<Pool>, Arc<KeyPool>, KeyId), Answer> {
+        let pool = self.pool(pool_name)?;
+        let keys = pool.keys.load_full();
+        let fp = fp.replace("%23", "#");
+        let id = keys.find(&fp).ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no key with fingerprint '{fp}' in pool '{pool_name}'"),
+            )
+        })?;
+        Ok((pool, keys, id))
+    }
+}
+
+fn check_json(keys: &KeyPool, id: KeyId, check: &KeyCheck) -> Value {
+    let result = match check {
+        KeyCheck::Alive => "ok".to_string(),
+        KeyCheck::Dead(reason) => reason.as_str().to_string(),
+        KeyCheck::Inconclusive(label) => format!("inconclusive: {label}"),
+    };
+    json!({
+        "key": keys.key(id).fingerprint,
+        "result": result,
+        "state": keys.disabled(id).map_or("enabled", |d| d.as_str()),
+    })
+}
+
+fn key_json(k: &crate::keys::KeyReport, now: Millis) -> Value {
+    let cooldowns: Vec<Value> = k
+        .cooldowns
+        .iter()
+        .map(|(model, until)| {
+            json!({
+                "model": model,
+                "until": rfc3339(*until),
+                "seconds_left": until.saturating_sub(now).div_ceil(1000),
+            })
+        })
+        .collect();
+    let state = match (k.disabled, k.cooldowns.is_empty()) {
+        (Some(_), _) => "disabled",
+        (None, false) => "cooling",
+        (None, true) => "ok",
+    };
+    json!({
+        "key": k.fingerprint,
+        "project": k.project,
+        "state": state,
+        "reason": k.disabled.map(|d| d.as_str()),
+        "cooldowns": cooldowns,
+        "blocked_methods": k.blocked_methods,
+        "requests": k.usage.requests.load(Relaxed),
+        "prompt_tokens": k.usage.prompt_tokens.load(Relaxed),
+        "output_tokens": k.usage.output_tokens.load(Relaxed),
+        "total_tokens": k.usage.total_tokens.load(Relaxed),
+    })
+}
+
+fn rfc3339(ms: Millis) -> String {
+    Utc.timestamp_millis_opt(ms.min(i64::MAX as u64) as i64)
+        .single()
+        .map_or_else(String::new, |t| t.to_rfc3339())
+}
+
+/// Whether the request carries the admin token. Digests are compared in constant time.
+fn authorized(expected: [u8; 32], http: &ServerSession) -> bool {
+    let Some(value) = http.req_header().headers.get(http::header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    if value.len() < 7 || !value[..7].eq_ignore_ascii_case(b"bearer ") {
+        return false;
+    }
+    let given = sha256(value[7..].trim_ascii());
+    given
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+async fn read_body(http: &mut ServerSession) -> Result<Vec<u8>, Answer> {
+    let mut body = Vec::new();
+    loop {
+        match http.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_ADMIN_BODY {
+                    http.set_keepalive(None);
+                    return Err(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "admin request body too large",
+                    ));
+                }
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                http.set_keepalive(None);
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {}", e.etype().as_str()),
+                ));
+            }
+        }
+    }
+}
+
+/// Checks every key on a slow schedule, so dead keys are found before a request needs them and
+/// recovered ones come back.
+pub struct KeyChecker {
+    shared: Arc<Shared>,
+    interval: Duration,
+}
+
+impl KeyChecker {
+    /// A checker running every `interval`.
+    pub fn new(shared: Arc<Shared>, interval: Duration) -> KeyChecker {
+        KeyChecker { shared, interval }
+    }
+}
+
+/// Pause between two keys' checks, so a large pool is not checked in one burst.
+const BETWEEN_CHECKS: Duration = Duration::from_millis(500);
+
+#[async_trait]
+impl BackgroundService for KeyChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if self.interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            let rt = self.shared.runtime.load_full();
+            for pool in &rt.pools {
+                let keys = pool.keys.load_full();
+                for k in 0..keys.len() {
+                    check_key(pool, &keys, KeyId(k as u32), rt.timeouts).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(BETWEEN_CHECKS) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! What the gateway runs on, shared by the proxy and the admin API: the pools with their keys
+//! and upstreams, the tenants, and the tables that outlive a configuration (affinity, uploads).
+//!
+//! Requests take a snapshot (`Arc`) of what they need when they start, so a change (a key added
+//! through the admin API) applies to the next request while running ones finish on what they
+//! started with.
+
+use crate::affinity::{Affinity, Uploads};
+use crate::config::{Config, PoolConfig, RetryPolicy, Timeouts};
+use crate::keys::KeyPool;
+use crate::tenants::{FairShare, Tenant, Tenants};
+use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+
+/// How many resources (files, caches, batches...) keygate remembers the owner of.
+const AFFINITY_CAPACITY: usize = 100_000;
+/// How many resumable uploads can be in progress at once.
+const UPLOADS_CAPACITY: usize = 10_000;
+
+/// One pool: its keys (swapped whole when keys are added or removed), its upstream, and the
+/// fair-share table of the tenants using it.
+pub struct Pool {
+    /// The pool's configuration as loaded (its `keys` are the ones of the first `KeyPool`).
+    pub config: PoolConfig,
+    /// Keys and their health table.
+    pub keys: ArcSwap<KeyPool>,
+    /// Addresses and connections.
+    pub upstream: Arc<Upstream>,
+    /// Who used the pool lately.
+    pub fair: FairShare,
+}
+
+impl Pool {
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// Settings and tables that one configuration defines.
+pub struct Runtime {
+    /// Pools in config order.
+    pub pools: Vec<Arc<Pool>>,
+    /// Tenants.
+    pub tenants: Tenants,
+    /// Largest request body accepted.
+    pub max_body: usize,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Everything the proxy and the admin API share.
+pub struct Shared {
+    /// The current configuration's runtime.
+    pub runtime: ArcSwap<Runtime>,
+    /// Which project owns which resource.
+    pub affinity: Affinity,
+    /// Resumable uploads handed out.
+    pub uploads: Uploads,
+}
+
+/// Where a request goes.
+pub enum Route {
+    /// This pool (index into [`Runtime::pools`]).
+    Pool(usize),
+    /// No pool the tenant may use serves the model.
+    NoPool,
+}
+
+impl Runtime {
+    /// Builds the runtime of a validated configuration.
+    pub fn new(config: &Config) -> Runtime {
+        Runtime {
+            pools: config
+                .pools
+                .iter()
+                .map(|p| {
+                    Arc::new(Pool {
+                        config: p.clone(),
+                        keys: ArcSwap::from_pointee(KeyPool::new(p)),
+                        upstream: Arc::new(Upstream::new(p, config.timeouts)),
+                        fair: FairShare::default(),
+                    })
+                })
+                .collect(),
+            tenants: Tenants::new(&config.tenants, None),
+            max_body: config.max_body_bytes,
+            retry: config.retry,
+            timeouts: config.timeouts,
+        }
+    }
+
+    /// The first pool (in config order) that `tenant` may use and that serves `model`. A
+    /// request without a model (listing models, files) goes to the tenant's first pool.
+    pub fn route(&self, tenant: Option<&Tenant>, model: &str) -> Route {
+        let allowed = |i: usize| tenant.is_none_or(|t| t.pools.contains(&i));
+        let found = self
+            .pools
+            .iter()
+            .enumerate()
+            .find(|(i, p)| allowed(*i) && (model.is_empty() || p.config.serves(model)));
+        match found {
+            Some((i, _)) => Route::Pool(i),
+            None => Route::NoPool,
+        }
+    }
+
+    /// The index of the pool named `name`.
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name() == name)
+    }
+
+    /// Every pool's upstream, for the resolver service.
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.pools.iter().map(|p| p.upstream.clone()).collect()
+    }
+}
+
+impl Shared {
+    /// The shared state of a freshly started gateway.
+    pub fn new(config: &Config) -> Shared {
+        Shared {
+            runtime: ArcSwap::from_pointee(Runtime::new(config)),
+            affinity: Affinity::new(AFFINITY_CAPACITY),
+            uploads: Uploads::new(UPLOADS_CAPACITY),
+        }
+    }
+}

@@ -1,0 +1,1054 @@
+//! Token usage in an upstream answer, read while the body streams past (pure, no I/O).
+//!
+//! A [`BodyTap`] is fed the answer body chunk by chunk, gunzips it on the fly when it is
+//! gzip-encoded, and keeps only bounded state: an optional head (the whole body when it is
+//! small) and a rolling window of the last decoded bytes. [`BodyTap::tokens`] then finds the
+//! last usage object in that window and reports it as [`Tokens`].
+//!
+//! Two shapes of usage are understood, in plain JSON answers, SSE streams of JSON events, and
+//! Gemini's streamed JSON arrays alike:
+//! - Gemini's `"usageMetadata": {"promptTokenCount", "candidatesTokenCount",
+//!   "thoughtsTokenCount", "toolUsePromptTokenCount", "totalTokenCount"}`;
+//! - the OpenAI-compatible `"usage": {"prompt_tokens", "completion_tokens", "total_tokens"}`.
+//!
+//! Streams repeat usage (Gemini: every event, growing) or send it once at the end (OpenAI, with
+//! `"usage": null` before), so the last usage object in the body is the answer's total. Both
+//! put it at the end of the body, which is why a tail window suffices: the usage object must
+//! lie within the last 16 KiB of the decoded body to be found.
+
+use flate2::{Crc, Decompress, FlushDecompress, Status};
+use serde_json::Value;
+
+/// Decoded bytes kept from the end of the body, where the usage object is looked for. The
+/// usage objects are a few hundred bytes and come last (after the candidates), so 16 KiB
+/// leaves ample room for the final event around them.
+const TAIL: usize = 16 * 1024;
+
+/// Largest size of the tail buffer: appending up to it and then dropping all but [`TAIL`]
+/// bytes moves each byte at most once more, keeping the upkeep O(1) per byte.
+const TAIL_BUF: usize = 2 * TAIL;
+
+/// Decoder output is produced in pieces of this size, so a chunk that inflates hugely never
+/// needs a buffer larger than this (it is streamed into the head and tail, both bounded).
+const OUT_PIECE: usize = 8 * 1024;
+
+/// Most decoded bytes a gzipped body may produce before decoding stops, as if it were corrupt.
+/// Memory is bounded regardless; this bounds the CPU a gzip bomb can cost (deflate expands at
+/// most ~1032:1, so a few MB of input could otherwise mean GBs to inflate). A real Gemini
+/// answer (at most ~65k output tokens, even as verbose SSE) stays orders of magnitude below.
+const MAX_DECODED: u64 = 256 << 20;
+
+/// Tokens one answer used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Input tokens: Gemini's `promptTokenCount` + `toolUsePromptTokenCount`, or OpenAI's
+    /// `prompt_tokens`.
+    pub prompt: u64,
+    /// Generated tokens: Gemini's `candidatesTokenCount` + `thoughtsTokenCount` (thinking is
+    /// billed as output), or OpenAI's `completion_tokens` (which already include reasoning).
+    pub output: u64,
+    /// The total the upstream reports, or `prompt + output` when it reports none.
+    pub total: u64,
+}
+
+/// Watches an answer body go by, chunk by chunk, keeping bounded state.
+pub struct BodyTap {
+    /// The gzip decoder, for a gzip-encoded body; `None` for an identity body.
+    gunzip: Option<Gunzip>,
+    /// Where decoded bytes go.
+    seen: Seen,
+}
+
+impl BodyTap {
+    /// `gzip`: the body is gzip-encoded (Content-Encoding: gzip) and is decoded as it goes.
+    /// `keep_head`: how many decoded bytes to keep from the start (0 = none).
+    pub fn new(gzip: bool, keep_head: usize) -> BodyTap {
+        BodyTap {
+            gunzip: gzip.then(Gunzip::new),
+            seen: Seen {
+                keep_head,
+                head: Vec::new(),
+                head_overflow: false,
+                tail: Vec::new(),
+            },
+        }
+    }
+
+    /// Feeds the next raw (possibly gzipped) chunk. Cheap: O(chunk) work, no allocation growth
+    /// beyond keep_head + a fixed tail window (16 KiB, kept in a buffer of at most 32 KiB) + the
+    /// decoder.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match &mut self.gunzip {
+            None => self.seen.push(chunk),
+            Some(gz) => gz.feed(chunk, &mut self.seen),
+        }
+    }
+
+    /// The whole decoded body, if it fit in `keep_head` bytes (None if larger, or if decoding
+    /// failed). With `keep_head` 0 it is always None; for a gzipped body it is Some only once
+    /// the gzip stream has ended and its checksum matched, so a truncated body is never taken
+    /// for a whole one.
+    pub fn head(&self) -> Option<&[u8]> {
+        if self.seen.keep_head == 0 || self.seen.head_overflow {
+            return None;
+        }
+        match &self.gunzip {
+            Some(gz) if !gz.complete() => None,
+            _ => Some(&self.seen.head),
+        }
+    }
+
+    /// The usage the body reports: the LAST usage object in it (streams repeat or end with it).
+    /// Computed from the tail window on each call; None when the window holds no usable one.
+    pub fn tokens(&self) -> Option<Tokens> {
+        last_usage(&self.seen.tail)
+    }
+
+    /// Bytes the head and tail buffers hold (their capacities), to check they stay bounded.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.seen.head.capacity() + self.seen.tail.capacity()
+    }
+}
+
+/// The decoded bytes a tap keeps: a bounded head and the rolling tail window.
+struct Seen {
+    /// Most bytes kept in `head`; 0 keeps none.
+    keep_head: usize,
+    /// The body's first decoded bytes, while they fit in `keep_head`.
+    head: Vec<u8>,
+    /// The body outgrew `keep_head`: `head` was released and stays empty.
+    head_overflow: bool,
+    /// The last decoded bytes: at least the last [`TAIL`] of them (or all, if fewer), at most
+    /// [`TAIL_BUF`].
+    tail: Vec<u8>,
+}
+
+impl Seen {
+    /// Takes the next decoded bytes.
+    fn push(&mut self, data: &[u8]) {
+        self.push_head(data);
+        self.push_tail(data);
+    }
+
+    fn push_head(&mut self, data: &[u8]) {
+        if self.keep_head == 0 || self.head_overflow || data.is_empty() {
+            return;
+        }
+        if data.len() > self.keep_head - self.head.len() {
+            // Too big to keep whole: a partial head is of no use, so free it now.
+            self.head_overflow = true;
+            self.head = Vec::new();
+            return;
+        }
+        grow_within(&mut self.head, data.len(), self.keep_head);
+        self.head.extend_from_slice(data);
+    }
+
+    fn push_tail(&mut self, data: &[u8]) {
+        if data.len() >= TAIL {
+            // The chunk alone fills the window: keep only its end.
+            self.tail.clear();
+            grow_within(&mut self.tail, TAIL, TAIL_BUF);
+            self.tail.extend_from_slice(&data[data.len() - TAIL..]);
+            return;
+        }
+        if self.tail.len() + data.len() > TAIL_BUF {
+            // Drop the oldest bytes so that the window is exactly TAIL after appending. Here
+            // tail.len() > TAIL > TAIL - data.len(), so something is dropped, and this happens
+            // at most once per TAIL bytes appended.
+            let keep = TAIL - data.len();
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        grow_within(&mut self.tail, data.len(), TAIL_BUF);
+        self.tail.extend_from_slice(data);
+    }
+}
+
+/// Makes room in `v` for `extra` more bytes, doubling as `Vec` does but never past `limit`
+/// (which the caller guarantees `v.len() + extra` stays within), so capacity stays bounded.
+fn grow_within(v: &mut Vec<u8>, extra: usize, limit: usize) {
+    let need = v.len() + extra;
+    if need > v.capacity() {
+        let want = need
+            .max(v.capacity().saturating_mul(2))
+            .min(limit)
+            .max(need);
+        v.reserve_exact(want - v.len());
+    }
+}
+
+/// A streaming gzip decoder (RFC 1952) that writes into a [`Seen`].
+///
+/// Written on `flate2::Decompress` (raw deflate) rather than `flate2::write::GzDecoder`
+/// because the latter only checks the CRC when finished and cannot tell whether the stream
+/// ended; here every member's trailer is checked as it arrives, so [`BodyTap::head`] can
+/// refuse a truncated or corrupt body.
+struct Gunzip {
+    /// Where the decoder is in the gzip format.
+    step: Step,
+    /// The member header's FLG byte, with each optional field's bit cleared once skipped.
+    flags: u8,
+    /// Raw deflate decoder (its state, window included, is boxed inside flate2: about 40 KiB, fixed).
+    inflate: Decompress,
+    /// CRC-32 and length of the current member's decoded bytes, checked against its trailer.
+    crc: Crc,
+    /// Decoded bytes so far, all members.
+    decoded: u64,
+    /// Largest `decoded` allowed; [`MAX_DECODED`] except in tests.
+    max_decoded: u64,
+}
+
+/// A position in the gzip format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The fixed 10-byte member header; `n` bytes of it seen.
+    Fixed { n: u8 },
+    /// FEXTRA's 2-byte little-endian length; its low byte if seen.
+    ExtraLen { lo: Option<u8> },
+    /// FEXTRA's data, `left` bytes to skip.
+    Extra { left: u16 },
+    /// FNAME or FCOMMENT: a zero-terminated string to skip (either is at most as long as
+    /// the body, and nothing of it is stored).
+    ToNul,
+    /// FHCRC, `left` bytes to skip.
+    HeaderCrc { left: u8 },
+    /// The deflate data.
+    Body,
+    /// The 8-byte trailer (CRC-32, ISIZE), `n` bytes of it seen into `buf`.
+    Trailer { buf: [u8; 8], n: u8 },
+    /// A member ended and checked out; more bytes would start another member.
+    Done,
+    /// Decoding stopped for good: corrupt data, or the decoded-size limit.
+    Failed,
+}
+
+/// Gzip header flag bits (RFC 1952, 2.3.1).
+const FHCRC: u8 = 1 << 1;
+const FEXTRA: u8 = 1 << 2;
+const FNAME: u8 = 1 << 3;
+const FCOMMENT: u8 = 1 << 4;
+const FRESERVED: u8 = 0b1110_0000;
+
+impl Gunzip {
+    fn new() -> Gunzip {
+        Gunzip {
+            step: Step::Fixed { n: 0 },
+            flags: 0,
+            inflate: Decompress::new(false),
+            crc: Crc::new(),
+            decoded: 0,
+            max_decoded: MAX_DECODED,
+        }
+    }
+
+    /// The bytes fed so far form whole, verified gzip members.
+    fn complete(&self) -> bool {
+        self.step == Step::Done
+    }
+
+    /// Decodes `input` into `out`; on corrupt data stops for good (the body still passes
+    /// through the gateway untouched; only the tap stops reading it).
+    fn feed(&mut self, input: &[u8], out: &mut Seen) {
+        if self.step != Step::Failed && self.decode(input, out).is_err() {
+            self.step = Step::Failed;
+        }
+    }
+
+    fn decode(&mut self, mut input: &[u8], out: &mut Seen) -> Result<(), Corrupt> {
+        while let Some((&byte, rest)) = input.split_first() {
+            match self.step {
+                Step::Failed => return Err(Corrupt),
+                Step::Body => {
+                    input = self.inflate_some(input, out)?;
+                    continue;
+                }
+                Step::Done => {
+                    // Another member follows (RFC 1952 allows several); anything else is
+                    // caught by the header check.
+                    self.step = Step::Fixed { n: 0 };
+                    continue;
+                }
+                Step::Fixed { n } => {
+                    let ok = match n {
+                        0 => byte == 0x1f,
+                        1 => byte == 0x8b,
+                        2 => byte == 8, // CM = deflate, the only method defined
+                        3 => byte & FRESERVED == 0,
+                        _ => true, // MTIME, XFL, OS: not needed
+                    };
+                    if !ok {
+                        return Err(Corrupt);
+                    }
+                    if n == 3 {
+                        self.flags = byte;
+                    }
+                    self.step = if n == 9 {
+                        self.after_header_field()
+                    } else {
+                        Step::Fixed { n: n + 1 }
+                    };
+                }
+                Step::ExtraLen { lo: None } => self.step = Step::ExtraLen { lo: Some(byte) },
+                Step::ExtraLen { lo: Some(lo) } => {
+                    let left = u16::from_le_bytes([lo, byte]);
+                    self.step = Step::Extra { left };
+                    if left == 0 {
+                        self.flags &= !FEXTRA;
+                        self.step = self.after_header_field();
+                    }
+                }
+                Step::Extra { left } => {
+                    // Skip as much of the extra field as this input holds, in one go.
+                    let take = input.len().min(usize::from(left));
+                    input = &input[take..];
+                    let left = left - take as u16; // take <= left, a u16
+                    self.step = Step::Extra { left };
+                    if left == 0 {
+                        self.flags &= !FEXTRA;
+                        self.step = self.after_header_field();
+                    }
+                    continue;
+                }
+                Step::ToNul => {
+                    if byte == 0 {
+                        // FNAME comes before FCOMMENT: clear whichever is pending first.
+                        if self.flags & FNAME != 0 {
+                            self.flags &= !FNAME;
+                        } else {
+                            self.flags &= !FCOMMENT;
+                        }
+                        self.step = self.after_header_field();
+                    }
+                }
+                Step::HeaderCrc { left } => {
+                    // The header CRC is optional and rarely sent; skipped, not checked.
+                    self.step = if left > 1 {
+                        Step::HeaderCrc { left: left - 1 }
+                    } else {
+                        self.flags &= !FHCRC;
+                        self.after_header_field()
+                    };
+                }
+                Step::Trailer { mut buf, n } => {
+                    buf[usize::from(n) % 8] = byte;
+                    self.step = Step::Trailer { buf, n: n + 1 };
+                    if n + 1 == 8 {
+                        let crc = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                        let size = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                        // ISIZE is the length mod 2^32, as is Crc::amount.
+                        if crc != self.crc.sum() || size != self.crc.amount() {
+                            return Err(Corrupt);
+                        }
+                        self.step = Step::Done;
+                    }
+                }
+            }
+            input = rest;
+        }
+        Ok(())
+    }
+
+    /// The next part of the member header still to skip, or the body once none is left.
+    fn after_header_field(&mut self) -> Step {
+        if self.flags & FEXTRA != 0 {
+            Step::ExtraLen { lo: None }
+        } else if self.flags & (FNAME | FCOMMENT) != 0 {
+            Step::ToNul
+        } else if self.flags & FHCRC != 0 {
+            Step::HeaderCrc { left: 2 }
+        } else {
+            self.inflate.reset(false);
+            self.crc.reset();
+            Step::Body
+        }
+    }
+
+    /// Inflates from `input` until it is used up (and pending output drained) or the deflate
+    /// stream ends; returns the input left over (the trailer and beyond).
+    fn inflate_some<'a>(
+        &mut self,
+        mut input: &'a [u8],
+        out: &mut Seen,
+    ) -> Result<&'a [u8], Corrupt> {
+        let mut piece = [0u8; OUT_PIECE];
+        loop {
+            let (in0, out0) = (self.inflate.total_in(), self.inflate.total_out());
+            let status = self
+                .inflate
+                .decompress(input, &mut piece, FlushDecompress::None)
+                .map_err(|_| Corrupt)?;
+            // Both deltas are bounded by the slices' lengths; `get` keeps that unchecked
+            // assumption from ever becoming a panic.
+            let used = delta(self.inflate.total_in(), in0);
+            let made = delta(self.inflate.total_out(), out0);
+            input = input.get(used..).ok_or(Corrupt)?;
+            let produced = piece.get(..made).ok_or(Corrupt)?;
+            if !produced.is_empty() {
+                self.decoded = self.decoded.saturating_add(made as u64);
+                if self.decoded > self.max_decoded {
+                    return Err(Corrupt);
+                }
+                self.crc.update(produced);
+                out.push(produced);
+            }
+            if status == Status::StreamEnd {
+                self.step = Step::Trailer { buf: [0; 8], n: 0 };
+                return Ok(input);
+            }
+            if made == 0 && used == 0 {
+                // No progress: either the input is used up and nothing is pending, or the
+                // decoder is stuck on input it will not take, which a valid stream never does.
+                return if input.is_empty() {
+                    Ok(input)
+                } else {
+                    Err(Corrupt)
+                };
+            }
+            if input.is_empty() && made < piece.len() {
+                // Input used up and the output had room to spare: nothing is pending.
+                return Ok(input);
+            }
+        }
+    }
+}
+
+/// How far a decoder counter moved, as a slice length (usize::MAX if it cannot be one, which
+/// the slicing that follows turns into an error rather than a panic).
+fn delta(now: u64, before: u64) -> usize {
+    usize::try_from(now.saturating_sub(before)).unwrap_or(usize::MAX)
+}
+
+/// The gzip data cannot be decoded (or decodes to more than the tap will process).
+#[derive(Debug)]
+struct Corrupt;
+
+/// Which usage key was found, and so which field names its object uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Gemini's `"usageMetadata"`.
+    Gemini,
+    /// The OpenAI-compatible `"usage"`.
+    OpenAi,
+}
+
+/// Most usage keys tried, from the last back, before giving up. Each try may scan to the end
+/// of the window (an object cut off, or never closed), so an unbounded number would make a
+/// window full of such keys cost O(TAIL^2); real streams have the answer in the last few.
+const MAX_TRIES: usize = 64;
+
+/// The last usable usage object in `window`: the last unescaped `"usageMetadata"` or `"usage"`
+/// key followed by `:` and an object with at least one of the expected counts. Occurrences
+/// that fail (`null`, cut off by the window's end, not JSON, no counts) are skipped in favour
+/// of the one before.
+fn last_usage(window: &[u8]) -> Option<Tokens> {
+    const PREFIX: &[u8] = b"\"usage";
+    let mut end = window.len();
+    for _ in 0..MAX_TRIES {
+        // The last `"usage` within window[..end].
+        let at = window[..end]
+            .windows(PREFIX.len())
+            .rposition(|w| w == PREFIX)?;
+        if let Some(tokens) = usage_at(window, at) {
+            return Some(tokens);
+        }
+        end = at;
+    }
+    None
+}
+
+/// The usage whose key's opening quote is at `at`, if it is a real key with a usable object.
+fn usage_at(window: &[u8], at: usize) -> Option<Tokens> {
+    // Inside a JSON string every quote is escaped by an odd run of backslashes: such a
+    // `\"usage\"` is text (e.g. the model talking about JSON), not a key. In valid JSON an
+    // unescaped quote followed by `usage"` and `:` can only open an object key.
+    let backslashes = window[..at]
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b'\\')
+        .count();
+    if backslashes % 2 == 1 {
+        return None;
+    }
+    let after = &window[at + b"\"usage".len()..];
+    let (shape, rest) = if let Some(rest) = after.strip_prefix(b"Metadata\"") {
+        (Shape::Gemini, rest)
+    } else if let Some(rest) = after.strip_prefix(b"\"") {
+        (Shape::OpenAi, rest)
+    } else {
+        return None; // `"usage_foo"`, `"usages"`, ...
+    };
+    let rest = skip_ws(rest).strip_prefix(b":")?;
+    let rest = skip_ws(rest);
+    // `null` (OpenAI streams before the last chunk) and anything else not an object fail here.
+    let object = balanced_object(rest)?;
+    let value: Value = serde_json::from_slice(object).ok()?;
+    match shape {
+        Shape::Gemini => gemini_tokens(&value),
+        Shape::OpenAi => openai_tokens(&value),
+    }
+}
+
+fn skip_ws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    &s[n..]
+}
+
+/// The `{...}` object at the start of `s`, balanced while skipping strings (and their
+/// escapes), or None if `s` does not start with `{` or the object is cut off.
+fn balanced_object(s: &[u8]) -> Option<&[u8]> {
+    if s.first() != Some(&b'{') {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, &b) in s.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(&s[..=i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A count field of a usage object: absent, or not a non-negative integer, reads as None.
+fn count(object: &serde_json::Map<String, Value>, key: &str) -> Option<u64> {
+    object.get(key).and_then(Value::as_u64)
+}
+
+/// Tokens from a Gemini `usageMetadata` object. Only its top-level counts are read; the
+/// per-modality `*Details` arrays are ignored. `cachedContentTokenCount` is not added: it is a
+/// part of `promptTokenCount`.
+fn gemini_tokens(value: &Value) -> Option<Tokens> {
+    let o = value.as_object()?;
+    let prompt = count(o, "promptTokenCount");
+    let tool = count(o, "toolUsePromptTokenCount");
+    let candidates = count(o, "candidatesTokenCount");
+    let thoughts = count(o, "thoughtsTokenCount");
+    let total = count(o, "totalTokenCount");
+    if [prompt, tool, candidates, thoughts, total]
+        .iter()
+        .all(Option::is_none)
+    {
+        return None;
+    }
+    let prompt = prompt.unwrap_or(0).saturating_add(tool.unwrap_or(0));
+    let output = candidates
+        .unwrap_or(0)
+        .saturating_add(thoughts.unwrap_or(0));
+    Some(Tokens {
+        prompt,
+        output,
+        total: total.unwrap_or(prompt.saturating_add(output)),
+    })
+}
+
+/// Tokens from an OpenAI-compatible `usage` object. Only its top-level counts are read, so
+/// the counts nested in `prompt_tokens_details` / `completion_tokens_details` never mix in.
+fn openai_tokens(value: &Value) -> Option<Tokens> {
+    let o = value.as_object()?;
+    let prompt = count(o, "prompt_tokens");
+    let completion = count(o, "completion_tokens");
+    let total = count(o, "total_tokens");
+    if [prompt, completion, total].iter().all(Option::is_none) {
+        return None;
+    }
+    let prompt = prompt.unwrap_or(0);
+    let output = completion.unwrap_or(0);
+    Some(Tokens {
+        prompt,
+        output,
+        total: total.unwrap_or(prompt.saturating_add(output)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use flate2::{Compression, GzBuilder};
+    use std::io::Write;
+
+    fn tokens(prompt: u64, output: u64, total: u64) -> Option<Tokens> {
+        Some(Tokens {
+            prompt,
+            output,
+            total,
+        })
+    }
+
+    /// Feeds `body` in pieces of `size` bytes.
+    fn tap_in_pieces(body: &[u8], gzip: bool, keep_head: usize, size: usize) -> BodyTap {
+        let mut tap = BodyTap::new(gzip, keep_head);
+        for piece in body.chunks(size) {
+            tap.feed(piece);
+        }
+        tap
+    }
+
+    fn tap_whole(body: &[u8]) -> BodyTap {
+        tap_in_pieces(body, false, 0, body.len().max(1))
+    }
+
+    fn gzip(body: &[u8]) -> Vec<u8> {
+        let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+        enc.write_all(body).unwrap();
+        enc.finish().unwrap()
+    }
+
+    const GEMINI_JSON: &str = r#"{
+  "candidates": [
+    {
+      "content": {"parts": [{"text": "Hello there."}], "role": "model"},
+      "finishReason": "STOP",
+      "index": 0
+    }
+  ],
+  "usageMetadata": {
+    "promptTokenCount": 8,
+    "candidatesTokenCount": 3,
+    "totalTokenCount": 11,
+    "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 8}]
+  },
+  "modelVersion": "gemini-2.5-flash",
+  "responseId": "abc"
+}
+"#;
+
+    /// Three SSE events, as `streamGenerateContent?alt=sse` sends them: usage grows, the
+    /// last event has the totals.
+    fn gemini_sse() -> String {
+        let event = |text: &str, usage: &str| {
+            format!(
+                "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \"{text}\"}}],\
+                 \"role\": \"model\"}},\"index\": 0}}],\"usageMetadata\": {usage},\
+                 \"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"r1\"}}\r\n\r\n"
+            )
+        };
+        [
+            event("Hel", r#"{"promptTokenCount": 12,"totalTokenCount": 12}"#),
+            event(
+                "lo",
+                r#"{"promptTokenCount": 12,"candidatesTokenCount": 2,"totalTokenCount": 14}"#,
+            ),
+            event(
+                "!",
+                r#"{"promptTokenCount": 12,"candidatesTokenCount": 345,"thoughtsTokenCount": 1000,"totalTokenCount": 1357}"#,
+            ),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn plain_gemini_json() {
+        assert_eq!(tap_whole(GEMINI_JSON.as_bytes()).tokens(), tokens(8, 3, 11));
+    }
+
+    #[test]
+    fn sse_stream_split_anywhere() {
+        let body = gemini_sse();
+        let body = body.as_bytes();
+        let want = tokens(12, 1345, 1357);
+        // Every two-piece split, which cuts the usage key, the numbers, the CRLFs, ...
+        for cut in 0..=body.len() {
+            let mut tap = BodyTap::new(false, 0);
+            tap.feed(&body[..cut]);
+            tap.feed(&body[cut..]);
+            assert_eq!(tap.tokens(), want, "split at {cut}");
+        }
+        // One byte at a time.
+        assert_eq!(tap_in_pieces(body, false, 0, 1).tokens(), want);
+    }
+
+    #[test]
+    fn sse_stream_mid_way_reports_usage_so_far() {
+        let body = gemini_sse();
+        let second_end = body.match_indices("\r\n\r\n").nth(1).unwrap().0 + 4;
+        let mut tap = BodyTap::new(false, 0);
+        tap.feed(&body.as_bytes()[..second_end]);
+        assert_eq!(tap.tokens(), tokens(12, 2, 14));
+        // Cut inside the last usage object: the previous, complete one is reported.
+        let cut = body.rfind("\"thoughtsTokenCount\"").unwrap();
+        let mut tap = BodyTap::new(false, 0);
+        tap.feed(&body.as_bytes()[..cut]);
+        assert_eq!(tap.tokens(), tokens(12, 2, 14));
+    }
+
+    #[test]
+    fn json_array_stream() {
+        // Without alt=sse Gemini streams one pretty-printed JSON array, element by element.
+        let pieces = [
+            "[{\n  \"candidates\": [{\"content\": {\"parts\": [{\"text\": \"A\"}]}}],\n  \
+             \"usageMetadata\": {\n    \"promptTokenCount\": 5,\n    \"totalTokenCount\": 5\n  }\n}\n",
+            ",\r\n{\n  \"candidates\": [{\"content\": {\"parts\": [{\"text\": \"B\"}]}}],\n  \
+             \"usageMetadata\": {\n    \"promptTokenCount\": 5,\n    \"candidatesTokenCount\": 7,\n    \
+             \"totalTokenCount\": 12\n  }\n}\n",
+            "]",
+        ];
+        let mut tap = BodyTap::new(false, 0);
+        for p in pieces {
+            tap.feed(p.as_bytes());
+        }
+        assert_eq!(tap.tokens(), tokens(5, 7, 12));
+    }
+
+    #[test]
+    fn openai_non_stream() {
+        let body = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,
+            "message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(3, 4, 7));
+    }
+
+    #[test]
+    fn openai_stream_with_null_usage_then_final_usage() {
+        let mut body = String::new();
+        for word in ["Hel", "lo", "!"] {
+            body += &format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}],\"usage\":null}}\n\n"
+            );
+        }
+        body += "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3,\"total_tokens\":12}}\n\n";
+        body += "data: [DONE]\n\n";
+        assert_eq!(
+            tap_in_pieces(body.as_bytes(), false, 0, 5).tokens(),
+            tokens(9, 3, 12)
+        );
+
+        // Without stream_options.include_usage there is only null: no usage.
+        let nulls = body
+            .split("data: {\"id\":\"c\",\"choices\":[],")
+            .next()
+            .unwrap();
+        assert_eq!(tap_whole(nulls.as_bytes()).tokens(), None);
+    }
+
+    #[test]
+    fn openai_usage_details_are_not_confused_with_counts() {
+        let body = r#"{"choices":[],"usage":{
+            "prompt_tokens_details":{"cached_tokens":100,"audio_tokens":0,"prompt_tokens":1},
+            "prompt_tokens":150,"completion_tokens":40,"total_tokens":190,
+            "completion_tokens_details":{"reasoning_tokens":30,"completion_tokens":2,"total_tokens":3}}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(150, 40, 190));
+    }
+
+    #[test]
+    fn gemini_thoughts_and_tool_prompt_are_summed() {
+        let body = r#"{"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,
+            "thoughtsTokenCount":2,"totalTokenCount":9,"cachedContentTokenCount":1}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(3, 6, 9));
+
+        // No total: prompt + output, with the tool-use prompt in the prompt.
+        let body = r#"{"usageMetadata":{"promptTokenCount":3,"toolUsePromptTokenCount":5,
+            "candidatesTokenCount":4,"thoughtsTokenCount":2}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(8, 6, 14));
+
+        // Only some fields: the rest are 0.
+        let body = r#"{"usageMetadata":{"totalTokenCount":9}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(0, 0, 9));
+    }
+
+    #[test]
+    fn gzipped_answer_in_seven_byte_pieces() {
+        let body = gemini_sse();
+        let tap = tap_in_pieces(&gzip(body.as_bytes()), true, 64 * 1024, 7);
+        assert_eq!(tap.tokens(), tokens(12, 1345, 1357));
+        assert_eq!(tap.head(), Some(body.as_bytes()));
+    }
+
+    #[test]
+    fn gzip_header_fields_and_members() {
+        // FEXTRA, FNAME, FCOMMENT set (and skipped), fed one byte at a time.
+        let mut enc = GzBuilder::new()
+            .extra(vec![7u8; 300])
+            .filename("answer.json")
+            .comment("a comment")
+            .write(Vec::new(), Compression::fast());
+        enc.write_all(GEMINI_JSON.as_bytes()).unwrap();
+        let gz = enc.finish().unwrap();
+        let tap = tap_in_pieces(&gz, true, 4096, 1);
+        assert_eq!(tap.tokens(), tokens(8, 3, 11));
+        assert_eq!(tap.head(), Some(GEMINI_JSON.as_bytes()));
+
+        // Two members make one body (RFC 1952 2.2).
+        let (a, b) = GEMINI_JSON.split_at(100);
+        let two = [gzip(a.as_bytes()), gzip(b.as_bytes())].concat();
+        let tap = tap_in_pieces(&two, true, 4096, 3);
+        assert_eq!(tap.tokens(), tokens(8, 3, 11));
+        assert_eq!(tap.head(), Some(GEMINI_JSON.as_bytes()));
+    }
+
+    /// 5 MB of SSE text events (each with partial usage), then the final totals.
+    fn big_stream() -> Vec<u8> {
+        let text = "lorem ipsum dolor sit amet ".repeat(40);
+        let mut body = Vec::new();
+        let mut n = 0u64;
+        while body.len() < 5_000_000 {
+            n += 1;
+            body.extend_from_slice(
+                format!(
+                    "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"{text}\"}}]}}}}],\
+                     \"usageMetadata\":{{\"promptTokenCount\":7,\"candidatesTokenCount\":{n},\"totalTokenCount\":{}}}}}\r\n\r\n",
+                    n + 7
+                )
+                .as_bytes(),
+            );
+        }
+        body.extend_from_slice(
+            b"data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":7,\
+              \"candidatesTokenCount\":250000,\"totalTokenCount\":250007}}\r\n\r\n",
+        );
+        body
+    }
+
+    #[test]
+    fn five_megabytes_keep_memory_bounded() {
+        let body = big_stream();
+        let keep_head = 4096;
+        let bound = keep_head + TAIL_BUF;
+        for size in [1000, 4096, 16 * 1024, 100_000] {
+            let mut tap = BodyTap::new(false, keep_head);
+            for piece in body.chunks(size) {
+                tap.feed(piece);
+                assert!(
+                    tap.held() <= bound,
+                    "held {} with {size}-byte chunks",
+                    tap.held()
+                );
+            }
+            assert_eq!(tap.tokens(), tokens(7, 250_000, 250_007));
+            assert_eq!(tap.head(), None);
+        }
+        // One 5 MB chunk: only its end is copied.
+        let tap = tap_whole(&body);
+        assert!(tap.held() <= TAIL_BUF);
+        assert_eq!(tap.tokens(), tokens(7, 250_000, 250_007));
+    }
+
+    #[test]
+    fn five_megabytes_gzipped_keep_memory_bounded() {
+        let body = big_stream();
+        let gz = {
+            let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+            enc.write_all(&body).unwrap();
+            enc.finish().unwrap()
+        };
+        let mut tap = BodyTap::new(true, 1024);
+        for piece in gz.chunks(16 * 1024) {
+            tap.feed(piece);
+            assert!(tap.held() <= 1024 + TAIL_BUF);
+        }
+        assert_eq!(tap.tokens(), tokens(7, 250_000, 250_007));
+        assert_eq!(tap.head(), None);
+    }
+
+    #[test]
+    fn gzip_bomb_stops_at_the_decoded_limit() {
+        let gz = gzip(&vec![b' '; 4 << 20]);
+        // Under the (default) limit the same body decodes to its end.
+        let tap = tap_whole_gzip(&gz);
+        assert_eq!(tap.gunzip.as_ref().map(|g| g.step), Some(Step::Done));
+        let mut tap = BodyTap::new(true, 1024);
+        if let Some(g) = tap.gunzip.as_mut() {
+            g.max_decoded = 1 << 20;
+        }
+        tap.feed(&gz);
+        assert_eq!(tap.gunzip.as_ref().map(|g| g.step), Some(Step::Failed));
+        assert!(tap.held() <= 1024 + TAIL_BUF);
+        assert_eq!(tap.head(), None);
+    }
+
+    #[test]
+    fn corrupt_gzip_keeps_what_was_found_before() {
+        let body = gemini_sse();
+        let good = tap_in_pieces(&gzip(body.as_bytes()), true, 0, 7);
+        assert_eq!(good.tokens(), tokens(12, 1345, 1357));
+
+        // Compress the first two events and flush them out (as a streaming server does), then
+        // garble what follows: decoding stops, head() is None, and tokens() reports the usage
+        // that came through before.
+        let second_end = body.match_indices("\r\n\r\n").nth(1).unwrap().0 + 4;
+        let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+        enc.write_all(&body.as_bytes()[..second_end]).unwrap();
+        enc.flush().unwrap();
+        let flushed = enc.get_ref().len();
+        enc.write_all(&body.as_bytes()[second_end..]).unwrap();
+        let mut gz = enc.finish().unwrap();
+        let end = gz.len() - 8;
+        // 0xff right after a flush starts a block of the reserved type 11: an error. (Most
+        // garbling is caught the same way; some only leaves the decoder waiting for more.)
+        gz[flushed..end].fill(0xff);
+        let tap = tap_in_pieces(&gz, true, 64 * 1024, 7);
+        assert_eq!(tap.gunzip.as_ref().map(|g| g.step), Some(Step::Failed));
+        assert_eq!(tap.head(), None);
+        assert_eq!(tap.tokens(), tokens(12, 2, 14));
+
+        // A bad checksum: the text decodes, but the body is not trusted as a whole.
+        let mut gz = gzip(GEMINI_JSON.as_bytes());
+        let n = gz.len();
+        gz[n - 8] ^= 1;
+        let tap = tap_in_pieces(&gz, true, 64 * 1024, 7);
+        assert_eq!(tap.head(), None);
+
+        // Not gzip at all.
+        let tap = tap_in_pieces(GEMINI_JSON.as_bytes(), true, 64 * 1024, 7);
+        assert_eq!(tap.head(), None);
+        assert_eq!(tap.tokens(), None);
+    }
+
+    #[test]
+    fn truncated_gzip_has_no_head() {
+        let gz = gzip(GEMINI_JSON.as_bytes());
+        let tap = tap_whole_gzip(&gz[..gz.len() - 3]);
+        assert_eq!(tap.head(), None);
+        // All of the text was decoded; only the trailer is missing.
+        assert_eq!(tap.tokens(), tokens(8, 3, 11));
+    }
+
+    fn tap_whole_gzip(gz: &[u8]) -> BodyTap {
+        tap_in_pieces(gz, true, 64 * 1024, gz.len().max(1))
+    }
+
+    #[test]
+    fn no_usage_is_none() {
+        let error = r#"{"error":{"code":429,"message":"Resource exhausted","status":"RESOURCE_EXHAUSTED"}}"#;
+        assert_eq!(tap_whole(error.as_bytes()).tokens(), None);
+        assert_eq!(tap_whole(b"").tokens(), None);
+        assert_eq!(BodyTap::new(true, 10).tokens(), None);
+        // Keys that only look alike, and usage objects without any count.
+        for body in [
+            r#"{"usage_metadata":{"prompt_tokens":1},"usages":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"foo":1},"usageMetadata":{"promptTokenCount":"3"}}"#,
+            r#"{"type":"usage","usage":[1,2],"usageMetadata":null}"#,
+            r#"{"usage": {"prompt_tokens": 3, "completion_tokens": 4"#,
+        ] {
+            assert_eq!(tap_whole(body.as_bytes()).tokens(), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn escaped_usage_in_model_text_is_ignored() {
+        let body = r#"{"choices":[{"message":{"content":"the \"usage\": {\"prompt_tokens\": 999} field"}}],
+            "usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(3, 4, 7));
+
+        // Even when the text comes after the real usage and mimics it with balanced quoting.
+        let body = r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},
+            "note":"x\\\"usage\": {\"prompt_tokens\": 999, \"completion_tokens\": 1}",
+            "more":"\"usageMetadata\":{\"promptTokenCount\":999}"}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(3, 4, 7));
+
+        // A key that is the text `"usage` (its quote escaped) is not the usage key.
+        let body = r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},
+            "args":{"\"usage": {"prompt_tokens": 999}}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(3, 4, 7));
+
+        // A string holding a quote-balanced object after the real key is skipped while
+        // balancing: `}` inside strings does not close the object.
+        let body = r#"{"usageMetadata":{"cachedContentTokensDetails":[{"modality":"}{\"x"}],
+            "promptTokenCount":2,"candidatesTokenCount":1,"totalTokenCount":3}}"#;
+        assert_eq!(tap_whole(body.as_bytes()).tokens(), tokens(2, 1, 3));
+    }
+
+    #[test]
+    fn head_is_the_small_body_only() {
+        let body = GEMINI_JSON.as_bytes();
+        let tap = tap_in_pieces(body, false, body.len(), 10);
+        assert_eq!(tap.head(), Some(body));
+        let tap = tap_in_pieces(body, false, body.len() - 1, 10);
+        assert_eq!(tap.head(), None);
+        assert_eq!(tap.tokens(), tokens(8, 3, 11));
+        let tap = tap_in_pieces(body, false, 0, 10);
+        assert_eq!(tap.head(), None);
+        assert_eq!(BodyTap::new(false, 10).head(), Some(&b""[..]));
+
+        // Gzipped: the decoded size counts, not the wire size.
+        let gz = gzip(body);
+        assert!(gz.len() < body.len());
+        assert_eq!(tap_whole_gzip_head(&gz, body.len()).head(), Some(body));
+        assert_eq!(tap_whole_gzip_head(&gz, body.len() - 1).head(), None);
+    }
+
+    fn tap_whole_gzip_head(gz: &[u8], keep_head: usize) -> BodyTap {
+        tap_in_pieces(gz, true, keep_head, 7)
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic generator: no extra dependency.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"{}[]\":,\\ usageMetadata_prompt_tokens0123456789nul\r\n\x1f\x8b\x08";
+        for round in 0..200 {
+            let len = (next() % 3000) as usize;
+            let body: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if round % 2 == 0 {
+                        alphabet[(r % alphabet.len() as u64) as usize]
+                    } else {
+                        r as u8
+                    }
+                })
+                .collect();
+            for gzip in [false, true] {
+                let tap = tap_in_pieces(&body, gzip, 100, 1 + round % 17);
+                let _ = tap.tokens();
+                let _ = tap.head();
+            }
+            // A valid gzip header followed by noise.
+            let noisy = [&[0x1f, 0x8b, 8, 0x1e, 0, 0, 0, 0, 0, 3][..], &body].concat();
+            let tap = tap_in_pieces(&noisy, true, 100, 1 + round % 5);
+            let _ = tap.tokens();
+        }
+        // Pathological nesting and unterminated objects after many keys.
+        let deep = format!("{}{}", "\"usage\":{".repeat(5000), "[".repeat(20000));
+        assert_eq!(tap_whole(deep.as_bytes()).tokens(), None);
+        let nested = format!(
+            "{{\"usage\":{}{}}}",
+            "{\"a\":".repeat(300),
+            "1}".repeat(300)
+        );
+        let _ = tap_whole(nested.as_bytes()).tokens();
+    }
+
+    #[test]
+    fn gives_up_after_max_tries() {
+        let real = r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let nulls = |n: usize| format!("{real}{}", r#"{"usage":null}"#.repeat(n));
+        assert_eq!(
+            tap_whole(nulls(MAX_TRIES - 1).as_bytes()).tokens(),
+            tokens(3, 4, 7)
+        );
+        assert_eq!(tap_whole(nulls(MAX_TRIES).as_bytes()).tokens(), None);
+    }
+
+    #[test]
+    fn tap_can_cross_threads() {
+        fn send<T: Send>() {}
+        send::<BodyTap>();
+    }
+}
