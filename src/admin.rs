@@ -12,11 +12,18 @@
 //! - `GET  /admin/tenants`: tenants with their limits and usage.
 //!
 //! Keys are named by fingerprint (`key#1a2b3c4d`, or `1a2b3c4d` in a URL); a key never appears
-//! in an answer. Every change says whether it survives a restart: none does, since keygate
-//! writes no keys anywhere; the config file is the place for lasting changes.
+//! in an answer. Every change says whether it survives a restart: added and removed keys do not
+//! (keygate writes no keys anywhere; the config file is the place for lasting changes), while
+//! disabling, enabling and clearing cooldowns are kept by the state file when one is configured.
+//!
+//! Without a token: `GET /healthz` (alive) and `GET /readyz` (upstreams resolved, a key enabled).
+//! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
 use crate::config::KeyConfig;
 use crate::keys::{now_millis, KeyId, KeyPool, Millis};
+use crate::keys::KeyReport;
+use crate::lifecycle::reload_and_log;
+use crate::metrics::PoolGauge;
 use crate::proxy::{check_key, KeyCheck};
 use crate::runtime::{Pool, Shared};
 use crate::secret::{sha256, Secret};
@@ -29,6 +36,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,14 +51,17 @@ const NOT_PERSISTED: &str =
 pub struct Admin {
     shared: Arc<Shared>,
     token_sha256: [u8; 32],
+    config_path: PathBuf,
 }
 
 impl Admin {
-    /// The admin API over `shared`, accepting the token whose SHA-256 is `token_sha256`.
-    pub fn new(shared: Arc<Shared>, token_sha256: [u8; 32]) -> Admin {
+    /// The admin API over `shared`, accepting the token whose SHA-256 is `token_sha256`;
+    /// `config_path` is what `POST /admin/reload` re-reads.
+    pub fn new(shared: Arc<Shared>, token_sha256: [u8; 32], config_path: PathBuf) -> Admin {
         Admin {
             shared,
             token_sha256,
+            config_path,
         }
     }
 }
@@ -66,10 +77,19 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
 impl ServeHttp for Admin {
     async fn response(&self, http: &mut ServerSession) -> Response<Vec<u8>> {
         let answer = self.handle(http).await;
-        let body = serde_json::to_vec_pretty(&answer.1).unwrap_or_default();
+        // The metrics text is the one answer that is not JSON.
+        let (body, content_type) = match answer.1 {
+            Value::String(text) if answer.0 == StatusCode::OK => {
+                (text.into_bytes(), "text/plain; version=0.0.4; charset=utf-8")
+            }
+            json => (
+                serde_json::to_vec_pretty(&json).unwrap_or_default(),
+                "application/json",
+            ),
+        };
         Response::builder()
             .status(answer.0)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header("content-length", body.len())
             .header("cache-control", "no-store")
             .body(body)
@@ -79,6 +99,12 @@ impl ServeHttp for Admin {
 
 impl Admin {
     async fn handle(&self, http: &mut ServerSession) -> Answer {
+        // Health endpoints are for load balancers and systemd: no token, nothing secret.
+        match (http.req_header().method.as_str(), http.req_header().uri.path()) {
+            ("GET", "/healthz") => return Answer(StatusCode::OK, json!({ "status": "alive" })),
+            ("GET", "/readyz") => return self.readiness(),
+            _ => {}
+        }
         if !authorized(self.token_sha256, http) {
             http.set_keepalive(None);
             return error(
@@ -99,7 +125,15 @@ impl Admin {
             .collect();
         match (method.as_str(), parts.as_slice()) {
             ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
+            ("GET", ["metrics"]) => Answer(StatusCode::OK, Value::String(self.metrics())),
             ("GET", ["admin", "tenants"]) => Answer(StatusCode::OK, self.tenants()),
+            ("POST", ["admin", "reload"]) => match reload_and_log(&self.shared, &self.config_path) {
+                Ok(summary) => Answer(StatusCode::OK, json!({ "reloaded": summary })),
+                Err(e) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("reload refused, still serving the previous configuration: {e}"),
+                ),
+            },
             ("POST", ["admin", "pools", pool, "keys"]) => self.add_key(pool, &body),
             ("POST", ["admin", "pools", pool, "check"]) => self.check_pool(pool).await,
             ("DELETE", ["admin", "pools", pool, "keys", fp]) => self.remove_key(pool, fp),
@@ -110,6 +144,67 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 format!("no admin endpoint {method} {path}; see the README's admin API section"),
             ),
+        }
+    }
+
+    /// The Prometheus text, with the key gauges taken from the health tables now.
+    fn metrics(&self) -> String {
+        let rt = self.shared.runtime.load();
+        let now = now_millis();
+        let gauges: Vec<PoolGauge> = rt
+            .pools
+            .iter()
+            .map(|pool| {
+                let report = pool.keys.load().report(now);
+                let disabled = report.iter().filter(|k| k.disabled.is_some()).count();
+                let cooling: Vec<&KeyReport> = report
+                    .iter()
+                    .filter(|k| k.disabled.is_none() && !k.cooldowns.is_empty())
+                    .collect();
+                let next = cooling
+                    .iter()
+                    .flat_map(|k| k.cooldowns.iter().map(|(_, until)| *until))
+                    .min();
+                PoolGauge {
+                    pool: pool.name().to_string(),
+                    keys_ok: report.len() - disabled - cooling.len(),
+                    keys_cooling: cooling.len(),
+                    keys_disabled: disabled,
+                    seconds_to_recovery: next.map_or(0.0, |t| t.saturating_sub(now) as f64 / 1000.0),
+                }
+            })
+            .collect();
+        self.shared.metrics.render(&gauges)
+    }
+
+    /// Ready when every pool's upstream has an address and at least one key can serve.
+    fn readiness(&self) -> Answer {
+        let rt = self.shared.runtime.load();
+        let mut problems = Vec::new();
+        let mut usable_keys = 0;
+        for pool in &rt.pools {
+            if !pool.upstream.is_resolved() {
+                problems.push(format!("pool '{}': upstream not resolved yet", pool.name()));
+            }
+            let keys = pool.keys.load();
+            let usable = (0..keys.len())
+                .filter(|&k| keys.disabled(KeyId(k as u32)).is_none())
+                .count();
+            if usable == 0 {
+                problems.push(format!("pool '{}': no enabled key", pool.name()));
+            }
+            usable_keys += usable;
+        }
+        if usable_keys > 0 && rt.pools.iter().all(|p| p.upstream.is_resolved()) {
+            Answer(
+                StatusCode::OK,
+                json!({ "status": "ready", "enabled_keys": usable_keys, "warnings": problems }),
+            )
+        } else {
+            Answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "not ready", "problems": problems }),
+            )
         }
     }
 
@@ -318,10 +413,16 @@ impl Admin {
                 )
             }
         };
+        // Disabled keys and cooldowns are part of the health table, which the state file keeps.
+        let saved = self.shared.started.state_file.is_some();
         let mut done = done;
         done["pool"] = json!(pool_name);
-        done["survives_restart"] = json!(false);
-        done["note"] = json!(NOT_PERSISTED);
+        done["survives_restart"] = json!(saved);
+        done["note"] = json!(if saved {
+            "kept across reloads, and across restarts through the state file"
+        } else {
+            "kept across reloads; lost on restart (no state_file is configured)"
+        });
         Answer(StatusCode::OK, done)
     }
 
@@ -372,7 +473,7 @@ fn check_json(keys: &KeyPool, id: KeyId, check: &KeyCheck) -> Value {
     })
 }
 
-fn key_json(k: &crate::keys::KeyReport, now: Millis) -> Value {
+fn key_json(k: &KeyReport, now: Millis) -> Value {
     let cooldowns: Vec<Value> = k
         .cooldowns
         .iter()

@@ -58,6 +58,7 @@ struct FileConfig {
     #[serde(default)]
     tenants: Vec<FileTenant>,
     admin: Option<FileAdmin>,
+    state_file: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -191,6 +192,8 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// The admin listener, if configured.
     pub admin: Option<AdminConfig>,
+    /// Where the health and affinity tables are saved, if anywhere.
+    pub state_file: Option<PathBuf>,
 }
 
 /// The admin API's listener and credential.
@@ -205,7 +208,7 @@ pub struct AdminConfig {
 }
 
 /// Upstream timeouts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// TCP connect (and, separately, TLS handshake) timeout.
     pub connect: Duration,
@@ -547,6 +550,9 @@ fn validate(
         pools,
         tenants,
         admin,
+        state_file: file
+            .state_file
+            .map(|p| if p.is_absolute() { p } else { base.join(p) }),
     })
 }
 

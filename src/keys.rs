@@ -102,6 +102,40 @@ pub struct Availability {
     pub next_recovery: Option<Millis>,
 }
 
+/// A pool's health table as saved in the state file: fingerprints and project names only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolHealth {
+    /// Keys disabled or with blocked methods.
+    pub keys: Vec<KeyHealth>,
+    /// Projects out of credit or cooling.
+    pub projects: Vec<ProjectHealth>,
+}
+
+/// One key's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyHealth {
+    /// The key's fingerprint.
+    pub key: String,
+    /// Why it is disabled (`key_invalid`, `disabled_by_operator`...), if it is.
+    pub disabled: Option<String>,
+    /// Methods Google refused for it.
+    #[serde(default)]
+    pub blocked_methods: Vec<String>,
+}
+
+/// One project's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProjectHealth {
+    /// The project's name.
+    pub project: String,
+    /// Out of prepaid credit (402).
+    #[serde(default)]
+    pub billing_disabled: bool,
+    /// (model, deadline) pairs.
+    #[serde(default)]
+    pub cooldowns: Vec<(String, Millis)>,
+}
+
 /// One key as the admin API shows it.
 #[derive(Debug, Clone)]
 pub struct KeyReport {
@@ -510,6 +544,96 @@ impl KeyPool {
             .collect()
     }
 
+    /// The health table in a form that names keys by fingerprint and projects by name, for the
+    /// state file. Expired cooldowns are left out.
+    pub fn export(&self, now: Millis) -> PoolHealth {
+        let models = self.models.load();
+        let projects = self
+            .projects
+            .iter()
+            .enumerate()
+            .map(|(p, name)| {
+                let mut cooldowns: Vec<(String, Millis)> = models
+                    .iter()
+                    .map(|(m, h)| (m.to_string(), h.cool_until[p].load(Relaxed)))
+                    .filter(|(_, until)| *until > now)
+                    .collect();
+                cooldowns.sort();
+                ProjectHealth {
+                    project: name.clone(),
+                    billing_disabled: self.project_disabled_until[p].load(Relaxed) == NEVER,
+                    cooldowns,
+                }
+            })
+            .filter(|p| p.billing_disabled || !p.cooldowns.is_empty())
+            .collect();
+        let blocked = self.blocked.load();
+        let keys = self
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(k, key)| {
+                let disabled = (self.key_disabled_until[k].load(Relaxed) == NEVER)
+                    .then(|| reason_from_code(self.key_reason[k].load(Relaxed)))
+                    .flatten()
+                    .map(|d| d.as_str().to_string());
+                let methods: Vec<String> = blocked
+                    .iter()
+                    .filter(|(kk, _)| *kk as usize == k)
+                    .map(|(_, m)| m.to_string())
+                    .collect();
+                (disabled.is_some() || !methods.is_empty()).then(|| KeyHealth {
+                    key: key.fingerprint.clone(),
+                    disabled,
+                    blocked_methods: methods,
+                })
+            })
+            .collect();
+        PoolHealth { keys, projects }
+    }
+
+    /// Applies a saved health table: entries for keys and projects this pool no longer has, and
+    /// cooldowns already over, are ignored. Returns how many entries were applied.
+    pub fn import(&self, saved: &PoolHealth, now: Millis) -> usize {
+        let mut applied = 0;
+        for k in &saved.keys {
+            let Some(id) = self.find(&k.key) else {
+                continue;
+            };
+            let i = id.0 as usize;
+            if let Some(code) = k.disabled.as_deref().and_then(code_from_label) {
+                self.key_reason[i].store(code, Relaxed);
+                self.key_disabled_until[i].store(NEVER, Relaxed);
+                applied += 1;
+            }
+            for method in &k.blocked_methods {
+                self.penalise(id, "", method, &Penalty::BlockMethod);
+                applied += 1;
+            }
+        }
+        for p in &saved.projects {
+            let Some(project) = self.project_index(&p.project) else {
+                continue;
+            };
+            let project = project as usize;
+            if p.billing_disabled {
+                self.project_disabled_until[project].store(NEVER, Relaxed);
+                applied += 1;
+            }
+            for (model, until) in &p.cooldowns {
+                if *until <= now {
+                    continue;
+                }
+                if let Some(health) = self.health_for_write(model) {
+                    health.cool_until[project].fetch_max(*until, Relaxed);
+                    applied += 1;
+                }
+            }
+        }
+        self.generation.fetch_add(1, Relaxed);
+        applied
+    }
+
     /// The keys as configuration entries (secret and project), in pool order.
     pub fn key_configs(&self) -> Vec<KeyConfig> {
         self.keys
@@ -697,6 +821,10 @@ fn reason_from_code(code: u8) -> Option<Disabled> {
     }
 }
 
+fn code_from_label(label: &str) -> Option<u8> {
+    (1..=OPERATOR).find(|&code| reason_from_code(code).is_some_and(|d| d.as_str() == label))
+}
+
 /// The wall clock as [`Millis`].
 pub fn now_millis() -> Millis {
     std::time::SystemTime::now()
@@ -857,5 +985,126 @@ mod tests {
             let k = picked(&p, "pro", &[], 1000).unwrap();
             assert!(k >= 9_900);
         }
+    }
+
+    #[test]
+    fn a_bound_project_serves_alone_and_says_when_it_is_back() {
+        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p2")]);
+        for _ in 0..4 {
+            match p.pick_in_project("m", "generateContent", 1, 1000) {
+                Pick::Key(k) => assert!(k.0 == 1 || k.0 == 2),
+                other => panic!("{other:?}"),
+            }
+        }
+        cool(&p, 1, "m", 50_000);
+        // p1 is free, but the request must go to p2: the answer says when p2 is back.
+        assert_eq!(
+            p.pick_in_project("m", "generateContent", 1, 1000),
+            Pick::Exhausted(Exhaustion {
+                retry_at: Some(50_000),
+                cooling: 2,
+                disabled: 0
+            })
+        );
+    }
+
+    #[test]
+    fn operator_disable_enable_and_clear() {
+        let p = pool(&[("a", "p1"), ("b", "p2")]);
+        p.disable(KeyId(0));
+        assert_eq!(p.disabled(KeyId(0)), Some(Disabled::Operator));
+        for _ in 0..3 {
+            assert_eq!(picked(&p, "m", &[], 1000), Some(1));
+        }
+        p.enable(KeyId(0));
+        assert_eq!(p.disabled(KeyId(0)), None);
+        cool(&p, 1, "m", 90_000);
+        assert_eq!(p.report(1000)[1].cooldowns, vec![("m".to_string(), 90_000)]);
+        assert_eq!(p.clear_cooldowns(KeyId(1), Some("m"), 1000), 1);
+        assert!(p.report(1000)[1].cooldowns.is_empty());
+        let mut both: Vec<u32> = (0..4).filter_map(|_| picked(&p, "m", &[], 1000)).collect();
+        both.sort();
+        both.dedup();
+        assert_eq!(both, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_rebuilt_pool_keeps_health_and_usage_of_the_keys_it_keeps() {
+        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
+        cool(&p, 0, "m", 90_000);
+        p.penalise(
+            KeyId(1),
+            "m",
+            "generateContent",
+            &Penalty::DisableKey(DeadReason::Suspended),
+        );
+        p.penalise(KeyId(2), "m", "embedContent", &Penalty::BlockMethod);
+        p.key(KeyId(0)).usage.requests.fetch_add(5, Relaxed);
+        // Key c removed, key d (a new project) added, order changed.
+        let mut configs = p.key_configs();
+        configs.remove(2);
+        configs.reverse();
+        configs.push(KeyConfig {
+            secret: Secret::new("d"),
+            project: "p4".into(),
+        });
+        let q = p.rebuilt(&configs);
+        let a = q.find(&Secret::new("a").fingerprint()).unwrap();
+        let b = q.find(&Secret::new("b").fingerprint()).unwrap();
+        assert_eq!(q.key(a).usage.requests.load(Relaxed), 5);
+        assert_eq!(q.disabled(b), Some(Disabled::Dead(DeadReason::Suspended)));
+        assert_eq!(
+            q.report(1000)[a.0 as usize].cooldowns,
+            vec![("m".to_string(), 90_000)]
+        );
+        // Only d serves "m" now: a cools, b is dead.
+        for _ in 0..3 {
+            assert_eq!(
+                picked(&q, "m", &[], 1000).map(|k| q.key(KeyId(k)).fingerprint.clone()),
+                Some(Secret::new("d").fingerprint())
+            );
+        }
+        assert!(q.report(1000).iter().all(|k| k.blocked_methods.is_empty()));
+    }
+
+    #[test]
+    fn reserved_projects_are_the_last_usable_ones() {
+        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3"), ("d", "p4")]);
+        assert_eq!(p.reserved_projects("m", 1, 1000), vec![3]);
+        cool(&p, 3, "m", 90_000);
+        assert_eq!(p.reserved_projects("m", 2, 1000), vec![1, 2]);
+        assert_eq!(p.reserved_projects("m", 9, 1000), vec![0, 1, 2]);
+        assert_eq!(p.availability("m", 1000).usable_projects, 3);
+    }
+
+    #[test]
+    fn health_survives_export_and_import_into_a_fresh_pool() {
+        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
+        cool(&p, 0, "m", 90_000);
+        cool(&p, 1, "m", 500); // over by the time of the import
+        p.penalise(
+            KeyId(1),
+            "m",
+            "generateContent",
+            &Penalty::DisableKey(DeadReason::Invalid),
+        );
+        p.penalise(KeyId(2), "m", "generateContent", &Penalty::DisableProject);
+        p.penalise(KeyId(2), "m", "embedContent", &Penalty::BlockMethod);
+        p.disable(KeyId(0));
+        let saved = p.export(1000);
+        let text = serde_json::to_string(&saved).unwrap();
+        assert!(!text.contains("\"a\"") && text.contains("key#"), "{text}");
+        let fresh = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
+        let back: PoolHealth = serde_json::from_str(&text).unwrap();
+        assert!(fresh.import(&back, 1000) >= 5);
+        assert_eq!(fresh.disabled(KeyId(0)), Some(Disabled::Operator));
+        assert_eq!(fresh.disabled(KeyId(1)), Some(Disabled::Dead(DeadReason::Invalid)));
+        assert_eq!(fresh.disabled(KeyId(2)), Some(Disabled::Billing));
+        fresh.enable(KeyId(0));
+        assert_eq!(fresh.report(1000)[0].cooldowns, vec![("m".to_string(), 90_000)]);
+        assert_eq!(fresh.report(1000)[2].blocked_methods, vec!["embedContent".to_string()]);
+        // A pool without those keys ignores the entries.
+        let other = pool(&[("z", "p9")]);
+        assert_eq!(other.import(&back, 1000), 0);
     }
 }

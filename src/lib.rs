@@ -14,7 +14,10 @@
 //! - [`upstream`]: resolved upstream addresses and the connection pool;
 //! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;
 //! - [`proxy`]: the Pingora hooks and the attempt loop;
-//! - [`admin`]: the admin API and the scheduled key check;
+//! - [`admin`]: the admin API (health, metrics, keys, tenants) and the scheduled key check;
+//! - [`metrics`]: Prometheus metrics with bounded label values;
+//! - [`state`]: the state file that carries the health and affinity tables over restarts;
+//! - [`lifecycle`]: signals, configuration reload, readiness notification;
 //! - [`error`]: keygate's own Gemini-shaped error answers.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -26,10 +29,13 @@ pub mod classify;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod lifecycle;
+pub mod metrics;
 pub mod proxy;
 pub mod request;
 pub mod runtime;
 pub mod secret;
+pub mod state;
 pub mod tenants;
 pub mod upstream;
 pub mod usage;
@@ -38,22 +44,36 @@ use config::Config;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
-use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Read buffer per client connection.
 const CLIENT_READ_BUFFER: usize = 16 * 1024;
 
-/// Starts the gateway and serves until a signal stops it. Returns only on a start-up error.
-pub fn run(config: Config) -> Result<(), String> {
-    check_bindable(config.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    if let Some(admin) = &config.admin {
-        check_bindable(admin.listen)
-            .map_err(|e| format!("cannot listen on {} (admin.listen): {e}", admin.listen))?;
+/// How keygate was started.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The configuration file (re-read on SIGHUP and `POST /admin/reload`).
+    pub config_path: PathBuf,
+    /// Take the listening sockets over from a running keygate (Pingora's graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Starts the gateway and serves until a signal stops it, then saves the state file. Returns
+/// an error only when it cannot start.
+pub fn run(config: Config, launch: Launch) -> Result<(), String> {
+    // A process taking over the sockets of a running one (upgrade) cannot bind them itself.
+    if !launch.upgrade {
+        check_bindable(config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        if let Some(admin) = &config.admin {
+            check_bindable(admin.listen)
+                .map_err(|e| format!("cannot listen on {} (admin.listen): {e}", admin.listen))?;
+        }
     }
 
     let conf = ServerConf {
@@ -66,12 +86,18 @@ pub fn run(config: Config) -> Result<(), String> {
         work_stealing: false,
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: launch.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    let shared = Arc::new(runtime::Shared::new(&config));
+    let shared = Arc::new(runtime::Shared::new(&config)?);
+    if let Some(path) = &config.state_file {
+        state::restore(&shared, path);
+    }
     let gateway = proxy::Gateway::new(shared.clone());
-    let resolver = upstream::Resolver::new(shared.runtime.load().upstreams());
     let mut service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "keygate");
     // Pingora reads each client connection through a 64 KiB buffer by default. Gemini requests
@@ -80,18 +106,38 @@ pub fn run(config: Config) -> Result<(), String> {
     let l4 = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
     service.add_listener(ListenerConfig::tcp(config.listen.to_string()).l4_buffer(l4));
     server.add_service(service);
-    server.add_service(background_service("dns", resolver));
+    server.add_service(background_service(
+        "dns",
+        upstream::Resolver::new(shared.clone()),
+    ));
     if let Some(admin) = &config.admin {
-        let app = admin::Admin::new(shared.clone(), admin.token_sha256);
+        let app = admin::Admin::new(
+            shared.clone(),
+            admin.token_sha256,
+            launch.config_path.clone(),
+        );
         let mut service = Service::new("admin".to_string(), HttpServer::new_app(app));
         service.add_tcp(&admin.listen.to_string());
         server.add_service(service);
         let checker = admin::KeyChecker::new(shared.clone(), admin.key_check_interval);
         server.add_service(background_service("key check", checker));
     }
+    if let Some(path) = &config.state_file {
+        let keeper = state::StateKeeper::new(shared.clone(), path.clone());
+        server.add_service(background_service("state file", keeper));
+    }
 
     log::info!("{}", config.summary());
-    server.run_forever()
+    let signals = lifecycle::Signals::new(shared.clone(), launch.config_path);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    // Every request has finished or been cut: this is the final word on the health table.
+    if let Some(path) = &config.state_file {
+        state::save_now(&shared, path);
+        log::info!("state saved to {}", path.display());
+    }
+    Ok(())
 }
 
 /// Binds the address once, without listening, so a busy or forbidden address is a clear error

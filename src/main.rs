@@ -17,6 +17,10 @@ struct Args {
     /// Validate the configuration, print a one-line summary, and exit.
     #[arg(long)]
     check: bool,
+    /// Take over the listening sockets of a running keygate (Pingora's graceful upgrade): start
+    /// the new binary with `-u`, then send SIGQUIT to the old one.
+    #[arg(short = 'u', long)]
+    upgrade: bool,
 }
 
 fn main() -> ExitCode {
@@ -34,7 +38,11 @@ fn main() -> ExitCode {
         println!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
-    match keygate::run(config) {
+    let launch = keygate::Launch {
+        config_path: args.config.clone(),
+        upgrade: args.upgrade,
+    };
+    match keygate::run(config, launch) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keygate: {e}");

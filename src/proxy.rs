@@ -52,6 +52,11 @@ pub struct Ctx {
     model: String,
     /// The keys the attempts used, to name them in the access line.
     keys: Option<Arc<KeyPool>>,
+    /// The pool serving the request, once chosen.
+    pool: Option<Arc<Pool>>,
+    /// Request body bytes read, response body bytes written.
+    request_bytes: u64,
+    response_bytes: u64,
     attempts: Vec<AttemptLog>,
     status: u16,
 }
@@ -60,6 +65,8 @@ pub struct Ctx {
 struct AttemptLog {
     key: KeyId,
     outcome: &'static str,
+    /// Time from sending to the answer's header, when one came.
+    latency: Option<Duration>,
 }
 
 /// An upstream answer whose header has arrived.
@@ -193,6 +200,9 @@ impl ProxyHttp for Gateway {
             in_flight: None,
             model: String::new(),
             keys: None,
+            pool: None,
+            request_bytes: 0,
+            response_bytes: 0,
             attempts: Vec::new(),
             status: 0,
         }
@@ -305,6 +315,7 @@ impl ProxyHttp for Gateway {
             }
         };
 
+        ctx.request_bytes = body.len() as u64;
         let model = match api {
             Api::Gemini => request::model_from_path(&path).map(str::to_string),
             Api::OpenAi => request::model_from_openai_body(&body),
@@ -330,6 +341,7 @@ impl ProxyHttp for Gateway {
         };
         let keys = placed.pool.keys.load_full();
         ctx.keys = Some(keys.clone());
+        ctx.pool = Some(placed.pool.clone());
         let project = match &placed.project {
             None => None,
             Some(name) => match keys.project_index(name) {
@@ -388,6 +400,23 @@ impl ProxyHttp for Gateway {
         if let Some(t) = &ctx.tenant {
             t.state.usage.requests.fetch_add(1, Relaxed);
         }
+        let metrics = &self.shared.metrics;
+        let pool_name = ctx.pool.as_ref().map_or("-", |p| p.name());
+        for a in &ctx.attempts {
+            metrics.attempt(pool_name, a.outcome);
+            if let Some(latency) = a.latency {
+                metrics.upstream_latency(pool_name, latency.as_secs_f64());
+            }
+        }
+        metrics.request(
+            ctx.tenant.as_ref().map_or("-", |t| &*t.name),
+            pool_name,
+            &ctx.model,
+            status,
+            ctx.attempts.len(),
+            ctx.request_bytes,
+            ctx.response_bytes,
+        );
         let attempts: Vec<String> = match &ctx.keys {
             Some(keys) => ctx
                 .attempts
@@ -586,6 +615,7 @@ impl Gateway {
                     break
                 }
                 Pick::Exhausted(ex) => {
+                    self.shared.metrics.pool_exhausted(job.pool.name(), job.model);
                     let e = exhausted_error(keys, job.model, &ex, job.project);
                     return respond(session, ctx, Some(job.forward.api), &e).await;
                 }
@@ -597,12 +627,14 @@ impl Gateway {
                 Pick::OnlyTriedProjects => break,
             };
             let project = keys.key(key).project;
+            let sent = Instant::now();
             let mut answer = match self.send(&job.pool, job, session.req_header(), key).await {
                 Ok(a) => a,
                 Err(err) => {
                     ctx.attempts.push(AttemptLog {
                         key,
                         outcome: err.label(),
+                        latency: None,
                     });
                     let stale = matches!(err, SendError::Exchange { reused: true, .. });
                     if stale && stale_retry_left {
@@ -620,6 +652,7 @@ impl Gateway {
                 }
             };
 
+            let latency = Some(sent.elapsed());
             let status = answer.header.status.as_u16();
             let transient_status = classify(status, &[]) == Outcome::ServerError;
             let outcome = if classify::needs_body(status) || transient_status {
@@ -637,6 +670,7 @@ impl Gateway {
             ctx.attempts.push(AttemptLog {
                 key,
                 outcome: outcome.label(),
+                latency,
             });
             self.note(keys, key, &outcome);
 
@@ -830,10 +864,13 @@ impl Gateway {
         session
             .write_response_header(Box::new(header), false)
             .await?;
+        let metrics = &self.shared.metrics;
+        metrics.time_to_first_byte(job.pool.name(), ctx.started.elapsed().as_secs_f64());
         for chunk in std::mem::take(&mut body.read) {
             if let Some(tap) = tap.as_mut() {
                 tap.feed(&chunk);
             }
+            ctx.response_bytes += chunk.len() as u64;
             session.write_response_body(Some(chunk), false).await?;
         }
         while let Some(http) = body.http.as_mut() {
@@ -845,6 +882,7 @@ impl Gateway {
                     if let Some(tap) = tap.as_mut() {
                         tap.feed(&chunk);
                     }
+                    ctx.response_bytes += chunk.len() as u64;
                     session.write_response_body(Some(chunk), false).await?
                 }
                 None => break,
@@ -1269,6 +1307,7 @@ async fn respond(
         resp.insert_header(header::RETRY_AFTER, secs)?;
     }
     ctx.status = e.code;
+    ctx.response_bytes += body.len() as u64;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)

@@ -8,6 +8,7 @@
 use crate::affinity::{Affinity, Uploads};
 use crate::config::{Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::keys::KeyPool;
+use crate::metrics::Metrics;
 use crate::tenants::{FairShare, Tenant, Tenants};
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -60,6 +61,12 @@ pub struct Shared {
     pub affinity: Affinity,
     /// Resumable uploads handed out.
     pub uploads: Uploads,
+    /// The configuration keygate started with (a reload cannot change its listeners).
+    pub started: Config,
+    /// Woken when a reload brings new upstreams, so the resolver looks them up at once.
+    pub upstreams_changed: tokio::sync::Notify,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
 }
 
 /// Where a request goes.
@@ -73,20 +80,46 @@ pub enum Route {
 impl Runtime {
     /// Builds the runtime of a validated configuration.
     pub fn new(config: &Config) -> Runtime {
-        Runtime {
-            pools: config
-                .pools
-                .iter()
-                .map(|p| {
-                    Arc::new(Pool {
-                        config: p.clone(),
-                        keys: ArcSwap::from_pointee(KeyPool::new(p)),
-                        upstream: Arc::new(Upstream::new(p, config.timeouts)),
-                        fair: FairShare::default(),
-                    })
+        Runtime::build(config, None)
+    }
+
+    /// Builds the runtime of a reloaded configuration, carrying over from `old` what belongs
+    /// to pools, keys and tenants that keep their names: health tables, usage counts, fair-share
+    /// windows, and upstream connections when the upstream is unchanged.
+    pub fn reloaded(config: &Config, old: &Runtime) -> Runtime {
+        Runtime::build(config, Some(old))
+    }
+
+    fn build(config: &Config, old: Option<&Runtime>) -> Runtime {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                let previous = old.and_then(|o| o.pools.iter().find(|q| q.name() == p.name));
+                let keys = match previous {
+                    Some(q) => q.keys.load().rebuilt(&p.keys),
+                    None => KeyPool::new(p),
+                };
+                let same_upstream = previous.filter(|q| {
+                    q.config.upstream == p.upstream && q.config.tls_ca_file == p.tls_ca_file
+                });
+                let upstream = match same_upstream {
+                    Some(q) if config.timeouts == old.map_or(config.timeouts, |o| o.timeouts) => {
+                        q.upstream.clone()
+                    }
+                    _ => Arc::new(Upstream::new(p, config.timeouts)),
+                };
+                Arc::new(Pool {
+                    config: p.clone(),
+                    keys: ArcSwap::from_pointee(keys),
+                    upstream,
+                    fair: previous.map(|q| q.fair.clone()).unwrap_or_default(),
                 })
-                .collect(),
-            tenants: Tenants::new(&config.tenants, None),
+            })
+            .collect();
+        Runtime {
+            pools,
+            tenants: Tenants::new(&config.tenants, old.map(|o| &o.tenants)),
             max_body: config.max_body_bytes,
             retry: config.retry,
             timeouts: config.timeouts,
@@ -121,11 +154,15 @@ impl Runtime {
 
 impl Shared {
     /// The shared state of a freshly started gateway.
-    pub fn new(config: &Config) -> Shared {
-        Shared {
+    pub fn new(config: &Config) -> Result<Shared, String> {
+        let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
+        Ok(Shared {
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             affinity: Affinity::new(AFFINITY_CAPACITY),
             uploads: Uploads::new(UPLOADS_CAPACITY),
-        }
+            started: config.clone(),
+            upstreams_changed: tokio::sync::Notify::new(),
+            metrics,
+        })
     }
 }

@@ -254,6 +254,15 @@ pub struct FairShare {
     windows: Mutex<HashMap<Arc<str>, Window>>,
 }
 
+impl Clone for FairShare {
+    fn clone(&self) -> Self {
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        FairShare {
+            windows: Mutex::new(windows.clone()),
+        }
+    }
+}
+
 impl FairShare {
     /// Counts one request of `tenant` on the pool.
     pub fn record(&self, tenant: &Arc<str>, now: Millis) {

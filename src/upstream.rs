@@ -159,22 +159,29 @@ impl Upstream {
     }
 }
 
-/// The background service that keeps host names resolved.
+/// The background service that keeps host names resolved: the upstreams of the current
+/// runtime, so upstreams a reload brings in are looked up too.
 pub struct Resolver {
-    upstreams: Vec<Arc<Upstream>>,
+    shared: Arc<crate::runtime::Shared>,
 }
 
 impl Resolver {
-    /// A resolver for the upstreams that have host names.
-    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Resolver {
-        Resolver {
-            upstreams: upstreams.into_iter().filter(|u| u.needs_dns()).collect(),
-        }
+    /// A resolver for the upstreams of `shared`'s runtime that have host names.
+    pub fn new(shared: Arc<crate::runtime::Shared>) -> Resolver {
+        Resolver { shared }
     }
 
     async fn refresh_all(&self) -> bool {
+        let upstreams: Vec<Arc<Upstream>> = self
+            .shared
+            .runtime
+            .load()
+            .upstreams()
+            .into_iter()
+            .filter(|u| u.needs_dns())
+            .collect();
         let mut all_ok = true;
-        for u in &self.upstreams {
+        for u in &upstreams {
             match u.resolve().await {
                 Ok(n) => log::debug!("resolved {}: {n} address(es)", u.authority()),
                 Err(e) => {
@@ -200,9 +207,6 @@ impl Resolver {
 #[async_trait]
 impl BackgroundService for Resolver {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        if self.upstreams.is_empty() {
-            return;
-        }
         loop {
             let wait = if self.refresh_all().await {
                 REFRESH
@@ -211,6 +215,7 @@ impl BackgroundService for Resolver {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.shared.upstreams_changed.notified() => {}
                 _ = shutdown.changed() => return,
             }
         }

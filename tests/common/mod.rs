@@ -944,6 +944,7 @@ pub struct Keygate {
     child: Child,
     pub addr: SocketAddr,
     log: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -1004,6 +1005,7 @@ impl Keygate {
                         child,
                         addr,
                         log,
+                        config,
                         _dir: dir,
                     };
                 }
@@ -1019,6 +1021,37 @@ impl Keygate {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Replaces the config file (keeping `listen` and `threads`) for a reload.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let old = std::fs::read_to_string(&self.config).unwrap();
+        let head: String = old
+            .lines()
+            .filter(|l| l.starts_with("listen:") || l.starts_with("threads:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&self.config, format!("{head}{yaml}")).unwrap();
+    }
+
+    /// Sends a signal to the keygate process.
+    pub fn signal(&self, signal: i32) {
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
+    /// Waits (bounded) for the process to exit; its exit code, or `None` if still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn logs(&self) -> String {
