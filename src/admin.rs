@@ -20,8 +20,8 @@
 //! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
 use crate::config::KeyConfig;
-use crate::keys::{now_millis, KeyId, KeyPool, Millis};
 use crate::keys::KeyReport;
+use crate::keys::{now_millis, KeyId, KeyPool, Millis};
 use crate::lifecycle::reload_and_log;
 use crate::metrics::PoolGauge;
 use crate::proxy::{check_key, KeyCheck};
@@ -35,8 +35,8 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering::Relaxed;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,9 +79,10 @@ impl ServeHttp for Admin {
         let answer = self.handle(http).await;
         // The metrics text is the one answer that is not JSON.
         let (body, content_type) = match answer.1 {
-            Value::String(text) if answer.0 == StatusCode::OK => {
-                (text.into_bytes(), "text/plain; version=0.0.4; charset=utf-8")
-            }
+            Value::String(text) if answer.0 == StatusCode::OK => (
+                text.into_bytes(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
             json => (
                 serde_json::to_vec_pretty(&json).unwrap_or_default(),
                 "application/json",
@@ -100,7 +101,10 @@ impl ServeHttp for Admin {
 impl Admin {
     async fn handle(&self, http: &mut ServerSession) -> Answer {
         // Health endpoints are for load balancers and systemd: no token, nothing secret.
-        match (http.req_header().method.as_str(), http.req_header().uri.path()) {
+        match (
+            http.req_header().method.as_str(),
+            http.req_header().uri.path(),
+        ) {
             ("GET", "/healthz") => return Answer(StatusCode::OK, json!({ "status": "alive" })),
             ("GET", "/readyz") => return self.readiness(),
             _ => {}
@@ -127,13 +131,15 @@ impl Admin {
             ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
             ("GET", ["metrics"]) => Answer(StatusCode::OK, Value::String(self.metrics())),
             ("GET", ["admin", "tenants"]) => Answer(StatusCode::OK, self.tenants()),
-            ("POST", ["admin", "reload"]) => match reload_and_log(&self.shared, &self.config_path) {
-                Ok(summary) => Answer(StatusCode::OK, json!({ "reloaded": summary })),
-                Err(e) => error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("reload refused, still serving the previous configuration: {e}"),
-                ),
-            },
+            ("POST", ["admin", "reload"]) => {
+                match reload_and_log(&self.shared, &self.config_path) {
+                    Ok(summary) => Answer(StatusCode::OK, json!({ "reloaded": summary })),
+                    Err(e) => error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("reload refused, still serving the previous configuration: {e}"),
+                    ),
+                }
+            }
             ("POST", ["admin", "pools", pool, "keys"]) => self.add_key(pool, &body),
             ("POST", ["admin", "pools", pool, "check"]) => self.check_pool(pool).await,
             ("DELETE", ["admin", "pools", pool, "keys", fp]) => self.remove_key(pool, fp),
@@ -170,7 +176,8 @@ impl Admin {
                     keys_ok: report.len() - disabled - cooling.len(),
                     keys_cooling: cooling.len(),
                     keys_disabled: disabled,
-                    seconds_to_recovery: next.map_or(0.0, |t| t.saturating_sub(now) as f64 / 1000.0),
+                    seconds_to_recovery: next
+                        .map_or(0.0, |t| t.saturating_sub(now) as f64 / 1000.0),
                 }
             })
             .collect();

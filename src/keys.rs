@@ -1098,11 +1098,20 @@ mod tests {
         let back: PoolHealth = serde_json::from_str(&text).unwrap();
         assert!(fresh.import(&back, 1000) >= 5);
         assert_eq!(fresh.disabled(KeyId(0)), Some(Disabled::Operator));
-        assert_eq!(fresh.disabled(KeyId(1)), Some(Disabled::Dead(DeadReason::Invalid)));
+        assert_eq!(
+            fresh.disabled(KeyId(1)),
+            Some(Disabled::Dead(DeadReason::Invalid))
+        );
         assert_eq!(fresh.disabled(KeyId(2)), Some(Disabled::Billing));
         fresh.enable(KeyId(0));
-        assert_eq!(fresh.report(1000)[0].cooldowns, vec![("m".to_string(), 90_000)]);
-        assert_eq!(fresh.report(1000)[2].blocked_methods, vec!["embedContent".to_string()]);
+        assert_eq!(
+            fresh.report(1000)[0].cooldowns,
+            vec![("m".to_string(), 90_000)]
+        );
+        assert_eq!(
+            fresh.report(1000)[2].blocked_methods,
+            vec!["embedContent".to_string()]
+        );
         // A pool without those keys ignores the entries.
         let other = pool(&[("z", "p9")]);
         assert_eq!(other.import(&back, 1000), 0);

@@ -52,9 +52,7 @@ pub fn reload_and_log(shared: &Shared, path: &Path) -> Result<String, String> {
             Ok(summary)
         }
         Err(e) => {
-            log::error!(
-                "reload refused: {e}; still serving the previous configuration"
-            );
+            log::error!("reload refused: {e}; still serving the previous configuration");
             Err(e)
         }
     }

@@ -615,7 +615,9 @@ impl Gateway {
                     break
                 }
                 Pick::Exhausted(ex) => {
-                    self.shared.metrics.pool_exhausted(job.pool.name(), job.model);
+                    self.shared
+                        .metrics
+                        .pool_exhausted(job.pool.name(), job.model);
                     let e = exhausted_error(keys, job.model, &ex, job.project);
                     return respond(session, ctx, Some(job.forward.api), &e).await;
                 }

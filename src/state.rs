@@ -118,8 +118,8 @@ pub fn load(path: &Path, now: Millis) -> Result<StateFile, String> {
         std::io::ErrorKind::NotFound => "it does not exist yet".to_string(),
         kind => format!("it cannot be read ({kind})"),
     })?;
-    let state: StateFile =
-        serde_json::from_slice(&text).map_err(|e| format!("it is not a keygate state file ({e})"))?;
+    let state: StateFile = serde_json::from_slice(&text)
+        .map_err(|e| format!("it is not a keygate state file ({e})"))?;
     if state.version != VERSION {
         return Err(format!(
             "it has format version {}, this keygate reads version {VERSION}",
@@ -227,7 +227,9 @@ mod tests {
         let path = dir.path().join("state.json");
         assert!(load(&path, 1).unwrap_err().contains("does not exist"));
         std::fs::write(&path, "{not json").unwrap();
-        assert!(load(&path, 1).unwrap_err().contains("not a keygate state file"));
+        assert!(load(&path, 1)
+            .unwrap_err()
+            .contains("not a keygate state file"));
         let old = StateFile {
             version: VERSION,
             written_at: 1_000,
@@ -235,7 +237,9 @@ mod tests {
         };
         save(&path, &old).unwrap();
         let week = STALE_AFTER.as_millis() as Millis;
-        assert!(load(&path, 1_000 + week + 1).unwrap_err().contains("7 days"));
+        assert!(load(&path, 1_000 + week + 1)
+            .unwrap_err()
+            .contains("7 days"));
         assert_eq!(load(&path, 2_000).unwrap(), old);
         let future = StateFile {
             version: VERSION + 1,
