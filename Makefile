@@ -18,6 +18,8 @@ test: deps .venv/.installed
 # The example config must always pass the binary's own check (with made-up keys).
 check-config:
 	GEMINI_API_KEYS=made-up-key-1,made-up-key-2:made-up-project cargo run --quiet -- --config conf/keygate.yaml --check
+	GEMINI_FLASH_KEYS=made-up-key-3:p3 KEYGATE_TOKEN_ALICE=made-up-token KEYGATE_ADMIN_TOKEN=made-up-admin-token-0123 \
+		cargo run --quiet -- --config conf/team.yaml --check
 
 lint: deps
 	cargo fmt --all -- --check

@@ -389,8 +389,16 @@ impl Config {
         } else {
             format!("{} tenants", self.tenants.len())
         };
+        let admin = match &self.admin {
+            Some(a) => format!("; admin API on {}", a.listen),
+            None => String::new(),
+        };
+        let state = match &self.state_file {
+            Some(p) => format!("; state file {}", p.display()),
+            None => String::new(),
+        };
         format!(
-            "config OK: listen {}, {} pool(s): {}; {}",
+            "config OK: listen {}, {} pool(s): {}; {}{admin}{state}",
             self.listen,
             self.pools.len(),
             pools.join(", "),
