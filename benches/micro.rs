@@ -34,6 +34,7 @@ fn pool(n: usize) -> KeyPool {
             .collect(),
         tls_ca_file: None,
         models: Vec::new(),
+        proxy: None,
     })
 }
 

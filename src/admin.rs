@@ -19,9 +19,10 @@
 //! Without a token: `GET /healthz` (alive) and `GET /readyz` (upstreams resolved, a key enabled).
 //! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
+use crate::alerts::Event;
 use crate::config::KeyConfig;
 use crate::keys::KeyReport;
-use crate::keys::{now_millis, KeyId, KeyPool, Millis};
+use crate::keys::{now_millis, Disabled, KeyId, KeyPool, Millis};
 use crate::lifecycle::reload_and_log;
 use crate::metrics::PoolGauge;
 use crate::proxy::{check_key, KeyCheck};
@@ -381,11 +382,24 @@ impl Admin {
         let fingerprint = keys.key(id).fingerprint.clone();
         let done = match action {
             "disable" => {
+                if keys.disabled(id).is_none() {
+                    self.shared.alert(Event::KeyDisabled {
+                        pool: pool_name.to_string(),
+                        key: fingerprint.clone(),
+                        reason: Disabled::Operator.as_str().to_string(),
+                    });
+                }
                 keys.disable(id);
                 log::warn!("admin: disabled {fingerprint} in pool {pool_name}");
                 json!({ "disabled": fingerprint })
             }
             "enable" => {
+                if keys.disabled(id).is_some() {
+                    self.shared.alert(Event::KeyRecovered {
+                        pool: pool_name.to_string(),
+                        key: fingerprint.clone(),
+                    });
+                }
                 keys.enable(id);
                 log::warn!("admin: enabled {fingerprint} in pool {pool_name}");
                 json!({ "enabled": fingerprint })
@@ -407,7 +421,7 @@ impl Admin {
             }
             "check" => {
                 let timeouts = self.shared.runtime.load().timeouts;
-                let check = check_key(&pool, &keys, id, timeouts).await;
+                let check = check_key(&self.shared, &pool, &keys, id, timeouts).await;
                 return Answer(
                     StatusCode::OK,
                     json!({ "checks": [check_json(&keys, id, &check)] }),
@@ -443,7 +457,7 @@ impl Admin {
         let mut checks = Vec::with_capacity(keys.len());
         for k in 0..keys.len() {
             let id = KeyId(k as u32);
-            let check = check_key(&pool, &keys, id, timeouts).await;
+            let check = check_key(&self.shared, &pool, &keys, id, timeouts).await;
             checks.push(check_json(&keys, id, &check));
         }
         Answer(StatusCode::OK, json!({ "checks": checks }))
@@ -592,7 +606,7 @@ impl BackgroundService for KeyChecker {
             for pool in &rt.pools {
                 let keys = pool.keys.load_full();
                 for k in 0..keys.len() {
-                    check_key(pool, &keys, KeyId(k as u32), rt.timeouts).await;
+                    check_key(&self.shared, pool, &keys, KeyId(k as u32), rt.timeouts).await;
                     tokio::select! {
                         _ = tokio::time::sleep(BETWEEN_CHECKS) => {}
                         _ = shutdown.changed() => return,

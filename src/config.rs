@@ -4,6 +4,8 @@
 //! Loading never panics and never echoes a key or a token: every error message goes through
 //! [`redact`] before it reaches the user.
 
+use crate::alerts::AlertConfig;
+use crate::egress::ProxyConfig;
 use crate::secret::{parse_sha256_hex, sha256, Secret};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -59,6 +61,44 @@ struct FileConfig {
     tenants: Vec<FileTenant>,
     admin: Option<FileAdmin>,
     state_file: Option<PathBuf>,
+    cors: Option<FileCors>,
+    alerts: Option<FileAlerts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAlerts {
+    webhook_url: Option<String>,
+    webhook_url_env: Option<String>,
+    #[serde(default = "default_alert_interval")]
+    min_interval_seconds: u64,
+    #[serde(default = "default_alert_retries")]
+    retries: u32,
+    #[serde(default = "default_alert_timeout")]
+    timeout_seconds: u64,
+}
+
+fn default_alert_interval() -> u64 {
+    300
+}
+fn default_alert_retries() -> u32 {
+    3
+}
+fn default_alert_timeout() -> u64 {
+    10
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCors {
+    allowed_origins: Vec<String>,
+    allowed_headers: Option<Vec<String>>,
+    #[serde(default = "default_cors_max_age")]
+    max_age_seconds: u64,
+}
+
+fn default_cors_max_age() -> u64 {
+    600
 }
 
 fn default_listen() -> String {
@@ -121,6 +161,8 @@ struct FilePool {
     keys_file: Option<PathBuf>,
     tls_ca_file: Option<PathBuf>,
     models: Option<Vec<String>>,
+    proxy: Option<String>,
+    proxy_auth_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +236,21 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Where the health and affinity tables are saved, if anywhere.
     pub state_file: Option<PathBuf>,
+    /// Browser access, if allowed.
+    pub cors: Option<CorsConfig>,
+    /// Webhook alerts, if configured.
+    pub alerts: Option<AlertConfig>,
+}
+
+/// Which web pages may call keygate from a browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsConfig {
+    /// Origins (`https://app.example.com`) or `*`.
+    pub allowed_origins: Vec<String>,
+    /// Request headers a page may send.
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age_seconds: u64,
 }
 
 /// The admin API's listener and credential.
@@ -245,6 +302,8 @@ pub struct PoolConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// Model globs this pool serves; empty means every model.
     pub models: Vec<String>,
+    /// Outbound proxy its requests go through, if any.
+    pub proxy: Option<ProxyConfig>,
 }
 
 impl PoolConfig {
@@ -561,6 +620,72 @@ fn validate(
         state_file: file
             .state_file
             .map(|p| if p.is_absolute() { p } else { base.join(p) }),
+        cors: file.cors.map(validate_cors).transpose()?,
+        alerts: match file.alerts {
+            Some(a) => Some(validate_alerts(a, env)?),
+            None => None,
+        },
+    })
+}
+
+fn validate_alerts(
+    alerts: FileAlerts,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AlertConfig, ConfigError> {
+    // A webhook URL often holds its own secret (Slack, Discord): it may come from the environment.
+    let url = match (alerts.webhook_url, &alerts.webhook_url_env) {
+        (Some(url), None) => url,
+        (None, Some(var)) => env(var).ok_or_else(|| {
+            invalid(format!(
+                "alerts.webhook_url_env: environment variable {var} is not set"
+            ))
+        })?,
+        _ => {
+            return Err(invalid(
+                "alerts: needs exactly one of webhook_url, webhook_url_env",
+            ))
+        }
+    };
+    let config = AlertConfig {
+        url,
+        min_interval: Duration::from_secs(alerts.min_interval_seconds),
+        retries: alerts.retries,
+        timeout: Duration::from_secs(alerts.timeout_seconds),
+    };
+    // Checked here so a bad URL is a config error; the message never repeats the URL.
+    crate::alerts::Alerts::new(config.clone())
+        .map_err(|e| invalid(format!("alerts.webhook_url: {e}")))?;
+    Ok(config)
+}
+
+fn validate_cors(cors: FileCors) -> Result<CorsConfig, ConfigError> {
+    if cors.allowed_origins.is_empty() {
+        return Err(invalid(
+            "cors.allowed_origins: list the origins (https://app.example.com) or \"*\"; leave `cors` out to turn it off",
+        ));
+    }
+    for (i, origin) in cors.allowed_origins.iter().enumerate() {
+        let ok = origin == "*"
+            || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin
+                    .trim_end_matches('/')
+                    .contains(['?', '#'])
+                && origin.matches('/').count() <= 3);
+        if !ok {
+            return Err(invalid(format!(
+                "cors.allowed_origins[{i}]: {origin:?} is not an origin like https://app.example.com (scheme, host, optional port) or \"*\""
+            )));
+        }
+    }
+    Ok(CorsConfig {
+        allowed_origins: cors.allowed_origins,
+        allowed_headers: cors.allowed_headers.unwrap_or_else(|| {
+            crate::cors::DEFAULT_HEADERS
+                .iter()
+                .map(|h| h.to_string())
+                .collect()
+        }),
+        max_age_seconds: cors.max_age_seconds,
     })
 }
 
@@ -626,6 +751,34 @@ fn validate_pool(
 ) -> Result<PoolConfig, ConfigError> {
     let upstream =
         parse_upstream(&pool.upstream).map_err(|why| invalid(format!("{ctx}.upstream: {why}")))?;
+    let proxy_auth = match &pool.proxy_auth_env {
+        None => None,
+        Some(var) => {
+            let value = env(var).ok_or_else(|| {
+                invalid(format!(
+                    "{ctx}.proxy_auth_env: environment variable {var} is not set"
+                ))
+            })?;
+            let (user, password) = value.split_once(':').ok_or_else(|| {
+                invalid(format!(
+                    "{ctx}.proxy_auth_env: ${var} must hold `user:password`"
+                ))
+            })?;
+            Some((user.to_string(), Secret::new(password)))
+        }
+    };
+    let proxy = match &pool.proxy {
+        None if proxy_auth.is_some() => {
+            return Err(invalid(format!(
+                "{ctx}.proxy_auth_env: set without a proxy"
+            )))
+        }
+        None => None,
+        Some(url) => Some(
+            ProxyConfig::parse(url, proxy_auth)
+                .map_err(|why| invalid(format!("{ctx}.proxy: {why}")))?,
+        ),
+    };
 
     // (key, explicit project) in the order: inline, environment, file.
     let mut raw: Vec<(String, Option<String>, String)> = Vec::new();
@@ -740,6 +893,7 @@ fn validate_pool(
                 .collect(),
             None => Vec::new(),
         },
+        proxy,
     })
 }
 

@@ -856,6 +856,7 @@ mod tests {
                 .collect(),
             tls_ca_file: None,
             models: Vec::new(),
+            proxy: None,
         })
     }
 

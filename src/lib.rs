@@ -7,13 +7,16 @@
 //! - [`secret`]: keys and tokens that never print, and their fingerprints;
 //! - [`classify`]: what an upstream answer means (pure);
 //! - [`keys`]: the key pool and its health table (pick a key, record a failure);
+//! - [`cors`]: browser access (preflights and CORS headers);
 //! - [`tenants`]: client authentication, per-tenant limits and fair shares;
 //! - [`affinity`]: which project owns a file, cache, batch... and uploads in progress;
 //! - [`usage`]: token counts read from answers as they stream by;
 //! - [`request`]: the client request and its upstream form (pure);
+//! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
 //! - [`upstream`]: resolved upstream addresses and the connection pool;
 //! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;
 //! - [`proxy`]: the Pingora hooks and the attempt loop;
+//! - [`alerts`]: webhook alerts (pool exhausted, key disabled, key recovered);
 //! - [`admin`]: the admin API (health, metrics, keys, tenants) and the scheduled key check;
 //! - [`metrics`]: Prometheus metrics with bounded label values;
 //! - [`state`]: the state file that carries the health and affinity tables over restarts;
@@ -25,8 +28,11 @@
 
 pub mod admin;
 pub mod affinity;
+pub mod alerts;
 pub mod classify;
 pub mod config;
+pub mod cors;
+pub mod egress;
 pub mod error;
 pub mod keys;
 pub mod lifecycle;
@@ -121,6 +127,9 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         server.add_service(service);
         let checker = admin::KeyChecker::new(shared.clone(), admin.key_check_interval);
         server.add_service(background_service("key check", checker));
+    }
+    if let Some(alerts) = &shared.alerts {
+        server.add_service(background_service("alerts", alerts.service()));
     }
     if let Some(path) = &config.state_file {
         let keeper = state::StateKeeper::new(shared.clone(), path.clone());

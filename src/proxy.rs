@@ -6,8 +6,10 @@
 //! not used: it replays at most 64 KiB of body and decides on headers alone.
 
 use crate::affinity;
+use crate::alerts::Event;
 use crate::classify::{self, classify, Outcome, Penalty, Verdict, MAX_CLASSIFY_BODY};
 use crate::config::Timeouts;
+use crate::cors;
 use crate::error::GatewayError;
 use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Pick};
 use crate::request::{self, Api};
@@ -54,6 +56,8 @@ pub struct Ctx {
     keys: Option<Arc<KeyPool>>,
     /// The pool serving the request, once chosen.
     pool: Option<Arc<Pool>>,
+    /// CORS headers every answer to this request carries (an allowed browser origin).
+    cors: Vec<(&'static str, String)>,
     /// Request body bytes read, response body bytes written.
     request_bytes: u64,
     response_bytes: u64,
@@ -201,6 +205,7 @@ impl ProxyHttp for Gateway {
             model: String::new(),
             keys: None,
             pool: None,
+            cors: Vec::new(),
             request_bytes: 0,
             response_bytes: 0,
             attempts: Vec::new(),
@@ -223,9 +228,26 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let rt = self.shared.runtime.load_full();
         let req = session.req_header();
-        let path = req.uri.path().to_string();
-        let path_and_query = request::clean_path_and_query(req);
-        ctx.target = format!("{} {}", req.method, path_and_query);
+        ctx.target = format!("{} {}", req.method, request::clean_path_and_query(req));
+        match rt.cors.as_ref().map(|c| c.verdict(req)) {
+            Some(cors::Verdict::Preflight(headers)) => {
+                ctx.cors = headers;
+                return respond_empty(session, ctx, 204).await;
+            }
+            Some(cors::Verdict::Refused) => {
+                let e = GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    "keygate: this origin may not call keygate from a browser (cors.allowed_origins)",
+                );
+                return respond(session, ctx, None, &e).await;
+            }
+            Some(cors::Verdict::Allowed(headers)) => ctx.cors = headers,
+            _ => {}
+        }
+        // Tools that only take an "OpenAI base URL" append /chat/completions & co. to it.
+        let path = request::openai_alias(req).unwrap_or_else(|| req.uri.path().to_string());
+        let path_and_query = request::with_clean_query(&path, req);
 
         let Some(api) = request::api_of(&path) else {
             let e = GatewayError::new(
@@ -618,6 +640,15 @@ impl Gateway {
                     self.shared
                         .metrics
                         .pool_exhausted(job.pool.name(), job.model);
+                    if job.project.is_none() {
+                        self.shared.alert(Event::PoolExhausted {
+                            pool: job.pool.name().to_string(),
+                            model: job.model.to_string(),
+                            retry_after_seconds: ex
+                                .retry_at
+                                .map(|at| at.saturating_sub(now_millis()).div_ceil(1000)),
+                        });
+                    }
                     let e = exhausted_error(keys, job.model, &ex, job.project);
                     return respond(session, ctx, Some(job.forward.api), &e).await;
                 }
@@ -734,6 +765,21 @@ impl Gateway {
     /// Logs outcomes an operator should hear about.
     fn note(&self, pool: &KeyPool, key: KeyId, outcome: &Outcome) {
         let fp = &pool.key(key).fingerprint;
+        let reason = match outcome {
+            Outcome::KeyDead(reason) => Some(reason.as_str()),
+            Outcome::BillingExhausted => Some(Disabled::Billing.as_str()),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            // Alert on the change only: a key already known disabled is not news.
+            if pool.disabled(key).is_none() {
+                self.shared.alert(Event::KeyDisabled {
+                    pool: pool.name().to_string(),
+                    key: fp.clone(),
+                    reason: reason.to_string(),
+                });
+            }
+        }
         match outcome {
             Outcome::KeyDead(reason) => log::warn!(
                 "pool {}: disabling {fp}: {}; it stays out until a key check finds it working, an operator enables it, or a restart",
@@ -843,6 +889,7 @@ impl Gateway {
         let success = header.status.is_success();
         let head = session.req_header().method == http::Method::HEAD;
         prepare_downstream_header(&mut header, head)?;
+        add_cors(&mut header, ctx)?;
         if success {
             self.rewrite_upload_url(&mut header, job, key, ctx.tenant.as_deref())?;
         }
@@ -1222,6 +1269,28 @@ fn fair_share_error(pool: &KeyPool, tenant: &str, model: &str, reserved: usize) 
     }
 }
 
+/// Adds the request's CORS headers to an answer, replacing any the upstream sent.
+fn add_cors(header: &mut ResponseHeader, ctx: &Ctx) -> pingora::Result<()> {
+    for (name, value) in &ctx.cors {
+        if *name == "vary" {
+            header.append_header(*name, value.as_str())?;
+        } else {
+            header.insert_header(*name, value.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a bodiless answer of keygate's own (a CORS preflight).
+async fn respond_empty(session: &mut Session, ctx: &mut Ctx, code: u16) -> pingora::Result<bool> {
+    let mut resp = ResponseHeader::build(code, Some(ctx.cors.len() + 1))?;
+    resp.insert_header(header::CONTENT_LENGTH, 0)?;
+    add_cors(&mut resp, ctx)?;
+    ctx.status = code;
+    session.write_response_header(Box::new(resp), true).await?;
+    Ok(true)
+}
+
 /// Answers without reading the request body: the connection cannot be reused.
 async fn refuse(
     session: &mut Session,
@@ -1308,6 +1377,7 @@ async fn respond(
     if let Some(secs) = e.retry_after {
         resp.insert_header(header::RETRY_AFTER, secs)?;
     }
+    add_cors(&mut resp, ctx)?;
     ctx.status = e.code;
     ctx.response_bytes += body.len() as u64;
     session.write_response_header(Box::new(resp), false).await?;
@@ -1333,7 +1403,13 @@ const KEY_CHECK_PATH: &str = "/v1beta/models?pageSize=1";
 /// Asks Google whether `key` works, with a request that spends no quota, and updates the health
 /// table: a dead key is disabled; a key disabled as dead that works again is put back (keys an
 /// operator disabled, and projects out of credit, stay as they are).
-pub async fn check_key(pool: &Pool, keys: &KeyPool, key: KeyId, timeouts: Timeouts) -> KeyCheck {
+pub async fn check_key(
+    shared: &Shared,
+    pool: &Pool,
+    keys: &KeyPool,
+    key: KeyId,
+    timeouts: Timeouts,
+) -> KeyCheck {
     let result = fetch(&pool.upstream, keys.key(key).secret.expose(), timeouts).await;
     let check = match result {
         Err(label) => KeyCheck::Inconclusive(label),
@@ -1353,6 +1429,10 @@ pub async fn check_key(pool: &Pool, keys: &KeyPool, key: KeyId, timeouts: Timeou
                     keys.name(),
                     reason.as_str()
                 );
+                shared.alert(Event::KeyRecovered {
+                    pool: keys.name().to_string(),
+                    key: fp.clone(),
+                });
             }
         }
         KeyCheck::Dead(reason) => {
@@ -1362,6 +1442,11 @@ pub async fn check_key(pool: &Pool, keys: &KeyPool, key: KeyId, timeouts: Timeou
                     keys.name(),
                     reason.as_str()
                 );
+                shared.alert(Event::KeyDisabled {
+                    pool: keys.name().to_string(),
+                    key: fp.clone(),
+                    reason: reason.as_str().to_string(),
+                });
             }
             keys.penalise(key, "", KEY_CHECK_PATH, &Penalty::DisableKey(*reason));
         }

@@ -46,6 +46,49 @@ pub fn api_of(path: &str) -> Option<Api> {
     }
 }
 
+/// Endpoints of Google's OpenAI-compatible API that tools reach with an "OpenAI base URL" of
+/// `http://HOST/v1` (or `http://HOST`): the path they append, after that base.
+const OPENAI_ALIASES: [&str; 4] = [
+    "/chat/completions",
+    "/embeddings",
+    "/images/generations",
+    "/models",
+];
+
+/// The Gemini path an OpenAI-style path stands for: `/v1/chat/completions` and
+/// `/chat/completions` become `/v1beta/openai/chat/completions`, likewise `embeddings`,
+/// `images/generations`, `models` and `models/{id}`. Bodies go through untouched: Google's own
+/// endpoint does the translating.
+///
+/// `/v1/models` and `/v1/models/{id}` are also the native Gemini model listing (the google-genai
+/// SDK calls `/v1/...`): they are taken as OpenAI-style only when the client authenticates the
+/// way the openai SDKs do, with `Authorization: Bearer` and no `x-goog-api-key` or `?key=`.
+pub fn openai_alias(req: &RequestHeader) -> Option<String> {
+    let path = req.uri.path();
+    let (versioned, rest) = match path.strip_prefix("/v1") {
+        Some(rest) if rest.starts_with('/') => (true, rest),
+        _ => (false, path),
+    };
+    let endpoint = OPENAI_ALIASES.iter().find(|a| {
+        rest == **a || (**a == "/models" && rest.starts_with("/models/") && !rest.contains(':'))
+    })?;
+    if versioned && *endpoint == "/models" {
+        let headers = &req.headers;
+        let bearer = headers.get(header::AUTHORIZATION).is_some_and(|v| {
+            v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ")
+        });
+        let goog_key = headers.contains_key("x-goog-api-key")
+            || req
+                .uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p.starts_with("key=")));
+        if !bearer || goog_key {
+            return None;
+        }
+    }
+    Some(format!("/v1beta/openai{rest}"))
+}
+
 /// The model a native path names: `/v1beta/models/gemini-2.5-pro:generateContent` gives
 /// `gemini-2.5-pro`; tuned models keep their prefix (`tunedModels/x`).
 pub fn model_from_path(path: &str) -> Option<&str> {
@@ -129,7 +172,11 @@ pub fn query_without_key(query: Option<&str>) -> Option<String> {
 
 /// `path?query` with any `key=` parameter removed: what goes upstream and into logs.
 pub fn clean_path_and_query(req: &RequestHeader) -> String {
-    let path = req.uri.path();
+    with_clean_query(req.uri.path(), req)
+}
+
+/// `path` with the request's query, any `key=` parameter removed.
+pub fn with_clean_query(path: &str, req: &RequestHeader) -> String {
     match query_without_key(req.uri.query()) {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -262,6 +309,60 @@ mod tests {
             r.append_header(k.to_string(), *v).unwrap();
         }
         r
+    }
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build(method, uri.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.insert_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn openai_base_url_aliases() {
+        let bearer = [("authorization", "Bearer tok")];
+        for (uri, want) in [
+            (
+                "/v1/chat/completions",
+                Some("/v1beta/openai/chat/completions"),
+            ),
+            ("/chat/completions", Some("/v1beta/openai/chat/completions")),
+            ("/v1/embeddings", Some("/v1beta/openai/embeddings")),
+            ("/embeddings", Some("/v1beta/openai/embeddings")),
+            ("/models", Some("/v1beta/openai/models")),
+            (
+                "/models/gemini-2.5-flash",
+                Some("/v1beta/openai/models/gemini-2.5-flash"),
+            ),
+            ("/v1/models", Some("/v1beta/openai/models")),
+            (
+                "/v1/models/gemini-2.5-flash",
+                Some("/v1beta/openai/models/gemini-2.5-flash"),
+            ),
+            ("/v1/models/gemini-2.5-flash:generateContent", None),
+            ("/v1beta/openai/chat/completions", None),
+            ("/v1/chat/completions/extra", None),
+            ("/v1x/chat/completions", None),
+        ] {
+            assert_eq!(
+                openai_alias(&req("POST", uri, &bearer)).as_deref(),
+                want,
+                "{uri}"
+            );
+        }
+        // The native model listing keeps its meaning for Gemini SDKs.
+        let goog = [("x-goog-api-key", "tok")];
+        assert_eq!(openai_alias(&req("GET", "/v1/models", &goog)), None);
+        assert_eq!(
+            openai_alias(&req("GET", "/v1/models?key=tok", &bearer)),
+            None
+        );
+        assert_eq!(openai_alias(&req("GET", "/v1/models", &[])), None);
+        assert_eq!(
+            openai_alias(&req("GET", "/models", &goog)).as_deref(),
+            Some("/v1beta/openai/models")
+        );
     }
 
     #[test]

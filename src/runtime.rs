@@ -6,7 +6,9 @@
 //! started with.
 
 use crate::affinity::{Affinity, Uploads};
+use crate::alerts::{Alerts, Event};
 use crate::config::{Config, PoolConfig, RetryPolicy, Timeouts};
+use crate::cors::Cors;
 use crate::keys::KeyPool;
 use crate::metrics::Metrics;
 use crate::tenants::{FairShare, Tenant, Tenants};
@@ -51,6 +53,8 @@ pub struct Runtime {
     pub retry: RetryPolicy,
     /// Upstream timeouts.
     pub timeouts: Timeouts,
+    /// Browser access, if configured.
+    pub cors: Option<Cors>,
 }
 
 /// Everything the proxy and the admin API share.
@@ -67,6 +71,8 @@ pub struct Shared {
     pub upstreams_changed: tokio::sync::Notify,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Webhook alerts, if configured.
+    pub alerts: Option<Alerts>,
 }
 
 /// Where a request goes.
@@ -123,6 +129,7 @@ impl Runtime {
             max_body: config.max_body_bytes,
             retry: config.retry,
             timeouts: config.timeouts,
+            cors: config.cors.as_ref().map(Cors::new),
         }
     }
 
@@ -153,9 +160,20 @@ impl Runtime {
 }
 
 impl Shared {
+    /// Sends `event` to the webhook, if one is configured (never blocks).
+    pub fn alert(&self, event: Event) {
+        if let Some(alerts) = &self.alerts {
+            alerts.notify(event);
+        }
+    }
+
     /// The shared state of a freshly started gateway.
     pub fn new(config: &Config) -> Result<Shared, String> {
         let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
+        let alerts = match &config.alerts {
+            Some(a) => Some(Alerts::new(a.clone()).map_err(|e| format!("alerts: {e}"))?),
+            None => None,
+        };
         Ok(Shared {
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             affinity: Affinity::new(AFFINITY_CAPACITY),
@@ -163,6 +181,7 @@ impl Shared {
             started: config.clone(),
             upstreams_changed: tokio::sync::Notify::new(),
             metrics,
+            alerts,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! pool that reuses connections across requests and attempts.
 
 use crate::config::{PoolConfig, Timeouts, UpstreamConfig};
+use crate::egress::ProxyConnect;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::connectors::http::Connector;
@@ -27,6 +28,9 @@ const MAX_H2_STREAMS: usize = 100;
 /// One pool's upstream: resolved peers plus the connection pool.
 pub struct Upstream {
     config: UpstreamConfig,
+    /// The pool's outbound proxy: connections are tunnelled through it, and the proxy
+    /// resolves the host name.
+    proxy: Option<Arc<ProxyConnect>>,
     timeouts: Timeouts,
     authority: String,
     peers: ArcSwap<Vec<Arc<HttpPeer>>>,
@@ -44,16 +48,30 @@ impl Upstream {
         if let Some(ca) = &pool.tls_ca_file {
             options.ca_file = Some(ca.display().to_string());
         }
+        let proxy = pool.proxy.as_ref().map(|p| {
+            Arc::new(ProxyConnect::new(
+                p.clone(),
+                &pool.name,
+                &pool.upstream.host,
+                pool.upstream.port,
+                timeouts.connect,
+            ))
+        });
         let upstream = Upstream {
             authority: pool.upstream.authority(),
             config: pool.upstream.clone(),
+            proxy,
             timeouts,
             peers: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             resolved: Notify::new(),
             connector: Connector::new(Some(options)),
         };
-        if let Ok(ip) = upstream.config.host.parse::<IpAddr>() {
+        if upstream.proxy.is_some() {
+            // The proxy connects by host name; the peer's address is only a placeholder (and
+            // the connection pool's key), never dialled.
+            upstream.set_addresses(&[SocketAddr::from(([0, 0, 0, 0], upstream.config.port))]);
+        } else if let Ok(ip) = upstream.config.host.parse::<IpAddr>() {
             upstream.set_addresses(&[SocketAddr::new(ip, upstream.config.port)]);
         }
         upstream
@@ -69,9 +87,14 @@ impl Upstream {
         self.config.tls
     }
 
-    /// Whether the host is a name that the resolver must look up.
+    /// Whether the host is a name that the resolver must look up (not when a proxy does).
     pub fn needs_dns(&self) -> bool {
-        self.config.host.parse::<IpAddr>().is_err()
+        self.proxy.is_none() && self.config.host.parse::<IpAddr>().is_err()
+    }
+
+    /// The outbound proxy's `scheme://host:port`, if the pool has one.
+    pub fn proxy_label(&self) -> Option<String> {
+        self.proxy.as_ref().map(|p| p.label())
     }
 
     /// Whether at least one address is known.
@@ -149,6 +172,9 @@ impl Upstream {
         o.read_timeout = Some(self.timeouts.read);
         o.write_timeout = Some(self.timeouts.write);
         o.idle_timeout = Some(self.timeouts.idle);
+        if let Some(proxy) = &self.proxy {
+            o.custom_l4 = Some(proxy.clone());
+        }
         if self.config.tls {
             // Offer HTTP/2, fall back to HTTP/1.1; many requests share one connection.
             o.set_http_version(2, 1);

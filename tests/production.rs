@@ -460,3 +460,103 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
         "exit took {took:?} with a 4 s grace period"
     );
 }
+
+/// A local webhook receiver: the JSON bodies it was sent.
+async fn start_receiver() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            sink.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_fires_once_per_event() {
+    let (receiver, got) = start_receiver().await;
+    let mock = Mock::start().await;
+    mock.key("alert-live-key", "p1")
+        .invalid_key("alert-dead-key");
+    mock.per_minute_limit("p1", "gemini-2.5-pro", 0, "40s");
+    let yaml = format!(
+        "{}alerts:\n  webhook_url: \"http://{receiver}/hooks/secret-path\"\n  min_interval_seconds: 300\n",
+        pool_yaml(&mock.url(), &[("alert-dead-key", "p0"), ("alert-live-key", "p1")])
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    // The dead key is found out (once, however many requests follow).
+    for _ in 0..4 {
+        assert_eq!(generate(&kg.url(), "gemini-2.5-flash", None).await.0, 200);
+    }
+    // The pool runs dry for pro: three exhausted answers, one alert.
+    for _ in 0..3 {
+        assert_eq!(generate(&kg.url(), "gemini-2.5-pro", None).await.0, 429);
+    }
+    // Google takes the dead key back; a key check brings it back into service.
+    mock.key("alert-dead-key", "p0");
+    let resp = client()
+        .post(format!("{admin}/admin/pools/main/check"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anything more would have arrived by now too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = got.lock().unwrap().clone();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["key_disabled", "pool_exhausted", "key_recovered"],
+        "{events:?}\n{}",
+        kg.logs()
+    );
+    let dead = keygate::secret::fingerprint(b"alert-dead-key");
+    assert_eq!(events[0]["key"], dead.as_str());
+    assert_eq!(events[0]["reason"], "key_invalid");
+    assert_eq!(events[1]["model"], "gemini-2.5-pro");
+    assert!(events[1]["retry_after_seconds"].as_u64().unwrap() <= 41);
+    assert_eq!(events[2]["key"], dead.as_str());
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(
+        !text.contains("alert-dead-key") && !text.contains("alert-live-key"),
+        "{text}"
+    );
+    kg.assert_logs_clean(&["alert-dead-key", "alert-live-key", "secret-path"]);
+}

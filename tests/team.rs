@@ -664,7 +664,13 @@ async fn a_cooling_owner_project_gives_429_with_retry_after_not_a_permission_err
     mock.per_minute_limit(&owner, "gemini-2.5-flash", 0, "40s");
     let (status, headers, body) = generate_with_cache(&kg, &cache, None).await;
     assert_eq!(status, 429, "{body}");
-    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = headers
+        .get("retry-after")
+        .unwrap_or_else(|| panic!("no Retry-After on {body}\n{}", kg.logs()))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((40..=41).contains(&retry_after), "{retry_after}");
     assert!(body.contains(&format!("project '{owner}'")), "{body}");
     // No other project was asked (it would only have said "permission denied").

@@ -5,10 +5,16 @@
 //! per-model quotas answered with Google's real 429 bodies (per minute and per day), invalid and
 //! suspended keys, client errors, slow SSE streams, and the OpenAI-compatible endpoints. Files
 //! (resumable upload) and cached contents belong to the project whose key created them, and
-//! other projects get Google's 403 for them. It records every request it receives, so tests
-//! can assert what reached "Google".
+//! other projects get Google's 403 for them. The Live API's WebSocket is an echo session of the
+//! key's project. It records every request it receives, so tests can assert what reached
+//! "Google".
+//!
+//! `net` adds a local HTTP CONNECT proxy, a SOCKS5 server and a WebSocket client helper.
 
 #![allow(dead_code)]
+
+mod net;
+pub use net::*;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -33,7 +39,8 @@ pub struct Seen {
     pub query: Option<String>,
     pub headers: http::HeaderMap,
     pub body: Bytes,
-    /// The API key the request carried (`x-goog-api-key` or `Authorization: Bearer`).
+    /// The API key the request carried (`x-goog-api-key` or `Authorization: Bearer`; for a
+    /// Live API upgrade, `x-goog-api-key` or `?key=`, never the bearer token).
     pub key: Option<String>,
     pub status: u16,
     /// Which TCP connection it came on (0, 1, ...).
@@ -101,6 +108,8 @@ struct State {
     resources: HashMap<String, (String, serde_json::Value)>,
     files_made: usize,
     caches_made: usize,
+    /// Live API upgrades answered with 101.
+    ws_sessions: usize,
 }
 
 /// The mock Gemini API.
@@ -145,12 +154,12 @@ fn accept_loop(
                             return;
                         };
                         let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
                     }
                     None => {
                         let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
                     }
                 }
@@ -164,6 +173,8 @@ pub const PER_MINUTE_BODY: &str = r#"{"error":{"code":429,"message":"You exceede
 pub const PER_DAY_BODY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"MODEL"},"quotaValue":"100"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"22s"}]}}"#;
 
 pub const INVALID_KEY_BODY: &str = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
+
+pub const UNREGISTERED_BODY: &str = r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.","status":"PERMISSION_DENIED"}}"#;
 
 pub const SUSPENDED_BODY: &str = r#"{"error":{"code":403,"message":"Permission denied: Consumer 'api_key:x' has been suspended.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
 
@@ -235,6 +246,7 @@ impl Mock {
             resources: HashMap::new(),
             files_made: 0,
             caches_made: 0,
+            ws_sessions: 0,
         }));
         let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
         // Where `localhost` also means ::1, answer there too (best effort).
@@ -374,6 +386,11 @@ impl Mock {
     pub fn uploads_started(&self) -> usize {
         self.state.lock().unwrap().uploads_started
     }
+
+    /// How many Live API WebSocket upgrades were accepted (answered 101).
+    pub fn ws_sessions(&self) -> usize {
+        self.state.lock().unwrap().ws_sessions
+    }
 }
 
 fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
@@ -425,34 +442,38 @@ fn sse(chunks: Vec<String>, gap: Duration, abort_after: Option<usize>) -> Respon
 async fn handle(
     state: Arc<Mutex<State>>,
     connection: usize,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let upgrade = is_live_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let key = parts
-        .headers
-        .get("x-goog-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| {
-            parts
-                .headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::to_string)
-        });
+    let header = |name| header_str(&parts.headers, name).map(str::to_string);
+    // The Live API takes the key as a header or `?key=` (JS SDK); the rest as a header or a
+    // bearer token (the OpenAI-compatible endpoints).
+    let key = header("x-goog-api-key").or_else(|| match upgrade {
+        Some(_) => {
+            let query = parts.uri.query()?;
+            let key = query.split('&').find_map(|p| p.strip_prefix("key="))?;
+            Some(key.to_string())
+        }
+        None => header("authorization")?
+            .strip_prefix("Bearer ")
+            .map(str::to_string),
+    });
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
     let delay = state.lock().unwrap().delay;
     if !delay.is_zero() && !path.contains("streamGenerateContent") {
         tokio::time::sleep(delay).await;
     }
-    let response = decide(&state, &parts, key.as_deref(), &body);
+    let response = match upgrade {
+        Some(on) => live(&state, &parts, key.as_deref(), on),
+        None => decide(&state, &parts, key.as_deref(), &body),
+    };
     // Like Google, compress error answers for clients that accept gzip.
     let accepts_gzip = parts
         .headers
@@ -510,13 +531,8 @@ fn decide(
     let openai = path.contains("/openai/");
     let mut s = state.lock().unwrap();
 
-    if let Some(c) = s
-        .canned
-        .iter_mut()
-        .find(|c| c.remaining > 0 && (c.key.is_none() || c.key.as_deref() == key))
-    {
-        c.remaining -= 1;
-        return json(c.status, c.body.clone(), openai);
+    if let Some(answer) = canned(&mut s, key, openai) {
+        return answer;
     }
     // Upload continuations need no key: the upload id authorises them.
     if let Some(id) = query
@@ -527,13 +543,9 @@ fn decide(
         let id = id.to_string();
         return upload_chunk(&mut s, path, &id, &parts.headers, body);
     }
-    let Some(key) = key else {
-        return json(403, r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.","status":"PERMISSION_DENIED"}}"#.into(), openai);
-    };
-    let project = match s.keys.get(key) {
-        Some(KeyState::Valid { project }) => project.clone(),
-        Some(KeyState::Suspended) => return json(403, SUSPENDED_BODY.into(), openai),
-        Some(KeyState::Invalid) | None => return json(400, INVALID_KEY_BODY.into(), openai),
+    let project = match project_of(&s, key) {
+        Ok(project) => project,
+        Err((status, body)) => return json(status, body.into(), openai),
     };
     if let Some(answer) = resource(&mut s, parts, &project, body) {
         return answer;
@@ -566,49 +578,10 @@ fn decide(
         return json(400, BAD_REQUEST_BODY.into(), openai);
     }
     // Reading (listing models, say) spends no quota.
-    let counted = parts.method != http::Method::GET;
-    if let Some(q) = s
-        .quotas
-        .get_mut(&(project.clone(), model.clone()))
-        .filter(|_| counted)
-    {
-        if let Some(day) = q.per_day {
-            if q.used >= day {
-                return json(429, PER_DAY_BODY.replace("MODEL", &model), openai);
-            }
+    if parts.method != http::Method::GET {
+        if let Some(refusal) = spend(&mut s, &project, &model, openai) {
+            return refusal;
         }
-        if let Some((minute, delay)) = &q.per_minute {
-            if q.used >= *minute {
-                return json(
-                    429,
-                    PER_MINUTE_BODY
-                        .replace("MODEL", &model)
-                        .replace("DELAY", delay),
-                    openai,
-                );
-            }
-        }
-        if let Some(w) = &mut q.window {
-            let now = Instant::now();
-            if w.start.is_some_and(|t| now >= t + w.length) {
-                (w.start, w.count) = (None, 0);
-            }
-            if w.count >= w.allowed {
-                let left = w
-                    .start
-                    .map_or(w.length, |t| (t + w.length).saturating_duration_since(now));
-                return json(
-                    429,
-                    PER_MINUTE_BODY
-                        .replace("MODEL", &model)
-                        .replace("DELAY", &google_duration(left)),
-                    openai,
-                );
-            }
-            w.start.get_or_insert(now);
-            w.count += 1;
-        }
-        q.used += 1;
     }
 
     let text = format!("hello from {project}");
@@ -670,6 +643,146 @@ fn decide(
         );
     }
     json(200, r#"{"models":[]}"#.into(), false)
+}
+
+/// The next canned answer for `key`, if any is left.
+fn canned(s: &mut State, key: Option<&str>, openai: bool) -> Option<Response<Body>> {
+    let c = s
+        .canned
+        .iter_mut()
+        .find(|c| c.remaining > 0 && (c.key.is_none() || c.key.as_deref() == key))?;
+    c.remaining -= 1;
+    Some(json(c.status, c.body.clone(), openai))
+}
+
+/// The project of `key`, or Google's status and body for a missing, invalid or suspended key.
+fn project_of(s: &State, key: Option<&str>) -> Result<String, (u16, &'static str)> {
+    match key.map(|key| s.keys.get(key)) {
+        None => Err((403, UNREGISTERED_BODY)),
+        Some(Some(KeyState::Valid { project })) => Ok(project.clone()),
+        Some(Some(KeyState::Suspended)) => Err((403, SUSPENDED_BODY)),
+        Some(Some(KeyState::Invalid) | None) => Err((400, INVALID_KEY_BODY)),
+    }
+}
+
+/// Counts one request of `project` for `model` against its quota, or answers its 429.
+fn spend(s: &mut State, project: &str, model: &str, openai: bool) -> Option<Response<Body>> {
+    let q = s.quotas.get_mut(&(project.into(), model.into()))?;
+    if let Some(day) = q.per_day {
+        if q.used >= day {
+            return Some(json(429, PER_DAY_BODY.replace("MODEL", model), openai));
+        }
+    }
+    if let Some((minute, delay)) = &q.per_minute {
+        if q.used >= *minute {
+            let body = PER_MINUTE_BODY
+                .replace("MODEL", model)
+                .replace("DELAY", delay);
+            return Some(json(429, body, openai));
+        }
+    }
+    if let Some(w) = &mut q.window {
+        let now = Instant::now();
+        if w.start.is_some_and(|t| now >= t + w.length) {
+            (w.start, w.count) = (None, 0);
+        }
+        if w.count >= w.allowed {
+            let left = w
+                .start
+                .map_or(w.length, |t| (t + w.length).saturating_duration_since(now));
+            let body = PER_MINUTE_BODY
+                .replace("MODEL", model)
+                .replace("DELAY", &google_duration(left));
+            return Some(json(429, body, openai));
+        }
+        w.start.get_or_insert(now);
+        w.count += 1;
+    }
+    q.used += 1;
+    None
+}
+
+/// `GET /ws/google.ai.generativelanguage.{v1beta,v1alpha}.GenerativeService.BidiGenerateContent`
+/// with `Upgrade: websocket`.
+fn is_live_upgrade(req: &Request<Incoming>) -> bool {
+    let path = req.uri().path();
+    let live = [
+        "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+        "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent",
+    ];
+    req.method() == http::Method::GET
+        && live.contains(&path)
+        && header_str(req.headers(), "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// A Live API upgrade: Google's HTTP answer to a bad key or an exhausted `live` quota before any
+/// switch; otherwise 101 and an echo session of the key's project.
+fn live(
+    state: &Mutex<State>,
+    parts: &http::request::Parts,
+    key: Option<&str>,
+    on: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    let mut s = state.lock().unwrap();
+    if let Some(answer) = canned(&mut s, key, false) {
+        return answer;
+    }
+    let project = match project_of(&s, key) {
+        Ok(project) => project,
+        Err((status, body)) => return json(status, body.into(), false),
+    };
+    let Some(ws_key) = parts.headers.get("sec-websocket-key") else {
+        return json(400, r#"{"error":{"code":400,"message":"Missing Sec-WebSocket-Key.","status":"INVALID_ARGUMENT"}}"#.into(), false);
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    if let Some(refusal) = spend(&mut s, &project, "live", false) {
+        return refusal;
+    }
+    s.ws_sessions += 1;
+    tokio::spawn(live_session(on, project));
+    Response::builder()
+        .status(101)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(
+            Full::new(Bytes::new())
+                .map_err(|e: Infallible| match e {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+/// After the switch: `setupComplete`, then every text message echoed as JSON and every binary
+/// message sent back as it came. tungstenite itself answers Ping and Close.
+async fn live_session(on: hyper::upgrade::OnUpgrade, project: String) {
+    use futures_util::{SinkExt, StreamExt};
+    let Ok(upgraded) = on.await else {
+        return;
+    };
+    let role = tokio_tungstenite::tungstenite::protocol::Role::Server;
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), role, None)
+            .await;
+    let project = serde_json::to_string(&project).unwrap();
+    let setup = format!(r#"{{"setupComplete":{{}},"project":{project}}}"#);
+    if ws.send(Message::text(setup)).await.is_err() {
+        return;
+    }
+    // A Close is answered by tungstenite; the next read then ends the stream.
+    while let Some(Ok(message)) = ws.next().await {
+        let reply = match message {
+            Message::Text(text) => {
+                let echo = serde_json::to_string(text.as_str()).unwrap();
+                Message::text(format!(r#"{{"echo":{echo},"project":{project}}}"#))
+            }
+            Message::Binary(data) => Message::Binary(data),
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// `d` as Google writes a duration: "53s", "1.234s" (rounded up to the millisecond).
