@@ -667,9 +667,7 @@ fn validate_cors(cors: FileCors) -> Result<CorsConfig, ConfigError> {
     for (i, origin) in cors.allowed_origins.iter().enumerate() {
         let ok = origin == "*"
             || ((origin.starts_with("http://") || origin.starts_with("https://"))
-                && !origin
-                    .trim_end_matches('/')
-                    .contains(['?', '#'])
+                && !origin.trim_end_matches('/').contains(['?', '#'])
                 && origin.matches('/').count() <= 3);
         if !ok {
             return Err(invalid(format!(

@@ -166,7 +166,12 @@ impl ProxyConnect {
     async fn tunnel(&self) -> pingora::Result<TcpStream> {
         let mut tcp = TcpStream::connect((self.proxy.host.as_str(), self.proxy.port))
             .await
-            .map_err(|e| self.fail(ErrorType::ConnectError, format!("cannot connect: {e}")))?;
+            .map_err(|e| {
+                self.fail(
+                    ErrorType::ConnectProxyFailure,
+                    format!("cannot connect to it: {e}"),
+                )
+            })?;
         let _ = tcp.set_nodelay(true);
         match self.proxy.kind {
             ProxyKind::HttpConnect => self.http_connect(&mut tcp).await?,
@@ -308,7 +313,7 @@ impl L4Connect for ProxyConnect {
         match tokio::time::timeout(self.timeout, self.tunnel()).await {
             Ok(Ok(tcp)) => Ok(tcp.into()),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(self.fail(ErrorType::ConnectTimedout, "timed out")),
+            Err(_) => Err(self.fail(ErrorType::ConnectProxyFailure, "timed out")),
         }
     }
 }

@@ -118,6 +118,18 @@ impl SendError {
                 "UNAVAILABLE",
                 format!("keygate: the upstream of pool '{pool}' has not resolved to any address"),
             ),
+            // An outbound proxy's failure explains itself (it names the pool's proxy).
+            SendError::Connect(e) if e.etype() == &ErrorType::ConnectProxyFailure => {
+                let why = e.context.as_ref().map(|c| c.as_str().to_string());
+                GatewayError::new(
+                    502,
+                    "UNAVAILABLE",
+                    format!(
+                        "keygate: {}",
+                        why.unwrap_or_else(|| format!("the proxy of pool '{pool}' failed"))
+                    ),
+                )
+            }
             SendError::Connect(e) => GatewayError::new(
                 502,
                 "UNAVAILABLE",

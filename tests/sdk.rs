@@ -42,6 +42,15 @@ async fn setup() -> (Mock, Keygate) {
 }
 
 async fn run_script(python: &PathBuf, script: &str, kg: &Keygate) -> String {
+    run_script_with(python, script, kg, &[]).await
+}
+
+async fn run_script_with(
+    python: &PathBuf,
+    script: &str,
+    kg: &Keygate,
+    env: &[(&str, &str)],
+) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/sdk")
         .join(script);
@@ -50,6 +59,7 @@ async fn run_script(python: &PathBuf, script: &str, kg: &Keygate) -> String {
         .env("KEYGATE_URL", kg.url())
         .env("KEYGATE_TOKEN", "sdk-tenant-token")
         .env("EXPECT_TEXT", "hello from p2")
+        .envs(env.iter().copied())
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")
         .env_remove("ALL_PROXY")
@@ -163,4 +173,31 @@ async fn google_genai_sdk_uploads_a_file_and_uses_it_across_a_multi_project_pool
         );
     }
     kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2", "sdk-key-3"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_sdk_works_with_the_v1_base_url_that_openai_style_tools_use() {
+    let Some(python) = python() else { return };
+    let (mock, kg) = setup().await;
+    let out = run_script_with(
+        &python,
+        "openai_e2e.py",
+        &kg,
+        &[("OPENAI_BASE_PATH", "/v1"), ("LIST_MODELS", "1")],
+    )
+    .await;
+    assert!(out.contains("openai ok"), "{out}");
+    let seen = mock.seen();
+    // /v1/chat/completions and /v1/models became Google's OpenAI-compatible paths.
+    assert!(seen
+        .iter()
+        .any(|s| s.path == "/v1beta/openai/chat/completions"));
+    assert!(seen
+        .iter()
+        .any(|s| s.path == "/v1beta/openai/models" && s.method == "GET"));
+    assert!(
+        seen.iter().all(|s| s.path.starts_with("/v1beta/openai/")),
+        "{seen:?}"
+    );
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
 }

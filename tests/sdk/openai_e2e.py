@@ -6,9 +6,10 @@ import os
 
 from openai import OpenAI
 
+# OPENAI_BASE_PATH: "/v1beta/openai/" (Google's own path) or "/v1" (what OpenAI-style tools use).
 client = OpenAI(
     api_key=os.environ["KEYGATE_TOKEN"],
-    base_url=os.environ["KEYGATE_URL"] + "/v1beta/openai/",
+    base_url=os.environ["KEYGATE_URL"] + os.environ.get("OPENAI_BASE_PATH", "/v1beta/openai/"),
     max_retries=0,  # a 429 reaching the SDK must fail the test, not be retried away
 )
 messages = [{"role": "user", "content": "hi"}]
@@ -20,5 +21,9 @@ assert content == os.environ["EXPECT_TEXT"], f"chat completion: {content!r}"
 stream = client.chat.completions.create(model="gemini-2.5-flash", messages=messages, stream=True)
 text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 assert text == "chunk 0 chunk 1 chunk 2 chunk 3 ", f"streamed chat completion: {text!r}"
+
+if os.environ.get("LIST_MODELS"):
+    models = list(client.models.list())
+    print(f"models listed: {len(models)}")
 
 print("openai ok")
