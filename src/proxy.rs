@@ -334,6 +334,12 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        if request::is_live_api(&path) {
+            return self
+                .websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query)
+                .await;
+        }
+
         let body = match read_body(session, rt.max_body).await? {
             Some(body) => body,
             None => {
@@ -1040,6 +1046,270 @@ impl Gateway {
                 table.bind(name, owner(), now);
             }
         }
+    }
+}
+
+/// The health table's name for Live API sessions: a quota refusal of the upgrade cools
+/// (project, `live`), apart from the project's other models.
+const LIVE_MODEL: &str = "live";
+
+impl Gateway {
+    /// A Live API session: the WebSocket upgrade goes to a key like any request (a refusal
+    /// before the switch, 429 or 403, moves to another key), and once Google switches protocols
+    /// the frames are relayed both ways, on that one key, for the session's life.
+    async fn websocket(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        rt: &Runtime,
+        tenant: Option<&Tenant>,
+        path_and_query: &str,
+    ) -> pingora::Result<bool> {
+        if !session.is_upgrade_req() {
+            let e = GatewayError::new(
+                400,
+                "INVALID_ARGUMENT",
+                "keygate: the Live API needs a WebSocket upgrade (Upgrade: websocket)",
+            );
+            return refuse(session, ctx, Api::Gemini, &e).await;
+        }
+        ctx.model = LIVE_MODEL.to_string();
+        let pool = match rt.route(tenant, "") {
+            Route::Pool(i) => rt.pools[i].clone(),
+            Route::NoPool => {
+                let e =
+                    GatewayError::new(403, "PERMISSION_DENIED", "keygate: no pool for this tenant");
+                return refuse(session, ctx, Api::Gemini, &e).await;
+            }
+        };
+        let keys = pool.keys.load_full();
+        ctx.keys = Some(keys.clone());
+        ctx.pool = Some(pool.clone());
+        let method = request::method_of(path_and_query.split('?').next().unwrap_or(""));
+        let forward = request::Forward {
+            api: Api::Gemini,
+            path_and_query,
+            body_len: 0,
+        };
+        let mut avoid: Vec<u32> = Vec::new();
+        let mut transient_left = rt.retry.transient_retries;
+        let mut last: Option<(ResponseHeader, Bytes)> = None;
+        for _ in 0..rt.retry.max_attempts {
+            let key = match keys.pick(LIVE_MODEL, method, &avoid, now_millis()) {
+                Pick::Key(k) => k,
+                Pick::Exhausted(ex) if last.is_none() => {
+                    let e = exhausted_error(&keys, LIVE_MODEL, &ex, None);
+                    return refuse(session, ctx, Api::Gemini, &e).await;
+                }
+                Pick::Exhausted(_) | Pick::OnlyTriedProjects => break,
+            };
+            let project = keys.key(key).project;
+            let sent = Instant::now();
+            let upgraded = self
+                .upgrade(
+                    &pool,
+                    &forward,
+                    session.req_header(),
+                    keys.key(key).secret.expose(),
+                )
+                .await;
+            let (http, header) = match upgraded {
+                Ok(pair) => pair,
+                Err(err) => {
+                    ctx.attempts.push(AttemptLog {
+                        key,
+                        outcome: err.label(),
+                        latency: None,
+                    });
+                    if transient_left == 0 {
+                        let e = err.into_gateway_error(pool.name());
+                        return refuse(session, ctx, Api::Gemini, &e).await;
+                    }
+                    transient_left -= 1;
+                    avoid.push(project);
+                    continue;
+                }
+            };
+            let latency = Some(sent.elapsed());
+            let status = header.status.as_u16();
+            if status == 101 {
+                ctx.attempts.push(AttemptLog {
+                    key,
+                    outcome: "ok",
+                    latency,
+                });
+                keys.key(key).usage.requests.fetch_add(1, Relaxed);
+                return self.relay_frames(session, ctx, http, header).await;
+            }
+            // Refused before the switch: a normal answer, classified like any other.
+            let mut body = AnswerBody {
+                http: Some(http),
+                peer: None,
+                read: Vec::new(),
+                complete: false,
+            };
+            read_up_to(&mut body, MAX_CLASSIFY_BODY).await;
+            let answer = Answer { header, body };
+            let outcome = classify(status, &decoded_body(&answer));
+            ctx.attempts.push(AttemptLog {
+                key,
+                outcome: outcome.label(),
+                latency,
+            });
+            self.note(&keys, key, &outcome);
+            let Answer { header, body } = answer;
+            let bytes = Bytes::from(body.read.concat());
+            match outcome.verdict(Utc::now()) {
+                Verdict::OtherKey(penalty) => {
+                    keys.penalise(key, LIVE_MODEL, method, &penalty);
+                    avoid.push(project);
+                }
+                Verdict::Transient if transient_left > 0 => {
+                    transient_left -= 1;
+                    avoid.push(project);
+                }
+                _ => return self.write_answer(session, ctx, header, bytes).await,
+            }
+            // The refused connection is not reused: a handshake leaves it in no state to be.
+            drop(body);
+            last = Some((header, bytes));
+        }
+        match last {
+            Some((header, bytes)) => self.write_answer(session, ctx, header, bytes).await,
+            None => {
+                let e = GatewayError::new(503, "UNAVAILABLE", "keygate: no key could be tried");
+                refuse(session, ctx, Api::Gemini, &e).await
+            }
+        }
+    }
+
+    /// Sends the upgrade request on a fresh HTTP/1.1 connection; the connection and the final
+    /// answer header (101 or a refusal).
+    async fn upgrade(
+        &self,
+        pool: &Pool,
+        forward: &request::Forward<'_>,
+        client: &RequestHeader,
+        key: &str,
+    ) -> Result<(ClientSession, ResponseHeader), SendError> {
+        let upstream = &pool.upstream;
+        let timeouts = self.shared.runtime.load().timeouts;
+        let peer = upstream
+            .websocket_peer(timeouts.connect)
+            .await
+            .ok_or(SendError::Unresolved)?;
+        let (mut http, _) = upstream
+            .connector
+            .get_http_session(&peer)
+            .await
+            .map_err(SendError::Connect)?;
+        let target = request::Target {
+            authority: upstream.authority(),
+            tls: upstream.tls(),
+            h2: false,
+        };
+        let exchange_error = |error| SendError::Exchange {
+            error,
+            reused: false,
+        };
+        let mut req =
+            request::upstream_request(client, forward, key, &target).map_err(exchange_error)?;
+        // The handshake's hop-by-hop headers, which upstream_request leaves out.
+        req.insert_header(header::CONNECTION, "Upgrade")
+            .map_err(exchange_error)?;
+        req.insert_header(header::UPGRADE, "websocket")
+            .map_err(exchange_error)?;
+        req.remove_header(&header::CONTENT_LENGTH);
+        http.set_read_timeout(Some(timeouts.read));
+        http.set_write_timeout(Some(timeouts.write));
+        http.write_request_header(Box::new(req))
+            .await
+            .map_err(exchange_error)?;
+        loop {
+            http.read_response_header().await.map_err(exchange_error)?;
+            let header = http.response_header().cloned().ok_or_else(|| {
+                exchange_error(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "no response header",
+                ))
+            })?;
+            if header.status.is_informational() && header.status.as_u16() != 101 {
+                continue;
+            }
+            // Frames may be far apart: no read timeout once switched.
+            http.set_read_timeout(None);
+            return Ok((http, header));
+        }
+    }
+
+    /// Switches the client's connection too, then copies bytes both ways until either side
+    /// closes.
+    async fn relay_frames(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        mut http: ClientSession,
+        header: ResponseHeader,
+    ) -> pingora::Result<bool> {
+        let mut switch = ResponseHeader::build(101, Some(header.headers.len()))?;
+        for (name, value) in header.headers.iter() {
+            switch.append_header(name.clone(), value.clone())?;
+        }
+        add_cors(&mut switch, ctx)?;
+        ctx.status = 101;
+        session
+            .write_response_header(Box::new(switch), false)
+            .await?;
+        if let ClientSession::H1(h1) = &mut http {
+            h1.maybe_upgrade_body_writer();
+        }
+        let mut client_open = true;
+        loop {
+            tokio::select! {
+                from_client = session.read_request_body(), if client_open => match from_client {
+                    Ok(Some(bytes)) => {
+                        ctx.request_bytes += bytes.len() as u64;
+                        http.write_request_body(bytes, false).await?;
+                    }
+                    Ok(None) => {
+                        client_open = false;
+                        http.finish_request_body().await?;
+                    }
+                    Err(e) => return Err(e),
+                },
+                from_google = http.read_response_body() => match from_google? {
+                    Some(bytes) => {
+                        ctx.response_bytes += bytes.len() as u64;
+                        session.write_response_body(Some(bytes), false).await?;
+                    }
+                    None => break,
+                },
+            }
+        }
+        session.write_response_body(None, true).await?;
+        Ok(true)
+    }
+
+    /// Writes a complete upstream answer (a refused upgrade) to the client.
+    async fn write_answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        mut header: ResponseHeader,
+        body: Bytes,
+    ) -> pingora::Result<bool> {
+        prepare_downstream_header(&mut header, false)?;
+        header.remove_header(&header::TRANSFER_ENCODING);
+        header.insert_header(header::CONTENT_LENGTH, body.len())?;
+        add_cors(&mut header, ctx)?;
+        ctx.status = header.status.as_u16();
+        ctx.response_bytes += body.len() as u64;
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(true)
     }
 }
 

@@ -5,7 +5,16 @@ use http::header::{self, HeaderName};
 use pingora::http::RequestHeader;
 
 /// Path prefixes keygate forwards.
-const FORWARDED_PREFIXES: [&str; 4] = ["/v1/", "/v1beta/", "/v1alpha/", "/upload/"];
+const FORWARDED_PREFIXES: [&str; 5] = ["/v1/", "/v1beta/", "/v1alpha/", "/upload/", LIVE_PREFIX];
+
+/// Path prefix of the Live API's WebSocket endpoints
+/// (`/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent`, v1alpha...).
+pub const LIVE_PREFIX: &str = "/ws/google.ai.generativelanguage.";
+
+/// Whether a path is a Live API WebSocket endpoint.
+pub fn is_live_api(path: &str) -> bool {
+    path.starts_with(LIVE_PREFIX)
+}
 
 /// Headers that carry a client credential: never forwarded.
 const CREDENTIAL_HEADERS: [&str; 3] = ["x-goog-api-key", "authorization", "x-access-token"];

@@ -121,6 +121,17 @@ impl Upstream {
         self.next_peer()
     }
 
+    /// A peer for one WebSocket session: like [`Upstream::peer`], but HTTP/1.1 only, since the
+    /// upgrade handshake is an HTTP/1.1 exchange (no WebSockets over HTTP/2 here).
+    pub async fn websocket_peer(&self, wait: Duration) -> Option<HttpPeer> {
+        let shared = self.peer(wait).await?;
+        let mut peer = HttpPeer::clone(&shared);
+        peer.options.set_http_version(1, 1);
+        // A session may stay quiet for long: its reads wait as long as the client does.
+        peer.options.read_timeout = None;
+        Some(peer)
+    }
+
     fn next_peer(&self) -> Option<Arc<HttpPeer>> {
         let peers = self.peers.load();
         if peers.is_empty() {

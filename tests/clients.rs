@@ -303,3 +303,77 @@ async fn openai_style_paths_map_onto_googles_openai_endpoint() {
     assert_eq!(first.headers["authorization"], "Bearer k1");
     assert!(String::from_utf8_lossy(&first.body).contains("\"messages\""));
 }
+
+const LIVE: &str = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+
+fn ws_url(kg: &Keygate, path: &str) -> String {
+    format!("ws://{}{path}", kg.addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_api_session_relays_frames_on_one_pool_key() {
+    use futures_util::{SinkExt, StreamExt};
+    let mock = Mock::start().await;
+    mock.key("live-key-1", "p1").key("live-key-2", "p2");
+    // p1 refuses the upgrade (out of quota): the session moves to p2 before the switch.
+    mock.per_minute_limit("p1", "live", 0, "30s");
+    let kg = Keygate::start(&with_tenant(
+        &pool_yaml(&mock.url(), &[("live-key-1", "p1"), ("live-key-2", "p2")]),
+        "app",
+        "live-tenant-token",
+    ));
+    // The JS SDK sends the key as ?key=, the Python SDK as x-goog-api-key: both work.
+    for (url, headers) in [
+        (
+            format!("{}?key=live-tenant-token", ws_url(&kg, LIVE)),
+            vec![],
+        ),
+        (
+            ws_url(&kg, &LIVE.replace("v1beta", "v1alpha")),
+            vec![("x-goog-api-key", "live-tenant-token")],
+        ),
+    ] {
+        let (mut ws, status) = ws_connect(&url, &headers).await.unwrap();
+        assert_eq!(status, 101);
+        let setup = ws.next().await.unwrap().unwrap();
+        assert!(
+            setup.to_text().unwrap().contains("\"project\":\"p2\""),
+            "{setup:?}"
+        );
+        for i in 0..3 {
+            ws.send(Message::text(format!("{{\"clientContent\":{i}}}")))
+                .await
+                .unwrap();
+            let echo = ws.next().await.unwrap().unwrap();
+            let text = echo.to_text().unwrap();
+            assert!(text.contains(&format!("clientContent\\\":{i}")), "{text}");
+        }
+        ws.send(Message::binary(vec![1u8, 2, 3, 250]))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap().into_data().to_vec(),
+            vec![1u8, 2, 3, 250]
+        );
+        ws.close(None).await.unwrap();
+    }
+    assert_eq!(mock.ws_sessions(), 2);
+    // The tenant token never reached the mock; the pool keys did.
+    for s in mock.seen() {
+        assert!(
+            !format!("{:?}{:?}", s.headers, s.query).contains("live-tenant-token"),
+            "{s:?}"
+        );
+        assert!(
+            s.key.as_deref().is_some_and(|k| k.starts_with("live-key-")),
+            "{s:?}"
+        );
+    }
+    let statuses: Vec<u16> = mock.seen().iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [429, 101, 101], "p1 refused once, then cooled");
+    // A wrong token is refused before anything goes upstream.
+    let refused = ws_connect(&format!("{}?key=wrong", ws_url(&kg, LIVE)), &[]).await;
+    assert!(refused.unwrap_err().starts_with("401"));
+    assert_eq!(mock.seen().len(), 3);
+    kg.assert_logs_clean(&["live-tenant-token", "live-key-1", "live-key-2"]);
+}
