@@ -6,12 +6,12 @@ CONFIG ?= conf/keygate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTHON ?= python3
 
-.PHONY: run test lint deps check-config bench bench-deps
+.PHONY: run test lint deps test-deps check-config bench bench-deps
 
 run: deps
 	cargo run --release -- --config $(CONFIG)
 
-test: deps .venv/.installed
+test: deps test-deps .venv/.installed
 	KEYGATE_PYTHON=$(CURDIR)/.venv/bin/python cargo test --all-targets
 	$(MAKE) --no-print-directory check-config
 
@@ -33,6 +33,12 @@ bench: deps bench-deps
 bench-deps:
 	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx-light; }
 	@command -v oha >/dev/null 2>&1 || cargo install oha --locked --version 1.16.0
+
+# The metrics test checks keygate's /metrics with Prometheus' own linter, promtool.
+test-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "promtool is missing (the metrics test runs it); installing Debian's prometheus package"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
 deps:
 	@command -v cmake >/dev/null 2>&1 || { \
