@@ -4,37 +4,9 @@
 mod common;
 
 use common::*;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
-
-fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts keygate with an admin listener; returns it and the admin base URL.
-fn start_with_admin(yaml: &str) -> (Keygate, String) {
-    let addr = free_addr();
-    let kg = Keygate::start_with_env(
-        &format!("{yaml}admin:\n  listen: \"{addr}\"\n  token_env: KEYGATE_ADMIN_TOKEN\n"),
-        &[("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)],
-    );
-    wait_port(addr);
-    (kg, format!("http://{addr}"))
-}
 
 async fn get(url: &str, token: Option<&str>) -> (u16, String) {
     let mut req = client().get(url);

@@ -6,40 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::time::{Duration, Instant};
-
-const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
-
-fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// The admin section for a free port, and that port's address.
-fn admin_yaml() -> (String, SocketAddr) {
-    let addr = free_addr();
-    (
-        format!("admin:\n  listen: \"{addr}\"\n  token_env: KEYGATE_ADMIN_TOKEN\n"),
-        addr,
-    )
-}
-
-fn start_with_admin(yaml: &str) -> (Keygate, String) {
-    let (admin, addr) = admin_yaml();
-    let kg = Keygate::start_with_env(
-        &format!("{yaml}{admin}"),
-        &[("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)],
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "admin listener did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (kg, format!("http://{addr}"))
-}
 
 async fn admin(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
     let mut req = client().request(method.parse().unwrap(), url);

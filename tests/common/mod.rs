@@ -1196,6 +1196,42 @@ impl Keygate {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Admin listener
+// ---------------------------------------------------------------------------------------------
+
+/// The admin token the tests configure (through `KEYGATE_ADMIN_TOKEN`).
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
+/// A free port on 127.0.0.1 (free when asked).
+pub fn free_addr() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits (bounded) until something listens on `addr`.
+pub fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts keygate with `yaml` plus an admin listener on a free port; returns it and the admin
+/// base URL (`http://127.0.0.1:PORT`).
+pub fn start_with_admin(yaml: &str) -> (Keygate, String) {
+    let addr = free_addr();
+    let kg = Keygate::start_with_env(
+        &format!("{yaml}admin:\n  listen: \"{addr}\"\n  token_env: KEYGATE_ADMIN_TOKEN\n"),
+        &[("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)],
+    );
+    wait_port(addr);
+    (kg, format!("http://{addr}"))
+}
+
 /// A pool section for `upstream` with `(key, project)` pairs.
 pub fn pool_yaml(upstream: &str, keys: &[(&str, &str)]) -> String {
     let mut y = format!("pools:\n  - name: main\n    upstream: \"{upstream}\"\n    keys:\n");
