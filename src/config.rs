@@ -63,6 +63,12 @@ struct FileConfig {
     state_file: Option<PathBuf>,
     cors: Option<FileCors>,
     alerts: Option<FileAlerts>,
+    #[serde(default = "default_upgrade_sock")]
+    upgrade_sock: PathBuf,
+}
+
+fn default_upgrade_sock() -> PathBuf {
+    PathBuf::from("/tmp/keygate_upgrade.sock")
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +246,8 @@ pub struct Config {
     pub cors: Option<CorsConfig>,
     /// Webhook alerts, if configured.
     pub alerts: Option<AlertConfig>,
+    /// Unix socket over which a new keygate started with `-u` takes the listeners over.
+    pub upgrade_sock: PathBuf,
 }
 
 /// Which web pages may call keygate from a browser.
@@ -624,6 +632,11 @@ fn validate(
         alerts: match file.alerts {
             Some(a) => Some(validate_alerts(a, env)?),
             None => None,
+        },
+        upgrade_sock: if file.upgrade_sock.is_absolute() {
+            file.upgrade_sock
+        } else {
+            base.join(file.upgrade_sock)
         },
     })
 }

@@ -90,6 +90,7 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         // One single-threaded runtime per worker thread, like nginx's workers: measured
         // cheaper per request than tokio's work-stealing pool (BENCHMARKS.md).
         work_stealing: false,
+        upgrade_sock: config.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
     let opt = Opt {

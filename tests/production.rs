@@ -532,3 +532,74 @@ async fn the_webhook_fires_once_per_event() {
     );
     kg.assert_logs_clean(&["alert-dead-key", "alert-live-key", "secret-path"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_upgrade_hands_the_listener_to_a_new_process() {
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").delay(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let yaml = format!(
+        "upgrade_sock: \"{}\"\nshutdown_grace_seconds: 2\n{}",
+        sock.display(),
+        pool_yaml(&mock.url(), &[("k1", "p1")])
+    );
+    let mut old = Keygate::start(&yaml);
+    // Steady traffic through the whole upgrade.
+    let url = old.url();
+    let load = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut statuses = Vec::new();
+        while started.elapsed() < Duration::from_secs(4) {
+            let batch: Vec<_> = (0..4)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move { generate(&url, "gemini-2.5-flash", None).await.0 })
+                })
+                .collect();
+            for b in batch {
+                statuses.push(b.await.unwrap());
+            }
+        }
+        statuses
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new process waits on the upgrade socket; SIGQUIT makes the old one send it the
+    // listening sockets, then drain and exit.
+    let log = dir.path().join("new.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut new = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(old.config_path())
+        .arg("-u")
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    old.signal(libc::SIGQUIT);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        old.logs()
+    );
+    let statuses = load.await.unwrap();
+    let failed = statuses.iter().filter(|&&s| s != 200).count();
+    // Requests keep being served on the same address, by the new process now.
+    let (status, _, _) = generate(&format!("http://{}", old.addr), "gemini-2.5-flash", None).await;
+    let new_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = new.kill();
+    let _ = new.wait();
+    assert_eq!(status, 200, "{new_log}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} failed:\n{new_log}",
+        statuses.len()
+    );
+    assert!(
+        new_log.contains("keygate::access"),
+        "the new process served:\n{new_log}"
+    );
+}

@@ -1136,6 +1136,11 @@ impl Keygate {
         format!("http://{}", self.addr)
     }
 
+    /// The config file keygate was started with.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     /// Replaces the config file (keeping `listen` and `threads`) for a reload.
     pub fn rewrite_config(&self, yaml: &str) {
         let old = std::fs::read_to_string(&self.config).unwrap();
