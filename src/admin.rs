@@ -11,7 +11,7 @@
 //!   Google whether keys work (a model listing, no quota spent);
 //! - `GET  /admin/tenants`: tenants with their limits and usage.
 //!
-//! Keys are named by fingerprint (`key#1a2b3c4d`, or `1a2b3c4d` in a URL); a key never appears
+//! Keys are named by fingerprint (`key#1a2b3c4d5e6f`, or `1a2b3c4d5e6f` in a URL); a key never appears
 //! in an answer. Every change says whether it survives a restart: added and removed keys do not
 //! (keygate writes no keys anywhere; the config file is the place for lasting changes), while
 //! disabling, enabling and clearing cooldowns are kept by the state file when one is configured.
@@ -53,6 +53,9 @@ pub struct Admin {
     shared: Arc<Shared>,
     token_sha256: [u8; 32],
     config_path: PathBuf,
+    /// Serialises key additions and removals: each replaces the pool's key set whole, so two at
+    /// once would lose one. Held only for synchronous work.
+    key_changes: std::sync::Mutex<()>,
 }
 
 impl Admin {
@@ -63,6 +66,7 @@ impl Admin {
             shared,
             token_sha256,
             config_path,
+            key_changes: std::sync::Mutex::new(()),
         }
     }
 }
@@ -321,6 +325,7 @@ impl Admin {
             Some(p) => p.to_string(),
             None => fingerprint.clone(),
         };
+        let _serial = self.key_changes.lock().unwrap_or_else(|e| e.into_inner());
         let old = pool.keys.load_full();
         if old.find(&fingerprint).is_some() {
             return error(
@@ -348,6 +353,7 @@ impl Admin {
     }
 
     fn remove_key(&self, pool_name: &str, fp: &str) -> Answer {
+        let _serial = self.key_changes.lock().unwrap_or_else(|e| e.into_inner());
         let (pool, old, id) = match self.find_key(pool_name, fp) {
             Ok(found) => found,
             Err(a) => return a,
@@ -602,15 +608,38 @@ impl BackgroundService for KeyChecker {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = shutdown.changed() => return,
             }
-            let rt = self.shared.runtime.load_full();
-            for pool in &rt.pools {
+            // The keys to check, by name: each is looked up again when its turn comes, so a
+            // check lands in the pool as it is then (after a reload or an admin change).
+            let todo: Vec<(String, String)> = self
+                .shared
+                .runtime
+                .load()
+                .pools
+                .iter()
+                .flat_map(|pool| {
+                    let keys = pool.keys.load();
+                    (0..keys.len())
+                        .map(|k| {
+                            (
+                                pool.name().to_string(),
+                                keys.key(KeyId(k as u32)).fingerprint.clone(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for (pool_name, fingerprint) in todo {
+                let rt = self.shared.runtime.load_full();
+                let Some(pool) = rt.pools.iter().find(|p| p.name() == pool_name) else {
+                    continue;
+                };
                 let keys = pool.keys.load_full();
-                for k in 0..keys.len() {
-                    check_key(&self.shared, pool, &keys, KeyId(k as u32), rt.timeouts).await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(BETWEEN_CHECKS) => {}
-                        _ = shutdown.changed() => return,
-                    }
+                if let Some(id) = keys.find(&fingerprint) {
+                    check_key(&self.shared, pool, &keys, id, rt.timeouts).await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(BETWEEN_CHECKS) => {}
+                    _ = shutdown.changed() => return,
                 }
             }
         }

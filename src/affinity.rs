@@ -502,6 +502,25 @@ fn fresh_id() -> Option<String> {
     Some(id)
 }
 
+/// `path?query` with the value of any `upload_id` parameter replaced by `…`: an upload id is
+/// the credential of a token-less upload continuation, so it stays out of logs.
+pub fn redact_upload_id(path_and_query: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_string();
+    };
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|pair| {
+            if pair.starts_with("upload_id=") {
+                "upload_id=…"
+            } else {
+                pair
+            }
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
+}
+
 /// The `upload_id` parameter of a query string (a leading `?` is allowed; percent-decoding is not
 /// needed: ids are URL-safe; other params are ignored). None when absent or empty.
 pub fn upload_id_of(query: &str) -> Option<&str> {

@@ -70,7 +70,7 @@ pub enum Event {
     KeyDisabled {
         /// The pool's name.
         pool: String,
-        /// The key's fingerprint (`key#1a2b3c4d`), never the key.
+        /// The key's fingerprint (`key#1a2b3c4d5e6f`), never the key.
         key: String,
         /// Why, as a label (see above).
         reason: String,
@@ -79,7 +79,7 @@ pub enum Event {
     KeyRecovered {
         /// The pool's name.
         pool: String,
-        /// The key's fingerprint (`key#1a2b3c4d`), never the key.
+        /// The key's fingerprint (`key#1a2b3c4d5e6f`), never the key.
         key: String,
     },
 }
@@ -171,7 +171,7 @@ impl Event {
 }
 
 /// Where and how alerts are sent.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AlertConfig {
     /// The webhook: `http(s)://host[:port]/path` (a query is allowed).
     pub url: String,
@@ -797,7 +797,7 @@ fn clip(text: &str) -> String {
 fn as_fingerprint(key: String) -> String {
     let is_fingerprint = key
         .strip_prefix("key#")
-        .is_some_and(|hex| hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        .is_some_and(|hex| hex.len() == 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
     if is_fingerprint {
         key
     } else {
@@ -1083,8 +1083,8 @@ mod tests {
         let alerts = alerts(config(&hook.url(), Duration::from_secs(60), 0));
         let (_shutdown, _task) = start(&alerts);
         alerts.notify(exhausted("main", "gemini-2.5-pro"));
-        alerts.notify(disabled("main", "key#1a2b3c4d"));
-        alerts.notify(recovered("main", "key#1a2b3c4d"));
+        alerts.notify(disabled("main", "key#1a2b3c4d5e6f"));
+        alerts.notify(recovered("main", "key#1a2b3c4d5e6f"));
         let got = hook.received(3, Duration::from_secs(5)).await;
         assert_eq!(got.len(), 3, "{got:?}");
         for r in &got {
@@ -1123,7 +1123,7 @@ mod tests {
 
         let d = &got[1].json;
         assert_eq!(d["event"], "key_disabled");
-        assert_eq!(d["key"], "key#1a2b3c4d");
+        assert_eq!(d["key"], "key#1a2b3c4d5e6f");
         assert_eq!(d["reason"], "key_invalid");
         assert_eq!(
             object_keys(d),
@@ -1131,20 +1131,20 @@ mod tests {
         );
         assert_eq!(
             d["text"],
-            "keygate: key `key#1a2b3c4d` of pool `main` was disabled: Google says the key is \
+            "keygate: key `key#1a2b3c4d5e6f` of pool `main` was disabled: Google says the key is \
              not valid."
         );
 
         let r = &got[2].json;
         assert_eq!(r["event"], "key_recovered");
-        assert_eq!(r["key"], "key#1a2b3c4d");
+        assert_eq!(r["key"], "key#1a2b3c4d5e6f");
         assert_eq!(
             object_keys(r),
             ["event", "key", "pool", "source", "text", "time"]
         );
         assert_eq!(
             r["text"],
-            "keygate: key `key#1a2b3c4d` of pool `main` works again."
+            "keygate: key `key#1a2b3c4d5e6f` of pool `main` works again."
         );
 
         let stats = alerts.stats();
@@ -1162,11 +1162,11 @@ mod tests {
         let hook = Hook::start(&[]).await;
         let alerts = alerts(config(&hook.url(), Duration::from_secs(60), 0));
         let (_shutdown, _task) = start(&alerts);
-        alerts.notify(disabled("main", "key#1a2b3c4d"));
+        alerts.notify(disabled("main", "key#1a2b3c4d5e6f"));
         // Same kind, pool and key: a different reason does not make it a different event.
         alerts.notify(Event::KeyDisabled {
             pool: "main".into(),
-            key: "key#1a2b3c4d".into(),
+            key: "key#1a2b3c4d5e6f".into(),
             reason: "key_suspended".into(),
         });
         let got = hook.received(2, Duration::from_secs(2)).await;
@@ -1185,10 +1185,10 @@ mod tests {
         let (_shutdown, _task) = start(&alerts);
         // A flapping key must not hide another key, another pool's exhaustion or another model.
         for _ in 0..5 {
-            alerts.notify(disabled("main", "key#1a2b3c4d"));
+            alerts.notify(disabled("main", "key#1a2b3c4d5e6f"));
         }
         alerts.notify(disabled("main", "key#ffffffff"));
-        alerts.notify(recovered("main", "key#1a2b3c4d"));
+        alerts.notify(recovered("main", "key#1a2b3c4d5e6f"));
         alerts.notify(exhausted("main", "gemini-2.5-pro"));
         alerts.notify(exhausted("main", "gemini-2.5-flash"));
         alerts.notify(exhausted("other", "gemini-2.5-pro"));
@@ -1451,7 +1451,7 @@ mod tests {
             Alerts::build(cfg, Duration::from_millis(20), Some(ca_file.path().into())).unwrap();
         let (_shutdown, _task) = start(&trusting);
         trusting.notify(exhausted("main", "m"));
-        trusting.notify(recovered("main", "key#1a2b3c4d"));
+        trusting.notify(recovered("main", "key#1a2b3c4d5e6f"));
         let got = hook.received(2, Duration::from_secs(5)).await;
         assert_eq!(got.len(), 2, "{got:?}");
         for r in &got {

@@ -262,7 +262,7 @@ pub struct CorsConfig {
 }
 
 /// The admin API's listener and credential.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Address of the admin listener.
     pub listen: SocketAddr,

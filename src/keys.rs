@@ -431,7 +431,7 @@ impl KeyPool {
         self.keys.is_empty()
     }
 
-    /// The key with this fingerprint (`key#1a2b3c4d` or just `1a2b3c4d`).
+    /// The key with this fingerprint (`key#1a2b3c4d5e6f` or just `1a2b3c4d`).
     pub fn find(&self, fingerprint: &str) -> Option<KeyId> {
         let hex = fingerprint.strip_prefix("key#").unwrap_or(fingerprint);
         self.keys
@@ -460,11 +460,15 @@ impl KeyPool {
     }
 
     /// The last `count` projects (in pool order) that can serve `model` now: the ones a heavy
-    /// tenant leaves to lighter ones.
+    /// tenant leaves to lighter ones. While no key is cooling for the model one usable project
+    /// stays outside the reserve, so a heavy tenant is not shut out of a pool under no pressure;
+    /// once keys cool, the last projects are all kept for the lighter tenants.
     pub fn reserved_projects(&self, model: &str, count: usize, now: Millis) -> Vec<u32> {
         let snapshot = self.snapshot(&self.health(model), now);
         let usable = &snapshot.projects;
-        usable[usable.len().saturating_sub(count)..].to_vec()
+        let keep = if snapshot.cooling > 0 { 0 } else { 1 };
+        let count = count.min(usable.len().saturating_sub(keep));
+        usable[usable.len() - count..].to_vec()
     }
 
     /// An operator takes `key` out of service until enabled again.
@@ -494,6 +498,17 @@ impl KeyPool {
         self.any_blocked.store(!list.is_empty(), Relaxed);
         self.blocked.store(Arc::new(list));
         self.generation.fetch_add(1, Relaxed);
+    }
+
+    /// A key check found `key` working: whatever Google's refusal disabled it is forgotten.
+    /// Unlike [`KeyPool::enable`], an operator's disable and the project's billing stay.
+    pub fn revive(&self, key: KeyId) {
+        let k = key.0 as usize;
+        if matches!(self.disabled(key), Some(Disabled::Dead(_))) {
+            self.key_reason[k].store(0, Relaxed);
+            self.key_disabled_until[k].store(0, Relaxed);
+            self.generation.fetch_add(1, Relaxed);
+        }
     }
 
     /// Ends the cooldowns of `key`'s project, for `model` or for every model. Returns how many
@@ -1072,6 +1087,11 @@ mod tests {
     fn reserved_projects_are_the_last_usable_ones() {
         let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3"), ("d", "p4")]);
         assert_eq!(p.reserved_projects("m", 1, 1000), vec![3]);
+        // No pressure: one usable project stays outside the reserve.
+        assert_eq!(p.reserved_projects("m", 9, 1000), vec![1, 2, 3]);
+        let single = pool(&[("a", "p1")]);
+        assert!(single.reserved_projects("m", 1, 1000).is_empty());
+        // Under pressure (a key cooling), the last ones are all kept.
         cool(&p, 3, "m", 90_000);
         assert_eq!(p.reserved_projects("m", 2, 1000), vec![1, 2]);
         assert_eq!(p.reserved_projects("m", 9, 1000), vec![0, 1, 2]);

@@ -22,8 +22,17 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<String, String> {
     if config.listen != started.listen {
         ignored.push("listen");
     }
-    if config.admin.as_ref().map(|a| a.listen) != started.admin.as_ref().map(|a| a.listen) {
-        ignored.push("admin.listen");
+    if config.admin != started.admin {
+        ignored.push("admin (listener, token, key checks)");
+    }
+    if config.alerts != started.alerts {
+        ignored.push("alerts");
+    }
+    if config.shutdown_grace != started.shutdown_grace {
+        ignored.push("shutdown_grace_seconds");
+    }
+    if config.upgrade_sock != started.upgrade_sock {
+        ignored.push("upgrade_sock");
     }
     if config.threads != started.threads {
         ignored.push("threads");

@@ -240,7 +240,11 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let rt = self.shared.runtime.load_full();
         let req = session.req_header();
-        ctx.target = format!("{} {}", req.method, request::clean_path_and_query(req));
+        ctx.target = format!(
+            "{} {}",
+            req.method,
+            affinity::redact_upload_id(&request::clean_path_and_query(req))
+        );
         match rt.cors.as_ref().map(|c| c.verdict(req)) {
             Some(cors::Verdict::Preflight(headers)) => {
                 ctx.cors = headers;
@@ -265,7 +269,7 @@ impl ProxyHttp for Gateway {
             let e = GatewayError::new(
                 404,
                 "NOT_FOUND",
-                "keygate forwards /v1/, /v1beta/, /v1alpha/ and /upload/ paths only",
+                "keygate forwards /v1/, /v1beta/, /v1alpha/, /upload/ and /ws/google.ai.generativelanguage.* paths, and the OpenAI-style /v1/chat/completions, /v1/embeddings, /v1/models",
             );
             return respond(session, ctx, None, &e).await;
         };
@@ -357,8 +361,15 @@ impl ProxyHttp for Gateway {
 
         ctx.request_bytes = body.len() as u64;
         let model = match api {
-            Api::Gemini => request::model_from_path(&path).map(str::to_string),
-            Api::OpenAi => request::model_from_openai_body(&body),
+            Api::Gemini => request::model_from_path(&path)
+                .map(str::to_string)
+                .or_else(|| {
+                    // Creating a cache or a batch names its model in the body: route by it.
+                    (creates_resources(&path) && session.req_header().method == http::Method::POST)
+                        .then(|| request::model_from_body(&body))
+                        .flatten()
+                }),
+            Api::OpenAi => request::model_from_body(&body),
         }
         .unwrap_or_default();
         ctx.model = model.clone();
@@ -409,7 +420,6 @@ impl ProxyHttp for Gateway {
                     reserved = keys.reserved_projects(&model, lighter, now);
                 }
             }
-            placed.pool.fair.record(&t.name, now);
         }
 
         let path_and_query = placed.path_and_query.unwrap_or(path_and_query);
@@ -448,10 +458,17 @@ impl ProxyHttp for Gateway {
                 metrics.upstream_latency(pool_name, latency.as_secs_f64());
             }
         }
+        // A model becomes a label value only once a pool took the request: names a client made
+        // up and keygate refused cannot use up the bounded label set.
+        let model = if ctx.pool.is_some() && !ctx.attempts.is_empty() {
+            ctx.model.as_str()
+        } else {
+            "-"
+        };
         metrics.request(
             ctx.tenant.as_ref().map_or("-", |t| &*t.name),
             pool_name,
-            &ctx.model,
+            model,
             status,
             ctx.attempts.len(),
             ctx.request_bytes,
@@ -670,7 +687,10 @@ impl Gateway {
                     let e = exhausted_error(keys, job.model, &ex, job.project);
                     return respond(session, ctx, Some(job.forward.api), &e).await;
                 }
-                Pick::OnlyTriedProjects if !job.reserved.is_empty() => {
+                Pick::OnlyTriedProjects if !job.reserved.is_empty() && ctx.attempts.is_empty() => {
+                    if let Some(t) = &ctx.tenant {
+                        t.state.refused_fair_share.fetch_add(1, Relaxed);
+                    }
                     let tenant = ctx.tenant.as_ref().map_or("-", |t| &*t.name);
                     let e = fair_share_error(keys, tenant, job.model, job.reserved.len());
                     return respond(session, ctx, Some(job.forward.api), &e).await;
@@ -678,6 +698,12 @@ impl Gateway {
                 Pick::OnlyTriedProjects => break,
             };
             let project = keys.key(key).project;
+            // The fair-share count is of requests the pool took, not of refused ones.
+            if ctx.attempts.is_empty() {
+                if let Some(t) = &ctx.tenant {
+                    job.pool.fair.record(&t.name, now);
+                }
+            }
             let sent = Instant::now();
             let mut answer = match self.send(&job.pool, job, session.req_header(), key).await {
                 Ok(a) => a,
@@ -920,7 +946,11 @@ impl Gateway {
             Learn::Create | Learn::UploadContinue { .. } if success => CREATED_ANSWER_LIMIT,
             _ => 0,
         };
-        let mut tap = success.then(|| BodyTap::new(gzip, keep_head));
+        // Tokens are counted on answers to generation and embedding calls only: resources
+        // (caches, batches) repeat a usage object each time they are read.
+        let counts_tokens = counts_tokens(job.method);
+        let mut tap =
+            (success && (counts_tokens || keep_head > 0)).then(|| BodyTap::new(gzip, keep_head));
         let upload_final = header
             .headers
             .get("x-goog-upload-status")
@@ -960,7 +990,7 @@ impl Gateway {
         pool_key.usage.requests.fetch_add(1, Relaxed);
         if let Some(tap) = tap {
             self.learn(ctx, job, key, &tap, upload_final);
-            if let Some(t) = tap.tokens() {
+            if let Some(t) = tap.tokens().filter(|_| counts_tokens) {
                 pool_key.usage.add_tokens(t.prompt, t.output, t.total);
                 if let Some(tenant) = &ctx.tenant {
                     tenant.state.usage.add_tokens(t.prompt, t.output, t.total);
@@ -1041,7 +1071,10 @@ impl Gateway {
                 self.shared.uploads.finish(id);
             }
         }
-        if !matches!(job.learn, Learn::Delete(_)) {
+        // A resource keygate did not know the owner of is bound to the project that served it,
+        // but only without tenants: with tenants, a name another tenant made (and keygate
+        // forgot) must not become the asker's.
+        if !matches!(job.learn, Learn::Delete(_)) && ctx.tenant.is_none() {
             for name in &job.unbound {
                 table.bind(name, owner(), now);
             }
@@ -1260,6 +1293,8 @@ impl Gateway {
         session
             .write_response_header(Box::new(switch), false)
             .await?;
+        // A session may be quiet for minutes: the client side waits as long as Google does.
+        session.set_read_timeout(None);
         if let ClientSession::H1(h1) = &mut http {
             h1.maybe_upgrade_body_writer();
         }
@@ -1405,6 +1440,16 @@ fn prepare_downstream_header(
     head_request: bool,
 ) -> pingora::Result<()> {
     for name in request::connection_listed(&header.headers) {
+        header.remove_header(&name);
+    }
+    // Which pages may read an answer is keygate's decision (`cors`), never the upstream's.
+    let cors: Vec<http::HeaderName> = header
+        .headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in cors {
         header.remove_header(&name);
     }
     for name in [
@@ -1596,6 +1641,20 @@ fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether answers to `method` report the tokens a call used.
+fn counts_tokens(method: &str) -> bool {
+    matches!(
+        method,
+        "generateContent"
+            | "streamGenerateContent"
+            | "embedContent"
+            | "batchEmbedContents"
+            | "chat/completions"
+            | "completions"
+            | "embeddings"
+    )
+}
+
 /// Whether a request starts a resumable upload.
 fn is_upload_start(req: &RequestHeader) -> bool {
     req.headers
@@ -1692,6 +1751,10 @@ pub async fn check_key(
     key: KeyId,
     timeouts: Timeouts,
 ) -> KeyCheck {
+    // An operator's decision is not the check's to overturn, either way.
+    if keys.disabled(key) == Some(Disabled::Operator) {
+        return KeyCheck::Inconclusive("disabled_by_operator");
+    }
     let result = fetch(&pool.upstream, keys.key(key).secret.expose(), timeouts).await;
     let check = match result {
         Err(label) => KeyCheck::Inconclusive(label),
@@ -1705,7 +1768,7 @@ pub async fn check_key(
     match &check {
         KeyCheck::Alive => {
             if let Some(Disabled::Dead(reason)) = keys.disabled(key) {
-                keys.enable(key);
+                keys.revive(key);
                 log::warn!(
                     "pool {}: {fp} works again (was {}): back in service",
                     keys.name(),

@@ -34,6 +34,10 @@ const HOP_BY_HOP: [&str; 11] = [
     "host",
 ];
 
+/// Headers a browser adds that Google must not see: with them, Google would answer with its own
+/// CORS headers and decide on its own which pages may read keygate's answers.
+const BROWSER_ONLY: [&str; 2] = ["origin", "referer"];
+
 /// What a request path is, for forwarding purposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -136,8 +140,9 @@ pub fn method_of(path: &str) -> &str {
     }
 }
 
-/// The `model` field of an OpenAI-compatible request body, without a `models/` prefix.
-pub fn model_from_openai_body(body: &[u8]) -> Option<String> {
+/// The `model` field of a JSON request body (OpenAI-compatible calls; creating a cache or a
+/// batch), without a `models/` prefix.
+pub fn model_from_body(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Body {
         model: Option<String>,
@@ -235,6 +240,7 @@ pub fn upstream_request(
         let n = name.as_str();
         if CREDENTIAL_HEADERS.contains(&n)
             || HOP_BY_HOP.contains(&n)
+            || BROWSER_ONLY.contains(&n)
             || n == "content-length"
             || listed.iter().any(|l| l == name)
         {
@@ -418,11 +424,11 @@ mod tests {
             "chat/completions"
         );
         assert_eq!(
-            model_from_openai_body(br#"{"model":"models/gemini-2.5-flash","messages":[]}"#),
+            model_from_body(br#"{"model":"models/gemini-2.5-flash","messages":[]}"#),
             Some("gemini-2.5-flash".into())
         );
-        assert_eq!(model_from_openai_body(b"{}"), None);
-        assert_eq!(model_from_openai_body(b"not json"), None);
+        assert_eq!(model_from_body(b"{}"), None);
+        assert_eq!(model_from_body(b"not json"), None);
     }
 
     #[test]

@@ -107,7 +107,9 @@ impl Runtime {
                     None => KeyPool::new(p),
                 };
                 let same_upstream = previous.filter(|q| {
-                    q.config.upstream == p.upstream && q.config.tls_ca_file == p.tls_ca_file
+                    q.config.upstream == p.upstream
+                        && q.config.tls_ca_file == p.tls_ca_file
+                        && q.config.proxy == p.proxy
                 });
                 let upstream = match same_upstream {
                     Some(q) if config.timeouts == old.map_or(config.timeouts, |o| o.timeouts) => {

@@ -21,7 +21,7 @@ impl Secret {
         &self.0
     }
 
-    /// A short, stable, non-reversible name for this secret, e.g. `key#1a2b3c4d`.
+    /// A short, stable, non-reversible name for this secret, e.g. `key#1a2b3c4d5e6f`.
     pub fn fingerprint(&self) -> String {
         fingerprint(self.0.as_bytes())
     }
@@ -44,13 +44,14 @@ pub fn sha256(value: &[u8]) -> [u8; 32] {
     Sha256::digest(value).into()
 }
 
-/// `key#` followed by the first 8 hex digits of the value's SHA-256: enough to tell keys apart
+/// `key#` followed by the first 12 hex digits (48 bits) of the value's SHA-256: enough to tell
+/// keys apart (two of 10,000 keys share one with odds of about 1 in 5 million)
 /// in a log, far too little to recover or guess the key.
 pub fn fingerprint(value: &[u8]) -> String {
     let digest = sha256(value);
-    let mut out = String::with_capacity(12);
+    let mut out = String::with_capacity(16);
     out.push_str("key#");
-    for byte in &digest[..4] {
+    for byte in &digest[..6] {
         out.push_str(&format!("{byte:02x}"));
     }
     out
@@ -79,7 +80,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("made-up"));
         assert!(!format!("{s}").contains("made-up"));
         assert!(format!("{s}").starts_with("key#"));
-        assert_eq!(format!("{s}").len(), 12);
+        assert_eq!(format!("{s}").len(), 16);
     }
 
     #[test]

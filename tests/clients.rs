@@ -129,6 +129,24 @@ async fn cors_is_off_unless_configured() {
         "a preflight is an ordinary request then"
     );
     assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    // A page's request is not forwarded with its Origin: Google must not grant it access to
+    // keygate's answers with CORS headers of its own.
+    let resp = client()
+        .post(format!(
+            "{}/v1beta/models/gemini-2.5-flash:generateContent",
+            kg.url()
+        ))
+        .header("origin", PAGE)
+        .header("referer", format!("{PAGE}/chat"))
+        .header("x-goog-api-key", "web-token")
+        .body(prompt())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    let seen = &mock.seen()[0];
+    assert!(!seen.headers.contains_key("origin") && !seen.headers.contains_key("referer"));
 }
 
 /// A pool named `name` that reaches `mock` through `proxy` with credentials from `env_var`.

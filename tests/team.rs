@@ -290,6 +290,21 @@ async fn admin_changes_take_effect_on_the_next_request() {
     }
     assert!(mock.keys_seen()[before..].iter().all(|k| k == "key-one"));
 
+    // A key check leaves an operator's disable alone.
+    let (status, body) = admin_post(&base, "/admin/pools/main/check", None).await;
+    assert_eq!(status, 200, "{body}");
+    let two_check = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == fingerprint("key-two").as_str())
+        .unwrap();
+    assert_eq!(
+        two_check["result"], "inconclusive: disabled_by_operator",
+        "{body}"
+    );
+    assert_eq!(two_check["state"], "disabled_by_operator");
+
     // Remove key-two: it is gone from the listing.
     let (status, body) = admin(
         "DELETE",
@@ -500,7 +515,7 @@ async fn a_flooding_tenant_does_not_starve_a_quiet_one() {
         pool_yaml(&mock.url(), &keys),
         tenants_yaml(&[("loud", ""), ("quiet", "")])
     );
-    let kg = Keygate::start(&yaml);
+    let (kg, admin_url) = start_with_admin(&yaml);
     let run_for = Duration::from_secs(8);
 
     let spawn_paced = |token: &'static str, every: Duration| {
@@ -543,6 +558,18 @@ async fn a_flooding_tenant_does_not_starve_a_quiet_one() {
         quiet.len()
     );
     assert!(ok(&loud) > 0);
+    let tenants = admin_get(&admin_url, "/admin/tenants").await;
+    assert!(
+        tenants["tenants"][0]["refused"]["fair_share"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{tenants}"
+    );
+    assert_eq!(
+        tenants["tenants"][1]["refused"]["fair_share"], 0,
+        "{tenants}"
+    );
 }
 
 /// Creates a cached content through keygate and returns its name.
@@ -739,9 +766,17 @@ async fn upload_ids_are_keygates_own_and_bound_to_the_tenant() {
     let file: Value = serde_json::from_str(&body).unwrap();
     let name = file["file"]["name"].as_str().unwrap();
     let owner = mock.owner_of(name).unwrap();
-    // The finished upload's id is spent.
+    // The finished upload's id is spent, and it never reached the log (it was a credential).
     let (status, _) = send_bytes(&url, None).await;
     assert_eq!(status, 404);
+    let id = url
+        .split("upload_id=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    kg.assert_logs_clean(&[id]);
     // The file is used through its project, by its tenant only.
     let uri = file["file"]["uri"].as_str().unwrap();
     let body = format!(
