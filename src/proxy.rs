@@ -963,9 +963,19 @@ impl Gateway {
             .await?;
         let metrics = &self.shared.metrics;
         metrics.time_to_first_byte(job.pool.name(), ctx.started.elapsed().as_secs_f64());
-        for chunk in std::mem::take(&mut body.read) {
+        // What the answer taught (resources created, tokens) is recorded once its body is
+        // complete but before its last bytes reach the client: a client that names a resource
+        // the moment it has the answer must find it bound.
+        let mut recorded = false;
+        let pre_read = std::mem::take(&mut body.read);
+        let last_pre_read = pre_read.len();
+        for (i, chunk) in pre_read.into_iter().enumerate() {
             if let Some(tap) = tap.as_mut() {
                 tap.feed(&chunk);
+            }
+            if i + 1 == last_pre_read && body.http.is_none() {
+                self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+                recorded = true;
             }
             ctx.response_bytes += chunk.len() as u64;
             session.write_response_body(Some(chunk), false).await?;
@@ -974,30 +984,50 @@ impl Gateway {
             let chunk = http.read_response_body().await?;
             body.complete = chunk.is_none() || http.response_done();
             self.park(&job.pool, &mut body).await;
+            if let (Some(tap), Some(chunk)) = (tap.as_mut(), chunk.as_ref()) {
+                tap.feed(chunk);
+            }
+            if body.complete && !recorded {
+                self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+                recorded = true;
+            }
             match chunk {
                 Some(chunk) => {
-                    if let Some(tap) = tap.as_mut() {
-                        tap.feed(&chunk);
-                    }
                     ctx.response_bytes += chunk.len() as u64;
                     session.write_response_body(Some(chunk), false).await?
                 }
                 None => break,
             }
         }
+        if !recorded {
+            self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+        }
         session.write_response_body(None, true).await?;
+        Ok(true)
+    }
+
+    /// Counts a relayed answer for its key and tenant, and records what it taught.
+    fn record_answer(
+        &self,
+        ctx: &Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        tap: Option<&BodyTap>,
+        upload_final: bool,
+        counts_tokens: bool,
+    ) {
         let pool_key = job.keys.key(key);
         pool_key.usage.requests.fetch_add(1, Relaxed);
-        if let Some(tap) = tap {
-            self.learn(ctx, job, key, &tap, upload_final);
-            if let Some(t) = tap.tokens().filter(|_| counts_tokens) {
-                pool_key.usage.add_tokens(t.prompt, t.output, t.total);
-                if let Some(tenant) = &ctx.tenant {
-                    tenant.state.usage.add_tokens(t.prompt, t.output, t.total);
-                }
+        let Some(tap) = tap else {
+            return;
+        };
+        self.learn(ctx, job, key, tap, upload_final);
+        if let Some(t) = tap.tokens().filter(|_| counts_tokens) {
+            pool_key.usage.add_tokens(t.prompt, t.output, t.total);
+            if let Some(tenant) = &ctx.tenant {
+                tenant.state.usage.add_tokens(t.prompt, t.output, t.total);
             }
         }
-        Ok(true)
     }
 
     /// Hands out keygate's own upload URL in place of Google's, bound to the tenant and the

@@ -1,5 +1,8 @@
 //! The `keygate` command line: `--check` answers, exit codes, and no secret in any output.
 
+mod common;
+
+use common::{pool_yaml, secrets_of};
 use std::process::Command;
 
 fn check(yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
@@ -96,5 +99,32 @@ fn the_shipped_example_config_passes_check() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_suite_wide_log_check_knows_the_secrets_a_test_configures() {
+    // Every Keygate the tests start checks, when dropped, that its log holds none of these.
+    let yaml = format!(
+        "{}tenants:\n  - name: t\n    token: \"tenant-token-1\"\npools:\n  - name: x\n    upstream: http://127.0.0.1:1\n    keys: [flow-key-1, k1]\n",
+        pool_yaml("http://127.0.0.1:1", &[("quoted-key-1", "p1")])
+    );
+    let found = secrets_of(
+        &yaml,
+        &[
+            ("GEMINI_API_KEYS", "env-key-1:proj,env-key-2"),
+            ("KEYGATE_ADMIN_TOKEN", "admin-token-1"),
+        ],
+    );
+    assert_eq!(
+        found,
+        [
+            "admin-token-1",
+            "env-key-1",
+            "env-key-2",
+            "flow-key-1",
+            "quoted-key-1",
+            "tenant-token-1"
+        ]
     );
 }

@@ -1058,6 +1058,8 @@ pub struct Keygate {
     pub addr: SocketAddr,
     log: PathBuf,
     config: PathBuf,
+    /// Every key and token the test gave this keygate: none may ever show in its log.
+    secrets: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -1065,7 +1067,50 @@ impl Drop for Keygate {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Suite-wide: whatever a test checked, keygate's log holds none of the secrets it was
+        // given (keys and tokens in the config and its environment).
+        if !std::thread::panicking() {
+            self.assert_logs_clean(&self.secrets.iter().map(String::as_str).collect::<Vec<_>>());
+        }
     }
+}
+
+/// The keys and tokens in a test's config and environment, as far as a test's naming shows
+/// them: values of `key:`/`token:` fields, of bare list entries under `keys:`, of `keys: [...]`
+/// flow lists, and environment values. Short values (fewer than 6 characters, like `k1`) are
+/// left out: they would match unrelated text.
+pub fn secrets_of(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let clean = |v: &str| {
+        v.trim()
+            .trim_matches(|c| c == '"' || c == '\'' || c == '{' || c == '}')
+            .to_string()
+    };
+    for line in yaml.lines() {
+        let line = line.trim().trim_start_matches("- ");
+        for field in ["key:", "token:"] {
+            for part in line.split(',') {
+                let part = part.trim().trim_start_matches('{').trim();
+                if let Some(v) = part.strip_prefix(field) {
+                    out.push(clean(v));
+                }
+            }
+        }
+        if let Some(list) = line.strip_prefix("keys:").map(str::trim) {
+            if list.starts_with('[') && !list.contains("key:") {
+                out.extend(list.trim_matches(['[', ']']).split(',').map(clean));
+            }
+        }
+    }
+    for (name, value) in env {
+        if name.contains("KEY") || name.contains("TOKEN") || name.contains("AUTH") {
+            out.extend(value.split([',', ':']).map(clean));
+        }
+    }
+    out.retain(|s| s.len() >= 6);
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl Keygate {
@@ -1119,6 +1164,7 @@ impl Keygate {
                         addr,
                         log,
                         config,
+                        secrets: secrets_of(yaml, env),
                         _dir: dir,
                     };
                 }
