@@ -65,6 +65,14 @@ struct FileConfig {
     alerts: Option<FileAlerts>,
     #[serde(default = "default_upgrade_sock")]
     upgrade_sock: PathBuf,
+    tls: Option<FileTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 fn default_upgrade_sock() -> PathBuf {
@@ -248,6 +256,8 @@ pub struct Config {
     pub alerts: Option<AlertConfig>,
     /// Unix socket over which a new keygate started with `-u` takes the listeners over.
     pub upgrade_sock: PathBuf,
+    /// TLS for the client listener: (certificate chain file, private key file), both PEM.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Which web pages may call keygate from a browser.
@@ -638,7 +648,34 @@ fn validate(
         } else {
             base.join(file.upgrade_sock)
         },
+        tls: file.tls.map(|t| validate_tls(t, base)).transpose()?,
     })
+}
+
+/// Loads the listener's certificate and key once, the way Pingora will, so that a bad file is a
+/// config error here instead of a panic when the listener starts.
+fn validate_tls(tls: FileTls, base: &Path) -> Result<(PathBuf, PathBuf), ConfigError> {
+    use pingora::tls::{load_certs_and_key_files, version, ServerConfig};
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+    let (cert, key) = (resolve(tls.cert_file), resolve(tls.key_file));
+    let (cert_text, key_text) = (cert.display().to_string(), key.display().to_string());
+    let loaded = load_certs_and_key_files(&cert_text, &key_text).map_err(|e| {
+        invalid(format!(
+            "tls: cannot read {cert_text} or {key_text}: {}",
+            e.etype().as_str()
+        ))
+    })?;
+    let Some((certs, private_key)) = loaded else {
+        return Err(invalid(format!(
+            "tls: {cert_text} holds no PEM certificate or {key_text} no PEM private key"
+        )));
+    };
+    pingora::tls::install_default_crypto_provider();
+    ServerConfig::builder_with_protocol_versions(&[&version::TLS12, &version::TLS13])
+        .with_no_client_auth()
+        .with_single_cert(certs, private_key)
+        .map_err(|e| invalid(format!("tls: the key does not fit the certificate: {e}")))?;
+    Ok((cert, key))
 }
 
 fn validate_alerts(
@@ -1276,5 +1313,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("must differ from listen"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_tls_file_is_a_config_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        for (cert, key) in [
+            ("missing.pem".to_string(), "missing.key".to_string()),
+            (junk.display().to_string(), junk.display().to_string()),
+        ] {
+            let yaml = format!("{MINIMAL}tls:\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n");
+            let e = Config::parse(&yaml, dir.path(), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("tls: "), "{e}");
+        }
     }
 }

@@ -111,7 +111,17 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     // are mostly small JSON, and a team gateway holds many keep-alive connections whose buffers,
     // once filled by a large body, stay resident: 16 KiB bounds that at a quarter.
     let l4 = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
-    service.add_listener(ListenerConfig::tcp(config.listen.to_string()).l4_buffer(l4));
+    let mut listener = ListenerConfig::tcp(config.listen.to_string()).l4_buffer(l4);
+    if let Some((cert, key)) = &config.tls {
+        // Checked when the config was loaded: Pingora panics on files it cannot use.
+        let settings = pingora::listeners::tls::TlsSettings::intermediate(
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
+        .map_err(|e| format!("tls: {e}"))?;
+        listener = listener.tls(settings);
+    }
+    service.add_listener(listener);
     server.add_service(service);
     server.add_service(background_service(
         "dns",

@@ -96,7 +96,16 @@ impl ShutdownSignalWatch for Signals {
             log::error!("cannot install signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
         };
-        tokio::spawn(notify_ready_when_listening(self.shared.started.listen));
+        if self.shared.started.tls.is_some() {
+            // A plain TCP probe of a TLS listener would be logged as a failed handshake: Pingora
+            // has started every service by now, and the address was checked to be free.
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                sd_notify("READY=1");
+            });
+        } else {
+            tokio::spawn(notify_ready_when_listening(self.shared.started.listen));
+        }
         loop {
             tokio::select! {
                 _ = hup.recv() => {

@@ -539,7 +539,7 @@ impl Gateway {
         let is_post = req.method == http::Method::POST;
         let learn = if is_post && path.starts_with("/upload/") && is_upload_start(req) {
             Learn::UploadStart {
-                public_base: public_base(req),
+                public_base: public_base(req, self.shared.started.tls.is_some()),
             }
         } else if req.method == http::Method::DELETE && !names.is_empty() {
             Learn::Delete(names.clone())
@@ -1708,9 +1708,10 @@ fn creates_resources(path: &str) -> bool {
     .any(|p| path.contains(p))
 }
 
-/// `scheme://host[:port]` as the client reached keygate, for URLs handed back to it. A proxy in
-/// front (TLS termination) says so with `X-Forwarded-Proto` / `X-Forwarded-Host`.
-fn public_base(req: &RequestHeader) -> String {
+/// `scheme://host[:port]` as the client reached keygate (`tls`: keygate's own listener speaks
+/// TLS), for URLs handed back to it. A proxy in front (TLS termination) says so with
+/// `X-Forwarded-Proto` / `X-Forwarded-Host`.
+fn public_base(req: &RequestHeader, tls: bool) -> String {
     let header = |name: &str| {
         req.headers
             .get(name)
@@ -1719,6 +1720,7 @@ fn public_base(req: &RequestHeader) -> String {
             .filter(|v| !v.is_empty())
     };
     let scheme = match header("x-forwarded-proto").as_deref() {
+        _ if tls => "https",
         Some("https") => "https",
         _ => "http",
     };

@@ -201,3 +201,46 @@ async fn openai_sdk_works_with_the_v1_base_url_that_openai_style_tools_use() {
     );
     kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn google_genai_sdk_opens_a_live_session_through_keygate_over_tls() {
+    let Some(python) = python() else { return };
+    // The SDK always connects its Live session with wss://: keygate listens with TLS here.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = localhost_cert(dir.path());
+    let mock = Mock::start().await;
+    mock.key("sdk-key-1", "p1");
+    let yaml = format!(
+        "tls:\n  cert_file: \"{}\"\n  key_file: \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        with_tenant(
+            &pool_yaml(&mock.url(), &[("sdk-key-1", "p1")]),
+            "sdk",
+            "sdk-tenant-token"
+        )
+    );
+    let kg = Keygate::start(&yaml);
+    let url = format!("https://localhost:{}", kg.addr.port());
+    let ca = ca.display().to_string();
+    let out = run_script_with(
+        &python,
+        "genai_live.py",
+        &kg,
+        &[
+            ("KEYGATE_URL", url.as_str()),
+            ("SSL_CERT_FILE", ca.as_str()),
+        ],
+    )
+    .await;
+    assert!(out.contains("reply echo from p1: "), "{out}");
+    assert_eq!(mock.ws_sessions(), 1);
+    let seen = mock.seen();
+    assert!(
+        seen.iter().all(|s| s.key.as_deref() == Some("sdk-key-1")),
+        "{seen:?}"
+    );
+    assert!(seen
+        .iter()
+        .all(|s| !format!("{:?}{:?}", s.headers, s.query).contains("sdk-tenant-token")));
+}

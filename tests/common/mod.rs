@@ -702,16 +702,15 @@ fn spend(s: &mut State, project: &str, model: &str, openai: bool) -> Option<Resp
     None
 }
 
-/// `GET /ws/google.ai.generativelanguage.{v1beta,v1alpha}.GenerativeService.BidiGenerateContent`
-/// with `Upgrade: websocket`.
+/// `GET /ws/google.ai.generativelanguage.{v1,v1beta,v1alpha}.GenerativeService.BidiGenerateContent`
+/// with `Upgrade: websocket` (google-genai 3.4.0 uses `v1`).
 fn is_live_upgrade(req: &Request<Incoming>) -> bool {
     let path = req.uri().path();
-    let live = [
-        "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
-        "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent",
-    ];
+    let live = ["v1", "v1beta", "v1alpha"].map(|v| {
+        format!("/ws/google.ai.generativelanguage.{v}.GenerativeService.BidiGenerateContent")
+    });
     req.method() == http::Method::GET
-        && live.contains(&path)
+        && live.iter().any(|l| l == path)
         && header_str(req.headers(), "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
@@ -753,8 +752,10 @@ fn live(
         .unwrap()
 }
 
-/// After the switch: `setupComplete`, then every text message echoed as JSON and every binary
-/// message sent back as it came. tungstenite itself answers Ping and Close.
+/// After the switch, Google's Live protocol in miniature: the client's first text message (its
+/// `setup`) gets `{"setupComplete":{}}`; every later text message comes back as a model turn
+/// `echo from <project>: <message>`; binary messages come back as they came. tungstenite itself
+/// answers Ping and Close.
 async fn live_session(on: hyper::upgrade::OnUpgrade, project: String) {
     use futures_util::{SinkExt, StreamExt};
     let Ok(upgraded) = on.await else {
@@ -764,17 +765,21 @@ async fn live_session(on: hyper::upgrade::OnUpgrade, project: String) {
     let mut ws =
         tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), role, None)
             .await;
-    let project = serde_json::to_string(&project).unwrap();
-    let setup = format!(r#"{{"setupComplete":{{}},"project":{project}}}"#);
-    if ws.send(Message::text(setup)).await.is_err() {
-        return;
-    }
+    let mut set_up = false;
     // A Close is answered by tungstenite; the next read then ends the stream.
     while let Some(Ok(message)) = ws.next().await {
         let reply = match message {
+            Message::Text(_) if !set_up => {
+                set_up = true;
+                Message::text(r#"{"setupComplete":{}}"#)
+            }
             Message::Text(text) => {
-                let echo = serde_json::to_string(text.as_str()).unwrap();
-                Message::text(format!(r#"{{"echo":{echo},"project":{project}}}"#))
+                let echo =
+                    serde_json::to_string(&format!("echo from {project}: {}", text.as_str()))
+                        .unwrap();
+                Message::text(format!(
+                    r#"{{"serverContent":{{"modelTurn":{{"role":"model","parts":[{{"text":{echo}}}]}},"turnComplete":true}}}}"#
+                ))
             }
             Message::Binary(data) => Message::Binary(data),
             _ => continue,
@@ -1281,6 +1286,34 @@ pub fn start_with_admin(yaml: &str) -> (Keygate, String) {
     );
     wait_port(addr);
     (kg, format!("http://{addr}"))
+}
+
+/// A certificate for `localhost` signed by a fresh test CA, written to `dir` as PEM files:
+/// (certificate, private key, CA certificate to trust it with).
+pub fn localhost_cert(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL (Python) takes a leaf named like its issuer for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keygate test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf_params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&paths.0, leaf.pem()).unwrap();
+    std::fs::write(&paths.1, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&paths.2, ca.pem()).unwrap();
+    paths
 }
 
 /// A pool section for `upstream` with `(key, project)` pairs.
