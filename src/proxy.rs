@@ -764,7 +764,7 @@ impl Gateway {
                 }
                 Verdict::PassThrough => return self.relay(session, ctx, job, key, answer).await,
                 Verdict::OtherKey(penalty) => {
-                    keys.penalise(key, job.model, job.method, &penalty);
+                    self.penalise(&job.pool, keys, key, job.model, job.method, &penalty);
                     match penalty {
                         Penalty::CoolProjectModel { .. } | Penalty::DisableProject => {
                             avoid.push(project)
@@ -803,6 +803,32 @@ impl Gateway {
                 let e = GatewayError::new(503, "UNAVAILABLE", "keygate: no key could be tried");
                 respond(session, ctx, Some(job.forward.api), &e).await
             }
+        }
+    }
+
+    /// Records a key-level failure in the table the request picked from and, if a reload or an
+    /// admin change has replaced that table meanwhile, in the current one too, so the penalty
+    /// is not lost with the old table.
+    fn penalise(
+        &self,
+        pool: &Pool,
+        keys: &Arc<KeyPool>,
+        key: KeyId,
+        model: &str,
+        method: &str,
+        penalty: &Penalty,
+    ) {
+        keys.penalise(key, model, method, penalty);
+        let rt = self.shared.runtime.load();
+        let Some(current) = rt.pools.iter().find(|p| p.name() == pool.name()) else {
+            return;
+        };
+        let current = current.keys.load_full();
+        if Arc::ptr_eq(&current, keys) {
+            return;
+        }
+        if let Some(id) = current.find(&keys.key(key).fingerprint) {
+            current.penalise(id, model, method, penalty);
         }
     }
 
@@ -1224,7 +1250,7 @@ impl Gateway {
             let bytes = Bytes::from(body.read.concat());
             match outcome.verdict(Utc::now()) {
                 Verdict::OtherKey(penalty) => {
-                    keys.penalise(key, LIVE_MODEL, method, &penalty);
+                    self.penalise(&pool, &keys, key, LIVE_MODEL, method, &penalty);
                     avoid.push(project);
                 }
                 Verdict::Transient if transient_left > 0 => {

@@ -603,3 +603,41 @@ async fn a_graceful_upgrade_hands_the_listener_to_a_new_process() {
         "the new process served:\n{new_log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_seen_by_a_request_in_flight_during_a_reload_is_kept() {
+    let mock = Mock::start().await;
+    mock.key("old-key", "p1")
+        .key("new-key", "p2")
+        .delay(Duration::from_millis(500))
+        .per_minute_limit("p1", "gemini-2.5-pro", 0, "40s");
+    let kg = Keygate::start(&pool_yaml(&mock.url(), &[("old-key", "p1")]));
+    let url = kg.url();
+    let in_flight = tokio::spawn(async move { generate(&url, "gemini-2.5-pro", None).await.0 });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.connections() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While that request waits for Google, a reload rebuilds the pool with a second key.
+    kg.rewrite_config(&pool_yaml(
+        &mock.url(),
+        &[("old-key", "p1"), ("new-key", "p2")],
+    ));
+    kg.signal(libc::SIGHUP);
+    kg.wait_for_log("reload: config OK");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        429,
+        "p1 refused it, and it had no other key"
+    );
+    // The new table knows p1 is cooling for pro: nothing more goes to old-key.
+    let before = mock.seen().len();
+    for _ in 0..4 {
+        assert_eq!(generate(&kg.url(), "gemini-2.5-pro", None).await.0, 200);
+    }
+    assert!(
+        mock.keys_seen()[before..].iter().all(|k| k == "new-key"),
+        "{:?}",
+        mock.keys_seen()
+    );
+}
