@@ -539,14 +539,10 @@ fn rfc3339(ms: Millis) -> String {
 
 /// Whether the request carries the admin token. Digests are compared in constant time.
 fn authorized(expected: [u8; 32], http: &ServerSession) -> bool {
-    let Some(value) = http.req_header().headers.get(http::header::AUTHORIZATION) else {
+    let Some(token) = crate::request::bearer_token(&http.req_header().headers) else {
         return false;
     };
-    let value = value.as_bytes();
-    if value.len() < 7 || !value[..7].eq_ignore_ascii_case(b"bearer ") {
-        return false;
-    }
-    let given = sha256(value[7..].trim_ascii());
+    let given = sha256(token);
     given
         .iter()
         .zip(expected.iter())

@@ -19,6 +19,7 @@
 //! lock is never on the hot path of plain `generateContent` traffic.
 
 use memchr::memmem;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -504,9 +505,12 @@ fn fresh_id() -> Option<String> {
 
 /// `path?query` with the value of any `upload_id` parameter replaced by `…`: an upload id is
 /// the credential of a token-less upload continuation, so it stays out of logs.
-pub fn redact_upload_id(path_and_query: &str) -> String {
-    let Some((path, query)) = path_and_query.split_once('?') else {
-        return path_and_query.to_string();
+pub fn redact_upload_id(path_and_query: &str) -> Cow<'_, str> {
+    let Some((path, query)) = path_and_query
+        .split_once('?')
+        .filter(|(_, q)| q.contains("upload_id="))
+    else {
+        return Cow::Borrowed(path_and_query);
     };
     let query: Vec<&str> = query
         .split('&')
@@ -518,7 +522,7 @@ pub fn redact_upload_id(path_and_query: &str) -> String {
             }
         })
         .collect();
-    format!("{path}?{}", query.join("&"))
+    Cow::Owned(format!("{path}?{}", query.join("&")))
 }
 
 /// The `upload_id` parameter of a query string (a leading `?` is allowed; percent-decoding is not
@@ -1003,5 +1007,21 @@ mod tests {
         let handed = rewrite_upload_url(upstream, "http://gw", "feed");
         let query = handed.split_once('?').map(|(_, q)| q).unwrap_or("");
         assert_eq!(upload_id_of(query), Some("feed"));
+    }
+
+    #[test]
+    fn upload_ids_are_redacted_for_logs_and_other_targets_untouched() {
+        assert_eq!(
+            redact_upload_id("/upload/v1beta/files?upload_id=abc123&upload_protocol=resumable"),
+            "/upload/v1beta/files?upload_id=…&upload_protocol=resumable"
+        );
+        assert!(matches!(
+            redact_upload_id("/v1beta/models/m:streamGenerateContent?alt=sse"),
+            Cow::Borrowed("/v1beta/models/m:streamGenerateContent?alt=sse")
+        ));
+        assert!(matches!(
+            redact_upload_id("/v1beta/files"),
+            Cow::Borrowed(_)
+        ));
     }
 }

@@ -147,11 +147,6 @@ impl ProxyConnect {
         }
     }
 
-    /// The proxy's `scheme://host:port`.
-    pub fn label(&self) -> String {
-        self.proxy.label()
-    }
-
     fn fail(&self, etype: ErrorType, why: impl fmt::Display) -> Box<Error> {
         Error::explain(
             etype,

@@ -416,11 +416,6 @@ impl KeyPool {
         (self.project_disabled_until[project].load(Relaxed) == NEVER).then_some(Disabled::Billing)
     }
 
-    /// How many projects the pool's keys belong to.
-    pub fn project_count(&self) -> usize {
-        self.projects.len()
-    }
-
     /// How many keys the pool holds.
     pub fn len(&self) -> usize {
         self.keys.len()

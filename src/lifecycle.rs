@@ -18,28 +18,28 @@ use tokio::signal::unix::{signal, SignalKind};
 pub fn reload(shared: &Shared, path: &Path) -> Result<String, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let started = &shared.started;
-    let mut ignored = Vec::new();
-    if config.listen != started.listen {
-        ignored.push("listen");
-    }
-    if config.admin != started.admin {
-        ignored.push("admin (listener, token, key checks)");
-    }
-    if config.alerts != started.alerts {
-        ignored.push("alerts");
-    }
-    if config.shutdown_grace != started.shutdown_grace {
-        ignored.push("shutdown_grace_seconds");
-    }
-    if config.upgrade_sock != started.upgrade_sock {
-        ignored.push("upgrade_sock");
-    }
-    if config.threads != started.threads {
-        ignored.push("threads");
-    }
-    if config.state_file != started.state_file {
-        ignored.push("state_file");
-    }
+    // Settings the running server was built with: a reload cannot change them.
+    let restart_only = [
+        ("listen", config.listen != started.listen),
+        ("tls", config.tls != started.tls),
+        ("threads", config.threads != started.threads),
+        ("state_file", config.state_file != started.state_file),
+        (
+            "shutdown_grace_seconds",
+            config.shutdown_grace != started.shutdown_grace,
+        ),
+        ("upgrade_sock", config.upgrade_sock != started.upgrade_sock),
+        (
+            "admin (listener, token, key checks)",
+            config.admin != started.admin,
+        ),
+        ("alerts", config.alerts != started.alerts),
+    ];
+    let ignored: Vec<&str> = restart_only
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| *name)
+        .collect();
     if !ignored.is_empty() {
         log::warn!(
             "reload: {} changed; that takes a restart, the rest of the new configuration applies now",

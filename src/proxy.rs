@@ -240,11 +240,8 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let rt = self.shared.runtime.load_full();
         let req = session.req_header();
-        ctx.target = format!(
-            "{} {}",
-            req.method,
-            affinity::redact_upload_id(&request::clean_path_and_query(req))
-        );
+        let clean = request::clean_path_and_query(req);
+        ctx.target = format!("{} {}", req.method, affinity::redact_upload_id(&clean));
         match rt.cors.as_ref().map(|c| c.verdict(req)) {
             Some(cors::Verdict::Preflight(headers)) => {
                 ctx.cors = headers;
@@ -262,8 +259,13 @@ impl ProxyHttp for Gateway {
             _ => {}
         }
         // Tools that only take an "OpenAI base URL" append /chat/completions & co. to it.
-        let path = request::openai_alias(req).unwrap_or_else(|| req.uri.path().to_string());
-        let path_and_query = request::with_clean_query(&path, req);
+        let (path, path_and_query) = match request::openai_alias(req) {
+            Some(alias) => {
+                let path_and_query = request::with_clean_query(&alias, req);
+                (alias, path_and_query)
+            }
+            None => (req.uri.path().to_string(), clean),
+        };
 
         let Some(api) = request::api_of(&path) else {
             let e = GatewayError::new(

@@ -87,9 +87,7 @@ pub fn openai_alias(req: &RequestHeader) -> Option<String> {
     })?;
     if versioned && *endpoint == "/models" {
         let headers = &req.headers;
-        let bearer = headers.get(header::AUTHORIZATION).is_some_and(|v| {
-            v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ")
-        });
+        let bearer = bearer_token(headers).is_some();
         let goog_key = headers.contains_key("x-goog-api-key")
             || req
                 .uri
@@ -152,17 +150,20 @@ pub fn model_from_body(body: &[u8]) -> Option<String> {
     Some(model.strip_prefix("models/").unwrap_or(&model).to_string())
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&[u8]> {
+    let v = headers.get(header::AUTHORIZATION)?.as_bytes();
+    (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii())
+}
+
 /// The credential the client presents, in any of the four forms the SDKs use.
 pub fn client_token(req: &RequestHeader) -> Option<Vec<u8>> {
     let headers = &req.headers;
     if let Some(v) = headers.get("x-goog-api-key") {
         return Some(v.as_bytes().to_vec());
     }
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-            return Some(v[7..].trim_ascii().to_vec());
-        }
+    if let Some(token) = bearer_token(headers) {
+        return Some(token.to_vec());
     }
     if let Some(v) = headers.get("x-access-token") {
         return Some(v.as_bytes().to_vec());

@@ -92,11 +92,6 @@ impl Upstream {
         self.proxy.is_none() && self.config.host.parse::<IpAddr>().is_err()
     }
 
-    /// The outbound proxy's `scheme://host:port`, if the pool has one.
-    pub fn proxy_label(&self) -> Option<String> {
-        self.proxy.as_ref().map(|p| p.label())
-    }
-
     /// Whether at least one address is known.
     pub fn is_resolved(&self) -> bool {
         !self.peers.load().is_empty()

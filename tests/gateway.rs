@@ -459,19 +459,14 @@ async fn sse_chunks_arrive_at_their_original_spacing_also_after_a_retry() {
     let gap = Duration::from_millis(200);
     mock.key("key-a", "p1").key("key-b", "p2").sse(5, gap);
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1"), ("key-b", "p2")]));
-    let url = format!(
-        "{}/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
-        kg.url()
-    );
-
-    let resp = client().post(&url).body(prompt()).send().await.unwrap();
+    let resp = stream_sse(&kg.url(), FLASH).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     assert_spaced(&timed_chunks(resp).await, 5, gap);
 
     // The next key refuses before any output: the stream comes from the other one, as spaced.
     mock.respond_next(None, 1, 429, &per_minute_429(FLASH, "30s"));
-    let resp = client().post(&url).body(prompt()).send().await.unwrap();
+    let resp = stream_sse(&kg.url(), FLASH).await;
     assert_eq!(resp.status(), 200);
     assert_spaced(&timed_chunks(resp).await, 5, gap);
     let seen = mock.seen();

@@ -330,15 +330,7 @@ async fn an_sse_stream_in_flight_survives_a_reload() {
         .key("second-key", "p2")
         .sse(6, Duration::from_millis(200));
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("first-key", "p1")]));
-    let resp = client()
-        .post(format!(
-            "{}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
-            kg.url()
-        ))
-        .body(prompt())
-        .send()
-        .await
-        .unwrap();
+    let resp = stream_sse(&kg.url(), "gemini-2.5-flash").await;
     assert_eq!(resp.status(), 200);
     // Mid-stream, a reload removes the stream's key.
     kg.rewrite_config(&pool_yaml(&mock.url(), &[("second-key", "p2")]));
@@ -361,23 +353,7 @@ async fn no_request_fails_during_reloads_under_steady_load() {
     let mock = Mock::start().await;
     mock.key("key-a", "p1").key("key-b", "p2");
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1")]));
-    let url = kg.url();
-    let load = tokio::spawn(async move {
-        let started = Instant::now();
-        let mut statuses = Vec::new();
-        while started.elapsed() < Duration::from_secs(3) {
-            let batch: Vec<_> = (0..8)
-                .map(|_| {
-                    let url = url.clone();
-                    tokio::spawn(async move { generate(&url, "gemini-2.5-flash", None).await.0 })
-                })
-                .collect();
-            for b in batch {
-                statuses.push(b.await.unwrap());
-            }
-        }
-        statuses
-    });
+    let load = steady_load(kg.url(), Duration::from_secs(3), 8);
     for i in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let keys: &[(&str, &str)] = if i % 2 == 0 {
@@ -546,23 +522,7 @@ async fn a_graceful_upgrade_hands_the_listener_to_a_new_process() {
     );
     let mut old = Keygate::start(&yaml);
     // Steady traffic through the whole upgrade.
-    let url = old.url();
-    let load = tokio::spawn(async move {
-        let started = Instant::now();
-        let mut statuses = Vec::new();
-        while started.elapsed() < Duration::from_secs(4) {
-            let batch: Vec<_> = (0..4)
-                .map(|_| {
-                    let url = url.clone();
-                    tokio::spawn(async move { generate(&url, "gemini-2.5-flash", None).await.0 })
-                })
-                .collect();
-            for b in batch {
-                statuses.push(b.await.unwrap());
-            }
-        }
-        statuses
-    });
+    let load = steady_load(old.url(), Duration::from_secs(4), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The new process waits on the upgrade socket; SIGQUIT makes the old one send it the
     // listening sockets, then drain and exit.

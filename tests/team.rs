@@ -614,6 +614,18 @@ const THREE_PROJECTS: [(&str, &str); 3] = [
     ("secret-k3", "p3"),
 ];
 
+/// The three-project mock behind a keygate with tenants alice and bob.
+async fn three_project_team() -> (Mock, Keygate) {
+    let mock = three_project_mock().await;
+    let yaml = format!(
+        "{}{}",
+        pool_yaml(&mock.url(), &THREE_PROJECTS),
+        tenants_yaml(&[("alice", ""), ("bob", "")])
+    );
+    let kg = Keygate::start(&yaml);
+    (mock, kg)
+}
+
 async fn three_project_mock() -> Mock {
     let mock = Mock::start().await;
     for (k, p) in THREE_PROJECTS {
@@ -678,13 +690,7 @@ async fn a_cooling_owner_project_gives_429_with_retry_after_not_a_permission_err
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resource_belongs_to_the_tenant_that_made_it() {
-    let mock = three_project_mock().await;
-    let yaml = format!(
-        "{}{}",
-        pool_yaml(&mock.url(), &THREE_PROJECTS),
-        tenants_yaml(&[("alice", ""), ("bob", "")])
-    );
-    let kg = Keygate::start(&yaml);
+    let (mock, kg) = three_project_team().await;
     let cache = create_cache(&kg, Some("tok-alice")).await;
     let before = mock.seen().len();
     let (status, _, body) = generate_with_cache(&kg, &cache, Some("tok-bob")).await;
@@ -732,13 +738,7 @@ async fn send_bytes(url: &str, token: Option<&str>) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_ids_are_keygates_own_and_bound_to_the_tenant() {
-    let mock = three_project_mock().await;
-    let yaml = format!(
-        "{}{}",
-        pool_yaml(&mock.url(), &THREE_PROJECTS),
-        tenants_yaml(&[("alice", ""), ("bob", "")])
-    );
-    let kg = Keygate::start(&yaml);
+    let (mock, kg) = three_project_team().await;
     let url = start_upload(&kg, "tok-alice").await;
     // The URL points at keygate, with an id that is not Google's.
     assert!(

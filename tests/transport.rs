@@ -126,15 +126,7 @@ async fn a_stream_cut_upstream_is_cut_for_the_client_too() {
         .sse(5, Duration::from_millis(20))
         .sse_abort_after(2);
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1")]));
-    let resp = client()
-        .post(format!(
-            "{}/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
-            kg.url()
-        ))
-        .body(prompt())
-        .send()
-        .await
-        .unwrap();
+    let resp = stream_sse(&kg.url(), FLASH).await;
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut text = String::new();

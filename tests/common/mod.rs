@@ -1347,6 +1347,44 @@ pub fn prompt() -> String {
     r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#.to_string()
 }
 
+/// POSTs a `streamGenerateContent?alt=sse` for `model` (no token) and returns the response
+/// whose body is still streaming.
+pub async fn stream_sse(base: &str, model: &str) -> reqwest::Response {
+    client()
+        .post(format!(
+            "{base}/v1beta/models/{model}:streamGenerateContent?alt=sse"
+        ))
+        .body(prompt())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Sends generateContent requests for `model` to `base` in batches of `concurrency` for
+/// `duration`; the task's result is every status seen, in order.
+pub fn steady_load(
+    base: String,
+    duration: Duration,
+    concurrency: usize,
+) -> tokio::task::JoinHandle<Vec<u16>> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut statuses = Vec::new();
+        while started.elapsed() < duration {
+            let batch: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let base = base.clone();
+                    tokio::spawn(async move { generate(&base, "gemini-2.5-flash", None).await.0 })
+                })
+                .collect();
+            for b in batch {
+                statuses.push(b.await.unwrap());
+            }
+        }
+        statuses
+    })
+}
+
 /// POSTs a generateContent for `model` and returns status, headers and body.
 pub async fn generate(
     base: &str,
