@@ -9,7 +9,11 @@
 //!   model: all models when absent);
 //! - `POST /admin/pools/{pool}/keys/{fingerprint}/check`, `POST /admin/pools/{pool}/check`: ask
 //!   Google whether keys work (a model listing, no quota spent);
-//! - `GET  /admin/tenants`: tenants with their limits and usage.
+//! - `GET  /admin/tenants`: tenants with their limits and usage;
+//! - `GET  /admin/resources`, `POST /admin/resources` `{"name": "files/abc", "project": "p1",
+//!   "tenant": "alice"}` (`pool` optional), `DELETE /admin/resources/files/abc`: which project
+//!   and tenant own a file, cache, batch...; binding one made outside keygate lets its tenant
+//!   use it (keygate never searches the projects for a tenant).
 //!
 //! Keys are named by fingerprint (`key#1a2b3c4d5e6f`, or `1a2b3c4d5e6f` in a URL); a key never appears
 //! in an answer. Every change says whether it survives a restart: added and removed keys do not
@@ -105,6 +109,10 @@ impl ServeHttp for Admin {
 
 impl Admin {
     async fn handle(&self, http: &mut ServerSession) -> Answer {
+        // The header is in: its deadline is over. One request per connection keeps the admin
+        // listener's slots for whoever needs them next.
+        crate::guard::header_received(http.stream());
+        http.set_keepalive(None);
         // Health endpoints are for load balancers and systemd: no token, nothing secret.
         match (
             http.req_header().method.as_str(),
@@ -146,6 +154,11 @@ impl Admin {
                 }
             }
             ("POST", ["admin", "pools", pool, "keys"]) => self.add_key(pool, &body),
+            ("GET", ["admin", "resources"]) => Answer(StatusCode::OK, self.resources()),
+            ("POST", ["admin", "resources"]) => self.bind_resource(&body),
+            ("DELETE", ["admin", "resources", collection, id]) => {
+                self.unbind_resource(&format!("{collection}/{id}"))
+            }
             ("POST", ["admin", "pools", pool, "check"]) => self.check_pool(pool).await,
             ("DELETE", ["admin", "pools", pool, "keys", fp]) => self.remove_key(pool, fp),
             ("POST", ["admin", "pools", pool, "keys", fp, action]) => {
@@ -195,8 +208,8 @@ impl Admin {
         let mut problems = Vec::new();
         let mut usable_keys = 0;
         for pool in &rt.pools {
-            if !pool.upstream.is_resolved() {
-                problems.push(format!("pool '{}': upstream not resolved yet", pool.name()));
+            if let Some(problem) = pool.upstream.address_problem() {
+                problems.push(format!("pool '{}': {problem}", pool.name()));
             }
             let keys = pool.keys.load();
             let usable = (0..keys.len())
@@ -284,6 +297,170 @@ impl Admin {
             })
             .collect();
         json!({ "tenants": tenants })
+    }
+
+    /// Every resource keygate knows the owner of.
+    fn resources(&self) -> Value {
+        let now = now_millis();
+        let list: Vec<Value> = self
+            .shared
+            .affinity
+            .entries(now)
+            .into_iter()
+            .map(|(name, owner, expires)| {
+                json!({
+                    "name": name,
+                    "pool": &*owner.pool,
+                    "project": &*owner.project,
+                    "tenant": owner.tenant.as_deref(),
+                    "expires": rfc3339(expires),
+                })
+            })
+            .collect();
+        json!({ "resources": list })
+    }
+
+    /// Binds a resource made outside keygate (or forgotten by it) to a project and a tenant, so
+    /// that the tenant's requests naming it go to that project. keygate never searches the
+    /// projects for a resource on a tenant's behalf: an operator says whose it is.
+    fn bind_resource(&self, body: &[u8]) -> Answer {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Binding {
+            name: String,
+            project: String,
+            tenant: Option<String>,
+            pool: Option<String>,
+        }
+        let b: Binding = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected {{\"name\": \"files/abc\", \"project\": \"...\", \"tenant\": \"...\", \"pool\": \"...\"}} (pool optional; tenant required when tenants are configured): invalid JSON at line {} column {}",
+                        e.line(),
+                        e.column()
+                    ),
+                )
+            }
+        };
+        let name = b.name.trim().to_string();
+        if crate::names::kind_of(&name).is_none() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "'{name}' is not a resource name keygate binds: files/ID, cachedContents/ID, tunedModels/ID, batches/ID or operations/ID"
+                ),
+            );
+        }
+        let rt = self.shared.runtime.load();
+        let tenant = match (&b.tenant, rt.tenants.list().is_empty()) {
+            (None, true) => None,
+            (Some(_), true) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "no tenants are configured: leave out \"tenant\"",
+                )
+            }
+            (None, false) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "tenants are configured: say whose resource it is (\"tenant\")",
+                )
+            }
+            (Some(t), false) => match rt.tenants.by_name(t) {
+                Some(t) => Some(t.clone()),
+                None => return error(StatusCode::NOT_FOUND, format!("no tenant named '{t}'")),
+            },
+        };
+        let holds = |i: &usize| rt.pools[*i].keys.load().project_index(&b.project).is_some();
+        let candidates: Vec<usize> = match &b.pool {
+            Some(p) => match rt.pool_index(p) {
+                Some(i) => vec![i],
+                None => return error(StatusCode::NOT_FOUND, format!("no pool named '{p}'")),
+            },
+            None => (0..rt.pools.len()).collect(),
+        };
+        let found: Vec<usize> = candidates.into_iter().filter(holds).collect();
+        let i = match found.as_slice() {
+            [i] => *i,
+            [] => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no pool has keys of project '{}'", b.project),
+                )
+            }
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "project '{}' has keys in several pools: say which (\"pool\")",
+                        b.project
+                    ),
+                )
+            }
+        };
+        if let Some(t) = &tenant {
+            if !t.pools.contains(&i) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "tenant '{}' may not use pool '{}'",
+                        t.name,
+                        rt.pools[i].name()
+                    ),
+                );
+            }
+        }
+        let pool = rt.pools[i].name().to_string();
+        let owner = crate::affinity::Owner {
+            pool: Arc::from(pool.as_str()),
+            project: Arc::from(b.project.as_str()),
+            tenant: tenant.as_ref().map(|t| t.name.clone()),
+        };
+        let now = now_millis();
+        self.shared.affinity.bind(&name, owner, now);
+        let expires = self
+            .shared
+            .affinity
+            .entries(now)
+            .into_iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, _, at)| rfc3339(at));
+        log::warn!(
+            "admin: bound {name} to project {} of pool {pool}{}",
+            b.project,
+            tenant
+                .as_ref()
+                .map(|t| format!(", tenant {}", t.name))
+                .unwrap_or_default()
+        );
+        let saved = self.shared.started.state_file.is_some();
+        Answer(
+            StatusCode::CREATED,
+            json!({
+                "name": name,
+                "pool": pool,
+                "project": b.project,
+                "tenant": tenant.as_ref().map(|t| &*t.name),
+                "expires": expires,
+                "survives_restart": saved,
+            }),
+        )
+    }
+
+    fn unbind_resource(&self, name: &str) -> Answer {
+        let known = self.shared.affinity.owner(name, now_millis()).is_some();
+        if !known {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("keygate knows no owner of '{name}'"),
+            );
+        }
+        self.shared.affinity.forget(name);
+        log::warn!("admin: forgot the owner of {name}");
+        Answer(StatusCode::OK, json!({ "forgotten": name }))
     }
 
     fn add_key(&self, pool_name: &str, body: &[u8]) -> Answer {

@@ -531,7 +531,7 @@ impl AlertSender {
         let peer = upstream
             .peer(Duration::ZERO)
             .await
-            .ok_or("host not resolved")?;
+            .map_err(|_| "host not resolved")?;
         let (mut http, _) = upstream
             .connector
             .get_http_session(&*peer)

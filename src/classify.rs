@@ -16,8 +16,15 @@ pub fn needs_body(status: u16) -> bool {
     matches!(status, 400 | 401 | 402 | 403 | 429)
 }
 
-/// Largest error body read for classification; a bigger one is passed through unread.
+/// Largest error body read for classification; a bigger one is classified on this much of its
+/// start ([`classify_prefix`]) and never relayed.
 pub const MAX_CLASSIFY_BODY: usize = 64 * 1024;
+
+/// Longest cooldown taken from Google's `retryDelay` on a per-minute quota. Google's delays are
+/// seconds to a minute; a larger one (seen: "604800s") would take a project out for days on a
+/// per-minute limit, so it is cut here. Per-day quotas keep their own rule (midnight in Los
+/// Angeles).
+pub const MAX_SHORT_COOLDOWN: Duration = Duration::from_secs(3600);
 
 /// What an upstream answer says about the key that received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +84,15 @@ impl DeadReason {
 }
 
 impl Outcome {
+    /// Whether Google refused the key itself (dead, suspended, out of credit, barred from the
+    /// method): such an answer names the key, so it is never relayed.
+    pub fn is_key_level(&self) -> bool {
+        matches!(
+            self,
+            Outcome::KeyDead(_) | Outcome::BillingExhausted | Outcome::MethodBlocked
+        )
+    }
+
     /// Short label for the access log and metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -156,6 +172,42 @@ pub fn classify(status: u16, body: &[u8]) -> Outcome {
         400 | 401 | 403 | 429 => classify_error(status, &parse_error(body)),
         _ => Outcome::ClientError,
     }
+}
+
+/// Classifies an answer of which only the first bytes were read (its body was larger than
+/// [`MAX_CLASSIFY_BODY`]): the same rules, on the facts found in the cut JSON. A 429 that shows
+/// no detail in its prefix is taken for shared capacity (retried elsewhere, nobody blamed).
+pub fn classify_prefix(status: u16, prefix: &[u8]) -> Outcome {
+    match status {
+        400 | 401 | 403 | 429 => classify_error(status, &facts_from_prefix(prefix)),
+        other => classify(other, &[]),
+    }
+}
+
+/// The facts of an error body that may be cut short: read from its string literals (keys and
+/// the values after them) rather than by parsing the whole document.
+fn facts_from_prefix(prefix: &[u8]) -> ErrorFacts {
+    let mut facts = ErrorFacts::default();
+    let mut key = Vec::new();
+    for s in crate::json_strings::strings(prefix) {
+        let text = s.decoded();
+        if s.is_key {
+            key = text.into_owned();
+            continue;
+        }
+        let value = String::from_utf8_lossy(&text);
+        match key.as_slice() {
+            b"status" if facts.status.is_empty() => facts.status = value.into_owned(),
+            b"message" if facts.message.is_empty() => facts.message = value.into_owned(),
+            b"reason" => facts.reasons.push(value.into_owned()),
+            b"quotaId" => facts.quota_ids.push(value.into_owned()),
+            b"retryDelay" => facts.retry_delay = parse_retry_delay(&value),
+            b"@type" => facts.has_details = true,
+            _ => {}
+        }
+        key.clear();
+    }
+    facts
 }
 
 /// The parts of a Google error body that matter here.
@@ -277,18 +329,27 @@ fn classify_429(facts: &ErrorFacts) -> Outcome {
     }
     let cooldown = facts
         .retry_delay
-        .map(|d| d + Duration::from_secs(1))
+        .map(|d| (d + Duration::from_secs(1)).min(MAX_SHORT_COOLDOWN))
         .unwrap_or(Duration::from_secs(60));
     Outcome::QuotaShort { cooldown }
 }
 
-/// Parses a protobuf JSON duration such as `"53s"` or `"0.5s"`.
+/// Parses a protobuf JSON duration as Google writes it: whole seconds, an optional fraction of
+/// one to nine digits, and `s` (`"53s"`, `"0.5s"`, `"1.234567s"`). Anything else (`"1e5s"`,
+/// `"-1s"`, `"53"`, `" 5s"`) is not a duration.
 pub fn parse_retry_delay(text: &str) -> Option<Duration> {
-    let seconds: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
-    if !seconds.is_finite() || !(0.0..=86_400.0 * 7.0).contains(&seconds) {
+    let number = text.strip_suffix('s')?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || whole.len() > 12 || !digits(whole) {
         return None;
     }
-    Some(Duration::from_secs_f64(seconds))
+    if number.contains('.') && (fraction.is_empty() || fraction.len() > 9 || !digits(fraction)) {
+        return None;
+    }
+    let secs: u64 = whole.parse().ok()?;
+    let nanos: u32 = format!("{fraction:0<9}").parse().ok()?;
+    Some(Duration::new(secs, nanos))
 }
 
 /// The next midnight in America/Los_Angeles after `now`, when Google's per-day quotas reset.
@@ -366,6 +427,75 @@ mod tests {
                 cooldown: Duration::from_millis(8500)
             }
         );
+    }
+
+    #[test]
+    fn a_long_retry_delay_on_a_per_minute_quota_is_capped() {
+        let week = with_quota(
+            &["GenerateRequestsPerMinutePerProjectPerModel"],
+            Some("604800s"),
+        );
+        assert_eq!(
+            classify(429, week.as_bytes()),
+            Outcome::QuotaShort {
+                cooldown: MAX_SHORT_COOLDOWN
+            }
+        );
+        // Not Duration syntax: as if there were no RetryInfo (a minute).
+        let odd = with_quota(
+            &["GenerateRequestsPerMinutePerProjectPerModel"],
+            Some("1e5s"),
+        );
+        assert_eq!(
+            classify(429, odd.as_bytes()),
+            Outcome::QuotaShort {
+                cooldown: Duration::from_secs(60)
+            }
+        );
+    }
+
+    #[test]
+    fn a_body_cut_at_the_limit_is_classified_on_its_prefix() {
+        let padded = PER_MINUTE.replace(
+            r#""description":"...""#,
+            &format!(r#""description":"{}""#, "x".repeat(70_000)),
+        );
+        let prefix = &padded.as_bytes()[..MAX_CLASSIFY_BODY];
+        // The RetryInfo is past the cut: the quota id alone says per minute, a minute's cooldown.
+        assert_eq!(
+            classify_prefix(429, prefix),
+            Outcome::QuotaShort {
+                cooldown: Duration::from_secs(60)
+            }
+        );
+        let daily = with_quota(
+            &["GenerateRequestsPerDayPerProjectPerModel-FreeTier"],
+            Some("22s"),
+        );
+        assert_eq!(
+            classify_prefix(429, &daily.as_bytes()[..daily.len() - 5]),
+            Outcome::QuotaDaily
+        );
+        let suspended = error_info(
+            403,
+            "PERMISSION_DENIED",
+            "Consumer has been suspended.",
+            "CONSUMER_SUSPENDED",
+        );
+        assert_eq!(
+            classify_prefix(403, &suspended.as_bytes()[..suspended.len() - 10]),
+            Outcome::KeyDead(DeadReason::Suspended)
+        );
+        assert_eq!(
+            classify_prefix(429, br#"{"error":{"code":429,"message":"xxxx"#),
+            Outcome::SharedCapacity
+        );
+        assert_eq!(classify_prefix(400, b"garbage"), Outcome::ClientError);
+        assert_eq!(classify_prefix(503, b""), Outcome::ServerError);
+        assert!(Outcome::KeyDead(DeadReason::Invalid).is_key_level());
+        assert!(Outcome::BillingExhausted.is_key_level());
+        assert!(Outcome::MethodBlocked.is_key_level());
+        assert!(!Outcome::QuotaDaily.is_key_level());
     }
 
     #[test]
@@ -556,6 +686,21 @@ mod tests {
         assert_eq!(parse_retry_delay("53"), None);
         assert_eq!(parse_retry_delay("-1s"), None);
         assert_eq!(parse_retry_delay("NaNs"), None);
+        assert_eq!(parse_retry_delay("1e5s"), None);
+        assert_eq!(parse_retry_delay(" 5s"), None);
+        assert_eq!(parse_retry_delay("5.s"), None);
+        assert_eq!(parse_retry_delay(".5s"), None);
+        assert_eq!(parse_retry_delay("1.0000000001s"), None);
+        assert_eq!(parse_retry_delay("inf s"), None);
+        assert_eq!(
+            parse_retry_delay("1.234567891s"),
+            Some(Duration::new(1, 234_567_891))
+        );
+        assert_eq!(
+            parse_retry_delay("604800s"),
+            Some(Duration::from_secs(604_800))
+        );
+        assert_eq!(parse_retry_delay("99999999999999s"), None);
     }
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {

@@ -16,6 +16,13 @@ use std::time::Duration;
 /// Gemini's own request size limit: the default for `max_body_bytes`.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
 
+/// Default for `client_limits.max_buffered_body_bytes`: request bodies held at once, all
+/// requests together (a dozen bodies of the largest size).
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
+
+/// Longest `client_limits.header_timeout_seconds` accepted.
+pub const MAX_HEADER_TIMEOUT_SECONDS: u64 = 30;
+
 /// What can go wrong loading a configuration. Messages name the file, the field or the pool,
 /// never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +73,33 @@ struct FileConfig {
     #[serde(default = "default_upgrade_sock")]
     upgrade_sock: PathBuf,
     tls: Option<FileTls>,
+    public_url: Option<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default)]
+    client_limits: FileClientLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileClientLimits {
+    header_timeout_seconds: u64,
+    body_timeout_seconds: u64,
+    body_min_rate_bytes_per_second: u64,
+    max_connections: Option<usize>,
+    max_buffered_body_bytes: usize,
+}
+
+impl Default for FileClientLimits {
+    fn default() -> Self {
+        FileClientLimits {
+            header_timeout_seconds: 10,
+            body_timeout_seconds: 10,
+            body_min_rate_bytes_per_second: 1024,
+            max_connections: None,
+            max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +292,29 @@ pub struct Config {
     pub upgrade_sock: PathBuf,
     /// TLS for the client listener: (certificate chain file, private key file), both PEM.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where clients reach keygate (`https://host[:port][/prefix]`, no trailing slash), for the
+    /// URLs keygate hands out; `None`: from the request (`Host`, or a trusted proxy's
+    /// `X-Forwarded-*`).
+    pub public_url: Option<String>,
+    /// Peers whose `X-Forwarded-Proto` / `X-Forwarded-Host` are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// What a client connection may take.
+    pub client_limits: ClientLimits,
+}
+
+/// Limits on client connections and requests (slow or hostile clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// A request header must arrive whole within this.
+    pub header_timeout: Duration,
+    /// Longest pause while a request body arrives; also the grace before `body_min_rate` counts.
+    pub body_timeout: Duration,
+    /// After `body_timeout`, a body must have arrived at this mean rate (bytes/s); 0: no minimum.
+    pub body_min_rate: u64,
+    /// Open client connections allowed; `None`: half the open-file limit (at most 10,000).
+    pub max_connections: Option<usize>,
+    /// Request bodies held in memory at once, all requests together.
+    pub max_buffered_body_bytes: usize,
 }
 
 /// Which web pages may call keygate from a browser.
@@ -649,6 +706,78 @@ fn validate(
             base.join(file.upgrade_sock)
         },
         tls: file.tls.map(|t| validate_tls(t, base)).transpose()?,
+        public_url: file
+            .public_url
+            .map(|u| validate_public_url(&u))
+            .transpose()?,
+        trusted_proxies: file
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                parse_net(p).map_err(|why| invalid(format!("trusted_proxies[{i}]: {why}")))
+            })
+            .collect::<Result<_, _>>()?,
+        client_limits: validate_client_limits(&file.client_limits)?,
+    })
+}
+
+/// `https://host[:port][/prefix]`, without credentials, query or fragment; returned without a
+/// trailing slash.
+fn validate_public_url(url: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| invalid(format!("public_url: {url:?} {why}"));
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| bad("must start with https:// or http://"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if authority.contains('@') {
+        return Err(bad("may not hold credentials"));
+    }
+    if url.contains(['?', '#']) || url.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(bad(
+            "may hold no query, fragment, space or control character",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// An address (`10.0.0.1`) or a network (`10.0.0.0/8`).
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not an address or a network like 10.0.0.0/8"))
+}
+
+fn validate_client_limits(l: &FileClientLimits) -> Result<ClientLimits, ConfigError> {
+    if !(1..=MAX_HEADER_TIMEOUT_SECONDS).contains(&l.header_timeout_seconds) {
+        return Err(invalid(format!(
+            "client_limits.header_timeout_seconds: must be 1 to {MAX_HEADER_TIMEOUT_SECONDS}"
+        )));
+    }
+    if l.body_timeout_seconds == 0 {
+        return Err(invalid(
+            "client_limits.body_timeout_seconds: must be greater than 0",
+        ));
+    }
+    if l.max_connections == Some(0) {
+        return Err(invalid("client_limits.max_connections: must be at least 1"));
+    }
+    if l.max_buffered_body_bytes == 0 {
+        return Err(invalid(
+            "client_limits.max_buffered_body_bytes: must be greater than 0",
+        ));
+    }
+    Ok(ClientLimits {
+        header_timeout: Duration::from_secs(l.header_timeout_seconds),
+        body_timeout: Duration::from_secs(l.body_timeout_seconds),
+        body_min_rate: l.body_min_rate_bytes_per_second,
+        max_connections: l.max_connections,
+        max_buffered_body_bytes: l.max_buffered_body_bytes,
     })
 }
 

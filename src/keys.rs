@@ -12,6 +12,7 @@
 
 use crate::classify::{DeadReason, Penalty};
 use crate::config::{KeyConfig, PoolConfig};
+use crate::scrub::Scrubber;
 use crate::secret::Secret;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -233,6 +234,8 @@ pub struct KeyPool {
     next: AtomicUsize,
     /// Serialises snapshot rebuilds and map inserts. Held only for synchronous work.
     write: Mutex<()>,
+    /// Finds these keys in answers; built on first use (an error answer to relay).
+    scrubber: std::sync::OnceLock<Scrubber>,
 }
 
 impl KeyPool {
@@ -277,7 +280,19 @@ impl KeyPool {
             generation: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             write: Mutex::new(()),
+            scrubber: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What replaces this pool's keys with their fingerprints in answers.
+    pub fn scrubber(&self) -> &Scrubber {
+        self.scrubber.get_or_init(|| {
+            Scrubber::new(
+                self.keys
+                    .iter()
+                    .map(|k| (k.secret.expose(), k.fingerprint.as_str())),
+            )
+        })
     }
 
     /// The pool's name.
@@ -603,8 +618,10 @@ impl KeyPool {
     }
 
     /// Applies a saved health table: entries for keys and projects this pool no longer has, and
-    /// cooldowns already over, are ignored. Returns how many entries were applied.
-    pub fn import(&self, saved: &PoolHealth, now: Millis) -> usize {
+    /// cooldowns already over, are ignored; a cooldown past `ceiling` (the longest keygate sets
+    /// itself; an older version took Google's word for days) is cut to it. Returns how many
+    /// entries were applied.
+    pub fn import(&self, saved: &PoolHealth, now: Millis, ceiling: Millis) -> usize {
         let mut applied = 0;
         for k in &saved.keys {
             let Some(id) = self.find(&k.key) else {
@@ -635,7 +652,7 @@ impl KeyPool {
                     continue;
                 }
                 if let Some(health) = self.health_for_write(model) {
-                    health.cool_until[project].fetch_max(*until, Relaxed);
+                    health.cool_until[project].fetch_max((*until).min(ceiling), Relaxed);
                     applied += 1;
                 }
             }
@@ -1112,7 +1129,7 @@ mod tests {
         assert!(!text.contains("\"a\"") && text.contains("key#"), "{text}");
         let fresh = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
         let back: PoolHealth = serde_json::from_str(&text).unwrap();
-        assert!(fresh.import(&back, 1000) >= 5);
+        assert!(fresh.import(&back, 1000, NEVER) >= 5);
         assert_eq!(fresh.disabled(KeyId(0)), Some(Disabled::Operator));
         assert_eq!(
             fresh.disabled(KeyId(1)),
@@ -1130,6 +1147,13 @@ mod tests {
         );
         // A pool without those keys ignores the entries.
         let other = pool(&[("z", "p9")]);
-        assert_eq!(other.import(&back, 1000), 0);
+        assert_eq!(other.import(&back, 1000, NEVER), 0);
+        // A cooldown past the ceiling (an older version's week-long one) is cut to it.
+        let clamped = pool(&[("a", "p1")]);
+        clamped.import(&back, 1000, 50_000);
+        assert_eq!(
+            clamped.report(1000)[0].cooldowns,
+            vec![("m".to_string(), 50_000)]
+        );
     }
 }

@@ -10,8 +10,12 @@
 //! - [`cors`]: browser access (preflights and CORS headers);
 //! - [`tenants`]: client authentication, per-tenant limits and fair shares;
 //! - [`affinity`]: which project owns a file, cache, batch... and uploads in progress;
+//! - [`names`]: the names of those resources in requests, answers and listings;
+//! - [`json_strings`]: the string literals of a JSON text, escapes decoded;
+//! - [`path`]: the request path and query as keygate and Google both read them;
 //! - [`usage`]: token counts read from answers as they stream by;
 //! - [`request`]: the client request and its upstream form (pure);
+//! - [`scrub`]: pool keys replaced by their fingerprints in the answers keygate relays;
 //! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
 //! - [`upstream`]: resolved upstream addresses and the connection pool;
 //! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;
@@ -21,6 +25,8 @@
 //! - [`metrics`]: Prometheus metrics with bounded label values;
 //! - [`state`]: the state file that carries the health and affinity tables over restarts;
 //! - [`lifecycle`]: signals, configuration reload, readiness notification;
+//! - [`guard`]: the cap on client connections and the request header deadline;
+//! - [`logging`]: the log, with other crates capped at `info` and client values escaped;
 //! - [`error`]: keygate's own Gemini-shaped error answers.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -34,12 +40,18 @@ pub mod config;
 pub mod cors;
 pub mod egress;
 pub mod error;
+pub mod guard;
+pub mod json_strings;
 pub mod keys;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
+pub mod names;
+pub mod path;
 pub mod proxy;
 pub mod request;
 pub mod runtime;
+pub mod scrub;
 pub mod secret;
 pub mod state;
 pub mod tenants;
@@ -59,6 +71,9 @@ use std::sync::Arc;
 
 /// Read buffer per client connection.
 const CLIENT_READ_BUFFER: usize = 16 * 1024;
+
+/// Connections the admin listener holds at once (dashboards, scrapers, curl).
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// How keygate was started.
 #[derive(Debug, Clone)]
@@ -105,8 +120,18 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         state::restore(&shared, path);
     }
     let gateway = proxy::Gateway::new(shared.clone());
-    let mut service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "keygate");
+    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let limits = &config.client_limits;
+    let max_connections = limits
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    let connections = guard::ConnectionLimits::new(max_connections, limits.header_timeout);
+    let mut service = Service::new(
+        "keygate".to_string(),
+        guard::Guarded::new(proxy, connections.clone()),
+    );
+    // Past the cap a connection is dropped at accept, before any TLS handshake is spent on it.
+    service.set_connection_filter(Arc::new(guard::AtCapacity(connections)));
     // Pingora reads each client connection through a 64 KiB buffer by default. Gemini requests
     // are mostly small JSON, and a team gateway holds many keep-alive connections whose buffers,
     // once filled by a large body, stay resident: 16 KiB bounds that at a quarter.
@@ -133,7 +158,15 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
             admin.token_sha256,
             launch.config_path.clone(),
         );
-        let mut service = Service::new("admin".to_string(), HttpServer::new_app(app));
+        // The admin listener has slots of its own: a flood of client connections cannot take
+        // them, and a slow admin client cannot hold one past the header deadline.
+        let admin_connections =
+            guard::ConnectionLimits::new(ADMIN_CONNECTIONS, config.client_limits.header_timeout);
+        let mut service = Service::new(
+            "admin".to_string(),
+            guard::Guarded::new(HttpServer::new_app(app), admin_connections.clone()),
+        );
+        service.set_connection_filter(Arc::new(guard::AtCapacity(admin_connections)));
         service.add_tcp(&admin.listen.to_string());
         server.add_service(service);
         let checker = admin::KeyChecker::new(shared.clone(), admin.key_check_interval);
@@ -147,7 +180,10 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         server.add_service(background_service("state file", keeper));
     }
 
-    log::info!("{}", config.summary());
+    log::info!(
+        "{}; at most {max_connections} client connections",
+        config.summary()
+    );
     let signals = lifecycle::Signals::new(shared.clone(), launch.config_path);
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
@@ -158,6 +194,18 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         log::info!("state saved to {}", path.display());
     }
     Ok(())
+}
+
+/// The default cap on client connections: half of the open files this process may hold (the
+/// rest stay for upstream connections, the admin listener and files), at most 10,000. The soft
+/// limit is raised to the hard one first, as servers do (systemd's default soft limit is 1024).
+fn default_max_connections() -> usize {
+    let files = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
+        .unwrap_or(1024);
+    usize::try_from(files / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 10_000)
 }
 
 /// Binds the address once, without listening, so a busy or forbidden address is a clear error

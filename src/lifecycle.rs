@@ -34,6 +34,18 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<String, String> {
             config.admin != started.admin,
         ),
         ("alerts", config.alerts != started.alerts),
+        (
+            "client_limits (header_timeout_seconds, max_connections, max_buffered_body_bytes)",
+            (
+                config.client_limits.header_timeout,
+                config.client_limits.max_connections,
+                config.client_limits.max_buffered_body_bytes,
+            ) != (
+                started.client_limits.header_timeout,
+                started.client_limits.max_connections,
+                started.client_limits.max_buffered_body_bytes,
+            ),
+        ),
     ];
     let ignored: Vec<&str> = restart_only
         .iter()

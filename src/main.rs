@@ -25,7 +25,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    keygate::logging::init();
 
     let config = match Config::load(&args.config) {
         Ok(c) => c,

@@ -203,20 +203,27 @@ impl Metrics {
     }
 
     /// One finished client request. `status` is the HTTP status the client got (0 if none was sent).
-    /// `attempts` = upstream attempts made (0 when keygate answered itself).
+    /// `attempts` = upstream attempts made (0 when keygate answered itself). `served` says Google
+    /// served `model` (a 2xx): only then may a new model name become a label value.
     #[allow(clippy::too_many_arguments)] // the call's signature is fixed by its callers
     pub fn request(
         &self,
         tenant: &str,
         pool: &str,
         model: &str,
+        served: bool,
         status: u16,
         attempts: usize,
         request_bytes: u64,
         response_bytes: u64,
     ) {
         let pool = label(pool);
-        let labels = [label(tenant), pool, self.model(model), status_class(status)];
+        let labels = [
+            label(tenant),
+            pool,
+            self.model(model, served),
+            status_class(status),
+        ];
         add(&self.requests, &labels, 1);
         if let Ok(h) = self
             .attempts_per_request
@@ -254,7 +261,11 @@ impl Metrics {
 
     /// keygate answered "no key can serve" (429 exhausted or 503 all disabled) for this pool and model.
     pub fn pool_exhausted(&self, pool: &str, model: &str) {
-        add(&self.pool_exhausted, &[label(pool), self.model(model)], 1);
+        add(
+            &self.pool_exhausted,
+            &[label(pool), self.model(model, false)],
+            1,
+        );
     }
 
     /// The text exposition (Prometheus text format 0.0.4), with the pool gauges set from `pools`
@@ -313,16 +324,17 @@ impl Metrics {
     }
 
     /// The label value for a client-supplied model: cleaned like any label, then kept only if it
-    /// is one of the first [`MAX_MODELS`] distinct models seen.
-    fn model<'a>(&self, model: &'a str) -> &'a str {
+    /// is one of the first [`MAX_MODELS`] distinct models Google served (`served` admits a new
+    /// one); any other model is `other`.
+    fn model<'a>(&self, model: &'a str, served: bool) -> &'a str {
         let clean = label(model);
-        if clean == OTHER {
-            return OTHER;
+        if clean == OTHER || clean == NONE {
+            return clean;
         }
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
         if models.contains(clean) {
             clean
-        } else if models.len() < MAX_MODELS {
+        } else if served && models.len() < MAX_MODELS {
             models.insert(clean.to_owned());
             clean
         } else {
@@ -485,11 +497,20 @@ mod tests {
         let text = m.render(&[]);
         assert_eq!(value(&text, "keygate_requests_total", &[]), None);
 
-        m.request("team-a", "main", "gemini-2.5-flash", 200, 1, 100, 2000);
-        m.request("team-a", "main", "gemini-2.5-flash", 200, 3, 50, 500);
-        m.request("-", "main", "gemini-2.5-pro", 429, 0, 10, 90);
-        m.request("team-a", "main", "gemini-2.5-pro", 0, 2, 5, 0);
-        m.request("team-a", "main", "gemini-2.5-pro", 101, 1, 0, 0);
+        m.request(
+            "team-a",
+            "main",
+            "gemini-2.5-flash",
+            true,
+            200,
+            1,
+            100,
+            2000,
+        );
+        m.request("team-a", "main", "gemini-2.5-flash", true, 200, 3, 50, 500);
+        m.request("-", "main", "gemini-2.5-pro", false, 429, 0, 10, 90);
+        m.request("team-a", "main", "gemini-2.5-pro", false, 0, 2, 5, 0);
+        m.request("team-a", "main", "gemini-2.5-pro", true, 101, 1, 0, 0);
         m.attempt("main", "ok");
         m.attempt("main", "ok");
         m.attempt("main", "quota_minute");
@@ -514,9 +535,11 @@ mod tests {
             )
         };
         assert_eq!(req("team-a", "gemini-2.5-flash", "2xx"), Some(2.0));
-        assert_eq!(req("-", "gemini-2.5-pro", "4xx"), Some(1.0));
-        assert_eq!(req("team-a", "gemini-2.5-pro", "none"), Some(1.0));
+        // A model Google has not served yet is `other`; once served, it has its own value.
+        assert_eq!(req("-", "other", "4xx"), Some(1.0));
+        assert_eq!(req("team-a", "other", "none"), Some(1.0));
         assert_eq!(req("team-a", "gemini-2.5-pro", "1xx"), Some(1.0));
+        assert_eq!(req("-", "gemini-2.5-pro", "4xx"), None);
 
         let att = |o| {
             value(
@@ -581,7 +604,7 @@ mod tests {
         );
 
         // Counters only grow from one scrape to the next.
-        m.request("team-a", "main", "gemini-2.5-flash", 503, 4, 1, 1);
+        m.request("team-a", "main", "gemini-2.5-flash", false, 503, 4, 1, 1);
         let t2 = m.render(&[]);
         assert_eq!(
             value(&t2, "keygate_request_bytes_total", &[("pool", "main")]),
@@ -630,7 +653,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let model = format!("gemini-{x:016x}");
-            m.request("t", "p", &model, 200, 1, 0, 0);
+            m.request("t", "p", &model, true, 200, 1, 0, 0);
             if i % 3 == 0 {
                 m.pool_exhausted("p", &format!("flood-{i}"));
             }
@@ -652,7 +675,7 @@ mod tests {
             .clone();
         // Both metrics share the one set of model values: exactly 64 of them, plus "other".
         assert_eq!(models.len(), MAX_MODELS + 1);
-        m.request("t", "p", &first, 200, 1, 0, 0);
+        m.request("t", "p", &first, true, 200, 1, 0, 0);
         let t = m.render(&[]);
         let series = [
             ("tenant", "t"),
@@ -691,15 +714,15 @@ mod tests {
             long.as_str(),
         ];
         for b in bad {
-            m.request(b, b, b, 200, 1, 1, 1);
+            m.request(b, b, b, true, 200, 1, 1, 1);
             m.attempt(b, b);
             m.upstream_latency(b, 1.0);
             m.time_to_first_byte(b, 1.0);
             m.pool_exhausted(b, b);
         }
-        m.request("", "", "", 200, 1, 1, 1);
-        m.request(&exactly_64, "p", "m", 200, 1, 1, 1);
-        m.request(&format!("{exactly_64}c"), "p", "m", 200, 1, 1, 1);
+        m.request("", "", "", true, 200, 1, 1, 1);
+        m.request(&exactly_64, "p", "m", true, 200, 1, 1, 1);
+        m.request(&format!("{exactly_64}c"), "p", "m", true, 200, 1, 1, 1);
         let t = m.render(&[PoolGauge {
             pool: "bad\npool".into(),
             keys_ok: 1,
@@ -837,7 +860,16 @@ mod tests {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     for j in 0..500 {
-                        m.request("t", "p", &format!("m{}", (i * 500 + j) % 100), 200, 1, 1, 1);
+                        m.request(
+                            "t",
+                            "p",
+                            &format!("m{}", (i * 500 + j) % 100),
+                            true,
+                            200,
+                            1,
+                            1,
+                            1,
+                        );
                         if j % 50 == 0 {
                             m.render(&[]);
                         }
@@ -872,6 +904,7 @@ mod tests {
                 tenant,
                 pool,
                 model,
+                status / 100 == 2,
                 status,
                 attempts,
                 300 + i as u64,

@@ -7,11 +7,17 @@
 
 use crate::affinity;
 use crate::alerts::Event;
-use crate::classify::{self, classify, Outcome, Penalty, Verdict, MAX_CLASSIFY_BODY};
-use crate::config::Timeouts;
+use crate::classify::{
+    self, classify, classify_prefix, Outcome, Penalty, Verdict, MAX_CLASSIFY_BODY,
+};
+use crate::config::{ClientLimits, Timeouts};
 use crate::cors;
 use crate::error::GatewayError;
+use crate::guard::{self, BodyBudget, Reservation};
 use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Pick};
+use crate::logging::printable;
+use crate::names;
+use crate::path;
 use crate::request::{self, Api};
 use crate::runtime::{Pool, Route, Runtime, Shared};
 use crate::tenants::{Auth, InFlight, Refusal, Tenant};
@@ -63,7 +69,14 @@ pub struct Ctx {
     response_bytes: u64,
     attempts: Vec<AttemptLog>,
     status: u16,
+    /// Google served the request (a 2xx was relayed): its model may become a metric label.
+    served: bool,
+    /// The request body's share of the memory budget for bodies.
+    body_reservation: Option<Reservation>,
 }
+
+/// The status logged for a request whose client hung up before its answer (nginx's 499).
+const CLIENT_GONE: u16 = 499;
 
 /// One upstream attempt, for the access log.
 struct AttemptLog {
@@ -92,8 +105,8 @@ struct AnswerBody {
 
 /// Why an attempt got no answer.
 enum SendError {
-    /// The host has no resolved address.
-    Unresolved,
+    /// The host has no address: why.
+    Unresolved(String),
     /// Connecting (TCP or TLS) failed.
     Connect(Box<Error>),
     /// The exchange failed after connecting; `reused` says whether the connection came from
@@ -104,7 +117,7 @@ enum SendError {
 impl SendError {
     fn label(&self) -> &'static str {
         match self {
-            SendError::Unresolved => "unresolved",
+            SendError::Unresolved(_) => "unresolved",
             SendError::Connect(_) => "connect_error",
             SendError::Exchange { error, .. } if is_timeout(error) => "timeout",
             SendError::Exchange { .. } => "upstream_error",
@@ -113,11 +126,7 @@ impl SendError {
 
     fn into_gateway_error(self, pool: &str) -> GatewayError {
         match self {
-            SendError::Unresolved => GatewayError::new(
-                502,
-                "UNAVAILABLE",
-                format!("keygate: the upstream of pool '{pool}' has not resolved to any address"),
-            ),
+            SendError::Unresolved(why) => unresolved_error(pool, &why),
             // An outbound proxy's failure explains itself (it names the pool's proxy).
             SendError::Connect(e) if e.etype() == &ErrorType::ConnectProxyFailure => {
                 let why = e.context.as_ref().map(|c| c.as_str().to_string());
@@ -155,6 +164,15 @@ impl SendError {
     }
 }
 
+/// The answer when the upstream has no address: at once, no key tried.
+fn unresolved_error(pool: &str, why: &str) -> GatewayError {
+    GatewayError::new(
+        502,
+        "UNAVAILABLE",
+        format!("keygate: pool '{pool}' cannot reach Google: {why}; no key was tried"),
+    )
+}
+
 fn is_timeout(e: &Error) -> bool {
     matches!(
         e.etype(),
@@ -181,10 +199,14 @@ enum Learn {
     Create,
     /// A successful DELETE of these resources.
     Delete(Vec<String>),
+    /// A listing of project-bound resources, shown to a tenant: only its own entries stay.
+    List,
 }
 
 /// Everything the attempt loop needs about the request.
 struct Job<'a> {
+    /// The client's request header, as the attempts copy it.
+    client: &'a RequestHeader,
     forward: request::Forward<'a>,
     body: Bytes,
     model: &'a str,
@@ -204,6 +226,10 @@ struct Job<'a> {
 /// Largest answer body read to learn the names of created resources.
 const CREATED_ANSWER_LIMIT: usize = 256 * 1024;
 
+/// Largest listing answer filtered for a tenant; a larger one is withheld (ask for a smaller
+/// `pageSize`).
+const LISTING_LIMIT: usize = 8 * 1024 * 1024;
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
@@ -222,6 +248,8 @@ impl ProxyHttp for Gateway {
             response_bytes: 0,
             attempts: Vec::new(),
             status: 0,
+            served: false,
+            body_reservation: None,
         }
     }
 
@@ -238,10 +266,19 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        // The header is in: its deadline no longer applies.
+        guard::header_received(session.stream());
         let rt = self.shared.runtime.load_full();
         let req = session.req_header();
-        let clean = request::clean_path_and_query(req);
-        ctx.target = format!("{} {}", req.method, affinity::redact_upload_id(&clean));
+        let query = path::split_query(req.uri.query());
+        let canonical = path::canonical(req.uri.path());
+        let logged_path = canonical.as_deref().unwrap_or(req.uri.path());
+        let target = request::with_query(logged_path, query.forwarded.as_deref());
+        ctx.target = format!(
+            "{} {}",
+            req.method,
+            printable(&affinity::redact_upload_id(&target))
+        );
         match rt.cors.as_ref().map(|c| c.verdict(req)) {
             Some(cors::Verdict::Preflight(headers)) => {
                 ctx.cors = headers;
@@ -258,14 +295,18 @@ impl ProxyHttp for Gateway {
             Some(cors::Verdict::Allowed(headers)) => ctx.cors = headers,
             _ => {}
         }
-        // Tools that only take an "OpenAI base URL" append /chat/completions & co. to it.
-        let (path, path_and_query) = match request::openai_alias(req) {
-            Some(alias) => {
-                let path_and_query = request::with_clean_query(&alias, req);
-                (alias, path_and_query)
+        // What keygate routes by is what Google serves: a path the two could read differently
+        // is refused before anything else looks at it.
+        let path = match canonical {
+            Ok(path) => path,
+            Err(why) => {
+                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                return refuse(session, ctx, Api::Gemini, &e).await;
             }
-            None => (req.uri.path().to_string(), clean),
         };
+        // Tools that only take an "OpenAI base URL" append /chat/completions & co. to it.
+        let path = request::openai_alias(&path, req, query.key.is_some()).unwrap_or(path);
+        let path_and_query = request::with_query(&path, query.forwarded.as_deref());
 
         let Some(api) = request::api_of(&path) else {
             let e = GatewayError::new(
@@ -280,10 +321,10 @@ impl ProxyHttp for Gateway {
         // credential: the id (unguessable, bound to a tenant) is the credential then.
         let upload_id = path
             .starts_with("/upload/")
-            .then(|| req.uri.query().and_then(affinity::upload_id_of))
+            .then(|| query.forwarded.as_deref().and_then(affinity::upload_id_of))
             .flatten()
             .map(str::to_string);
-        let token = request::client_token(req);
+        let token = request::client_token(req, query.key.as_deref());
         let tenant = match rt.tenants.authenticate(token.as_deref()) {
             Auth::Open => None,
             Auth::Tenant(t) => Some(t),
@@ -346,35 +387,50 @@ impl ProxyHttp for Gateway {
                 .await;
         }
 
-        let body = match read_body(session, rt.max_body).await? {
-            Some(body) => body,
-            None => {
-                let e = GatewayError::new(
-                    413,
-                    "INVALID_ARGUMENT",
-                    format!(
-                        "keygate: request body larger than max_body_bytes ({} bytes)",
-                        rt.max_body
-                    ),
-                );
+        let body = match read_body(
+            session,
+            rt.max_body,
+            &self.shared.body_budget,
+            &rt.client_limits,
+        )
+        .await?
+        {
+            BodyRead::Body(body, reservation) => {
+                ctx.body_reservation = Some(reservation);
+                body
+            }
+            BodyRead::ClientGone => return Ok(client_gone(session, ctx)),
+            refused => {
+                let e = body_error(&refused, rt.max_body);
                 return refuse(session, ctx, api, &e).await;
             }
         };
 
         ctx.request_bytes = body.len() as u64;
-        let model = match api {
-            Api::Gemini => request::model_from_path(&path)
-                .map(str::to_string)
-                .or_else(|| {
-                    // Creating a cache or a batch names its model in the body: route by it.
-                    (creates_resources(&path) && session.req_header().method == http::Method::POST)
-                        .then(|| request::model_from_body(&body))
-                        .flatten()
-                }),
-            Api::OpenAi => request::model_from_body(&body),
-        }
-        .unwrap_or_default();
+        let is_post = session.req_header().method == http::Method::POST;
+        let creates = is_post && creates_resources(&path);
+        let model = match request::model_of(api, &path, creates, &body) {
+            Ok(model) => model,
+            Err(why) => {
+                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                return respond(session, ctx, Some(api), &e).await;
+            }
+        };
         ctx.model = model.clone();
+        // An OpenAI-style batch names its models inside an uploaded file, which keygate does not
+        // read: a tenant held to some pools may not start one.
+        if let Some(t) = &tenant {
+            let batch =
+                api == Api::OpenAi && is_post && request::method_of(&path).starts_with("batches");
+            if batch && t.pools.len() < rt.pools.len() {
+                let e = GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    "keygate: OpenAI-style batches name their models inside the uploaded file, which keygate cannot check against this tenant's pools; use the native batch API (models/{model}:batchGenerateContent)",
+                );
+                return respond(session, ctx, Some(api), &e).await;
+            }
+        }
 
         let placed = match upload {
             Some((id, up)) => self.place_upload(&rt, id, up),
@@ -385,6 +441,10 @@ impl ProxyHttp for Gateway {
                 &path,
                 &model,
                 &body,
+                session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip()),
                 now,
             ),
         };
@@ -412,6 +472,11 @@ impl ProxyHttp for Gateway {
                 }
             },
         };
+        // No address for the upstream: say so at once, without spending attempts on keys.
+        if let Err(why) = placed.pool.upstream.peer(rt.timeouts.connect).await {
+            let e = unresolved_error(placed.pool.name(), &why);
+            return respond(session, ctx, Some(api), &e).await;
+        }
 
         // A tenant that used the pool more than others lately leaves some projects to them.
         let mut reserved = Vec::new();
@@ -425,7 +490,11 @@ impl ProxyHttp for Gateway {
         }
 
         let path_and_query = placed.path_and_query.unwrap_or(path_and_query);
+        // The attempts build their requests from this copy, so the client connection stays free
+        // to be watched for a hang-up while they run.
+        let client = session.req_header().clone();
         let job = Job {
+            client: &client,
             forward: request::Forward {
                 api,
                 path_and_query: &path_and_query,
@@ -445,6 +514,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        // The next request on this connection gets its own header deadline.
+        guard::request_finished(session.stream());
         let status = match ctx.status {
             0 => session.response_written().map_or(0, |r| r.status.as_u16()),
             s => s,
@@ -460,9 +531,9 @@ impl ProxyHttp for Gateway {
                 metrics.upstream_latency(pool_name, latency.as_secs_f64());
             }
         }
-        // A model becomes a label value only once a pool took the request: names a client made
-        // up and keygate refused cannot use up the bounded label set.
-        let model = if ctx.pool.is_some() && !ctx.attempts.is_empty() {
+        // A model becomes a label value only once Google served it (a 2xx): names a client made
+        // up cannot use up the bounded label set.
+        let model = if ctx.pool.is_some() {
             ctx.model.as_str()
         } else {
             "-"
@@ -471,6 +542,7 @@ impl ProxyHttp for Gateway {
             ctx.tenant.as_ref().map_or("-", |t| &*t.name),
             pool_name,
             model,
+            ctx.served,
             status,
             ctx.attempts.len(),
             ctx.request_bytes,
@@ -490,14 +562,20 @@ impl ProxyHttp for Gateway {
         log::info!(
             target: "keygate::access",
             "tenant={} \"{}\" model={} status={} attempts=[{}] ms={}{}",
-            ctx.tenant.as_ref().map_or("-", |t| &*t.name),
+            printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)),
             ctx.target,
-            if ctx.model.is_empty() { "-" } else { &ctx.model },
+            if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
             status,
             attempts.join(","),
             ctx.started.elapsed().as_millis(),
             error
         );
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // What a client does to its own connection (hanging up, stalling) is not an operator's
+        // problem: the access line says what happened.
+        error.esource() == &pingora::ErrorSource::Downstream
     }
 
     fn request_summary(&self, _session: &Session, ctx: &Ctx) -> String {
@@ -528,47 +606,73 @@ impl Gateway {
         path: &str,
         model: &str,
         body: &Bytes,
+        peer: Option<std::net::IpAddr>,
         now: Millis,
     ) -> Result<Placed, GatewayError> {
-        let mut names = affinity::names_in_path(path);
-        if !self.shared.affinity.is_empty() {
-            for name in affinity::names_in_body(body) {
+        let tenants = !rt.tenants.list().is_empty();
+        let mut names = names::names_in_path(path);
+        if tenants || !self.shared.affinity.is_empty() {
+            for name in names::names_in_body(body) {
                 if !names.contains(&name) {
                     names.push(name);
                 }
             }
         }
+        if tenants && names.len() > names::MAX_NAMES {
+            return Err(GatewayError::new(
+                400,
+                "INVALID_ARGUMENT",
+                format!(
+                    "keygate: a request may name at most {} files, caches or other resources",
+                    names::MAX_NAMES
+                ),
+            ));
+        }
         let is_post = req.method == http::Method::POST;
         let learn = if is_post && path.starts_with("/upload/") && is_upload_start(req) {
             Learn::UploadStart {
-                public_base: public_base(req, self.shared.started.tls.is_some()),
+                public_base: self.public_base(rt, req, peer),
             }
         } else if req.method == http::Method::DELETE && !names.is_empty() {
             Learn::Delete(names.clone())
         } else if is_post && creates_resources(path) {
             Learn::Create
+        } else if tenants && req.method == http::Method::GET && names::is_listing(path) {
+            Learn::List
         } else {
             Learn::Nothing
         };
 
+        // Every resource named must be this tenant's. One keygate does not know is refused with
+        // tenants: searching the projects for it could find another tenant's.
+        let tenant_name = tenant.map(|t| t.name.clone());
         let mut owner = None;
         let mut unbound = Vec::new();
         for name in names {
             match self.shared.affinity.owner(&name, now) {
-                Some(o) if owner.is_none() => owner = Some((name, o)),
-                Some(_) => {}
+                Some(o) if o.tenant != tenant_name => {
+                    return Err(GatewayError::new(
+                        403,
+                        "PERMISSION_DENIED",
+                        format!("keygate: {name} belongs to another tenant"),
+                    ));
+                }
+                Some(o) => {
+                    owner.get_or_insert((name, o));
+                }
+                None if tenants => {
+                    return Err(GatewayError::new(
+                        403,
+                        "PERMISSION_DENIED",
+                        format!(
+                            "keygate: {name} is not known to keygate for this tenant: create it through keygate, or ask an operator to bind it (POST /admin/resources)"
+                        ),
+                    ));
+                }
                 None => unbound.push(name),
             }
         }
-        let tenant_name = tenant.map(|t| t.name.clone());
         if let Some((name, owner)) = owner {
-            if owner.tenant != tenant_name {
-                return Err(GatewayError::new(
-                    403,
-                    "PERMISSION_DENIED",
-                    format!("keygate: {name} belongs to another tenant"),
-                ));
-            }
             let allowed = rt
                 .pool_index(&owner.pool)
                 .filter(|i| tenant.is_none_or(|t| t.pools.contains(i)));
@@ -598,9 +702,29 @@ impl Gateway {
             Route::NoPool => Err(GatewayError::new(
                 403,
                 "PERMISSION_DENIED",
-                format!("keygate: model '{model}' is not available to this tenant"),
+                format!(
+                    "keygate: model '{}' is not available to this tenant",
+                    printable(model)
+                ),
             )),
         }
+    }
+
+    /// `scheme://host[:port][/prefix]` where clients reach keygate, for the URLs it hands out:
+    /// `public_url` when configured; otherwise the `Host` the client used, or the
+    /// `X-Forwarded-Proto` / `X-Forwarded-Host` of a trusted proxy in front.
+    fn public_base(
+        &self,
+        rt: &Runtime,
+        req: &RequestHeader,
+        peer: Option<std::net::IpAddr>,
+    ) -> String {
+        if let Some(url) = &rt.public_url {
+            return url.clone();
+        }
+        let tls = self.shared.started.tls.is_some();
+        let trusted = peer.is_some_and(|ip| rt.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        public_base(req, tls, trusted)
     }
 
     /// Places the bytes of an upload keygate handed out: the pool and project that started it,
@@ -647,7 +771,7 @@ impl Gateway {
         let mut transient_left = retry.transient_retries;
         let mut backoff = retry.backoff;
         let mut stale_retry_left = true;
-        let mut last: Option<(Answer, KeyId)> = None;
+        let mut last: Option<(Answer, KeyId, Outcome)> = None;
         let mut last_error: Option<SendError> = None;
 
         for _ in 0..retry.max_attempts {
@@ -707,9 +831,23 @@ impl Gateway {
                 }
             }
             let sent = Instant::now();
-            let mut answer = match self.send(&job.pool, job, session.req_header(), key).await {
-                Ok(a) => a,
-                Err(err) => {
+            // A client that hangs up ends the attempts: nobody would read the answer.
+            let attempt = async {
+                let mut answer = self.send(&job.pool, job, key).await?;
+                let status = answer.header.status.as_u16();
+                if !(200..300).contains(&status) {
+                    read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+                }
+                Ok(answer)
+            };
+            let mut answer = match unless_client_gone(session, attempt).await {
+                None => return Ok(client_gone(session, ctx)),
+                Some(Ok(a)) => a,
+                Some(Err(SendError::Unresolved(why))) => {
+                    let e = unresolved_error(job.pool.name(), &why);
+                    return respond(session, ctx, Some(job.forward.api), &e).await;
+                }
+                Some(Err(err)) => {
                     ctx.attempts.push(AttemptLog {
                         key,
                         outcome: err.label(),
@@ -721,7 +859,9 @@ impl Gateway {
                     } else if transient_left > 0 {
                         transient_left -= 1;
                         prefer_not.push(project);
-                        sleep_backoff(&mut backoff).await;
+                        if !self.back_off(session, &mut backoff).await {
+                            return Ok(client_gone(session, ctx));
+                        }
                     } else {
                         let e = err.into_gateway_error(keys.name());
                         return respond(session, ctx, Some(job.forward.api), &e).await;
@@ -733,18 +873,13 @@ impl Gateway {
 
             let latency = Some(sent.elapsed());
             let status = answer.header.status.as_u16();
-            let transient_status = classify(status, &[]) == Outcome::ServerError;
-            let outcome = if classify::needs_body(status) || transient_status {
-                read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
-                if answer.body.complete {
-                    classify(status, &decoded_body(&answer))
-                } else if transient_status {
-                    Outcome::ServerError
-                } else {
-                    Outcome::ClientError
-                }
-            } else {
+            let outcome = if (200..300).contains(&status) {
                 classify(status, &[])
+            } else if answer.body.complete {
+                classify(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
+            } else {
+                // An error body over the read limit: its start decides.
+                classify_prefix(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
             };
             ctx.attempts.push(AttemptLog {
                 key,
@@ -756,15 +891,24 @@ impl Gateway {
             let mut back_off = false;
             match outcome.verdict(Utc::now()) {
                 // A resource keygate has no owner for (made before keygate knew, or elsewhere):
-                // look for the project that can see it, without blaming anyone.
+                // look for the project that can see it, without blaming anyone. Only without
+                // tenants: with them, unknown resources never get this far.
                 Verdict::PassThrough
                     if outcome == Outcome::ResourceOfOtherProject
                         && job.project.is_none()
+                        && ctx.tenant.is_none()
                         && answer.body.complete =>
                 {
                     avoid.push(project);
                 }
-                Verdict::PassThrough => return self.relay(session, ctx, job, key, answer).await,
+                Verdict::PassThrough if outcome == Outcome::Success => {
+                    return self.relay(session, ctx, job, key, answer).await
+                }
+                Verdict::PassThrough => {
+                    return self
+                        .relay_error(session, ctx, job, key, answer, &outcome)
+                        .await
+                }
                 Verdict::OtherKey(penalty) => {
                     self.penalise(&job.pool, keys, key, job.model, job.method, &penalty);
                     match penalty {
@@ -778,7 +922,9 @@ impl Gateway {
                 }
                 Verdict::Transient => {
                     if transient_left == 0 || !answer.body.complete {
-                        return self.relay(session, ctx, job, key, answer).await;
+                        return self
+                            .relay_error(session, ctx, job, key, answer, &outcome)
+                            .await;
                     }
                     transient_left -= 1;
                     prefer_not.push(project);
@@ -787,16 +933,19 @@ impl Gateway {
             }
             // The answer was read whole: its connection goes back to the pool before any wait.
             self.park(&job.pool, &mut answer.body).await;
-            last = Some((answer, key));
-            if back_off {
-                sleep_backoff(&mut backoff).await;
+            last = Some((answer, key, outcome));
+            if back_off && !self.back_off(session, &mut backoff).await {
+                return Ok(client_gone(session, ctx));
             }
         }
 
         // Attempts exhausted, or only already-tried projects are left: give the client the
-        // last real answer rather than an invented one.
+        // last real answer rather than an invented one (never one naming a key).
         match (last, last_error) {
-            (Some((answer, key)), _) => self.relay(session, ctx, job, key, answer).await,
+            (Some((answer, key, outcome)), _) => {
+                self.relay_error(session, ctx, job, key, answer, &outcome)
+                    .await
+            }
             (None, Some(err)) => {
                 let e = err.into_gateway_error(keys.name());
                 respond(session, ctx, Some(job.forward.api), &e).await
@@ -806,6 +955,15 @@ impl Gateway {
                 respond(session, ctx, Some(job.forward.api), &e).await
             }
         }
+    }
+
+    /// Waits out a transient failure's backoff; false when the client hung up meanwhile.
+    async fn back_off(&self, session: &mut Session, backoff: &mut Duration) -> bool {
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        unless_client_gone(session, tokio::time::sleep(wait))
+            .await
+            .is_some()
     }
 
     /// Records a key-level failure in the table the request picked from and, if a reload or an
@@ -876,19 +1034,13 @@ impl Gateway {
     }
 
     /// Sends the request on `key` and reads the answer's header.
-    async fn send(
-        &self,
-        pool: &Pool,
-        job: &Job<'_>,
-        client: &RequestHeader,
-        key: KeyId,
-    ) -> Result<Answer, SendError> {
+    async fn send(&self, pool: &Pool, job: &Job<'_>, key: KeyId) -> Result<Answer, SendError> {
         let upstream = &pool.upstream;
         let timeouts = self.shared.runtime.load().timeouts;
         let peer = upstream
             .peer(timeouts.connect)
             .await
-            .ok_or(SendError::Unresolved)?;
+            .map_err(SendError::Unresolved)?;
         let (mut http, reused) = upstream
             .connector
             .get_http_session(&*peer)
@@ -900,7 +1052,7 @@ impl Gateway {
             h2: matches!(http, ClientSession::H2(_)),
         };
         let req = request::upstream_request(
-            client,
+            job.client,
             &job.forward,
             job.keys.key(key).secret.expose(),
             &target,
@@ -954,16 +1106,21 @@ impl Gateway {
         key: KeyId,
         answer: Answer,
     ) -> pingora::Result<bool> {
+        if matches!(job.learn, Learn::List) {
+            return self.relay_listing(session, ctx, job, key, answer).await;
+        }
         let Answer {
             mut header,
             mut body,
         } = answer;
         let success = header.status.is_success();
         let head = session.req_header().method == http::Method::HEAD;
+        scrub_headers(&mut header, job.keys.scrubber())?;
         prepare_downstream_header(&mut header, head)?;
         add_cors(&mut header, ctx)?;
         if success {
             self.rewrite_upload_url(&mut header, job, key, ctx.tenant.as_deref())?;
+            ctx.served = true;
         }
         ctx.status = header.status.as_u16();
         let gzip = header
@@ -1009,7 +1166,12 @@ impl Gateway {
             session.write_response_body(Some(chunk), false).await?;
         }
         while let Some(http) = body.http.as_mut() {
-            let chunk = http.read_response_body().await?;
+            // A client gone mid-stream stops the stream: Google stops when its connection goes.
+            let Some(chunk) = unless_client_gone(session, http.read_response_body()).await else {
+                session.set_keepalive(None);
+                return Ok(true);
+            };
+            let chunk = chunk?;
             body.complete = chunk.is_none() || http.response_done();
             self.park(&job.pool, &mut body).await;
             if let (Some(tap), Some(chunk)) = (tap.as_mut(), chunk.as_ref()) {
@@ -1031,6 +1193,68 @@ impl Gateway {
             self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
         }
         session.write_response_body(None, true).await?;
+        Ok(true)
+    }
+
+    /// Relays an answer that is not a success, as a client may see it (see [`error_reply`]).
+    async fn relay_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        mut answer: Answer,
+        outcome: &Outcome,
+    ) -> pingora::Result<bool> {
+        self.park(&job.pool, &mut answer.body).await;
+        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        let head = session.req_header().method == http::Method::HEAD;
+        match error_reply(answer, outcome, &job.keys, key) {
+            ErrorReply::Own(e) => respond(session, ctx, Some(job.forward.api), &e).await,
+            ErrorReply::Relay(header, body) => {
+                write_whole(session, ctx, header, body, head).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Relays a listing of project-bound resources to a tenant: only the entries bound to that
+    /// tenant stay (Google lists the whole project's, other tenants' included).
+    async fn relay_listing(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        mut answer: Answer,
+    ) -> pingora::Result<bool> {
+        let found = unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT)).await;
+        if found.is_none() {
+            return Ok(client_gone(session, ctx));
+        }
+        let filtered = answer.body.complete.then(|| {
+            let me = ctx.tenant.as_ref().map(|t| t.name.clone());
+            let now = now_millis();
+            let table = &self.shared.affinity;
+            names::filter_listing(&decoded_body(&answer, LISTING_LIMIT), |name| {
+                table.owner(name, now).is_some_and(|o| o.tenant == me)
+            })
+        });
+        self.park(&job.pool, &mut answer.body).await;
+        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        let Some(body) = filtered.flatten() else {
+            let e = GatewayError::new(
+                502,
+                "UNAVAILABLE",
+                "keygate: this listing could not be filtered for the tenant (larger than 8 MiB or not JSON); ask for fewer entries with pageSize",
+            );
+            return respond(session, ctx, Some(job.forward.api), &e).await;
+        };
+        let mut header = answer.header;
+        header.remove_header(&header::CONTENT_ENCODING);
+        scrub_headers(&mut header, job.keys.scrubber())?;
+        ctx.served = true;
+        write_whole(session, ctx, header, Bytes::from(body), false).await?;
         Ok(true)
     }
 
@@ -1113,7 +1337,7 @@ impl Gateway {
         let owner = || self.owner(job, key, ctx.tenant.as_deref());
         match &job.learn {
             Learn::Create | Learn::UploadContinue { .. } => {
-                for name in tap.head().map(affinity::created_names).unwrap_or_default() {
+                for name in tap.head().map(names::created_names).unwrap_or_default() {
                     table.bind(&name, owner(), now);
                 }
             }
@@ -1122,7 +1346,7 @@ impl Gateway {
                     table.forget(name);
                 }
             }
-            Learn::Nothing | Learn::UploadStart { .. } => {}
+            Learn::Nothing | Learn::UploadStart { .. } | Learn::List => {}
         }
         if let Learn::UploadContinue { id } = &job.learn {
             if upload_final {
@@ -1184,7 +1408,7 @@ impl Gateway {
         };
         let mut avoid: Vec<u32> = Vec::new();
         let mut transient_left = rt.retry.transient_retries;
-        let mut last: Option<(ResponseHeader, Bytes)> = None;
+        let mut last: Option<(Answer, KeyId, Outcome)> = None;
         for _ in 0..rt.retry.max_attempts {
             let key = match keys.pick(LIVE_MODEL, method, &avoid, now_millis()) {
                 Pick::Key(k) => k,
@@ -1240,16 +1464,20 @@ impl Gateway {
                 complete: false,
             };
             read_up_to(&mut body, MAX_CLASSIFY_BODY).await;
+            // The refused connection is not reused: a handshake leaves it in no state to be.
+            body.http = None;
             let answer = Answer { header, body };
-            let outcome = classify(status, &decoded_body(&answer));
+            let outcome = if answer.body.complete {
+                classify(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
+            } else {
+                classify_prefix(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
+            };
             ctx.attempts.push(AttemptLog {
                 key,
                 outcome: outcome.label(),
                 latency,
             });
             self.note(&keys, key, &outcome);
-            let Answer { header, body } = answer;
-            let bytes = Bytes::from(body.read.concat());
             match outcome.verdict(Utc::now()) {
                 Verdict::OtherKey(penalty) => {
                     self.penalise(&pool, &keys, key, LIVE_MODEL, method, &penalty);
@@ -1259,14 +1487,19 @@ impl Gateway {
                     transient_left -= 1;
                     avoid.push(project);
                 }
-                _ => return self.write_answer(session, ctx, header, bytes).await,
+                _ => {
+                    return self
+                        .write_refusal(session, ctx, answer, &outcome, &keys, key)
+                        .await
+                }
             }
-            // The refused connection is not reused: a handshake leaves it in no state to be.
-            drop(body);
-            last = Some((header, bytes));
+            last = Some((answer, key, outcome));
         }
         match last {
-            Some((header, bytes)) => self.write_answer(session, ctx, header, bytes).await,
+            Some((answer, key, outcome)) => {
+                self.write_refusal(session, ctx, answer, &outcome, &keys, key)
+                    .await
+            }
             None => {
                 let e = GatewayError::new(503, "UNAVAILABLE", "keygate: no key could be tried");
                 refuse(session, ctx, Api::Gemini, &e).await
@@ -1288,7 +1521,7 @@ impl Gateway {
         let peer = upstream
             .websocket_peer(timeouts.connect)
             .await
-            .ok_or(SendError::Unresolved)?;
+            .map_err(SendError::Unresolved)?;
         let (mut http, _) = upstream
             .connector
             .get_http_session(&peer)
@@ -1383,27 +1616,174 @@ impl Gateway {
         Ok(true)
     }
 
-    /// Writes a complete upstream answer (a refused upgrade) to the client.
-    async fn write_answer(
+    /// Writes Google's refusal of an upgrade to the client, as [`error_reply`] allows.
+    async fn write_refusal(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        mut header: ResponseHeader,
-        body: Bytes,
+        answer: Answer,
+        outcome: &Outcome,
+        keys: &KeyPool,
+        key: KeyId,
     ) -> pingora::Result<bool> {
-        prepare_downstream_header(&mut header, false)?;
-        header.remove_header(&header::TRANSFER_ENCODING);
-        header.insert_header(header::CONTENT_LENGTH, body.len())?;
-        add_cors(&mut header, ctx)?;
-        ctx.status = header.status.as_u16();
-        ctx.response_bytes += body.len() as u64;
         session.set_keepalive(None);
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await?;
-        Ok(true)
+        match error_reply(answer, outcome, keys, key) {
+            ErrorReply::Own(e) => refuse(session, ctx, Api::Gemini, &e).await,
+            ErrorReply::Relay(header, body) => {
+                write_whole(session, ctx, header, body, false).await?;
+                Ok(true)
+            }
+        }
     }
+}
+
+/// What the client gets in place of an upstream answer that is not a success.
+enum ErrorReply {
+    /// keygate's own answer.
+    Own(GatewayError),
+    /// Google's answer, cleaned: header and whole body.
+    Relay(ResponseHeader, Bytes),
+}
+
+/// The answer a client may see for Google's `answer` (read up to [`MAX_CLASSIFY_BODY`]):
+/// - a refusal of the key itself (dead, suspended, billing, method) is never relayed, since it
+///   names the key: keygate answers with Google's status, the key's fingerprint and the reason;
+/// - a body over the read limit is withheld;
+/// - any other is relayed whole, with every pool key in its header and body replaced by the
+///   key's fingerprint (a gzip body is sent decoded when a key had to be taken out of it).
+fn error_reply(answer: Answer, outcome: &Outcome, keys: &KeyPool, key: KeyId) -> ErrorReply {
+    let status = answer.header.status.as_u16();
+    if outcome.is_key_level() {
+        return ErrorReply::Own(key_refused_error(status, keys, key, outcome));
+    }
+    if !answer.body.complete {
+        return ErrorReply::Own(GatewayError::new(
+            status,
+            status_name(status),
+            format!(
+                "keygate: Google answered {status} with an error body larger than {} KiB, which keygate does not relay",
+                MAX_CLASSIFY_BODY / 1024
+            ),
+        ));
+    }
+    let raw = Bytes::from(answer.body.read.concat());
+    let gzip = is_gzip(&answer.header);
+    let plain = if gzip {
+        match gunzip(&raw, MAX_CLASSIFY_BODY * 16) {
+            Some(plain) => std::borrow::Cow::Owned(plain),
+            None => {
+                return ErrorReply::Own(GatewayError::new(
+                    status,
+                    status_name(status),
+                    format!(
+                        "keygate: Google answered {status} with a body keygate could not decode"
+                    ),
+                ))
+            }
+        }
+    } else {
+        std::borrow::Cow::Borrowed(&raw[..])
+    };
+    let mut header = answer.header;
+    let scrubber = keys.scrubber();
+    let body = match scrubber.body(&plain) {
+        std::borrow::Cow::Borrowed(_) => raw.clone(),
+        std::borrow::Cow::Owned(clean) => {
+            header.remove_header(&header::CONTENT_ENCODING);
+            Bytes::from(clean)
+        }
+    };
+    if let Err(e) = scrub_headers(&mut header, scrubber) {
+        log::debug!("cannot clean an error answer's header: {e}");
+        return ErrorReply::Own(GatewayError::new(
+            status,
+            status_name(status),
+            format!("keygate: Google answered {status}"),
+        ));
+    }
+    ErrorReply::Relay(header, body)
+}
+
+/// keygate's answer in place of Google's refusal of a key (which names the key).
+fn key_refused_error(status: u16, keys: &KeyPool, key: KeyId, outcome: &Outcome) -> GatewayError {
+    let why = match outcome {
+        Outcome::KeyDead(classify::DeadReason::Invalid) => "the key is not valid (or expired)",
+        Outcome::KeyDead(classify::DeadReason::Suspended) => "the key is suspended",
+        Outcome::KeyDead(classify::DeadReason::ServiceDisabled) => {
+            "the Generative Language API is disabled for the key's project"
+        }
+        Outcome::KeyDead(classify::DeadReason::Restricted) => {
+            "the key's restrictions refuse calls from this gateway"
+        }
+        Outcome::BillingExhausted => "the key's project is out of prepaid credit",
+        Outcome::MethodBlocked => "the key may not call this method",
+        _ => "the key was refused",
+    };
+    GatewayError::new(
+        status,
+        status_name(status),
+        format!(
+            "keygate: Google refused key {} of pool '{}' ({}: {why}); keygate took it out of service, and no other key could serve this request",
+            keys.key(key).fingerprint,
+            keys.name(),
+            outcome.label()
+        ),
+    )
+}
+
+/// Google's status name for an HTTP status, for keygate's own Gemini-shaped answers.
+fn status_name(code: u16) -> &'static str {
+    match code {
+        400 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        408 | 504 => "DEADLINE_EXCEEDED",
+        409 => "ALREADY_EXISTS",
+        402 | 429 => "RESOURCE_EXHAUSTED",
+        500 => "INTERNAL",
+        501 => "UNIMPLEMENTED",
+        503 | 502 => "UNAVAILABLE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Replaces pool keys in every header value (Google never sends one; this makes sure).
+fn scrub_headers(
+    header: &mut ResponseHeader,
+    scrubber: &crate::scrub::Scrubber,
+) -> pingora::Result<()> {
+    let dirty: Vec<(http::HeaderName, Vec<u8>)> = header
+        .headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.clone(), scrubber.header(value.as_bytes())?)))
+        .collect();
+    for (name, clean) in dirty {
+        header.remove_header(&name);
+        header.insert_header(name, clean)?;
+    }
+    Ok(())
+}
+
+/// Writes a whole answer (header and a body of known length) to the client.
+async fn write_whole(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    mut header: ResponseHeader,
+    body: Bytes,
+    head: bool,
+) -> pingora::Result<()> {
+    prepare_downstream_header(&mut header, head)?;
+    header.remove_header(&header::TRANSFER_ENCODING);
+    header.insert_header(header::CONTENT_LENGTH, body.len())?;
+    add_cors(&mut header, ctx)?;
+    ctx.status = header.status.as_u16();
+    ctx.response_bytes += body.len() as u64;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
 }
 
 /// Writes the request and reads the final (non-1xx) response header.
@@ -1454,26 +1834,41 @@ async fn read_up_to(body: &mut AnswerBody, limit: usize) {
     }
 }
 
-/// The buffered body, gunzipped when Google compressed it.
-fn decoded_body(answer: &Answer) -> Vec<u8> {
+/// The buffered body, gunzipped when Google compressed it (as much as decodes, at most 16
+/// times `limit`: a body cut short still gives its start).
+fn decoded_body(answer: &Answer, limit: usize) -> Vec<u8> {
     let raw: Vec<u8> = answer.body.read.concat();
-    let gzip = answer
-        .header
-        .headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-    if !gzip {
+    if !is_gzip(&answer.header) {
         return raw;
     }
     let mut out = Vec::new();
-    let decoder = flate2::read::GzDecoder::new(raw.as_slice());
-    match decoder
-        .take(MAX_CLASSIFY_BODY as u64 * 16)
-        .read_to_end(&mut out)
-    {
-        Ok(_) => out,
-        Err(_) => Vec::new(),
+    let mut decoder = flate2::read::GzDecoder::new(raw.as_slice()).take(limit as u64 * 16);
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = decoder.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
     }
+    out
+}
+
+/// A whole gzip body decoded, if it decodes within `limit` bytes.
+fn gunzip(raw: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let decoder = flate2::read::GzDecoder::new(raw).take(limit as u64 + 1);
+    std::io::BufReader::new(decoder)
+        .read_to_end(&mut out)
+        .ok()?;
+    (out.len() <= limit).then_some(out)
+}
+
+/// Whether an answer's body is gzip-encoded.
+fn is_gzip(header: &ResponseHeader) -> bool {
+    header
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"))
 }
 
 async fn release(upstream: &Upstream, mut http: ClientSession, peer: &HttpPeer, idle: Duration) {
@@ -1486,9 +1881,27 @@ async fn release(upstream: &Upstream, mut http: ClientSession, peer: &HttpPeer, 
         .await;
 }
 
-async fn sleep_backoff(backoff: &mut Duration) {
-    tokio::time::sleep(*backoff).await;
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+/// Runs `work` unless the client hangs up first (`None` then). The request body has been read
+/// whole by now, so any read from the client means it is gone (or, pipelining, sending more
+/// than it should): Pingora's idle read says which.
+async fn unless_client_gone<T>(
+    session: &mut Session,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        out = work => Some(out),
+        _ = session.read_body_or_idle(true) => None,
+    }
+}
+
+/// Ends a request whose client hung up: nothing more is sent or attempted, the tenant's
+/// concurrency slot is given back at once, and the access line says 499.
+fn client_gone(session: &mut Session, ctx: &mut Ctx) -> bool {
+    ctx.in_flight = None;
+    ctx.status = CLIENT_GONE;
+    session.set_keepalive(None);
+    true
 }
 
 /// Turns an upstream response header into one fit for the client connection: hop-by-hop
@@ -1531,8 +1944,29 @@ fn prepare_downstream_header(
     Ok(())
 }
 
-/// Reads the whole request body; `None` when it is larger than `limit`.
-async fn read_body(session: &mut Session, limit: usize) -> pingora::Result<Option<Bytes>> {
+/// How reading a request body ended.
+enum BodyRead {
+    /// The whole body, and its share of the memory budget.
+    Body(Bytes, Reservation),
+    /// Larger than `max_body_bytes`.
+    TooLarge,
+    /// The bodies held by all requests would pass `client_limits.max_buffered_body_bytes`.
+    OverBudget,
+    /// The body paused too long or came too slowly (`client_limits`).
+    TooSlow,
+    /// The client hung up.
+    ClientGone,
+}
+
+/// Reads the whole request body, within `limit` bytes, the memory `budget` and the pace
+/// `limits` ask for: no pause longer than `body_timeout`, and after that much time at least
+/// `body_min_rate` bytes a second on average.
+async fn read_body(
+    session: &mut Session,
+    limit: usize,
+    budget: &Arc<BodyBudget>,
+    limits: &ClientLimits,
+) -> pingora::Result<BodyRead> {
     let declared = session
         .req_header()
         .headers
@@ -1540,7 +1974,12 @@ async fn read_body(session: &mut Session, limit: usize) -> pingora::Result<Optio
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Ok(None);
+        return Ok(BodyRead::TooLarge);
+    }
+    let mut reservation = budget.reservation();
+    // A declared length is reserved at once: a body that cannot fit is refused before it is sent.
+    if !reservation.grow(declared.unwrap_or(0)) {
+        return Ok(BodyRead::OverBudget);
     }
     let expects_continue = session
         .req_header()
@@ -1550,21 +1989,69 @@ async fn read_body(session: &mut Session, limit: usize) -> pingora::Result<Optio
     if expects_continue {
         session.write_continue_response().await?;
     }
+    let started = tokio::time::Instant::now();
+    let mut last_progress = started;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
-    while let Some(chunk) = session.read_request_body().await? {
+    loop {
+        // The next bytes are due before the pause limit, and before the time by which the bytes
+        // so far would fall below the minimum rate.
+        let mut due = last_progress + limits.body_timeout;
+        if limits.body_min_rate > 0 {
+            let at_rate = Duration::from_secs_f64(total as f64 / limits.body_min_rate as f64);
+            due = due.min(started + limits.body_timeout + at_rate);
+        }
+        let chunk = match tokio::time::timeout_at(due, session.read_request_body()).await {
+            Err(_) => return Ok(BodyRead::TooSlow),
+            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                return match e.etype() {
+                    ErrorType::ReadTimedout => Ok(BodyRead::TooSlow),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError => Ok(BodyRead::ClientGone),
+                    _ => Err(e),
+                }
+            }
+        };
         total += chunk.len();
         if total > limit {
-            return Ok(None);
+            return Ok(BodyRead::TooLarge);
         }
+        if total > reservation.bytes() && !reservation.grow(total - reservation.bytes()) {
+            return Ok(BodyRead::OverBudget);
+        }
+        last_progress = tokio::time::Instant::now();
         chunks.push(chunk);
     }
-    Ok(Some(match chunks.len() {
+    let body = match chunks.len() {
         0 => Bytes::new(),
         // The common case, one chunk: no copy.
         1 => chunks.swap_remove(0),
         _ => Bytes::from(chunks.concat()),
-    }))
+    };
+    Ok(BodyRead::Body(body, reservation))
+}
+
+/// keygate's answer to a body it did not take.
+fn body_error(read: &BodyRead, limit: usize) -> GatewayError {
+    match read {
+        BodyRead::TooLarge => GatewayError::new(
+            413,
+            "INVALID_ARGUMENT",
+            format!("keygate: request body larger than max_body_bytes ({limit} bytes)"),
+        ),
+        BodyRead::OverBudget => GatewayError {
+            code: 503,
+            status: "UNAVAILABLE",
+            message: "keygate: too many request bodies are held in memory right now (client_limits.max_buffered_body_bytes); retry shortly".to_string(),
+            retry_after: Some(2),
+        },
+        _ => GatewayError::new(
+            408,
+            "DEADLINE_EXCEEDED",
+            "keygate: the request body came too slowly (client_limits.body_timeout_seconds, body_min_rate_bytes_per_second)",
+        ),
+    }
 }
 
 /// The answer for "no key can serve this model now"; `project` when only one project could.
@@ -1737,9 +2224,9 @@ fn creates_resources(path: &str) -> bool {
 }
 
 /// `scheme://host[:port]` as the client reached keygate (`tls`: keygate's own listener speaks
-/// TLS), for URLs handed back to it. A proxy in front (TLS termination) says so with
-/// `X-Forwarded-Proto` / `X-Forwarded-Host`.
-fn public_base(req: &RequestHeader, tls: bool) -> String {
+/// TLS), for URLs handed back to it. A `trusted` proxy in front (TLS termination) says so with
+/// `X-Forwarded-Proto` / `X-Forwarded-Host`; from anyone else those headers are ignored.
+fn public_base(req: &RequestHeader, tls: bool, trusted: bool) -> String {
     let header = |name: &str| {
         req.headers
             .get(name)
@@ -1747,12 +2234,13 @@ fn public_base(req: &RequestHeader, tls: bool) -> String {
             .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
             .filter(|v| !v.is_empty())
     };
-    let scheme = match header("x-forwarded-proto").as_deref() {
+    let forwarded = |name: &str| header(name).filter(|_| trusted);
+    let scheme = match forwarded("x-forwarded-proto").as_deref() {
         _ if tls => "https",
         Some("https") => "https",
         _ => "http",
     };
-    let host = header("x-forwarded-host")
+    let host = forwarded("x-forwarded-host")
         .or_else(|| header("host"))
         .or_else(|| req.uri.authority().map(|a| a.to_string()))
         .unwrap_or_else(|| "localhost".to_string());
@@ -1871,7 +2359,10 @@ async fn fetch(
     key: &str,
     timeouts: Timeouts,
 ) -> Result<(u16, Vec<u8>), &'static str> {
-    let peer = upstream.peer(timeouts.connect).await.ok_or("unresolved")?;
+    let peer = upstream
+        .peer(timeouts.connect)
+        .await
+        .map_err(|_| "unresolved")?;
     let (mut http, _) = upstream
         .connector
         .get_http_session(&*peer)
@@ -1907,7 +2398,7 @@ async fn fetch(
         },
     };
     read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
-    let body = decoded_body(&answer);
+    let body = decoded_body(&answer, MAX_CLASSIFY_BODY);
     if answer.body.complete {
         if let Some(http) = answer.body.http.take() {
             release(upstream, http, &peer, timeouts.idle).await;

@@ -71,13 +71,13 @@ const OPENAI_ALIASES: [&str; 4] = [
 /// The Gemini path an OpenAI-style path stands for: `/v1/chat/completions` and
 /// `/chat/completions` become `/v1beta/openai/chat/completions`, likewise `embeddings`,
 /// `images/generations`, `models` and `models/{id}`. Bodies go through untouched: Google's own
-/// endpoint does the translating.
+/// endpoint does the translating. `path` is the canonical path ([`crate::path::canonical`]).
 ///
 /// `/v1/models` and `/v1/models/{id}` are also the native Gemini model listing (the google-genai
 /// SDK calls `/v1/...`): they are taken as OpenAI-style only when the client authenticates the
-/// way the openai SDKs do, with `Authorization: Bearer` and no `x-goog-api-key` or `?key=`.
-pub fn openai_alias(req: &RequestHeader) -> Option<String> {
-    let path = req.uri.path();
+/// way the openai SDKs do, with `Authorization: Bearer` and no `x-goog-api-key` or `key`
+/// query parameter (`query_key`).
+pub fn openai_alias(path: &str, req: &RequestHeader, query_key: bool) -> Option<String> {
     let (versioned, rest) = match path.strip_prefix("/v1") {
         Some(rest) if rest.starts_with('/') => (true, rest),
         _ => (false, path),
@@ -88,11 +88,7 @@ pub fn openai_alias(req: &RequestHeader) -> Option<String> {
     if versioned && *endpoint == "/models" {
         let headers = &req.headers;
         let bearer = bearer_token(headers).is_some();
-        let goog_key = headers.contains_key("x-goog-api-key")
-            || req
-                .uri
-                .query()
-                .is_some_and(|q| q.split('&').any(|p| p.starts_with("key=")));
+        let goog_key = headers.contains_key("x-goog-api-key") || query_key;
         if !bearer || goog_key {
             return None;
         }
@@ -138,16 +134,127 @@ pub fn method_of(path: &str) -> &str {
     }
 }
 
-/// The `model` field of a JSON request body (OpenAI-compatible calls; creating a cache or a
-/// batch), without a `models/` prefix.
-pub fn model_from_body(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Body {
-        model: Option<String>,
+/// Why a request's model cannot be trusted: keygate would route by one model while Google
+/// serves another (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// An OpenAI-style call that routes by model, without a JSON object body.
+    #[error("the body must be a JSON object with one string \"model\"")]
+    NotJson,
+    /// No `model` where one is needed.
+    #[error("the body must name its model in one string \"model\" field")]
+    Missing,
+    /// `model` given more than once (Google reads the last one, a parser may read the first).
+    #[error("the body names \"model\" more than once")]
+    Several,
+    /// `model` is not a string.
+    #[error("the body's \"model\" must be a string")]
+    NotString,
+    /// The body's `model` is not the path's.
+    #[error("the body's model '{body}' differs from the path's '{path}'")]
+    Mismatch {
+        /// The model the path names.
+        path: String,
+        /// The model the body names.
+        body: String,
+    },
+}
+
+/// OpenAI-style endpoints that say in their body which model serves them.
+const OPENAI_MODEL_ENDPOINTS: [&str; 6] = [
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "images/generations",
+    "audio/speech",
+    "responses",
+];
+
+/// The model a request is for, read the way Google reads it, and refused when keygate and
+/// Google could read it differently. `path` is canonical; `creates` says the call may create a
+/// cache or a batch (whose body names the model).
+/// - OpenAI-style calls name it in the body: exactly one string `model` for the endpoints that
+///   need one; elsewhere at most one.
+/// - Native calls name it in the path; a `model` in the body must then say the same.
+pub fn model_of(api: Api, path: &str, creates: bool, body: &[u8]) -> Result<String, ModelError> {
+    let strip = |m: &str| m.strip_prefix("models/").unwrap_or(m).to_string();
+    let one = |models: Vec<Option<String>>| -> Result<Option<String>, ModelError> {
+        match models.as_slice() {
+            [] => Ok(None),
+            [Some(m)] => Ok(Some(strip(m))),
+            [None] => Err(ModelError::NotString),
+            _ => Err(ModelError::Several),
+        }
+    };
+    match api {
+        Api::OpenAi => {
+            let needed = OPENAI_MODEL_ENDPOINTS.contains(&method_of(path));
+            if body.is_empty() && !needed {
+                return Ok(String::new());
+            }
+            match (body_models(body), needed) {
+                (Ok(models), _) => match one(models)? {
+                    Some(m) => Ok(m),
+                    None if needed => Err(ModelError::Missing),
+                    None => Ok(String::new()),
+                },
+                (Err(()), true) => Err(ModelError::NotJson),
+                (Err(()), false) => Ok(String::new()),
+            }
+        }
+        Api::Gemini => match model_from_path(path) {
+            Some(in_path) => {
+                if let Ok(models) = body_models(body) {
+                    if let Some(in_body) = one(models)? {
+                        if in_body != in_path {
+                            return Err(ModelError::Mismatch {
+                                path: in_path.to_string(),
+                                body: in_body,
+                            });
+                        }
+                    }
+                }
+                Ok(in_path.to_string())
+            }
+            None if creates => Ok(body_models(body)
+                .ok()
+                .map(one)
+                .transpose()?
+                .flatten()
+                .unwrap_or_default()),
+            None => Ok(String::new()),
+        },
     }
-    let parsed: Body = serde_json::from_slice(body).ok()?;
-    let model = parsed.model?;
-    Some(model.strip_prefix("models/").unwrap_or(&model).to_string())
+}
+
+/// The top-level `model` fields of a JSON object body, in order (keys read with their escapes
+/// decoded, so `"\u006dodel"` counts): each the string it holds, or `None` for another type.
+/// `Err` when the body is not a JSON object.
+fn body_models(body: &[u8]) -> Result<Vec<Option<String>>, ()> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Models;
+    impl<'de> Visitor<'de> for Models {
+        type Value = Vec<Option<String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = Vec::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == "model" {
+                    let value: serde_json::Value = map.next_value()?;
+                    found.push(value.as_str().map(str::to_string));
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = de.deserialize_map(Models).map_err(|_| ())?;
+    de.end().map_err(|_| ())?;
+    Ok(found)
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if there is one.
@@ -156,8 +263,10 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&[u8]> {
     (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii())
 }
 
-/// The credential the client presents, in any of the four forms the SDKs use.
-pub fn client_token(req: &RequestHeader) -> Option<Vec<u8>> {
+/// The credential the client presents, in any of the four forms the SDKs use: the
+/// `x-goog-api-key`, `Authorization: Bearer` and `X-Access-Token` headers, or the `key` query
+/// parameter (`query_key`, from [`crate::path::split_query`]).
+pub fn client_token(req: &RequestHeader, query_key: Option<&[u8]>) -> Option<Vec<u8>> {
     let headers = &req.headers;
     if let Some(v) = headers.get("x-goog-api-key") {
         return Some(v.as_bytes().to_vec());
@@ -168,31 +277,12 @@ pub fn client_token(req: &RequestHeader) -> Option<Vec<u8>> {
     if let Some(v) = headers.get("x-access-token") {
         return Some(v.as_bytes().to_vec());
     }
-    let query = req.uri.query()?;
-    query.split('&').find_map(|pair| {
-        let value = pair.strip_prefix("key=")?;
-        Some(percent_decode(value))
-    })
+    query_key.map(<[u8]>::to_vec)
 }
 
-/// The query without any `key=` parameter; `None` when nothing is left.
-pub fn query_without_key(query: Option<&str>) -> Option<String> {
-    let query = query?;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !pair.is_empty() && *pair != "key" && !pair.starts_with("key="))
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
-}
-
-/// `path?query` with any `key=` parameter removed: what goes upstream and into logs.
-pub fn clean_path_and_query(req: &RequestHeader) -> String {
-    with_clean_query(req.uri.path(), req)
-}
-
-/// `path` with the request's query, any `key=` parameter removed.
-pub fn with_clean_query(path: &str, req: &RequestHeader) -> String {
-    match query_without_key(req.uri.query()) {
+/// `path?query`, the query being the one forwarded (no `key` parameter).
+pub fn with_query(path: &str, query: Option<&str>) -> String {
+    match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     }
@@ -203,7 +293,7 @@ pub fn with_clean_query(path: &str, req: &RequestHeader) -> String {
 pub struct Forward<'a> {
     /// Which API: decides how the key is sent.
     pub api: Api,
-    /// `path?query` without `key=` ([`clean_path_and_query`]).
+    /// The canonical path and the query without `key` ([`with_query`]).
     pub path_and_query: &'a str,
     /// Length of the buffered body.
     pub body_len: usize,
@@ -290,31 +380,6 @@ pub fn connection_listed(headers: &http::HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,21 +427,21 @@ mod tests {
             ("/v1x/chat/completions", None),
         ] {
             assert_eq!(
-                openai_alias(&req("POST", uri, &bearer)).as_deref(),
+                openai_alias(uri, &req("POST", uri, &bearer), false).as_deref(),
                 want,
                 "{uri}"
             );
         }
         // The native model listing keeps its meaning for Gemini SDKs.
         let goog = [("x-goog-api-key", "tok")];
-        assert_eq!(openai_alias(&req("GET", "/v1/models", &goog)), None);
+        let alias = |path, headers: &[(&str, &str)], query_key| {
+            openai_alias(path, &req("GET", path, headers), query_key)
+        };
+        assert_eq!(alias("/v1/models", &goog, false), None);
+        assert_eq!(alias("/v1/models", &bearer, true), None);
+        assert_eq!(alias("/v1/models", &[], false), None);
         assert_eq!(
-            openai_alias(&req("GET", "/v1/models?key=tok", &bearer)),
-            None
-        );
-        assert_eq!(openai_alias(&req("GET", "/v1/models", &[])), None);
-        assert_eq!(
-            openai_alias(&req("GET", "/models", &goog)).as_deref(),
+            alias("/models", &goog, false).as_deref(),
             Some("/v1beta/openai/models")
         );
     }
@@ -424,50 +489,98 @@ mod tests {
             method_of("/v1beta/openai/chat/completions"),
             "chat/completions"
         );
+    }
+
+    #[test]
+    fn the_model_is_read_as_google_reads_it_or_refused() {
+        let chat = "/v1beta/openai/chat/completions";
+        let openai = |body: &str| model_of(Api::OpenAi, chat, false, body.as_bytes());
         assert_eq!(
-            model_from_body(br#"{"model":"models/gemini-2.5-flash","messages":[]}"#),
-            Some("gemini-2.5-flash".into())
+            openai(r#"{"model":"models/gemini-2.5-flash","messages":[]}"#),
+            Ok("gemini-2.5-flash".into())
         );
-        assert_eq!(model_from_body(b"{}"), None);
-        assert_eq!(model_from_body(b"not json"), None);
+        assert_eq!(
+            openai(r#"{"model":"gemini-2.5-flash","messages":[],"model":"gemini-2.5-pro"}"#),
+            Err(ModelError::Several)
+        );
+        assert_eq!(
+            openai(r#"{"model":"gemini-2.5-flash","\u006dodel":"gemini-2.5-pro"}"#),
+            Err(ModelError::Several)
+        );
+        assert_eq!(openai(r#"{"model":["x"]}"#), Err(ModelError::NotString));
+        assert_eq!(openai(r#"{"messages":[]}"#), Err(ModelError::Missing));
+        assert_eq!(openai("not json"), Err(ModelError::NotJson));
+        assert_eq!(openai(r#"["model"]"#), Err(ModelError::NotJson));
+        assert_eq!(
+            openai(r#"{"model":"a"} trailing"#),
+            Err(ModelError::NotJson)
+        );
+        // Endpoints without a model in their body.
+        let files = "/v1beta/openai/files";
+        assert_eq!(
+            model_of(Api::OpenAi, files, false, b"--multipart--"),
+            Ok(String::new())
+        );
+        assert_eq!(
+            model_of(Api::OpenAi, "/v1beta/openai/models", false, b""),
+            Ok(String::new())
+        );
+        // Native: the path says, and a body model must agree.
+        let native = "/v1beta/models/text-embedding-004:embedContent";
+        let gemini = |body: &str| model_of(Api::Gemini, native, false, body.as_bytes());
+        assert_eq!(gemini(r#"{"content":{}}"#), Ok("text-embedding-004".into()));
+        assert_eq!(
+            gemini(r#"{"model":"models/text-embedding-004","content":{}}"#),
+            Ok("text-embedding-004".into())
+        );
+        assert_eq!(
+            gemini(r#"{"model":"models/gemini-2.5-pro"}"#),
+            Err(ModelError::Mismatch {
+                path: "text-embedding-004".into(),
+                body: "gemini-2.5-pro".into()
+            })
+        );
+        assert_eq!(gemini("binary"), Ok("text-embedding-004".into()));
+        // Creating a cache names the model in the body only.
+        let caches = "/v1beta/cachedContents";
+        let create = |body: &str| model_of(Api::Gemini, caches, true, body.as_bytes());
+        assert_eq!(
+            create(r#"{"model":"models/gemini-2.5-flash"}"#),
+            Ok("gemini-2.5-flash".into())
+        );
+        assert_eq!(
+            create(r#"{"model":"models/gemini-2.5-flash","model":"models/gemini-2.5-pro"}"#),
+            Err(ModelError::Several)
+        );
+        assert_eq!(create("{}"), Ok(String::new()));
+        assert_eq!(
+            model_of(Api::Gemini, "/v1beta/files", false, b"{}"),
+            Ok(String::new())
+        );
     }
 
     #[test]
     fn finds_the_token_in_each_form() {
         let h = |k, v| request("POST", "/v1beta/x", &[(k, v)]);
         assert_eq!(
-            client_token(&h("x-goog-api-key", "t1")),
+            client_token(&h("x-goog-api-key", "t1"), None),
             Some(b"t1".to_vec())
         );
         assert_eq!(
-            client_token(&h("Authorization", "Bearer t2")),
+            client_token(&h("Authorization", "Bearer t2"), None),
             Some(b"t2".to_vec())
         );
         assert_eq!(
-            client_token(&h("authorization", "bearer t2")),
+            client_token(&h("authorization", "bearer t2"), None),
             Some(b"t2".to_vec())
         );
         assert_eq!(
-            client_token(&h("X-Access-Token", "t3")),
+            client_token(&h("X-Access-Token", "t3"), None),
             Some(b"t3".to_vec())
         );
-        let q = request("GET", "/v1beta/models?alt=json&key=t%2B4", &[]);
-        assert_eq!(client_token(&q), Some(b"t+4".to_vec()));
-        assert_eq!(client_token(&request("GET", "/v1beta/models", &[])), None);
-    }
-
-    #[test]
-    fn key_parameter_is_removed_from_the_query() {
-        assert_eq!(
-            query_without_key(Some("alt=sse&key=abc")),
-            Some("alt=sse".into())
-        );
-        assert_eq!(query_without_key(Some("key=abc")), None);
-        assert_eq!(
-            query_without_key(Some("keyword=1&key=x&pageSize=2")),
-            Some("keyword=1&pageSize=2".into())
-        );
-        assert_eq!(query_without_key(None), None);
+        let q = request("GET", "/v1beta/models", &[]);
+        assert_eq!(client_token(&q, Some(b"t+4")), Some(b"t+4".to_vec()));
+        assert_eq!(client_token(&q, None), None);
     }
 
     #[test]
@@ -489,7 +602,8 @@ mod tests {
                 ("x-goog-api-client", "genai-py"),
             ],
         );
-        let path = clean_path_and_query(&client);
+        let query = crate::path::split_query(client.uri.query());
+        let path = with_query(client.uri.path(), query.forwarded.as_deref());
         assert_eq!(path, "/v1beta/openai/chat/completions");
         let fwd = Forward {
             api: Api::OpenAi,

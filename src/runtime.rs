@@ -7,8 +7,9 @@
 
 use crate::affinity::{Affinity, Uploads};
 use crate::alerts::{Alerts, Event};
-use crate::config::{Config, PoolConfig, RetryPolicy, Timeouts};
+use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::cors::Cors;
+use crate::guard::BodyBudget;
 use crate::keys::KeyPool;
 use crate::metrics::Metrics;
 use crate::tenants::{FairShare, Tenant, Tenants};
@@ -55,6 +56,13 @@ pub struct Runtime {
     pub timeouts: Timeouts,
     /// Browser access, if configured.
     pub cors: Option<Cors>,
+    /// What a client may take (the body pace is read from here; the connection cap, header
+    /// deadline and body budget are fixed at start).
+    pub client_limits: ClientLimits,
+    /// Where clients reach keygate, for URLs handed back to them.
+    pub public_url: Option<String>,
+    /// Proxies whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Everything the proxy and the admin API share.
@@ -73,6 +81,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Webhook alerts, if configured.
     pub alerts: Option<Alerts>,
+    /// The memory all request bodies may hold together.
+    pub body_budget: Arc<BodyBudget>,
 }
 
 /// Where a request goes.
@@ -132,6 +142,9 @@ impl Runtime {
             retry: config.retry,
             timeouts: config.timeouts,
             cors: config.cors.as_ref().map(Cors::new),
+            client_limits: config.client_limits,
+            public_url: config.public_url.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
         }
     }
 
@@ -184,6 +197,7 @@ impl Shared {
             upstreams_changed: tokio::sync::Notify::new(),
             metrics,
             alerts,
+            body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
         })
     }
 }

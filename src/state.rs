@@ -135,10 +135,11 @@ pub fn load(path: &Path, now: Millis) -> Result<StateFile, String> {
 /// Applies a loaded state to `shared`; returns (health entries, affinity entries) applied.
 pub fn apply(shared: &Shared, state: &StateFile, now: Millis) -> (usize, usize) {
     let rt = shared.runtime.load();
+    let ceiling = cooldown_ceiling(now);
     let mut health = 0;
     for pool in &rt.pools {
         if let Some(saved) = state.pools.get(pool.name()) {
-            health += pool.keys.load().import(saved, now);
+            health += pool.keys.load().import(saved, now, ceiling);
         }
     }
     let entries: Vec<(String, Owner, Millis)> = state
@@ -160,6 +161,16 @@ pub fn apply(shared: &Shared, state: &StateFile, now: Millis) -> (usize, usize) 
     let before = shared.affinity.len();
     shared.affinity.restore(entries, now);
     (health, shared.affinity.len().saturating_sub(before))
+}
+
+/// The furthest a restored cooldown may reach: the longest one keygate sets itself, a per-day
+/// quota's (the next midnight in Los Angeles) or a per-minute one's cap, whichever is later.
+fn cooldown_ceiling(now: Millis) -> Millis {
+    let now_utc = chrono::DateTime::from_timestamp_millis(i64::try_from(now).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    let midnight = crate::classify::next_midnight_los_angeles(now_utc).timestamp_millis();
+    let short = now.saturating_add(crate::classify::MAX_SHORT_COOLDOWN.as_millis() as Millis);
+    u64::try_from(midnight).unwrap_or(0).max(short)
 }
 
 /// Loads and applies the state file at start, logging what happened; never fails.

@@ -36,6 +36,10 @@ pub struct Upstream {
     peers: ArcSwap<Vec<Arc<HttpPeer>>>,
     next: AtomicUsize,
     resolved: Notify,
+    /// Why the last lookup failed, while it keeps failing (`None` once one succeeds).
+    lookup_error: ArcSwap<Option<String>>,
+    /// Whether a lookup has finished (succeeded or failed) since start.
+    looked_up: std::sync::atomic::AtomicBool,
     /// Pingora's connector: TLS (rustls), ALPN h2/h1, and the idle connection pool.
     pub connector: Connector,
 }
@@ -65,6 +69,8 @@ impl Upstream {
             peers: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             resolved: Notify::new(),
+            lookup_error: ArcSwap::from_pointee(None),
+            looked_up: std::sync::atomic::AtomicBool::new(false),
             connector: Connector::new(Some(options)),
         };
         if upstream.proxy.is_some() {
@@ -97,34 +103,61 @@ impl Upstream {
         !self.peers.load().is_empty()
     }
 
-    /// The next peer, round-robin over the resolved addresses. Waits up to `wait` for the
-    /// first resolution; `None` when the host could not be resolved in time.
-    pub async fn peer(&self, wait: Duration) -> Option<Arc<HttpPeer>> {
+    /// The host name, for messages.
+    pub fn host(&self) -> &str {
+        &self.config.host
+    }
+
+    /// What keeps the upstream from having an address, if anything: for `/readyz` and for the
+    /// answer to requests that cannot be sent.
+    pub fn address_problem(&self) -> Option<String> {
+        if self.is_resolved() {
+            return None;
+        }
+        Some(match &**self.lookup_error.load() {
+            Some(why) => format!(
+                "upstream host '{}' does not resolve ({why})",
+                self.config.host
+            ),
+            None => format!(
+                "upstream host '{}' has not been looked up yet",
+                self.config.host
+            ),
+        })
+    }
+
+    /// The next peer, round-robin over the resolved addresses. Before the first lookup has
+    /// finished it waits for it, up to `wait`; once lookups fail and no address was ever
+    /// found, it answers at once: `Err` says why.
+    pub async fn peer(&self, wait: Duration) -> Result<Arc<HttpPeer>, String> {
         if let Some(p) = self.next_peer() {
-            return Some(p);
+            return Ok(p);
         }
         let _ = tokio::time::timeout(wait, async {
             loop {
                 let notified = self.resolved.notified();
-                if self.is_resolved() {
+                if self.is_resolved() || self.looked_up.load(Relaxed) {
                     return;
                 }
                 notified.await;
             }
         })
         .await;
-        self.next_peer()
+        self.next_peer().ok_or_else(|| {
+            self.address_problem()
+                .unwrap_or_else(|| format!("upstream host '{}' has no address", self.config.host))
+        })
     }
 
     /// A peer for one WebSocket session: like [`Upstream::peer`], but HTTP/1.1 only, since the
     /// upgrade handshake is an HTTP/1.1 exchange (no WebSockets over HTTP/2 here).
-    pub async fn websocket_peer(&self, wait: Duration) -> Option<HttpPeer> {
+    pub async fn websocket_peer(&self, wait: Duration) -> Result<HttpPeer, String> {
         let shared = self.peer(wait).await?;
         let mut peer = HttpPeer::clone(&shared);
         peer.options.set_http_version(1, 1);
         // A session may stay quiet for long: its reads wait as long as the client does.
         peer.options.read_timeout = None;
-        Some(peer)
+        Ok(peer)
     }
 
     fn next_peer(&self) -> Option<Arc<HttpPeer>> {
@@ -138,16 +171,38 @@ impl Upstream {
 
     /// Looks the host name up once and installs the addresses found.
     pub async fn resolve(&self) -> std::io::Result<usize> {
-        let found: Vec<SocketAddr> =
-            tokio::net::lookup_host((self.config.host.as_str(), self.config.port))
-                .await?
-                .collect();
-        if found.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no addresses",
-            ));
-        }
+        let found = tokio::net::lookup_host((self.config.host.as_str(), self.config.port))
+            .await
+            .map(|addrs| addrs.collect());
+        self.apply_lookup(found)
+    }
+
+    /// Installs the result of a lookup. A failed lookup keeps the addresses found before (a
+    /// name server that stops answering does not make the upstream's addresses wrong), and
+    /// records why it failed.
+    fn apply_lookup(&self, found: std::io::Result<Vec<SocketAddr>>) -> std::io::Result<usize> {
+        let found = found.and_then(|found| {
+            if found.is_empty() {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no addresses",
+                ))
+            } else {
+                Ok(found)
+            }
+        });
+        let found = match found {
+            Ok(found) => {
+                self.lookup_error.store(Arc::new(None));
+                found
+            }
+            Err(e) => {
+                self.lookup_error.store(Arc::new(Some(lookup_reason(&e))));
+                self.looked_up.store(true, Relaxed);
+                self.resolved.notify_waiters();
+                return Err(e);
+            }
+        };
         let same = {
             let current = self.peers.load();
             current.len() == found.len()
@@ -159,6 +214,7 @@ impl Upstream {
         if !same {
             self.set_addresses(&found);
         }
+        self.looked_up.store(true, Relaxed);
         Ok(found.len())
     }
 
@@ -191,6 +247,16 @@ impl Upstream {
     }
 }
 
+/// A short, stable reason for a failed lookup (the system resolver's message varies).
+fn lookup_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("failed to lookup address") || text.contains("Name or service not known") {
+        "no such host, or no name server answered".to_string()
+    } else {
+        text
+    }
+}
+
 /// The background service that keeps host names resolved: the upstreams of the current
 /// runtime, so upstreams a reload brings in are looked up too.
 pub struct Resolver {
@@ -214,18 +280,27 @@ impl Resolver {
             .collect();
         let mut all_ok = true;
         for u in &upstreams {
+            // Only a change is news: a name that keeps failing is said once, not every 2 s.
+            let was_failing = u.lookup_error.load().is_some();
             match u.resolve().await {
-                Ok(n) => log::debug!("resolved {}: {n} address(es)", u.authority()),
+                Ok(n) => {
+                    if was_failing {
+                        log::warn!("{} resolves again: {n} address(es)", u.authority());
+                    }
+                    log::debug!("resolved {}: {n} address(es)", u.authority());
+                }
                 Err(e) => {
                     all_ok = false;
-                    if u.is_resolved() {
+                    if was_failing {
+                        log::debug!("{} still does not resolve: {e}", u.authority());
+                    } else if u.is_resolved() {
                         log::warn!(
-                            "cannot re-resolve {}: {e}; keeping the old addresses",
+                            "cannot re-resolve {}: {e}; keeping the last addresses found",
                             u.authority()
                         );
                     } else {
                         log::error!(
-                            "cannot resolve {}: {e}; requests to it fail until it resolves",
+                            "cannot resolve {}: {e}; requests to it get 502 until it resolves (looked up again every 2 s)",
                             u.authority()
                         );
                     }
@@ -298,4 +373,52 @@ fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
         )
     };
     rc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(host: &str) -> Upstream {
+        let pool = crate::config::Config::parse(
+            &format!("pools:\n  - name: p\n    upstream: \"http://{host}:8080\"\n    keys: [k]\n"),
+            std::path::Path::new("."),
+            &|_| None,
+        )
+        .expect("config");
+        let timeouts = pool.timeouts;
+        Upstream::new(&pool.pools[0], timeouts)
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_keeps_the_last_good_addresses() {
+        let up = upstream("api.example.test");
+        assert!(up.address_problem().unwrap().contains("not been looked up"));
+        let addr: SocketAddr = "192.0.2.7:8080".parse().unwrap();
+        assert_eq!(up.apply_lookup(Ok(vec![addr])).unwrap(), 1);
+        let fail = || {
+            Err(std::io::Error::other(
+                "failed to lookup address information",
+            ))
+        };
+        assert!(up.apply_lookup(fail()).is_err());
+        assert!(up.is_resolved());
+        assert_eq!(up.address_problem(), None);
+        let peer = up.peer(Duration::ZERO).await.unwrap();
+        assert!(matches!(peer.address(), PeerAddr::Inet(a) if *a == addr));
+    }
+
+    #[tokio::test]
+    async fn a_name_that_never_resolved_is_refused_at_once() {
+        let up = upstream("api.example.test");
+        let fail = Err(std::io::Error::other(
+            "failed to lookup address information",
+        ));
+        assert!(up.apply_lookup(fail).is_err());
+        let started = std::time::Instant::now();
+        let why = up.peer(Duration::from_secs(10)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(why.contains("'api.example.test' does not resolve"), "{why}");
+        assert!(up.apply_lookup(Ok(Vec::new())).is_err());
+    }
 }

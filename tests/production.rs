@@ -182,7 +182,7 @@ async fn health_endpoints_need_no_token_and_readiness_needs_a_key() {
     );
     let (status, body) = get(&format!("{admin}/readyz"), None).await;
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("not resolved"), "{body}");
+    assert!(body.contains("does not resolve"), "{body}");
 }
 
 /// A pool of `keys` saving its state at `state`.

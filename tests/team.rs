@@ -8,25 +8,6 @@ use common::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
-async fn admin(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
-    let mut req = client().request(method.parse().unwrap(), url);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 async fn admin_get(base: &str, path: &str) -> Value {
     let (status, body) = admin("GET", &format!("{base}{path}"), Some(ADMIN_TOKEN), None).await;
     assert_eq!(status, 200, "{body}");
@@ -699,41 +680,6 @@ async fn a_resource_belongs_to_the_tenant_that_made_it() {
     assert_eq!(mock.seen().len(), before);
     let (status, _, _) = generate_with_cache(&kg, &cache, Some("tok-alice")).await;
     assert_eq!(status, 200);
-}
-
-/// Starts a resumable upload through keygate; returns the upload URL keygate handed out.
-async fn start_upload(kg: &Keygate, token: &str) -> String {
-    let resp = client()
-        .post(format!("{}/upload/v1beta/files", kg.url()))
-        .header("x-goog-api-key", token)
-        .header("x-goog-upload-protocol", "resumable")
-        .header("x-goog-upload-command", "start")
-        .header("x-goog-upload-header-content-length", "11")
-        .header("x-goog-upload-header-content-type", "text/plain")
-        .header("content-type", "application/json")
-        .body(r#"{"file":{"display_name":"notes"}}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.headers()["x-goog-upload-url"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-async fn send_bytes(url: &str, token: Option<&str>) -> (u16, String) {
-    let mut req = client()
-        .post(url)
-        .header("x-goog-upload-command", "upload, finalize")
-        .header("x-goog-upload-offset", "0")
-        .body("hello world");
-    if let Some(t) = token {
-        req = req.header("x-goog-api-key", t);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]

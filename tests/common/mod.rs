@@ -86,6 +86,7 @@ struct Canned {
     remaining: usize,
     status: u16,
     body: String,
+    headers: Vec<(String, String)>,
 }
 
 struct State {
@@ -110,6 +111,51 @@ struct State {
     caches_made: usize,
     /// Live API upgrades answered with 101.
     ws_sessions: usize,
+    /// Requests whose header arrived (counted before any answer is decided, so a request whose
+    /// sender went away before the answer still counts).
+    arrivals: usize,
+    /// Per-project token buckets (every model together), like Google's rate limits.
+    buckets: HashMap<String, Bucket>,
+    /// Injected failures, if any.
+    faults: Option<Faults>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` held.
+#[derive(Clone, Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+/// Failures injected into generation requests, drawn from a seeded generator.
+#[derive(Clone, Debug)]
+struct Faults {
+    state: u64,
+    p503: f64,
+    p500: f64,
+    reset: f64,
+    /// Failures injected so far: 5xx answers, cut connections.
+    statuses: usize,
+    resets: usize,
+}
+
+impl Faults {
+    /// The next number in [0, 1) of a xorshift64* sequence.
+    fn next(&mut self) -> f64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What a fault roll says to do with a request.
+enum Fault {
+    None,
+    Status(u16),
+    Reset,
 }
 
 /// The mock Gemini API.
@@ -176,7 +222,11 @@ pub const INVALID_KEY_BODY: &str = r#"{"error":{"code":400,"message":"API key no
 
 pub const UNREGISTERED_BODY: &str = r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.","status":"PERMISSION_DENIED"}}"#;
 
-pub const SUSPENDED_BODY: &str = r#"{"error":{"code":403,"message":"Permission denied: Consumer 'api_key:x' has been suspended.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
+/// Google's refusal of a suspended key, which names the key three times (public captures):
+/// in `message`, in the ErrorInfo's `metadata.containerInfo` and in a LocalizedMessage.
+pub fn suspended_body(key: &str) -> String {
+    r#"{"error":{"code":403,"message":"Permission denied: Consumer 'api_key:KEY' has been suspended.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED","domain":"googleapis.com","metadata":{"consumer":"projects/123456789","containerInfo":"api_key:KEY","service":"generativelanguage.googleapis.com"}},{"@type":"type.googleapis.com/google.rpc.LocalizedMessage","locale":"en-US","message":"Permission denied: Consumer 'api_key:KEY' has been suspended."}]}}"#.replace("KEY", key)
+}
 
 pub const BAD_REQUEST_BODY: &str = r#"{"error":{"code":400,"message":"Invalid JSON payload received. Unknown name \"bogus\": Cannot find field.","status":"INVALID_ARGUMENT"}}"#;
 
@@ -247,6 +297,9 @@ impl Mock {
             files_made: 0,
             caches_made: 0,
             ws_sessions: 0,
+            arrivals: 0,
+            buckets: HashMap::new(),
+            faults: None,
         }));
         let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
         // Where `localhost` also means ::1, answer there too (best effort).
@@ -331,13 +384,85 @@ impl Mock {
 
     /// The next `times` requests (carrying `key`, or any key when `None`) get this answer.
     pub fn respond_next(&self, key: Option<&str>, times: usize, status: u16, body: &str) -> &Self {
+        self.respond_next_with(key, times, status, body, &[])
+    }
+
+    /// Like [`Mock::respond_next`], with extra response headers.
+    pub fn respond_next_with(
+        &self,
+        key: Option<&str>,
+        times: usize,
+        status: u16,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> &Self {
         self.state.lock().unwrap().canned.push(Canned {
             key: key.map(str::to_string),
             remaining: times,
             status,
             body: body.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         });
         self
+    }
+
+    /// `project` holds a token bucket of `per_second` tokens a second, at most `burst`, shared by
+    /// all its models: a request without a token gets a per-minute 429 whose `retryDelay` says
+    /// when the next token comes.
+    pub fn token_bucket(&self, project: &str, per_second: f64, burst: f64) -> &Self {
+        self.state.lock().unwrap().buckets.insert(
+            project.into(),
+            Bucket {
+                rate: per_second,
+                burst,
+                tokens: burst,
+                at: Instant::now(),
+            },
+        );
+        self
+    }
+
+    /// Generation requests fail at random (seeded): 503 with probability `p503`, 500 with
+    /// `p500`, and the connection is cut before any header with `reset`.
+    pub fn faults(&self, seed: u64, p503: f64, p500: f64, reset: f64) -> &Self {
+        self.state.lock().unwrap().faults = Some(Faults {
+            state: seed.max(1),
+            p503,
+            p500,
+            reset,
+            statuses: 0,
+            resets: 0,
+        });
+        self
+    }
+
+    /// Failures injected so far: (5xx answers, connections cut).
+    pub fn injected(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap();
+        s.faults.as_ref().map_or((0, 0), |f| (f.statuses, f.resets))
+    }
+
+    /// How many requests arrived (whether or not they were answered).
+    pub fn arrivals(&self) -> usize {
+        self.state.lock().unwrap().arrivals
+    }
+
+    /// A file that already exists in `project` (made outside keygate); its name.
+    pub fn make_file(&self, project: &str) -> String {
+        let mut s = self.state.lock().unwrap();
+        s.files_made += 1;
+        let name = format!("files/premade{}", s.files_made);
+        let file = serde_json::json!({
+            "name": name,
+            "mimeType": "text/plain",
+            "uri": format!("{}/v1beta/{name}", s.base),
+            "state": "ACTIVE",
+        });
+        s.resources.insert(name.clone(), (project.into(), file));
+        name
     }
 
     /// SSE answers send `events` events, `gap` apart.
@@ -443,7 +568,43 @@ async fn handle(
     state: Arc<Mutex<State>>,
     connection: usize,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, std::io::Error> {
+    let fault = {
+        let mut s = state.lock().unwrap();
+        s.arrivals += 1;
+        let generation = req.uri().path().contains("enerateContent");
+        match s.faults.as_mut().filter(|_| generation) {
+            None => Fault::None,
+            Some(f) => {
+                let roll = f.next();
+                if roll < f.reset {
+                    f.resets += 1;
+                    Fault::Reset
+                } else if roll < f.reset + f.p503 {
+                    f.statuses += 1;
+                    Fault::Status(503)
+                } else if roll < f.reset + f.p503 + f.p500 {
+                    f.statuses += 1;
+                    Fault::Status(500)
+                } else {
+                    Fault::None
+                }
+            }
+        }
+    };
+    match fault {
+        // hyper closes the connection without a byte of answer.
+        Fault::Reset => return Err(std::io::Error::other("injected reset")),
+        Fault::Status(503) => return Ok(json(503, OVERLOADED_BODY.into(), false)),
+        Fault::Status(_) => {
+            return Ok(json(
+                500,
+                r#"{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}"#.into(),
+                false,
+            ))
+        }
+        Fault::None => {}
+    }
     let upgrade = is_live_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = body
@@ -464,7 +625,8 @@ async fn handle(
             .strip_prefix("Bearer ")
             .map(str::to_string),
     });
-    let path = parts.uri.path().to_string();
+    // Google reads the path decoded: %-escapes and dot segments resolved.
+    let path = google_path(parts.uri.path());
     let query = parts.uri.query().map(str::to_string);
     let delay = state.lock().unwrap().delay;
     if !delay.is_zero() && !path.contains("streamGenerateContent") {
@@ -472,7 +634,7 @@ async fn handle(
     }
     let response = match upgrade {
         Some(on) => live(&state, &parts, key.as_deref(), on),
-        None => decide(&state, &parts, key.as_deref(), &body),
+        None => decide(&state, &parts, &path, key.as_deref(), &body),
     };
     // Like Google, compress error answers for clients that accept gzip.
     let accepts_gzip = parts
@@ -524,10 +686,11 @@ async fn gzipped(response: Response<Body>) -> Response<Body> {
 fn decide(
     state: &Mutex<State>,
     parts: &http::request::Parts,
+    path: &str,
     key: Option<&str>,
     body: &[u8],
 ) -> Response<Body> {
-    let (path, query) = (parts.uri.path(), parts.uri.query());
+    let query = parts.uri.query();
     let openai = path.contains("/openai/");
     let mut s = state.lock().unwrap();
 
@@ -545,9 +708,9 @@ fn decide(
     }
     let project = match project_of(&s, key) {
         Ok(project) => project,
-        Err((status, body)) => return json(status, body.into(), openai),
+        Err((status, body)) => return json(status, body, openai),
     };
-    if let Some(answer) = resource(&mut s, parts, &project, body) {
+    if let Some(answer) = resource(&mut s, parts, path, &project, body) {
         return answer;
     }
     if let Some(denied) = foreign_mention(&s, &project, body) {
@@ -652,21 +815,41 @@ fn canned(s: &mut State, key: Option<&str>, openai: bool) -> Option<Response<Bod
         .iter_mut()
         .find(|c| c.remaining > 0 && (c.key.is_none() || c.key.as_deref() == key))?;
     c.remaining -= 1;
-    Some(json(c.status, c.body.clone(), openai))
+    let mut answer = json(c.status, c.body.clone(), openai);
+    for (name, value) in &c.headers {
+        answer.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    Some(answer)
 }
 
 /// The project of `key`, or Google's status and body for a missing, invalid or suspended key.
-fn project_of(s: &State, key: Option<&str>) -> Result<String, (u16, &'static str)> {
-    match key.map(|key| s.keys.get(key)) {
-        None => Err((403, UNREGISTERED_BODY)),
-        Some(Some(KeyState::Valid { project })) => Ok(project.clone()),
-        Some(Some(KeyState::Suspended)) => Err((403, SUSPENDED_BODY)),
-        Some(Some(KeyState::Invalid) | None) => Err((400, INVALID_KEY_BODY)),
+fn project_of(s: &State, key: Option<&str>) -> Result<String, (u16, String)> {
+    match (key, key.map(|key| s.keys.get(key))) {
+        (_, None) => Err((403, UNREGISTERED_BODY.into())),
+        (_, Some(Some(KeyState::Valid { project }))) => Ok(project.clone()),
+        (Some(key), Some(Some(KeyState::Suspended))) => Err((403, suspended_body(key))),
+        _ => Err((400, INVALID_KEY_BODY.into())),
     }
 }
 
 /// Counts one request of `project` for `model` against its quota, or answers its 429.
 fn spend(s: &mut State, project: &str, model: &str, openai: bool) -> Option<Response<Body>> {
+    if let Some(b) = s.buckets.get_mut(project) {
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * b.rate).min(b.burst);
+        b.at = now;
+        if b.tokens < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - b.tokens) / b.rate);
+            let body = PER_MINUTE_BODY
+                .replace("MODEL", model)
+                .replace("DELAY", &google_duration(wait));
+            return Some(json(429, body, openai));
+        }
+        b.tokens -= 1.0;
+    }
     let q = s.quotas.get_mut(&(project.into(), model.into()))?;
     if let Some(day) = q.per_day {
         if q.used >= day {
@@ -728,7 +911,7 @@ fn live(
     }
     let project = match project_of(&s, key) {
         Ok(project) => project,
-        Err((status, body)) => return json(status, body.into(), false),
+        Err((status, body)) => return json(status, body, false),
     };
     let Some(ws_key) = parts.headers.get("sec-websocket-key") else {
         return json(400, r#"{"error":{"code":400,"message":"Missing Sec-WebSocket-Key.","status":"INVALID_ARGUMENT"}}"#.into(), false);
@@ -837,9 +1020,22 @@ fn named<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> {
 }
 
 /// Google's 403 for the first file or cached content that `body` names and `project` does not
-/// own. Any `files/<id>` or `cachedContents/<id>` anywhere in the body counts.
+/// own. Like Google, the mock reads JSON strings decoded (`files\u002fabc` is `files/abc`) and
+/// URIs with their %-escapes and dot segments resolved; a body that is not JSON is scanned as
+/// text.
 fn foreign_mention(s: &State, project: &str, body: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(body);
+    let text = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => {
+            let mut strings = Vec::new();
+            json_strings(&value, &mut strings);
+            strings
+                .iter()
+                .map(|v| format!("\"{}\"", google_path(v.trim())))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
     let owned = |name: String| s.resources.get(&name).is_some_and(|(p, _)| p == project);
     if let Some(id) = named(&text, "files/").find(|id| !owned(format!("files/{id}"))) {
         return Some(FILE_DENIED_BODY.replace("ID", id));
@@ -847,6 +1043,65 @@ fn foreign_mention(s: &State, project: &str, body: &[u8]) -> Option<String> {
     let foreign_cache =
         named(&text, "cachedContents/").any(|id| !owned(format!("cachedContents/{id}")));
     foreign_cache.then(|| CACHE_DENIED_BODY.to_string())
+}
+
+/// Every string value in a JSON document.
+fn json_strings(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| json_strings(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| json_strings(v, out)),
+        _ => {}
+    }
+}
+
+/// A path (or a URI, or a bare resource name) as Google reads it: %-escapes decoded, empty and
+/// `.` segments dropped, `..` segments resolved.
+pub fn google_path(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                decoded.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&decoded).into_owned();
+    let (head, rest) = match text.find("://") {
+        Some(i) => {
+            let after = &text[i + 3..];
+            let cut = after.find('/').map_or(text.len(), |j| i + 3 + j);
+            (text[..cut].to_string(), text[cut..].to_string())
+        }
+        None => (String::new(), text),
+    };
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in rest.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let lead = if rest.starts_with('/') || !head.is_empty() {
+        "/"
+    } else {
+        ""
+    };
+    format!("{head}{lead}{}", segments.join("/"))
 }
 
 /// The lower-cased commands of `x-goog-upload-command` ("upload, finalize" gives both).
@@ -954,15 +1209,11 @@ fn upload_chunk(
 fn resource(
     s: &mut State,
     parts: &http::request::Parts,
+    path: &str,
     project: &str,
     body: &[u8],
 ) -> Option<Response<Body>> {
-    let segments: Vec<&str> = parts
-        .uri
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .collect();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = &parts.method;
     let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     match segments[..] {
@@ -1029,6 +1280,23 @@ fn resource(
             let answer = cache.to_string();
             s.resources.insert(name, (project.into(), cache));
             Some(json(200, answer, false))
+        }
+        [ver, kind @ ("files" | "cachedContents")]
+            if ver.starts_with("v1") && method == http::Method::GET =>
+        {
+            let mut items: Vec<(&String, &serde_json::Value)> = s
+                .resources
+                .iter()
+                .filter(|(name, (p, _))| name.starts_with(kind) && p == project)
+                .map(|(name, (_, value))| (name, value))
+                .collect();
+            items.sort_by_key(|(name, _)| name.to_string());
+            let list: Vec<&serde_json::Value> = items.into_iter().map(|(_, v)| v).collect();
+            Some(json(
+                200,
+                serde_json::json!({ kind: list }).to_string(),
+                false,
+            ))
         }
         [ver, kind @ ("files" | "cachedContents"), id]
             if ver.starts_with("v1")
@@ -1125,6 +1393,12 @@ impl Keygate {
     }
 
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Keygate {
+        Keygate::start_with_nofile(yaml, env, None)
+    }
+
+    /// Like [`Keygate::start_with_env`]; with `nofile`, the process may hold at most that many
+    /// open files (`RLIMIT_NOFILE`, soft and hard), as on a small VPS.
+    pub fn start_with_nofile(yaml: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Keygate {
         let dir = tempfile::tempdir().unwrap();
         for attempt in 0..5 {
             let port = StdListener::bind("127.0.0.1:0")
@@ -1152,6 +1426,22 @@ impl Keygate {
                 .stderr(log_file);
             for (k, v) in env {
                 cmd.env(k, v);
+            }
+            if let Some(n) = nofile {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: setrlimit is async-signal-safe and touches only the child.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let limit = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
             }
             let mut child = cmd.spawn().expect("spawn keygate");
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -1185,6 +1475,21 @@ impl Keygate {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The keygate process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the keygate process, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// The config file keygate was started with.
@@ -1342,6 +1647,15 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
+/// Like [`client`], giving up on a request after `timeout`.
+pub fn client_timeout(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+        .unwrap()
+}
+
 /// A small generateContent body.
 pub fn prompt() -> String {
     r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#.to_string()
@@ -1402,4 +1716,146 @@ pub async fn generate(
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.unwrap())
+}
+
+/// Starts a resumable upload through keygate; returns the upload URL keygate handed out.
+pub async fn start_upload(kg: &Keygate, token: &str) -> String {
+    start_upload_with(kg, Some(token), &[]).await
+}
+
+/// Like [`start_upload`], with an optional token and extra request headers.
+pub async fn start_upload_with(
+    kg: &Keygate,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> String {
+    let mut req = client().post(format!("{}/upload/v1beta/files", kg.url()));
+    if let Some(t) = token {
+        req = req.header("x-goog-api-key", t);
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req
+        .header("x-goog-upload-protocol", "resumable")
+        .header("x-goog-upload-command", "start")
+        .header("x-goog-upload-header-content-length", "11")
+        .header("x-goog-upload-header-content-type", "text/plain")
+        .header("content-type", "application/json")
+        .body(r#"{"file":{"display_name":"notes"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()["x-goog-upload-url"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+pub async fn send_bytes(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = client()
+        .post(url)
+        .header("x-goog-upload-command", "upload, finalize")
+        .header("x-goog-upload-offset", "0")
+        .body("hello world");
+    if let Some(t) = token {
+        req = req.header("x-goog-api-key", t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// Sends raw HTTP/1.1 bytes to `addr` (so a test can send what no client library would: dot
+/// segments, duplicate fields, broken headers) and reads until the server closes or 10 s pass.
+/// Returns the status (0 when nothing came back) and the whole answer.
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// A raw request with `Connection: close` and a body.
+pub fn raw_post(path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r.into_bytes()
+}
+
+/// A raw GET with `Connection: close`.
+pub fn raw_get(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut r = format!("GET {path} HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+/// `tenants:` with one `name: tok-name` tenant per entry, each limited to `pools` when given.
+pub fn tenants_of(tenants: &[(&str, Option<&str>)]) -> String {
+    let mut y = String::from("tenants:\n");
+    for (name, pools) in tenants {
+        y.push_str(&format!("  - name: {name}\n    token: \"tok-{name}\"\n"));
+        if let Some(p) = pools {
+            y.push_str(&format!("    pools: [{p}]\n"));
+        }
+    }
+    y
+}
+
+/// One admin API call with `token` as the bearer token; the status and the JSON answer (or the
+/// text, when it is not JSON).
+pub async fn admin(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = client().request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// One admin API call to `base` + `path` with the tests' admin token.
+pub async fn admin_call(
+    method: &str,
+    base: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    admin(method, &format!("{base}{path}"), Some(ADMIN_TOKEN), body).await
 }
