@@ -25,9 +25,10 @@ lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 
-# The load benchmark (BENCHMARKS.md): direct upstream vs nginx vs keygate, side by side.
+# The load benchmark (BENCHMARKS.md): direct upstream vs nginx vs a minimal Pingora proxy vs
+# keygate, side by side.
 bench: deps bench-deps
-	cargo build --release
+	cargo build --release --bins --examples
 	cargo bench --bench load
 
 bench-deps:

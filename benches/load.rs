@@ -1,11 +1,14 @@
 //! The load benchmark: the upstream directly, nginx as a reverse proxy that sets the key header,
-//! and keygate, measured side by side in one run on 127.0.0.1.
+//! the smallest Pingora proxy that does the same (`examples/pingora_floor.rs`, the framework's
+//! floor) and keygate, measured side by side in one run on 127.0.0.1.
 //!
 //! Run it with `make bench` (installs nginx and oha, then `cargo bench --bench load`).
 //! It starts a fast local upstream that answers like Gemini (a fixed generateContent JSON, an
 //! SSE stream), then nginx and keygate as child processes, drives them with `oha`, and prints a
 //! Markdown report (also written to `target/load-report.md`). Every process it starts is killed
-//! when it ends, panics included. Tunables (environment): `LOAD_SECONDS` (default 10),
+//! when it ends, panics included. `LOAD_BASELINE=/path/to/keygate` adds another keygate binary
+//! (an earlier build) as target `baseline`, to measure a change side by side.
+//! Tunables (environment): `LOAD_SECONDS` (default 10),
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
 //! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1).
 
@@ -215,26 +218,63 @@ http {{
     (proc, addr)
 }
 
-fn keygate_bin() -> PathBuf {
-    // The bench runs from target/release/deps; the binary sits in target/release.
+/// A binary of this package's release build (`name` relative to target/release).
+fn release_bin(name: &str) -> PathBuf {
+    // The bench runs from target/release/deps; the binaries sit in target/release.
     let exe = std::env::current_exe().expect("current exe");
     let release = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = release.join("keygate");
+    let bin = release.join(name);
     assert!(
         bin.exists(),
-        "build keygate first: cargo build --release ({})",
+        "build it first: cargo build --release --bins --examples ({})",
         bin.display()
     );
     bin
 }
 
+fn keygate_bin() -> PathBuf {
+    release_bin("keygate")
+}
+
+/// The minimal Pingora proxy (the framework's floor) in front of `upstream`.
+fn start_floor(upstream: SocketAddr, workers: usize) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let child = Command::new(release_bin("examples/pingora_floor"))
+        .args([
+            addr.to_string(),
+            upstream.to_string(),
+            BENCH_KEY.to_string(),
+            workers.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pingora_floor");
+    let mut proc = Proc {
+        child,
+        name: "pingora",
+    };
+    wait_listening(addr, &mut proc);
+    (proc, addr)
+}
+
 fn start_keygate(dir: &Path, name: &str, yaml: &str) -> (Proc, SocketAddr, Duration) {
+    start_keygate_bin(&keygate_bin(), dir, name, yaml)
+}
+
+fn start_keygate_bin(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    yaml: &str,
+) -> (Proc, SocketAddr, Duration) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, format!("listen: \"{addr}\"\n{yaml}")).expect("write config");
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
-    let child = Command::new(keygate_bin())
+    let child = Command::new(bin)
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "info")
@@ -457,14 +497,23 @@ fn main() {
 
     let upstream = start_upstream();
     let (nginx, nginx_addr) = start_nginx(dir.path(), upstream, workers);
+    let (floor, floor_addr) = start_floor(upstream, workers);
     let (keygate, kg_addr, _) =
         start_keygate(dir.path(), "keygate", &one_key_yaml(upstream, workers));
 
-    let targets = [
+    let baseline = std::env::var("LOAD_BASELINE").ok().map(|bin| {
+        let yaml = one_key_yaml(upstream, workers);
+        start_keygate_bin(Path::new(&bin), dir.path(), "baseline", &yaml)
+    });
+    let mut targets = vec![
         ("direct", format!("http://{upstream}"), None),
         ("nginx", format!("http://{nginx_addr}"), Some(nginx.pid())),
+        ("pingora", format!("http://{floor_addr}"), Some(floor.pid())),
         ("keygate", format!("http://{kg_addr}"), Some(keygate.pid())),
     ];
+    if let Some((proc, addr, _)) = &baseline {
+        targets.push(("baseline", format!("http://{addr}"), Some(proc.pid())));
+    }
     let path = "/v1beta/models/gemini-2.5-flash:generateContent";
     let mut report = String::new();
     let _ = writeln!(
@@ -563,12 +612,18 @@ fn main() {
         (get(a), get(b))
     };
     let (kg, ng) = ratio(&saturation, "keygate", "nginx", |r| r.rps);
+    let (_, pf) = ratio(&saturation, "keygate", "pingora", |r| r.rps);
     let (kg99, d99) = ratio(&half_runs, "keygate", "direct", |r| r.p99_ms);
+    let (pf99, _) = ratio(&half_runs, "pingora", "direct", |r| r.p99_ms);
+    let (kgc, pfc) = ratio(&saturation, "keygate", "pingora", |r| r.cpu_per_10k);
     let _ = writeln!(
         report,
-        "\nkeygate/nginx throughput at saturation: {:.2}x. keygate p99 over direct at half saturation: {:+.3} ms.\n",
+        "\nThroughput at saturation: keygate/nginx {:.2}x, keygate/pingora floor {:.2}x. p99 over direct at half saturation: keygate {:+.3} ms, pingora floor {:+.3} ms. CPU per request at saturation: keygate/pingora floor {:.2}x.\n",
         kg / ng,
-        kg99 - d99
+        kg / pf,
+        kg99 - d99,
+        pf99 - d99,
+        kgc / pfc
     );
 
     // SSE time to first byte.
@@ -579,14 +634,21 @@ fn main() {
         ttfb.push((*name, m));
         let _ = writeln!(report, "| {name} | {m:.3} | {p:.3} |");
     }
+    let ttfb_of = |n: &str| {
+        ttfb.iter()
+            .find(|(t, _)| *t == n)
+            .map_or(f64::NAN, |(_, m)| *m)
+    };
     let _ = writeln!(
         report,
-        "\nkeygate SSE TTFB over direct (median): {:+.3} ms.\n",
-        ttfb[2].1 - ttfb[0].1
+        "\nSSE TTFB over direct (median): keygate {:+.3} ms, pingora floor {:+.3} ms.\n",
+        ttfb_of("keygate") - ttfb_of("direct"),
+        ttfb_of("pingora") - ttfb_of("direct")
     );
 
     // Cost of one 429 retry: the first key always refuses (cooling 1 s), the second serves.
     drop(keygate);
+    drop(baseline);
     let retry_yaml = format!(
         "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys:\n      - key: \"{REFUSE_KEY}\"\n        project: refused\n      - key: \"{BENCH_KEY}\"\n        project: serving\n"
     );
@@ -612,6 +674,7 @@ fn main() {
 
     // Large config: 10,000 keys, 1,000 tenants, 1,000 idle client connections.
     drop(nginx);
+    drop(floor);
     let big = large_config(upstream, 10_000, 1_000);
     let check_start = Instant::now();
     let path = dir.path().join("big-check.yaml");

@@ -2,7 +2,10 @@
 //! - key selection (snapshot + atomic round-robin vs a `Mutex` and a linear scan) with 10, 1,000
 //!   and 10,000 keys, none or 99% of them cooling;
 //! - classification of each error body in the Gemini API notes;
-//! - tenant lookup among 10,000 tenants (digest map vs a linear scan of tokens).
+//! - tenant lookup among 10,000 tenants (digest map vs a linear scan of tokens);
+//! - the request checks of the security pass, on a typical request: the canonical path, the key
+//!   parameter split off the query, the model read from the body, resource names found in the
+//!   body (a chat turn, and a 5 MB inline image).
 //!
 //! Run: `cargo bench --bench micro`. Figures are written down in BENCHMARKS.md.
 
@@ -273,5 +276,49 @@ fn tenant_lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, selection, classification, tenant_lookup);
+fn request_checks(c: &mut Criterion) {
+    use keygate::names::names_in_body;
+    use keygate::path::{canonical, split_query};
+    use keygate::request::{model_of, Api};
+    let mut group = c.benchmark_group("request_checks");
+    let path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent";
+    group.bench_function("canonical_path", |b| b.iter(|| canonical(black_box(path))));
+    group.bench_function("split_query", |b| {
+        b.iter(|| split_query(black_box(Some("alt=sse&key=made-up-token"))))
+    });
+    let chat = br#"{"contents":[{"role":"user","parts":[{"text":"Write a haiku about rotating API keys."}]},{"role":"model","parts":[{"text":"Keys turn like seasons"}]},{"role":"user","parts":[{"text":"Another one, about quotas."}]}],"generationConfig":{"temperature":0.7}}"#;
+    group.bench_function("model_of_native_chat", |b| {
+        b.iter(|| model_of(Api::Gemini, black_box(path), false, black_box(chat)))
+    });
+    let openai = br#"{"model":"gemini-2.5-flash","messages":[{"role":"user","content":"Write a haiku about rotating API keys."}],"stream":true}"#;
+    group.bench_function("model_of_openai_chat", |b| {
+        b.iter(|| {
+            model_of(
+                Api::OpenAi,
+                "/v1beta/openai/chat/completions",
+                false,
+                black_box(openai),
+            )
+        })
+    });
+    group.bench_function("names_in_body_chat", |b| {
+        b.iter(|| names_in_body(black_box(chat)))
+    });
+    let mut image =
+        br#"{"contents":[{"parts":[{"inlineData":{"mimeType":"image/png","data":""#.to_vec();
+    image.extend(std::iter::repeat_n(b'Q', 5 << 20));
+    image.extend_from_slice(br#""}},{"text":"describe"}]}]}"#);
+    group.bench_function("names_in_body_5mb_image", |b| {
+        b.iter(|| names_in_body(black_box(&image)))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    selection,
+    classification,
+    tenant_lookup,
+    request_checks
+);
 criterion_main!(benches);

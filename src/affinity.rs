@@ -175,6 +175,23 @@ impl Affinity {
         lock(&self.table).insert(name, owner, expires_at, now);
     }
 
+    /// Records that `owner` created `name` unless another owner holds it now (a different tenant
+    /// or project): a live binding is never taken over, so no request can move another tenant's
+    /// resource to itself. Returns whether `name` is now `owner`'s.
+    pub fn bind_new(&self, name: &str, owner: Owner, now: Millis) -> bool {
+        let Some(kind) = kind_of(name) else {
+            return false;
+        };
+        let mut table = lock(&self.table);
+        if let Some(current) = table.get(name, now) {
+            if *current != owner {
+                return false;
+            }
+        }
+        let expires_at = expiry(now, kind.ttl());
+        table.insert(name, owner, expires_at, now)
+    }
+
     /// The live owner of `name`.
     pub fn owner(&self, name: &str, now: Millis) -> Option<Owner> {
         lock(&self.table).get(name, now).cloned()
@@ -460,6 +477,21 @@ mod tests {
         off.bind("files/a", owner("p"), 0);
         assert!(off.is_empty());
         assert_eq!(off.owner("files/a", 0), None);
+    }
+
+    #[test]
+    fn a_live_binding_is_never_taken_over() {
+        let table = Affinity::new(10);
+        assert!(table.bind_new("files/a", owner("p1"), 0));
+        assert!(!table.bind_new("files/a", owner("p2"), 1));
+        assert_eq!(table.owner("files/a", 2), Some(owner("p1")));
+        let mut other_tenant = owner("p1");
+        other_tenant.tenant = Some(Arc::from("mallory"));
+        assert!(!table.bind_new("files/a", other_tenant, 3));
+        // The same owner refreshes it; once expired, the name is free again.
+        assert!(table.bind_new("files/a", owner("p1"), 4));
+        assert!(table.bind_new("files/a", owner("p2"), 4 + 48 * H));
+        assert!(!table.bind_new("models/x", owner("p1"), 0));
     }
 
     #[test]

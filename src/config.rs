@@ -1229,6 +1229,63 @@ mod tests {
     }
 
     #[test]
+    fn client_limits_public_url_and_trusted_proxies() {
+        let c = parse(MINIMAL).unwrap();
+        let l = c.client_limits;
+        assert_eq!(l.header_timeout, Duration::from_secs(10));
+        assert_eq!(l.body_timeout, Duration::from_secs(10));
+        assert_eq!(l.body_min_rate, 1024);
+        assert_eq!(l.max_connections, None);
+        assert_eq!(l.max_buffered_body_bytes, DEFAULT_MAX_BUFFERED_BYTES);
+        assert_eq!(c.public_url, None);
+        assert!(c.trusted_proxies.is_empty());
+        let c = parse(&format!(
+            "{MINIMAL}public_url: \"https://gw.example.com/ai/\"\ntrusted_proxies: [10.0.0.0/8, \"::1\", 192.168.1.7]\nclient_limits:\n  header_timeout_seconds: 30\n  max_connections: 50\n  body_min_rate_bytes_per_second: 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.public_url.as_deref(), Some("https://gw.example.com/ai"));
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert_eq!(c.client_limits.max_connections, Some(50));
+        assert_eq!(c.client_limits.body_min_rate, 0);
+        for (extra, why) in [
+            (
+                "client_limits:\n  header_timeout_seconds: 31\n",
+                "header_timeout_seconds: must be 1 to 30",
+            ),
+            (
+                "client_limits:\n  header_timeout_seconds: 0\n",
+                "header_timeout_seconds",
+            ),
+            ("client_limits:\n  max_connections: 0\n", "max_connections"),
+            (
+                "client_limits:\n  body_timeout_seconds: 0\n",
+                "body_timeout_seconds",
+            ),
+            (
+                "client_limits:\n  max_buffered_body_bytes: 0\n",
+                "max_buffered_body_bytes",
+            ),
+            (
+                "client_limits:\n  header_timeout: 5\n",
+                "unknown field `header_timeout`",
+            ),
+            (
+                "public_url: \"gw.example.com\"\n",
+                "must start with https://",
+            ),
+            ("public_url: \"https://user:pw@gw\"\n", "credentials"),
+            ("public_url: \"https://gw/?x=1\"\n", "query"),
+            ("public_url: \"https:///x\"\n", "no host"),
+            ("trusted_proxies: [\"10.0.0.0/99\"]\n", "trusted_proxies[0]"),
+            ("trusted_proxies: [\"proxy.local\"]\n", "trusted_proxies[0]"),
+        ] {
+            let e = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(why), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_field_error_names_its_path() {
         let e = parse("pools:\n  - name: main\n    upstreem: https://x\n    keys: [k1]\n")
             .unwrap_err()

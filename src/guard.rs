@@ -186,10 +186,13 @@ impl BodyBudget {
         self.used.load(Relaxed)
     }
 
-    /// An empty reservation, to grow as a body arrives.
-    pub fn reservation(self: &Arc<Self>) -> Reservation {
+    /// An empty reservation, to grow as a body arrives. With `share` (a tenant's count of the
+    /// bytes its bodies hold), that tenant's bodies together may take at most half the budget,
+    /// so one tenant cannot take it all from the others.
+    pub fn reservation(self: &Arc<Self>, share: Option<Arc<AtomicUsize>>) -> Reservation {
         Reservation {
             budget: self.clone(),
+            share,
             bytes: 0,
         }
     }
@@ -199,29 +202,41 @@ impl BodyBudget {
 #[derive(Debug)]
 pub struct Reservation {
     budget: Arc<BodyBudget>,
+    share: Option<Arc<AtomicUsize>>,
     bytes: usize,
 }
 
+/// Adds `more` to `counter` if the sum stays within `limit`.
+fn take(counter: &AtomicUsize, more: usize, limit: usize) -> bool {
+    let mut used = counter.load(Relaxed);
+    loop {
+        let Some(next) = used.checked_add(more).filter(|n| *n <= limit) else {
+            return false;
+        };
+        match counter.compare_exchange_weak(used, next, Relaxed, Relaxed) {
+            Ok(_) => return true,
+            Err(seen) => used = seen,
+        }
+    }
+}
+
 impl Reservation {
-    /// Takes `more` bytes of the budget; false (and nothing taken) when that would pass it.
+    /// Takes `more` bytes of the budget (and of the tenant's half); false, and nothing taken,
+    /// when that would pass either.
     pub fn grow(&mut self, more: usize) -> bool {
-        let budget = &self.budget;
-        let mut used = budget.used.load(Relaxed);
-        loop {
-            let Some(next) = used.checked_add(more).filter(|n| *n <= budget.limit) else {
+        if let Some(share) = &self.share {
+            if !take(share, more, self.budget.limit / 2) {
                 return false;
-            };
-            match budget
-                .used
-                .compare_exchange_weak(used, next, Relaxed, Relaxed)
-            {
-                Ok(_) => {
-                    self.bytes += more;
-                    return true;
-                }
-                Err(seen) => used = seen,
             }
         }
+        if !take(&self.budget.used, more, self.budget.limit) {
+            if let Some(share) = &self.share {
+                share.fetch_sub(more, Relaxed);
+            }
+            return false;
+        }
+        self.bytes += more;
+        true
     }
 
     /// Bytes this reservation holds.
@@ -233,6 +248,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Relaxed);
+        if let Some(share) = &self.share {
+            share.fetch_sub(self.bytes, Relaxed);
+        }
     }
 }
 
@@ -528,9 +546,9 @@ mod tests {
     #[test]
     fn bodies_share_one_budget() {
         let budget = BodyBudget::new(1000);
-        let mut a = budget.reservation();
+        let mut a = budget.reservation(None);
         assert!(a.grow(600));
-        let mut b = budget.reservation();
+        let mut b = budget.reservation(None);
         assert!(!b.grow(500));
         assert_eq!(b.bytes(), 0);
         assert!(b.grow(400));
@@ -541,6 +559,18 @@ mod tests {
         assert!(!b.grow(usize::MAX));
         drop(b);
         assert_eq!(budget.used(), 0);
+        // One tenant's bodies take at most half.
+        let share = Arc::new(AtomicUsize::new(0));
+        let mut t1 = budget.reservation(Some(share.clone()));
+        let mut t2 = budget.reservation(Some(share.clone()));
+        assert!(t1.grow(300));
+        assert!(!t2.grow(300));
+        assert!(t2.grow(200));
+        let mut other = budget.reservation(None);
+        assert!(other.grow(500));
+        drop((t1, t2));
+        assert_eq!(share.load(Relaxed), 0);
+        assert_eq!(budget.used(), 500);
     }
 
     #[tokio::test]

@@ -83,6 +83,69 @@ impl<'a> Iterator for Strings<'a> {
     }
 }
 
+/// A string value of a JSON text with where it sits: the keys of the objects (and arrays) that
+/// hold it, outermost first. A value in an array sits under the array's key.
+#[derive(Debug, Clone)]
+pub struct Value<'a, 'p> {
+    /// The string literal.
+    pub string: JsonString<'a>,
+    /// The keys above it, decoded; empty at the top level.
+    pub path: &'p [Vec<u8>],
+}
+
+/// Calls `visit` with every string value (not key) of `text`, with its path, as a JSON parser
+/// would see the structure. Tolerant like [`strings`]: brackets outside strings open and close
+/// levels; anything else between strings is skipped. `visit` returns false to stop.
+pub fn walk(text: &[u8], mut visit: impl FnMut(Value<'_, '_>) -> bool) {
+    // The keys of the open containers (None for a container that is a bare array element or
+    // the top level), and the key waiting for its value.
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut opened_under: Vec<bool> = Vec::new();
+    let mut pending: Option<Vec<u8>> = None;
+    let mut at = 0;
+    for string in strings(text) {
+        for &b in text.get(at..string.span.start).unwrap_or_default() {
+            match b {
+                b'{' | b'[' => {
+                    let key = pending.take();
+                    opened_under.push(key.is_some());
+                    if let Some(key) = key {
+                        path.push(key);
+                    }
+                }
+                b'}' | b']' => {
+                    if opened_under.pop() == Some(true) {
+                        path.pop();
+                    }
+                    pending = None;
+                }
+                b',' => pending = None,
+                _ => {}
+            }
+        }
+        at = string.span.end;
+        if string.is_key {
+            pending = Some(string.decoded().into_owned());
+            continue;
+        }
+        // A value directly under a key belongs to it; the key is spent.
+        let key = pending.take();
+        if let Some(key) = &key {
+            path.push(key.clone());
+        }
+        let go_on = visit(Value {
+            string,
+            path: &path,
+        });
+        if key.is_some() {
+            path.pop();
+        }
+        if !go_on {
+            return;
+        }
+    }
+}
+
 /// Decodes JSON escapes.
 fn unescape(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());
@@ -203,6 +266,46 @@ mod tests {
         let found: Vec<JsonString> = strings(text).collect();
         assert_eq!(&text[found[1].span.clone()], br#""v\u0041""#);
         assert_eq!(quote(b"v\"A"), br#""v\"A""#.to_vec());
+    }
+
+    #[test]
+    fn values_know_their_path() {
+        let text =
+            br#"{"a":"1","b":{"c":["2",{"d":"3"}],"e":"4"},"f":["5"],"g":{"h":"6"},'i':"7"}"#;
+        let mut seen = Vec::new();
+        walk(text, |v| {
+            let path: Vec<String> = v
+                .path
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect();
+            seen.push((
+                path.join("."),
+                String::from_utf8_lossy(&v.string.decoded()).into_owned(),
+            ));
+            true
+        });
+        let want = [
+            ("a", "1"),
+            ("b.c", "2"),
+            ("b.c.d", "3"),
+            ("b.e", "4"),
+            ("f", "5"),
+            ("g.h", "6"),
+            ("i", "7"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(p, v)| (p.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(seen, want);
+        // A cut or broken text still walks; `false` stops it.
+        let mut n = 0;
+        walk(br#"}}]]{"x":["a","b","#, |_| {
+            n += 1;
+            n < 2
+        });
+        assert_eq!(n, 2);
     }
 
     #[test]

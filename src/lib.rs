@@ -17,6 +17,7 @@
 //! - [`request`]: the client request and its upstream form (pure);
 //! - [`scrub`]: pool keys replaced by their fingerprints in the answers keygate relays;
 //! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
+//! - [`endpoints`]: the endpoints forwarded for tenants (deny by default);
 //! - [`upstream`]: resolved upstream addresses and the connection pool;
 //! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;
 //! - [`proxy`]: the Pingora hooks and the attempt loop;
@@ -39,6 +40,7 @@ pub mod classify;
 pub mod config;
 pub mod cors;
 pub mod egress;
+pub mod endpoints;
 pub mod error;
 pub mod guard;
 pub mod json_strings;

@@ -7,12 +7,15 @@
 //! read the way Google reads them, whatever the spelling: JSON escapes decoded
 //! ([`crate::json_strings`]), %-escapes and dot segments resolved ([`crate::path`]), collection
 //! words in any letter case. In a body, Google reads a reference only from the fields that hold
-//! one (`fileUri`, `cachedContent`, `model`, `fileName`...), so only their values, and values
-//! that are Gemini API URLs, count: a prompt or a tool argument that mentions `files/x` in
-//! passing is not a reference.
+//! one (`fileUri`, `cachedContent`, `model`, `fileName`...), and not inside function-call
+//! arguments, function results or schemas; so only those values, and values that are URLs of
+//! the Gemini API, count: a prompt, a tool argument or a repository path that mentions
+//! `files/x` in passing is not a reference.
 
 use crate::json_strings;
 use crate::path::lenient_segments;
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// Longest resource id accepted. Google's ids are a few dozen characters; the bound keeps what a
@@ -36,27 +39,45 @@ pub enum Kind {
     Batch,
     /// `operations/{id}`: a long-running operation (video generation, tuning, ...).
     Operation,
+    /// `fileSearchStores/{id}`: documents for the File Search tool.
+    FileSearchStore,
 }
 
 /// Collection words and their kinds.
-const COLLECTIONS: [(&str, Kind); 5] = [
+const COLLECTIONS: [(&str, Kind); 6] = [
     ("files", Kind::File),
     ("cachedContents", Kind::CachedContent),
     ("tunedModels", Kind::TunedModel),
     ("batches", Kind::Batch),
     ("operations", Kind::Operation),
+    ("fileSearchStores", Kind::FileSearchStore),
 ];
 
 /// Body fields whose values Google reads as resource references, compared without case and
 /// without `_` (protobuf JSON takes both `fileUri` and `file_uri`).
-const REFERENCE_FIELDS: [&str; 6] = [
+const REFERENCE_FIELDS: [&str; 7] = [
     "fileuri",
     "cachedcontent",
     "model",
     "filename",
     "basemodel",
     "tunedmodel",
+    "filesearchstorenames",
 ];
+
+/// Fields whose contents Google passes along without reading references in them: function-call
+/// arguments, function results, and schemas (whose `properties` may be called anything).
+const OPAQUE_FIELDS: [&str; 6] = [
+    "args",
+    "response",
+    "parameters",
+    "parametersjsonschema",
+    "responseschema",
+    "properties",
+];
+
+/// Host of the Gemini API: a URL naming it is a reference wherever it is.
+const API_HOST: &str = "generativelanguage.googleapis.com";
 
 impl Kind {
     /// How long the gateway remembers a resource of this kind. Keeping an entry past the
@@ -79,9 +100,10 @@ impl Kind {
             // Long-running operations (video generation, tuning) finish in minutes to hours and
             // their results are kept about 2 days; clients poll them for a while afterwards.
             Kind::Operation => 7 * DAY,
-            // A tuned model lives until deleted. 30 days bounds the memory a model that is
-            // never used again can hold; past that, requests for it are routed like any other.
-            Kind::TunedModel => 30 * DAY,
+            // A tuned model or a File Search store lives until deleted. 30 days bounds the
+            // memory one never used again can hold; past that, requests for it are routed like
+            // any other.
+            Kind::TunedModel | Kind::FileSearchStore => 30 * DAY,
         })
     }
 }
@@ -112,28 +134,35 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(is_id_byte)
 }
 
-/// Adds `name` to `out` unless it is already there or `out` holds one more than [`MAX_NAMES`].
-fn push_name(out: &mut Vec<String>, name: String) {
-    if out.len() <= MAX_NAMES && !out.contains(&name) {
-        out.push(name);
+/// Names found so far, in order, without repeats; full at one more than [`MAX_NAMES`].
+#[derive(Debug, Default)]
+struct Found {
+    list: Vec<String>,
+    seen: HashSet<String>,
+}
+
+impl Found {
+    fn push(&mut self, name: String) {
+        if !self.full() && self.seen.insert(name.clone()) {
+            self.list.push(name);
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.list.len() > MAX_NAMES
     }
 }
 
 /// Adds every name in `segments`: a collection word followed by an id. The id is cut at a
 /// `:method` suffix and at the first byte an id cannot hold, so `files/abc%20x` is read as
-/// `files/abc` (a reader that stops there finds the same file). With `after_version`, a
-/// collection word counts only after a `v1...` segment (for URLs found outside reference
-/// fields).
-fn push_names_in_segments<S: AsRef<str>>(
-    segments: &[S],
-    after_version: bool,
-    out: &mut Vec<String>,
-) {
-    let mut versioned = !after_version;
+/// `files/abc` (a reader that stops there finds the same file).
+fn push_names_in_segments<S: AsRef<str>>(segments: &[S], out: &mut Found) {
     for pair in segments.windows(2) {
+        if out.full() {
+            return;
+        }
         let (word, id) = (pair[0].as_ref(), pair[1].as_ref());
-        versioned |= word.starts_with("v1");
-        let Some(word) = collection(word).filter(|_| versioned) else {
+        let Some(word) = collection(word) else {
             continue;
         };
         let id = id.split(':').next().unwrap_or_default();
@@ -142,9 +171,56 @@ fn push_names_in_segments<S: AsRef<str>>(
         // refused (with tenants) rather than cut into some other resource's name.
         let id = &id[..len.min(MAX_ID_LEN + 1)];
         if !id.is_empty() {
-            push_name(out, format!("{word}/{id}"));
+            out.push(format!("{word}/{id}"));
         }
     }
+}
+
+/// A value as written, and with its %-escapes decoded first when it has any: an escaped `/` or
+/// `?` may hide where the host or the path ends from one reading but not the other.
+fn readings(value: &str) -> Vec<Cow<'_, str>> {
+    let mut out = vec![Cow::Borrowed(value)];
+    if value.contains('%') {
+        out.push(percent_encoding::percent_decode_str(value).decode_utf8_lossy());
+    }
+    out
+}
+
+/// Adds the names a reference field's value holds: a URL (any host: `fileUri` may point
+/// anywhere Google accepts), or a bare resource name, which starts with its collection word
+/// (after an optional version segment, and `models/{model}/` for operations). A path with a
+/// collection word only somewhere inside (`static/files/logo.png`) is no resource name.
+fn push_reference(value: &str, out: &mut Found) {
+    for reading in readings(value) {
+        let segments = lenient_segments(&reading);
+        if looks_like_url(reading.trim().as_bytes()) {
+            push_names_in_segments(&segments, out);
+            continue;
+        }
+        let mut rest: &[String] = &segments;
+        if rest.first().is_some_and(|s| s.starts_with("v1")) {
+            rest = &rest[1..];
+        }
+        if rest.first().is_some_and(|s| s == "models") && rest.len() > 2 {
+            rest = &rest[2..];
+        }
+        if rest.first().is_some_and(|s| collection(s).is_some()) {
+            push_names_in_segments(rest, out);
+        }
+    }
+}
+
+/// Whether a value is a URL of the Gemini API itself.
+fn is_api_url(value: &str) -> bool {
+    readings(value).iter().any(|v| {
+        let v = v.trim();
+        let host = v
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?', '#', '\\']).next().unwrap_or(""))
+            .map(|authority| authority.rsplit('@').next().unwrap_or(""))
+            .map(|host| host.split(':').next().unwrap_or(""));
+        looks_like_url(v.as_bytes()) && host.is_some_and(|h| h.eq_ignore_ascii_case(API_HOST))
+    })
 }
 
 /// Resource names a canonical request path ([`crate::path::canonical`]) refers to:
@@ -154,45 +230,91 @@ fn push_names_in_segments<S: AsRef<str>>(
 pub fn names_in_path(path: &str) -> Vec<String> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let mut out = Vec::new();
-    push_names_in_segments(&segments, false, &mut out);
-    out
+    let mut out = Found::default();
+    push_names_in_segments(&segments, &mut out);
+    out.list
 }
 
 /// Resource names a request body refers to: the values of reference fields (`fileUri`,
-/// `cachedContent`, `model`, `fileName`, ... in any case, with or without `_`), and any string
-/// that is a Gemini API URL (`https://host/v1beta/files/abc`). At most [`MAX_NAMES`] + 1
+/// `cachedContent`, `model`, `fileName`, ... in any case, with or without `_`) outside opaque
+/// fields (function arguments and results, schemas), and any string that is a URL of the Gemini
+/// API (`https://generativelanguage.googleapis.com/v1beta/files/abc`). At most [`MAX_NAMES`] + 1
 /// distinct names (one more than the limit says there were too many).
 pub fn names_in_body(body: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut in_reference_field = false;
-    for s in json_strings::strings(body) {
-        if out.len() > MAX_NAMES {
-            break;
+    let mut out = Found::default();
+    json_strings::walk(body, |v| {
+        if v.path.iter().any(|k| is_field(k, &OPAQUE_FIELDS)) {
+            return true;
         }
-        let text = s.decoded();
-        if s.is_key {
-            in_reference_field = is_reference_field(&text);
-            continue;
-        }
-        let url = looks_like_url(&text);
-        if in_reference_field || url {
+        let text = v.string.decoded();
+        let reference = v
+            .path
+            .last()
+            .is_some_and(|k| is_field(k, &REFERENCE_FIELDS));
+        if reference || looks_like_url(text.trim_ascii_start()) {
             let value = String::from_utf8_lossy(&text);
-            let after_version = !in_reference_field;
-            push_names_in_segments(&lenient_segments(&value), after_version, &mut out);
-            // Read again with the %-escapes decoded first: an escaped `/` or `?` may hide
-            // where the host or the path ends from one reading but not the other.
-            if value.contains('%') {
-                let decoded = percent_encoding::percent_decode_str(&value).decode_utf8_lossy();
-                push_names_in_segments(&lenient_segments(&decoded), after_version, &mut out);
+            if reference {
+                push_reference(&value, &mut out);
+            } else if is_api_url(&value) {
+                push_names_in_segments(&lenient_segments(&value), &mut out);
             }
         }
-    }
-    out
+        !out.full()
+    });
+    out.list
 }
 
-/// Whether a (decoded) object key is a field Google reads references from.
-fn is_reference_field(key: &[u8]) -> bool {
+/// The names a create request chooses for its new resources: `file.name` in an upload's
+/// metadata (`{"file": {"name": "files/report"}}`).
+pub fn chosen_names(body: &[u8]) -> Vec<String> {
+    let mut out = Found::default();
+    json_strings::walk(body, |v| {
+        let chosen = matches!(v.path, [.., parent, key]
+            if is_field(parent, &["file"]) && is_field(key, &["name"]));
+        if chosen {
+            push_reference(&String::from_utf8_lossy(&v.string.decoded()), &mut out);
+        }
+        !out.full()
+    });
+    out.list
+}
+
+/// Whether a batch request takes its requests from a file (`inputConfig.fileName`), whose
+/// lines keygate does not read.
+pub fn has_batch_input_file(body: &[u8]) -> bool {
+    let mut found = false;
+    json_strings::walk(body, |v| {
+        found = v.path.iter().any(|k| is_field(k, &["inputconfig"]))
+            && v.path.last().is_some_and(|k| is_field(k, &["filename"]));
+        !found
+    });
+    found
+}
+
+/// Fields of an answer that name what Google made: a generated video's `uri`, a batch's
+/// `responsesFile` or `fileName`.
+const MADE_FIELDS: [&str; 4] = ["uri", "fileuri", "filename", "responsesfile"];
+
+/// Names an answer gives for what Google made along the way (an operation's video, a batch's
+/// results file): the values of the fields that hold them, and URLs of the Gemini API. Text an
+/// answer merely echoes (a prompt, a display name) is not read, so a request cannot smuggle a
+/// name into it. For binding those to the owner of what was asked about.
+pub fn names_in_answer(answer: &[u8]) -> Vec<String> {
+    let mut out = Found::default();
+    json_strings::walk(answer, |v| {
+        let value = String::from_utf8_lossy(&v.string.decoded()).into_owned();
+        if v.path.last().is_some_and(|k| is_field(k, &MADE_FIELDS)) {
+            push_reference(&value, &mut out);
+        } else if is_api_url(&value) {
+            push_names_in_segments(&lenient_segments(&value), &mut out);
+        }
+        !out.full()
+    });
+    out.list
+}
+
+/// Whether a (decoded) object key is one of `fields` (lower case, without `_` or `-`).
+fn is_field(key: &[u8], fields: &[&str]) -> bool {
     if key.len() > 32 {
         return false;
     }
@@ -202,12 +324,11 @@ fn is_reference_field(key: &[u8]) -> bool {
         norm[n] = b.to_ascii_lowercase();
         n += 1;
     }
-    REFERENCE_FIELDS.iter().any(|f| f.as_bytes() == &norm[..n])
+    fields.iter().any(|f| f.as_bytes() == &norm[..n])
 }
 
 /// Whether a string value is an absolute URL (`http://`, `https://`, any case).
 fn looks_like_url(text: &[u8]) -> bool {
-    let text = text.trim_ascii_start();
     let head = |p: &[u8]| text.len() >= p.len() && text[..p.len()].eq_ignore_ascii_case(p);
     head(b"http://") || head(b"https://")
 }
@@ -219,9 +340,9 @@ fn looks_like_url(text: &[u8]) -> bool {
 /// `{"file":{"name":"files/abc",...}}`. The caller passes at most 256 KiB; malformed JSON gives
 /// no names.
 pub fn created_names(answer: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = Found::default();
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(answer) else {
-        return out;
+        return Vec::new();
     };
     let candidates = [
         value.get("name"),
@@ -231,13 +352,13 @@ pub fn created_names(answer: &[u8]) -> Vec<String> {
     for name in candidates.into_iter().flatten().filter_map(|v| v.as_str()) {
         push_resource_names(name, &mut out);
     }
-    out
+    out.list
 }
 
 /// Adds the names of a resource path such as `models/x/operations/y` (→ `operations/y`) or
 /// `tunedModels/t/operations/o` (→ both). Resource paths alternate collection and id, so only
 /// even segments are taken as collection words (Google's own answers are exact).
-fn push_resource_names(resource: &str, out: &mut Vec<String>) {
+fn push_resource_names(resource: &str, out: &mut Found) {
     let mut segments = resource.split('/');
     while let (Some(word), Some(id)) = (segments.next(), segments.next()) {
         let Some((word, _)) = COLLECTIONS.iter().find(|(w, _)| *w == word) else {
@@ -245,19 +366,19 @@ fn push_resource_names(resource: &str, out: &mut Vec<String>) {
         };
         let id = id.split_once(':').map_or(id, |(id, _method)| id);
         if valid_id(id) {
-            push_name(out, format!("{word}/{id}"));
+            out.push(format!("{word}/{id}"));
         }
     }
 }
 
 /// Whether a canonical path lists a collection of project-bound resources (`/v1beta/files`,
-/// `/v1beta/models/veo/operations`): its last segment is a collection word.
+/// `/v1beta/models/veo/operations`): its last segment is a collection word, in any case.
 pub fn is_listing(path: &str) -> bool {
     let path = path.split('?').next().unwrap_or_default();
     path.trim_end_matches('/')
         .rsplit('/')
         .next()
-        .is_some_and(|last| COLLECTIONS.iter().any(|(w, _)| *w == last))
+        .is_some_and(|last| collection(last).is_some())
 }
 
 /// A listing answer with only the entries `keep` accepts: in every top-level array of objects,
@@ -270,11 +391,11 @@ pub fn filter_listing(answer: &[u8], keep: impl Fn(&str) -> bool) -> Option<Vec<
     for value in top.values_mut() {
         if let serde_json::Value::Array(items) = value {
             items.retain(|item| {
-                let mut names = Vec::new();
+                let mut names = Found::default();
                 if let Some(name) = item.get("name").and_then(|n| n.as_str()) {
                     push_resource_names(name, &mut names);
                 }
-                !names.is_empty() && names.iter().all(|n| keep(n))
+                !names.list.is_empty() && names.list.iter().all(|n| keep(n))
             });
         }
     }
@@ -296,6 +417,7 @@ mod tests {
         assert_eq!(kind_of("tunedModels/t.1"), Some(Kind::TunedModel));
         assert_eq!(kind_of("batches/b_1"), Some(Kind::Batch));
         assert_eq!(kind_of("operations/op"), Some(Kind::Operation));
+        assert_eq!(kind_of("fileSearchStores/s"), Some(Kind::FileSearchStore));
         assert_eq!(kind_of("models/gemini"), None);
         assert_eq!(kind_of("Files/abc"), None);
         assert_eq!(kind_of("files/"), None);
@@ -385,6 +507,14 @@ mod tests {
     #[test]
     fn mentions_outside_reference_fields_are_not_references() {
         for body in [
+            &br#"{"functionCall":{"name":"read","args":{"fileName":"files/config.json"}}}"#[..],
+            br#"{"functionResponse":{"name":"ls","response":{"fileUri":"files/x"}}}"#,
+            br#"{"tools":[{"functionDeclarations":[{"parameters":{"properties":{"model":{"type":"string"}}}}]}]}"#,
+            br#"{"fileName":"static/files/logo.png"}"#,
+            br#"{"file_name":"C:\proj\files\data.csv"}"#,
+            br#"{"text":"https://api.stripe.com/v1/files/file_123"}"#,
+            br#"{"text":"https://github.com/org/repo/blob/v1.2.0/files/setup.py"}"#,
+            br#"{"model":"models/gemini-2.5-flash"}"#,
             &br#"{"text":"see files/x and cachedContents/y"}"#[..],
             br#"{"functionCall":{"name":"read","args":{"path":"files/config.json"}}}"#,
             br#"{"text":"import x from \"./files/utils\""}"#,
@@ -402,6 +532,30 @@ mod tests {
         // A Gemini API URL counts wherever it is.
         let url = br#"{"text":"https://generativelanguage.googleapis.com/v1beta/files/u1"}"#;
         assert_eq!(names_in_body(url), names(&["files/u1"]));
+        // A function's result may carry media by reference: that is read.
+        let parts =
+            br#"{"functionResponse":{"name":"f","parts":[{"fileData":{"fileUri":"files/fr1"}}]}}"#;
+        assert_eq!(names_in_body(parts), names(&["files/fr1"]));
+        let stores =
+            br#"{"tools":[{"fileSearch":{"fileSearchStoreNames":["fileSearchStores/s1"]}}]}"#;
+        assert_eq!(names_in_body(stores), names(&["fileSearchStores/s1"]));
+    }
+
+    #[test]
+    fn names_chosen_at_creation_and_made_along_the_way() {
+        let upload = br#"{"file":{"name":"files/report-2026","displayName":"r"}}"#;
+        assert_eq!(chosen_names(upload), names(&["files/report-2026"]));
+        assert!(chosen_names(br#"{"file":{"displayName":"files/x"}}"#).is_empty());
+        let video = br#"{"name":"models/veo/operations/op1","done":true,"response":{"generatedVideos":[{"video":{"uri":"https://generativelanguage.googleapis.com/v1beta/files/viwx:download?alt=media"}}]}}"#;
+        assert!(names_in_answer(video).contains(&"files/viwx".to_string()));
+        assert!(has_batch_input_file(
+            br#"{"batch":{"input_config":{"file_name":"files/in"}}}"#
+        ));
+        assert!(!has_batch_input_file(
+            br#"{"batch":{"inputConfig":{"requests":{"requests":[]}}}}"#
+        ));
+        let batch = br#"{"name":"batches/b1","output":{"responsesFile":"files/batch-out"},"displayName":"files/echoed","metadata":{"prompt":"files/smuggled"}}"#;
+        assert_eq!(names_in_answer(batch), names(&["files/batch-out"]));
     }
 
     #[test]

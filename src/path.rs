@@ -137,9 +137,12 @@ pub struct Query {
 }
 
 /// Splits `query` into the parameters forwarded and the `key` credential. A parameter is the
-/// key parameter under every spelling Google reads as one: any letter case (`KEY=`), its name
-/// %-encoded (`%6Bey=`), separated by `&` or `;`, with a stray space around the name. The
-/// others keep their spelling and their separators.
+/// key parameter under every spelling Google reads as one: `key` or the system parameter
+/// `$key`, in any letter case (`KEY=`), its name %-encoded (`%6Bey=`, `%24key=`), separated by
+/// `&` or `;`, with a stray space around the name. Other credentials (`access_token`,
+/// `oauth_token`) and the system parameters that would make Google read the request differently
+/// from keygate (`$httpMethod`, `$ct`: method and content-type overrides) are dropped too. The
+/// rest keep their spelling and their separators.
 pub fn split_query(query: Option<&str>) -> Query {
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return Query::default();
@@ -155,11 +158,12 @@ pub fn split_query(query: Option<&str>) -> Query {
             .map_or(bytes.len(), |i| start + i);
         let param = &query[start..end];
         let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        let dropped = is_dropped_name(name);
         if is_key_name(name) {
             if key.is_none() {
                 key = Some(form_decode(value));
             }
-        } else if !param.is_empty() {
+        } else if !param.is_empty() && !dropped {
             if !forwarded.is_empty() {
                 // The separator that came before this parameter in the client's query.
                 forwarded.push(char::from(bytes[start - 1]));
@@ -174,11 +178,22 @@ pub fn split_query(query: Option<&str>) -> Query {
     }
 }
 
-/// Whether a query parameter name is read as `key`.
+/// Whether a query parameter name is read as `key` (or the system parameter `$key`).
 fn is_key_name(name: &str) -> bool {
     let decoded = form_decode(name);
     let trimmed = decoded.trim_ascii();
+    let trimmed = trimmed.strip_prefix(b"$").unwrap_or(trimmed);
     trimmed.eq_ignore_ascii_case(b"key")
+}
+
+/// Whether a query parameter is never forwarded: another credential, or a system parameter that
+/// overrides the method or the content type.
+fn is_dropped_name(name: &str) -> bool {
+    let decoded = form_decode(name);
+    let name = decoded.trim_ascii();
+    ["access_token", "oauth_token", "$httpmethod", "$ct"]
+        .iter()
+        .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
 }
 
 /// A query component decoded as a form value: `+` is a space, then %-escapes.
@@ -279,6 +294,18 @@ mod tests {
                 None,
             ),
             ("&&alt=sse&", Some("alt=sse"), None),
+            ("$key=abc&alt=sse", Some("alt=sse"), Some("abc")),
+            ("%24key=abc", None, Some("abc")),
+            (
+                "alt=sse&$httpMethod=GET&%24ct=application%2Fx-protobuf",
+                Some("alt=sse"),
+                None,
+            ),
+            (
+                "access_token=ya29&oauth_token=x&pageSize=1",
+                Some("pageSize=1"),
+                None,
+            ),
         ] {
             let q = split_query(Some(query));
             assert_eq!(q.forwarded.as_deref(), forwarded, "{query}");

@@ -12,8 +12,9 @@ use crate::classify::{
 };
 use crate::config::{ClientLimits, Timeouts};
 use crate::cors;
+use crate::endpoints;
 use crate::error::GatewayError;
-use crate::guard::{self, BodyBudget, Reservation};
+use crate::guard::{self, Reservation};
 use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Pick};
 use crate::logging::printable;
 use crate::names;
@@ -201,6 +202,9 @@ enum Learn {
     Delete(Vec<String>),
     /// A listing of project-bound resources, shown to a tenant: only its own entries stay.
     List,
+    /// A read of a known resource (an operation, a batch): files its answer names (a generated
+    /// video, a batch's results) belong to the same owner.
+    Read,
 }
 
 /// Everything the attempt loop needs about the request.
@@ -386,15 +390,34 @@ impl ProxyHttp for Gateway {
                 .websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query)
                 .await;
         }
+        // With tenants, only endpoints keygate can keep tenants apart on go through, with bodies
+        // it reads the way Google will.
+        if tenant.is_some() {
+            let req = session.req_header();
+            if !endpoints::tenant_may_call(&req.method, &path) {
+                let e = GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    format!(
+                        "keygate: {} {} is not forwarded for tenants: keygate cannot keep tenants apart on this endpoint (README, Security model)",
+                        req.method,
+                        printable(&path)
+                    ),
+                );
+                return refuse(session, ctx, api, &e).await;
+            }
+            if let Some(why) = unreadable_body(req, &path) {
+                let e = GatewayError::new(415, "INVALID_ARGUMENT", why);
+                return refuse(session, ctx, api, &e).await;
+            }
+        }
 
-        let body = match read_body(
-            session,
-            rt.max_body,
-            &self.shared.body_budget,
-            &rt.client_limits,
-        )
-        .await?
-        {
+        let share = tenant
+            .as_ref()
+            .filter(|_| rt.tenants.list().len() > 1)
+            .map(|t| t.state.buffered.clone());
+        let budget = self.shared.body_budget.reservation(share);
+        let body = match read_body(session, rt.max_body, budget, &rt.client_limits).await? {
             BodyRead::Body(body, reservation) => {
                 ctx.body_reservation = Some(reservation);
                 body
@@ -473,7 +496,12 @@ impl ProxyHttp for Gateway {
             },
         };
         // No address for the upstream: say so at once, without spending attempts on keys.
-        if let Err(why) = placed.pool.upstream.peer(rt.timeouts.connect).await {
+        if let Err(why) = placed
+            .pool
+            .upstream
+            .wait_resolved(rt.timeouts.connect)
+            .await
+        {
             let e = unresolved_error(placed.pool.name(), &why);
             return respond(session, ctx, Some(api), &e).await;
         }
@@ -618,6 +646,14 @@ impl Gateway {
                 }
             }
         }
+        // A batch from a file runs whatever requests the file holds, which keygate does not read.
+        if tenants && creates_resources(path) && names::has_batch_input_file(body) {
+            return Err(GatewayError::new(
+                403,
+                "PERMISSION_DENIED",
+                "keygate: with tenants, a batch must carry its requests inline (inputConfig.requests): keygate cannot check the requests inside an input file",
+            ));
+        }
         if tenants && names.len() > names::MAX_NAMES {
             return Err(GatewayError::new(
                 400,
@@ -639,9 +675,34 @@ impl Gateway {
             Learn::Create
         } else if tenants && req.method == http::Method::GET && names::is_listing(path) {
             Learn::List
+        } else if req.method == http::Method::GET && !names.is_empty() {
+            Learn::Read
         } else {
             Learn::Nothing
         };
+        // A name a create request chooses (an upload's `file.name`, a tuned model's id) must not
+        // be another tenant's: its resource would be taken over.
+        if tenants && matches!(learn, Learn::Create | Learn::UploadStart { .. }) {
+            let mut chosen = names::chosen_names(body);
+            if let Some(id) = query_value(req, "tunedModelId") {
+                chosen.push(format!("tunedModels/{id}"));
+            }
+            let me = tenant.map(|t| t.name.clone());
+            for name in chosen {
+                if self
+                    .shared
+                    .affinity
+                    .owner(&name, now)
+                    .is_some_and(|o| o.tenant != me)
+                {
+                    return Err(GatewayError::new(
+                        403,
+                        "PERMISSION_DENIED",
+                        format!("keygate: {name} belongs to another tenant"),
+                    ));
+                }
+            }
+        }
 
         // Every resource named must be this tenant's. One keygate does not know is refused with
         // tenants: searching the projects for it could find another tenant's.
@@ -1128,7 +1189,9 @@ impl Gateway {
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let keep_head = match job.learn {
-            Learn::Create | Learn::UploadContinue { .. } if success => CREATED_ANSWER_LIMIT,
+            Learn::Create | Learn::UploadContinue { .. } | Learn::Read if success => {
+                CREATED_ANSWER_LIMIT
+            }
             _ => 0,
         };
         // Tokens are counted on answers to generation and embedding calls only: resources
@@ -1335,10 +1398,28 @@ impl Gateway {
         let now = now_millis();
         let table = &self.shared.affinity;
         let owner = || self.owner(job, key, ctx.tenant.as_deref());
+        let bind = |name: &str| {
+            if !table.bind_new(name, owner(), now) {
+                log::warn!(
+                    "{} is already bound to another tenant or project; an answer of project {} named it too (kept the first owner)",
+                    printable(name),
+                    printable(&owner().project)
+                );
+            }
+        };
         match &job.learn {
             Learn::Create | Learn::UploadContinue { .. } => {
                 for name in tap.head().map(names::created_names).unwrap_or_default() {
-                    table.bind(&name, owner(), now);
+                    bind(&name);
+                }
+            }
+            Learn::Read => {
+                // What Google made for a resource this request's owner has (a video, a batch's
+                // results file) is that owner's too; names already bound keep their owner.
+                for name in tap.head().map(names::names_in_answer).unwrap_or_default() {
+                    if table.owner(&name, now).is_none() {
+                        bind(&name);
+                    }
                 }
             }
             Learn::Delete(names) => {
@@ -1358,7 +1439,7 @@ impl Gateway {
         // forgot) must not become the asker's.
         if !matches!(job.learn, Learn::Delete(_)) && ctx.tenant.is_none() {
             for name in &job.unbound {
-                table.bind(name, owner(), now);
+                bind(name);
             }
         }
     }
@@ -1390,6 +1471,19 @@ impl Gateway {
         }
         ctx.model = LIVE_MODEL.to_string();
         let pool = match rt.route(tenant, "") {
+            // A session names its model inside itself, where keygate does not look: a tenant held
+            // to some pools may open one only on a pool that serves every model.
+            Route::Pool(i)
+                if tenant.is_some_and(|t| t.pools.len() < rt.pools.len())
+                    && !rt.pools[i].config.models.is_empty() =>
+            {
+                let e = GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    "keygate: a Live session names its model inside the session, which keygate does not read; this tenant may open one only on a pool that serves every model",
+                );
+                return refuse(session, ctx, Api::Gemini, &e).await;
+            }
             Route::Pool(i) => rt.pools[i].clone(),
             Route::NoPool => {
                 let e =
@@ -1668,6 +1762,19 @@ fn error_reply(answer: Answer, outcome: &Outcome, keys: &KeyPool, key: KeyId) ->
     }
     let raw = Bytes::from(answer.body.read.concat());
     let gzip = is_gzip(&answer.header);
+    let encoded = answer
+        .header
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded && !gzip {
+        // keygate asks for gzip or nothing; a body in another encoding cannot be checked for keys.
+        return ErrorReply::Own(GatewayError::new(
+            status,
+            status_name(status),
+            format!("keygate: Google answered {status} in an encoding keygate does not read"),
+        ));
+    }
     let plain = if gzip {
         match gunzip(&raw, MAX_CLASSIFY_BODY * 16) {
             Some(plain) => std::borrow::Cow::Owned(plain),
@@ -1964,7 +2071,7 @@ enum BodyRead {
 async fn read_body(
     session: &mut Session,
     limit: usize,
-    budget: &Arc<BodyBudget>,
+    mut reservation: Reservation,
     limits: &ClientLimits,
 ) -> pingora::Result<BodyRead> {
     let declared = session
@@ -1976,11 +2083,8 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Ok(BodyRead::TooLarge);
     }
-    let mut reservation = budget.reservation();
-    // A declared length is reserved at once: a body that cannot fit is refused before it is sent.
-    if !reservation.grow(declared.unwrap_or(0)) {
-        return Ok(BodyRead::OverBudget);
-    }
+    // Memory is reserved as bytes arrive, not on the declared length: a client that declares a
+    // large body and sends it slowly holds only what it sent.
     let expects_continue = session
         .req_header()
         .headers
@@ -2030,6 +2134,33 @@ async fn read_body(
         _ => Bytes::from(chunks.concat()),
     };
     Ok(BodyRead::Body(body, reservation))
+}
+
+/// Why a tenant's request body would not read to Google as it reads to keygate, if it would
+/// not: keygate reads bodies as JSON, unencoded. A body Google would read as protobuf or form
+/// fields, or one compressed, could name resources keygate never sees. Uploads carry media.
+fn unreadable_body(req: &RequestHeader, path: &str) -> Option<&'static str> {
+    if path.starts_with("/upload/") {
+        return None;
+    }
+    let header = |name| {
+        req.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+    };
+    if header(header::CONTENT_ENCODING).is_some_and(|e| e.trim() != "identity") {
+        return Some("keygate: request bodies must not be compressed (Content-Encoding)");
+    }
+    let json = |t: &str| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t.is_empty() || t == "application/json" || t.ends_with("+json") || t == "text/plain"
+    };
+    if header(header::CONTENT_TYPE).is_some_and(|t| !json(&t)) {
+        return Some(
+            "keygate: request bodies are read as JSON: send Content-Type: application/json",
+        );
+    }
+    None
 }
 
 /// keygate's answer to a body it did not take.
@@ -2197,6 +2328,20 @@ fn counts_tokens(method: &str) -> bool {
             | "chat/completions"
             | "completions"
             | "embeddings"
+    )
+}
+
+/// The value of query parameter `name`, %-decoded, if there is one.
+fn query_value(req: &RequestHeader, name: &str) -> Option<String> {
+    let value = req
+        .uri
+        .query()?
+        .split(['&', ';'])
+        .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))?;
+    Some(
+        percent_encoding::percent_decode_str(value)
+            .decode_utf8_lossy()
+            .into_owned(),
     )
 }
 

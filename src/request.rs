@@ -38,6 +38,16 @@ const HOP_BY_HOP: [&str; 11] = [
 /// CORS headers and decide on its own which pages may read keygate's answers.
 const BROWSER_ONLY: [&str; 2] = ["origin", "referer"];
 
+/// Headers that would make Google read the request otherwise than keygate did (another method)
+/// or bill another project; keygate sets `accept-encoding` itself.
+const OVERRIDES: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-goog-user-project",
+    "accept-encoding",
+];
+
 /// What a request path is, for forwarding purposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -332,6 +342,7 @@ pub fn upstream_request(
         if CREDENTIAL_HEADERS.contains(&n)
             || HOP_BY_HOP.contains(&n)
             || BROWSER_ONLY.contains(&n)
+            || OVERRIDES.contains(&n)
             || n == "content-length"
             || listed.iter().any(|l| l == name)
         {
@@ -346,6 +357,18 @@ pub fn upstream_request(
     if fwd.body_len > 0 || method_has_body {
         req.insert_header(header::CONTENT_LENGTH, fwd.body_len)?;
     }
+    // Answers come back in gzip or plain, the two encodings keygate reads (and a client that
+    // does not take gzip gets plain).
+    let gzip = client
+        .headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("gzip"));
+    req.insert_header(
+        header::ACCEPT_ENCODING,
+        if gzip { "gzip" } else { "identity" },
+    )?;
     match fwd.api {
         Api::Gemini => req.insert_header("x-goog-api-key", key)?,
         Api::OpenAi => req.insert_header(header::AUTHORIZATION, format!("Bearer {key}"))?,
@@ -600,6 +623,9 @@ mod tests {
                 ("host", "gateway.local"),
                 ("content-type", "application/json"),
                 ("x-goog-api-client", "genai-py"),
+                ("x-http-method-override", "GET"),
+                ("x-goog-user-project", "someone-else"),
+                ("accept-encoding", "br, deflate"),
             ],
         );
         let query = crate::path::split_query(client.uri.query());
@@ -625,9 +651,12 @@ mod tests {
             "keep-alive",
             "transfer-encoding",
             "expect",
+            "x-http-method-override",
+            "x-goog-user-project",
         ] {
             assert!(!names.contains(&gone), "{gone} in {names:?}");
         }
+        assert_eq!(req.headers["accept-encoding"], "identity");
         assert_eq!(req.headers["authorization"], "Bearer POOLKEY");
         assert_eq!(req.headers["host"], "upstream.test");
         assert_eq!(req.headers["content-length"], "10");

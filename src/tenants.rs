@@ -60,6 +60,8 @@ pub struct TenantState {
     pub refused_fair_share: AtomicU64,
     /// Requests in flight now.
     in_flight: AtomicU32,
+    /// Bytes of this tenant's request bodies held in memory now.
+    pub buffered: Arc<std::sync::atomic::AtomicUsize>,
     /// GCRA's theoretical arrival time, in microseconds since the epoch.
     rate_tat: AtomicU64,
 }

@@ -133,6 +133,18 @@ impl Upstream {
         if let Some(p) = self.next_peer() {
             return Ok(p);
         }
+        self.wait_resolved(wait).await?;
+        self.next_peer().ok_or_else(|| {
+            self.address_problem()
+                .unwrap_or_else(|| format!("upstream host '{}' has no address", self.config.host))
+        })
+    }
+
+    /// Like [`Upstream::peer`] without taking a peer (the round-robin stays where it is).
+    pub async fn wait_resolved(&self, wait: Duration) -> Result<(), String> {
+        if self.is_resolved() {
+            return Ok(());
+        }
         let _ = tokio::time::timeout(wait, async {
             loop {
                 let notified = self.resolved.notified();
@@ -143,10 +155,10 @@ impl Upstream {
             }
         })
         .await;
-        self.next_peer().ok_or_else(|| {
-            self.address_problem()
-                .unwrap_or_else(|| format!("upstream host '{}' has no address", self.config.host))
-        })
+        match self.address_problem() {
+            None => Ok(()),
+            Some(why) => Err(why),
+        }
     }
 
     /// A peer for one WebSocket session: like [`Upstream::peer`], but HTTP/1.1 only, since the
@@ -406,6 +418,24 @@ mod tests {
         assert_eq!(up.address_problem(), None);
         let peer = up.peer(Duration::ZERO).await.unwrap();
         assert!(matches!(peer.address(), PeerAddr::Inet(a) if *a == addr));
+    }
+
+    #[tokio::test]
+    async fn checking_for_an_address_does_not_move_the_rotation() {
+        let up = upstream("api.example.test");
+        let a: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:8080".parse().unwrap();
+        up.apply_lookup(Ok(vec![a, b])).unwrap();
+        let mut firsts = Vec::new();
+        for _ in 0..4 {
+            up.wait_resolved(Duration::ZERO).await.unwrap();
+            let peer = up.peer(Duration::ZERO).await.unwrap();
+            firsts.push(match peer.address() {
+                PeerAddr::Inet(x) => *x,
+                _ => unreachable!(),
+            });
+        }
+        assert_eq!(firsts, vec![a, b, a, b]);
     }
 
     #[tokio::test]

@@ -106,6 +106,23 @@ proptest! {
     }
 
     #[test]
+    fn paths_and_tool_arguments_are_not_references(
+        dir in "[a-z][a-z0-9_-]{0,8}",
+        id in "[a-z0-9]{1,12}",
+        word in prop_oneof![Just("files"), Just("cachedContents"), Just("batches")],
+        field in prop_oneof![Just("fileName"), Just("file_name"), Just("path"), Just("model")],
+        host in "[a-z]{3,10}\\.(com|org|io)",
+    ) {
+        prop_assume!(!dir.starts_with("v1") && dir != "models" && !dir.eq_ignore_ascii_case(word));
+        let repo_path = format!("{dir}/{word}/{id}.txt");
+        let url = format!("https://{host}/v1/{word}/{id}");
+        let body = format!(
+            r#"{{"contents":[{{"parts":[{{"text":"{url}"}},{{"functionCall":{{"name":"f","args":{{"{field}":"{word}/{id}"}}}}}}]}}],"{field}":"{repo_path}"}}"#
+        );
+        prop_assert!(names_in_body(body.as_bytes()).is_empty(), "{}", body);
+    }
+
+    #[test]
     fn the_name_scanner_takes_any_bytes(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let found = names_in_body(&body);
         prop_assert!(found.len() <= MAX_NAMES + 1);

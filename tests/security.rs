@@ -983,3 +983,230 @@ async fn a_429_too_large_to_read_whole_is_classified_on_its_prefix() {
     }
     assert!(mock.keys_seen()[2..].iter().all(|k| *k != refused));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Found by an adversarial review of the fixes above (each reproduced against them first)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_tenants_only_endpoints_keygate_can_police_are_forwarded() {
+    let (mock, kg) = split_pools().await;
+    let bob = [("x-goog-api-key", "tok-bob")];
+    // The Interactions API names its model in the body; File Search stores, generated files and
+    // the like are resources keygate does not track: none may reach Google for a tenant.
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1beta/interactions",
+            r#"{"model":"gemini-2.5-pro","input":"hi"}"#,
+        ),
+        ("GET", "/v1beta/interactions/abc", ""),
+        ("GET", "/v1beta/fileSearchStores", ""),
+        ("GET", "/v1beta/fileSearchStores/alice-store/documents", ""),
+        ("GET", "/v1beta/generatedFiles", ""),
+        (
+            "POST",
+            "/v1beta/models/gemini-2.5-flash:generateAnswer",
+            "{}",
+        ),
+        ("POST", "/v1beta/openai/files", "{}"),
+    ] {
+        let request = if method == "GET" {
+            raw_get(path, &bob)
+        } else {
+            raw_post(path, &bob, body)
+        };
+        let (status, text) = raw_http(kg.addr, &request);
+        assert_eq!(status, 403, "{method} {path}: {text}");
+    }
+    // A File Search store named in a generateContent is a resource keygate does not know.
+    let tools = r#"{"contents":[{"parts":[{"text":"hi"}]}],"tools":[{"fileSearch":{"fileSearchStoreNames":["fileSearchStores/alice-store"]}}]}"#;
+    let (status, text) = raw_http(
+        kg.addr,
+        &raw_post(
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            &bob,
+            tools,
+        ),
+    );
+    assert_eq!(status, 403, "{text}");
+    // A body Google would read otherwise than keygate: protobuf, or compressed.
+    for header in [
+        ("Content-Type", "application/x-protobuf"),
+        ("Content-Encoding", "gzip"),
+    ] {
+        let headers = [bob[0], header];
+        let (status, text) = raw_http(kg.addr, &raw_post(GENERATE, &headers, &prompt()));
+        assert_eq!(status, 415, "{header:?}: {text}");
+    }
+    // A Live session names its model inside the session: bob, held to the flash pool (which
+    // lists its models), may not open one.
+    let (status, text) = raw_http(
+        kg.addr,
+        b"GET /ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent HTTP/1.1\r\nHost: k\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-goog-api-key: tok-bob\r\n\r\n",
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        mock.seen().is_empty(),
+        "{:?}",
+        mock.seen().iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overrides_and_system_parameters_do_not_reach_google() {
+    let (mock, yaml) = team(&[("secret-k1", "p1")], &["alice", "bob"]).await;
+    let kg = Keygate::start(&yaml);
+    upload_file(&kg, "tok-alice").await;
+    // POST with a method override would make Google list the project's files unfiltered.
+    let resp = client()
+        .post(format!("{}/v1beta/files", kg.url()))
+        .header("x-goog-api-key", "tok-bob")
+        .header("x-http-method-override", "GET")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("notes"), "{text}");
+    // Case does not hide a listing.
+    let (status, text) = get_as(&kg, "/v1beta/FILES", "tok-bob").await;
+    assert!(!text.contains("mockfile"), "{status}: {text}");
+    // `$key`, `$httpMethod`, `$ct`, access tokens: never forwarded (or logged).
+    let resp = post_prompt(
+        &kg,
+        "%24key=tok-bob&$httpMethod=GET&%24ct=application%2Fx-protobuf&access_token=ya29.made-up",
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200, "$key authenticates too");
+    for seen in mock.seen() {
+        let query = seen.query.clone().unwrap_or_default();
+        for gone in ["key", "httpMethod", "ct=", "access_token"] {
+            assert!(!query.contains(gone), "forwarded {query}");
+        }
+        assert!(!seen.headers.contains_key("x-http-method-override"));
+        let encoding = seen
+            .headers
+            .get("accept-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert!(
+            matches!(encoding.as_deref(), Some("gzip" | "identity")),
+            "{encoding:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kg.assert_logs_clean(&["tok-bob", "ya29.made-up"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_in_an_encoding_keygate_cannot_read_is_withheld() {
+    let (mock, kg) = one_key("").await;
+    // Whatever the client accepts, keygate asks Google for gzip or nothing; an answer in
+    // another encoding (which it cannot check for keys) is not relayed.
+    let quoting = r#"{"error":{"code":400,"message":"Bad value for api_key:secret-k1","status":"INVALID_ARGUMENT"}}"#;
+    mock.respond_next_with(None, 1, 400, quoting, &[("content-encoding", "br")]);
+    let resp = post_prompt(&kg, "", &[("accept-encoding", "br, deflate")]).await;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        mock.seen()[0].headers["accept-encoding"],
+        "identity",
+        "keygate asks for gzip or nothing"
+    );
+    assert_no_key(&text, &["secret-k1"]);
+    assert!(text.contains("keygate"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chosen_name_cannot_take_over_another_tenants_resource() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    let file = upload_file(&kg, "tok-alice").await;
+    let name = file["name"].as_str().unwrap().to_string();
+    let before = mock.uploads_started();
+    let resp = client()
+        .post(format!("{}/upload/v1beta/files", kg.url()))
+        .header("x-goog-api-key", "tok-bob")
+        .header("x-goog-upload-protocol", "resumable")
+        .header("x-goog-upload-command", "start")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"file":{{"name":"{name}","display_name":"mine now"}}}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "{}", resp.text().await.unwrap());
+    assert_eq!(mock.uploads_started(), before);
+    let (status, body) = post_as(&kg, GENERATE, "tok-alice", body_with_file(&name)).await;
+    assert_eq!(status, 200, "alice lost her file: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coding_tool_traffic_mentioning_files_goes_through() {
+    let (_mock, kg, _admin) = team_with_admin().await;
+    let body = r#"{"contents":[
+        {"role":"user","parts":[{"text":"See https://github.com/org/repo/blob/v1.2.0/files/setup.py and https://api.openai.com/v1/batches/batch_abc"}]},
+        {"role":"model","parts":[{"functionCall":{"name":"read_file","args":{"fileName":"files/logo.png","file_name":"C:\\proj\\files\\data.csv"}}}]},
+        {"role":"user","parts":[{"functionResponse":{"name":"read_file","response":{"fileUri":"files/x","content":"..."}}}]}],
+        "tools":[{"functionDeclarations":[{"name":"read_file","parameters":{"type":"object","properties":{"fileName":{"type":"string"},"model":{"type":"string"}}}}]}]}"#;
+    let (status, text) = post_as(&kg, GENERATE, "tok-bob", body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_video_can_be_downloaded_by_its_tenant_only() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    let (status, op) = post_as(
+        &kg,
+        "/v1beta/models/veo-3.0-generate-preview:predictLongRunning",
+        "tok-alice",
+        r#"{"instances":[{"prompt":"a fox"}]}"#.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{op}");
+    let op: Value = serde_json::from_str(&op).unwrap();
+    let op_path = format!("/v1beta/{}", op["name"].as_str().unwrap());
+    let (status, done) = get_as(&kg, &op_path, "tok-alice").await;
+    assert_eq!(status, 200, "{done}");
+    let done: Value = serde_json::from_str(&done).unwrap();
+    let uri = done["response"]["generateVideoResponse"]["generatedSamples"][0]["video"]["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = uri
+        .split_once("/v1beta/")
+        .map(|(_, p)| format!("/v1beta/{p}"))
+        .unwrap();
+    let (status, bytes) = get_as(&kg, &path, "tok-alice").await;
+    assert_eq!(status, 200, "{bytes}");
+    assert_eq!(bytes, "mock video bytes");
+    let (status, _) = get_as(&kg, &path, "tok-bob").await;
+    assert_eq!(status, 403);
+    let (status, _) = get_as(&kg, &op_path, "tok-bob").await;
+    assert_eq!(status, 403);
+    assert!(mock.seen().iter().all(|s| s.status == 200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_from_an_input_file_is_refused_for_tenants() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    let file = upload_file(&kg, "tok-alice").await;
+    let before = mock.seen().len();
+    let body = format!(
+        r#"{{"batch":{{"display_name":"b","input_config":{{"file_name":"{}"}}}}}}"#,
+        file["name"].as_str().unwrap()
+    );
+    let (status, text) = post_as(
+        &kg,
+        "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        "tok-alice",
+        body,
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("inline"), "{text}");
+    assert_eq!(mock.seen().len(), before);
+}

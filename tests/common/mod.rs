@@ -1045,12 +1045,30 @@ fn foreign_mention(s: &State, project: &str, body: &[u8]) -> Option<String> {
     foreign_cache.then(|| CACHE_DENIED_BODY.to_string())
 }
 
-/// Every string value in a JSON document.
+/// The string values Google reads as references: those of `fileUri`, `cachedContent` and
+/// `fileName` (either spelling), outside function-call arguments and results.
 fn json_strings(value: &serde_json::Value, out: &mut Vec<String>) {
+    const FIELDS: [&str; 6] = [
+        "fileUri",
+        "file_uri",
+        "cachedContent",
+        "cached_content",
+        "fileName",
+        "file_name",
+    ];
     match value {
-        serde_json::Value::String(s) => out.push(s.clone()),
         serde_json::Value::Array(items) => items.iter().for_each(|v| json_strings(v, out)),
-        serde_json::Value::Object(map) => map.values().for_each(|v| json_strings(v, out)),
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) if FIELDS.contains(&k.as_str()) => {
+                        out.push(s.clone())
+                    }
+                    _ if k == "args" || k == "response" => {}
+                    v => json_strings(v, out),
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -1254,6 +1272,51 @@ fn resource(
             r.headers_mut()
                 .insert("x-goog-upload-url", url.parse().unwrap());
             Some(r)
+        }
+        // Video generation: an operation that is done at once, its video a new file of the
+        // project; reading the operation names the file, which downloads as bytes.
+        [ver, "models", model]
+            if ver.starts_with("v1") && model.ends_with(":predictLongRunning") =>
+        {
+            s.files_made += 1;
+            let n = s.files_made;
+            let model = model.trim_end_matches(":predictLongRunning");
+            let op_name = format!("models/{model}/operations/op{n}");
+            let file = format!("files/video{n}");
+            let operation = serde_json::json!({
+                "name": op_name,
+                "done": true,
+                "response": {"generateVideoResponse": {"generatedSamples": [
+                    {"video": {"uri": format!("{}/{ver}/{file}:download?alt=media", s.base)}}
+                ]}},
+            });
+            s.resources.insert(
+                file.clone(),
+                (project.into(), serde_json::json!({"name": file})),
+            );
+            s.resources
+                .insert(format!("operations/op{n}"), (project.into(), operation));
+            Some(json(
+                200,
+                serde_json::json!({ "name": op_name }).to_string(),
+                false,
+            ))
+        }
+        [ver, "models", _, "operations", op]
+            if ver.starts_with("v1") && method == http::Method::GET =>
+        {
+            let name = format!("operations/{op}");
+            Some(match s.resources.get(&name).filter(|(p, _)| p == project) {
+                Some((_, operation)) => json(200, operation.to_string(), false),
+                None => json(404, r#"{"error":{"code":404,"message":"Operation not found.","status":"NOT_FOUND"}}"#.into(), false),
+            })
+        }
+        [ver, "files", id] if ver.starts_with("v1") && id.ends_with(":download") => {
+            let name = format!("files/{}", id.trim_end_matches(":download"));
+            Some(match s.resources.get(&name).filter(|(p, _)| p == project) {
+                Some(_) => full(200, "video/mp4", "mock video bytes"),
+                None => json(403, FILE_DENIED_BODY.replace("ID", &name), false),
+            })
         }
         [ver, "cachedContents"] if ver.starts_with("v1") && method == http::Method::POST => {
             if let Some(denied) = foreign_mention(s, project, body) {
@@ -1788,12 +1851,18 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     (status, text)
 }
 
-/// A raw request with `Connection: close` and a body.
+/// A raw request with `Connection: close` and a body (JSON unless `headers` say otherwise).
 pub fn raw_post(path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
     let mut r = format!(
-        "POST {path} HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "POST {path} HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        r.push_str("Content-Type: application/json\r\n");
+    }
     for (k, v) in headers {
         r.push_str(&format!("{k}: {v}\r\n"));
     }

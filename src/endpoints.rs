@@ -1,0 +1,153 @@
+//! The endpoints keygate forwards for tenants: only those it can keep tenants apart on.
+//!
+//! Google's API grows (File Search stores, the Interactions API, generated files...), and each new
+//! kind of resource is one keygate would have to recognise, bind and filter to keep one tenant out
+//! of another's. So with tenants the rule is deny by default: the endpoints below, whose models and
+//! resources keygate reads, go through; anything else gets 403 until keygate learns it. Without
+//! tenants (one user), every path under the API's prefixes is forwarded.
+
+use http::Method;
+
+/// Methods a tenant may call on `models/{model}`: generation, counting, embedding, prediction.
+const MODEL_METHODS: [&str; 9] = [
+    "generateContent",
+    "streamGenerateContent",
+    "countTokens",
+    "embedContent",
+    "batchEmbedContents",
+    "predict",
+    "predictLongRunning",
+    "batchGenerateContent",
+    "asyncBatchEmbedContent",
+];
+
+/// Whether a tenant may call `method` on the canonical `path` (after any OpenAI-style alias).
+pub fn tenant_may_call(method: &Method, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (upload, rest) = match segments.as_slice() {
+        ["upload", version, rest @ ..] if version.starts_with("v1") => (true, rest),
+        [version, rest @ ..] if version.starts_with("v1") => (false, rest),
+        _ => return false,
+    };
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let post = *method == Method::POST;
+    let delete = *method == Method::DELETE;
+    let patch = *method == Method::PATCH;
+    // `name:method` split.
+    let call = |segment: &str| segment.split_once(':').map(|(_, m)| m.to_string());
+    let plain = |segment: &str| !segment.contains(':');
+    if upload {
+        // Media uploads create files; continuations carry keygate's own upload id.
+        return matches!(rest, ["files"]) && (post || *method == Method::PUT);
+    }
+    match rest {
+        ["openai", endpoint @ ..] => match endpoint {
+            ["chat", "completions"] | ["completions"] | ["embeddings"] => post,
+            ["images", "generations"] => post,
+            ["models"] => read,
+            ["models", m] => read && plain(m),
+            _ => false,
+        },
+        ["models"] => read,
+        ["models", m] if plain(m) => read,
+        ["models", m] => post && call(m).is_some_and(|c| MODEL_METHODS.contains(&c.as_str())),
+        ["models", _, "operations"] => read,
+        ["models", _, "operations", op] => operation(method, op),
+        ["tunedModels"] => read || post,
+        ["tunedModels", t] if plain(t) => read || patch || delete,
+        ["tunedModels", t] => post && call(t).is_some_and(|c| MODEL_METHODS.contains(&c.as_str())),
+        ["tunedModels", _, "operations"] => read,
+        ["tunedModels", _, "operations", op] => operation(method, op),
+        ["files"] => read || post,
+        ["files", f] if plain(f) => read || delete,
+        ["files", f] => read && call(f).as_deref() == Some("download"),
+        ["cachedContents"] => read || post,
+        ["cachedContents", c] => plain(c) && (read || patch || delete),
+        ["batches"] => read,
+        ["batches", b] if plain(b) => read || delete || patch,
+        ["batches", b] => post && call(b).as_deref() == Some("cancel"),
+        ["operations"] => read,
+        ["operations", op] => operation(method, op),
+        _ => false,
+    }
+}
+
+/// A long-running operation: read, deleted, or cancelled.
+fn operation(method: &Method, segment: &str) -> bool {
+    match segment.split_once(':') {
+        None => *method == Method::GET || *method == Method::HEAD || *method == Method::DELETE,
+        Some((_, call)) => *method == Method::POST && call == "cancel",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_tenant_may_call() {
+        let allowed = [
+            ("GET", "/v1beta/models"),
+            ("GET", "/v1/models/gemini-2.5-flash"),
+            ("POST", "/v1beta/models/gemini-2.5-flash:generateContent"),
+            (
+                "POST",
+                "/v1alpha/models/gemini-2.5-flash:streamGenerateContent",
+            ),
+            (
+                "POST",
+                "/v1beta/models/text-embedding-004:batchEmbedContents",
+            ),
+            ("POST", "/v1beta/models/veo-3.0:predictLongRunning"),
+            ("GET", "/v1beta/models/veo-3.0/operations/op1"),
+            ("POST", "/v1beta/tunedModels/t1:generateContent"),
+            ("GET", "/v1beta/files"),
+            ("GET", "/v1beta/files/abc"),
+            ("DELETE", "/v1beta/files/abc"),
+            ("GET", "/v1beta/files/abc:download"),
+            ("POST", "/upload/v1beta/files"),
+            ("POST", "/v1beta/cachedContents"),
+            ("PATCH", "/v1beta/cachedContents/c1"),
+            ("GET", "/v1beta/batches/b1"),
+            ("POST", "/v1beta/batches/b1:cancel"),
+            ("GET", "/v1beta/operations/op1"),
+            ("POST", "/v1beta/operations/op1:cancel"),
+            ("POST", "/v1beta/openai/chat/completions"),
+            ("POST", "/v1beta/openai/embeddings"),
+            ("GET", "/v1beta/openai/models"),
+        ];
+        for (method, path) in allowed {
+            assert!(
+                tenant_may_call(&method.parse().unwrap(), path),
+                "{method} {path}"
+            );
+        }
+        let refused = [
+            ("POST", "/v1beta/interactions"),
+            ("GET", "/v1beta/interactions/abc"),
+            ("GET", "/v1beta/fileSearchStores"),
+            ("POST", "/v1beta/fileSearchStores/s1:importFile"),
+            ("GET", "/v1beta/generatedFiles"),
+            ("GET", "/v1beta/corpora"),
+            ("POST", "/v1beta/models/gemini-2.5-flash:generateAnswer"),
+            ("POST", "/v1beta/tunedModels/t1:transferOwnership"),
+            ("POST", "/v1beta/tunedModels/t1/permissions"),
+            ("POST", "/v1beta/files/abc"),
+            ("POST", "/v1beta/openai/files"),
+            ("POST", "/v1beta/openai/batches"),
+            ("PUT", "/v1beta/models/x:generateContent"),
+            ("GET", "/v2/models"),
+            (
+                "POST",
+                "/upload/v1beta/fileSearchStores/s1:uploadToFileSearchStore",
+            ),
+        ];
+        for (method, path) in refused {
+            assert!(
+                !tenant_may_call(&method.parse().unwrap(), path),
+                "{method} {path}"
+            );
+        }
+    }
+}
