@@ -339,6 +339,10 @@ impl AsyncRead for DeadlineStream {
         if phase == RUNNING && Instant::now() >= self.deadline() {
             return Poll::Ready(Err(header_timed_out()));
         }
+        if phase != RUNNING && self.sleep.is_some() {
+            // The header came: its timer must not wake the connection later for nothing.
+            self.sleep = None;
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         match (&read, phase) {

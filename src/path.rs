@@ -57,6 +57,9 @@ pub fn canonical(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if is_canonical(raw) {
+        return Ok(raw.to_string());
+    }
     let bytes = raw.as_bytes();
     if bytes.contains(&b'\\') {
         return Err(PathError::EncodedSeparator);
@@ -92,6 +95,17 @@ pub fn canonical(raw: &str) -> Result<String, PathError> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// Whether `raw` (absolute) is already canonical: nothing to decode, collapse or refuse. Most
+/// paths are, and this single pass is all they cost.
+fn is_canonical(raw: &str) -> bool {
+    let kept = |b: u8| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&b);
+    raw.bytes().all(kept)
+        && !raw.contains("//")
+        && raw
+            .split('/')
+            .all(|segment| segment != "." && segment != "..")
 }
 
 /// The segments of a path, URI or bare resource name as a lenient reader takes them: a
@@ -209,6 +223,44 @@ fn form_decode(text: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_agrees_with_the_long_one() {
+        for raw in [
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            "/v1beta/files/abc",
+            "/",
+            "/v1beta/models/",
+            "/v1beta/a..b/...",
+            "/v1beta/x/a%20b",
+            "//v1beta/x",
+            "/v1beta/./x",
+        ] {
+            if is_canonical(raw) {
+                let long = raw
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| percent_encode(s.as_bytes(), SEGMENT).to_string())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let long = format!(
+                    "/{long}{}",
+                    if raw.len() > 1 && raw.ends_with('/') {
+                        "/"
+                    } else {
+                        ""
+                    }
+                );
+                assert_eq!(raw, long, "{raw}");
+            }
+        }
+        assert!(is_canonical(
+            "/v1beta/models/gemini-2.5-flash:generateContent"
+        ));
+        assert!(!is_canonical("/v1beta/x/a%20b"));
+        assert!(!is_canonical("//v1beta/x"));
+        assert!(!is_canonical("/v1beta/./x"));
+    }
 
     #[test]
     fn canonical_paths() {

@@ -34,6 +34,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::io::Read;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,6 +114,8 @@ enum SendError {
     /// The exchange failed after connecting; `reused` says whether the connection came from
     /// the pool (a stale pooled connection is retried at once).
     Exchange { error: Box<Error>, reused: bool },
+    /// The client hung up while the answer was awaited.
+    ClientGone,
 }
 
 impl SendError {
@@ -122,6 +125,7 @@ impl SendError {
             SendError::Connect(_) => "connect_error",
             SendError::Exchange { error, .. } if is_timeout(error) => "timeout",
             SendError::Exchange { .. } => "upstream_error",
+            SendError::ClientGone => "client_gone",
         }
     }
 
@@ -161,6 +165,9 @@ impl SendError {
                     error.etype().as_str()
                 ),
             ),
+            SendError::ClientGone => {
+                GatewayError::new(499, "CANCELLED", "keygate: the client closed the request")
+            }
         }
     }
 }
@@ -209,8 +216,8 @@ enum Learn {
 
 /// Everything the attempt loop needs about the request.
 struct Job<'a> {
-    /// The client's request header, as the attempts copy it.
-    client: &'a RequestHeader,
+    /// What the attempts send of the client's request.
+    outgoing: request::Outgoing,
     forward: request::Forward<'a>,
     body: Bytes,
     model: &'a str,
@@ -518,11 +525,10 @@ impl ProxyHttp for Gateway {
         }
 
         let path_and_query = placed.path_and_query.unwrap_or(path_and_query);
-        // The attempts build their requests from this copy, so the client connection stays free
-        // to be watched for a hang-up while they run.
-        let client = session.req_header().clone();
+        // The attempts build their requests from this, so the client connection stays free to be
+        // watched for a hang-up while they run.
         let job = Job {
-            client: &client,
+            outgoing: request::Outgoing::from_client(session.req_header()),
             forward: request::Forward {
                 api,
                 path_and_query: &path_and_query,
@@ -893,22 +899,19 @@ impl Gateway {
             }
             let sent = Instant::now();
             // A client that hangs up ends the attempts: nobody would read the answer.
-            let attempt = async {
-                let mut answer = self.send(&job.pool, job, key).await?;
-                let status = answer.header.status.as_u16();
-                if !(200..300).contains(&status) {
-                    read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+            let mut answer = match self.send(session, &job.pool, job, key).await {
+                Err(SendError::ClientGone) => return Ok(client_gone(session, ctx)),
+                Ok(mut answer) => {
+                    if !(200..300).contains(&answer.header.status.as_u16()) {
+                        read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+                    }
+                    answer
                 }
-                Ok(answer)
-            };
-            let mut answer = match unless_client_gone(session, attempt).await {
-                None => return Ok(client_gone(session, ctx)),
-                Some(Ok(a)) => a,
-                Some(Err(SendError::Unresolved(why))) => {
+                Err(SendError::Unresolved(why)) => {
                     let e = unresolved_error(job.pool.name(), &why);
                     return respond(session, ctx, Some(job.forward.api), &e).await;
                 }
-                Some(Err(err)) => {
+                Err(err) => {
                     ctx.attempts.push(AttemptLog {
                         key,
                         outcome: err.label(),
@@ -1095,7 +1098,13 @@ impl Gateway {
     }
 
     /// Sends the request on `key` and reads the answer's header.
-    async fn send(&self, pool: &Pool, job: &Job<'_>, key: KeyId) -> Result<Answer, SendError> {
+    async fn send(
+        &self,
+        session: &mut Session,
+        pool: &Pool,
+        job: &Job<'_>,
+        key: KeyId,
+    ) -> Result<Answer, SendError> {
         let upstream = &pool.upstream;
         let timeouts = self.shared.runtime.load().timeouts;
         let peer = upstream
@@ -1113,7 +1122,7 @@ impl Gateway {
             h2: matches!(http, ClientSession::H2(_)),
         };
         let req = request::upstream_request(
-            job.client,
+            &job.outgoing,
             &job.forward,
             job.keys.key(key).secret.expose(),
             &target,
@@ -1124,9 +1133,11 @@ impl Gateway {
         })?;
         http.set_read_timeout(Some(timeouts.read));
         http.set_write_timeout(Some(timeouts.write));
-        exchange(&mut http, req, &job.body)
-            .await
-            .map_err(|error| SendError::Exchange { error, reused })?;
+        match exchange(&mut http, req, &job.body, Some(session)).await {
+            Ok(true) => {}
+            Ok(false) => return Err(SendError::ClientGone),
+            Err(error) => return Err(SendError::Exchange { error, reused }),
+        }
         let header = http
             .response_header()
             .cloned()
@@ -1230,7 +1241,12 @@ impl Gateway {
         }
         while let Some(http) = body.http.as_mut() {
             // A client gone mid-stream stops the stream: Google stops when its connection goes.
-            let Some(chunk) = unless_client_gone(session, http.read_response_body()).await else {
+            let chunk = {
+                let read = http.read_response_body();
+                tokio::pin!(read);
+                unless_client_gone(session, read.as_mut()).await
+            };
+            let Some(chunk) = chunk else {
                 session.set_keepalive(None);
                 return Ok(true);
             };
@@ -1500,6 +1516,7 @@ impl Gateway {
             path_and_query,
             body_len: 0,
         };
+        let outgoing = request::Outgoing::from_client(session.req_header());
         let mut avoid: Vec<u32> = Vec::new();
         let mut transient_left = rt.retry.transient_retries;
         let mut last: Option<(Answer, KeyId, Outcome)> = None;
@@ -1515,12 +1532,7 @@ impl Gateway {
             let project = keys.key(key).project;
             let sent = Instant::now();
             let upgraded = self
-                .upgrade(
-                    &pool,
-                    &forward,
-                    session.req_header(),
-                    keys.key(key).secret.expose(),
-                )
+                .upgrade(&pool, &forward, &outgoing, keys.key(key).secret.expose())
                 .await;
             let (http, header) = match upgraded {
                 Ok(pair) => pair,
@@ -1607,7 +1619,7 @@ impl Gateway {
         &self,
         pool: &Pool,
         forward: &request::Forward<'_>,
-        client: &RequestHeader,
+        client: &request::Outgoing,
         key: &str,
     ) -> Result<(ClientSession, ResponseHeader), SendError> {
         let upstream = &pool.upstream;
@@ -1893,12 +1905,15 @@ async fn write_whole(
     Ok(())
 }
 
-/// Writes the request and reads the final (non-1xx) response header.
+/// Writes the request and reads the final (non-1xx) response header. While it waits for the
+/// answer it watches `client` (when given) for a hang-up: `Ok(false)` then, the exchange
+/// abandoned.
 async fn exchange(
     http: &mut ClientSession,
     req: RequestHeader,
     body: &Bytes,
-) -> pingora::Result<()> {
+    mut client: Option<&mut Session>,
+) -> pingora::Result<bool> {
     let cork = crate::upstream::Cork::hold(http);
     http.write_request_header(Box::new(req)).await?;
     if !body.is_empty() {
@@ -1907,12 +1922,21 @@ async fn exchange(
     http.finish_request_body().await?;
     drop(cork); // header and body leave together now
     loop {
-        http.read_response_header().await?;
+        match client.as_deref_mut() {
+            Some(session) => {
+                let read = http.read_response_header();
+                match unless_client_gone(session, read).await {
+                    Some(read) => read?,
+                    None => return Ok(false),
+                }
+            }
+            None => http.read_response_header().await?,
+        }
         let informational = http.response_header().is_some_and(|h| {
             h.status.is_informational() && h.status != http::StatusCode::SWITCHING_PROTOCOLS
         });
         if !informational || !matches!(http, ClientSession::H1(_)) {
-            return Ok(());
+            return Ok(true);
         }
     }
 }
@@ -1988,17 +2012,26 @@ async fn release(upstream: &Upstream, mut http: ClientSession, peer: &HttpPeer, 
         .await;
 }
 
+/// How long work may take before keygate starts watching its client for a hang-up. Most
+/// answers come sooner, and the watch costs a read of the client's socket; a client that hangs
+/// up while Google thinks for seconds or minutes is noticed within this.
+const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
+
 /// Runs `work` unless the client hangs up first (`None` then). The request body has been read
 /// whole by now, so any read from the client means it is gone (or, pipelining, sending more
-/// than it should): Pingora's idle read says which.
+/// than it should): Pingora's idle read only ever ends with an error.
 async fn unless_client_gone<T>(
     session: &mut Session,
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
+    let watch = async {
+        pingora::time::fast_timeout::fast_sleep(WATCH_CLIENT_AFTER).await;
+        let _ = session.read_body_or_idle(true).await;
+    };
     tokio::select! {
         biased;
         out = work => Some(out),
-        _ = session.read_body_or_idle(true) => None,
+        _ = watch => None,
     }
 }
 
@@ -2095,6 +2128,7 @@ async fn read_body(
     }
     let started = tokio::time::Instant::now();
     let mut last_progress = started;
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     loop {
@@ -2105,11 +2139,17 @@ async fn read_body(
             let at_rate = Duration::from_secs_f64(total as f64 / limits.body_min_rate as f64);
             due = due.min(started + limits.body_timeout + at_rate);
         }
-        let chunk = match tokio::time::timeout_at(due, session.read_request_body()).await {
-            Err(_) => return Ok(BodyRead::TooSlow),
-            Ok(Ok(Some(chunk))) => chunk,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
+        // Most bodies are in before they are asked for: the timer is made only when a read
+        // has to wait.
+        let read = tokio::select! {
+            biased;
+            read = session.read_request_body() => read,
+            _ = wait_until(&mut timer, due) => return Ok(BodyRead::TooSlow),
+        };
+        let chunk = match read {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
                 return match e.etype() {
                     ErrorType::ReadTimedout => Ok(BodyRead::TooSlow),
                     ErrorType::ConnectionClosed | ErrorType::ReadError => Ok(BodyRead::ClientGone),
@@ -2161,6 +2201,15 @@ fn unreadable_body(req: &RequestHeader, path: &str) -> Option<&'static str> {
         );
     }
     None
+}
+
+/// Sleeps until `due` on `timer`, made on first use and moved on after.
+async fn wait_until(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, due: tokio::time::Instant) {
+    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+    if sleep.deadline() != due {
+        sleep.as_mut().reset(due);
+    }
+    sleep.as_mut().await
 }
 
 /// keygate's answer to a body it did not take.
@@ -2525,11 +2574,16 @@ async fn fetch(
         tls: upstream.tls(),
         h2: matches!(http, ClientSession::H2(_)),
     };
-    let req =
-        request::upstream_request(&client, &forward, key, &target).map_err(|_| "request_error")?;
+    let req = request::upstream_request(
+        &request::Outgoing::from_client(&client),
+        &forward,
+        key,
+        &target,
+    )
+    .map_err(|_| "request_error")?;
     http.set_read_timeout(Some(timeouts.read.min(Duration::from_secs(30))));
     http.set_write_timeout(Some(timeouts.write));
-    exchange(&mut http, req, &Bytes::new())
+    exchange(&mut http, req, &Bytes::new(), None)
         .await
         .map_err(|_| "upstream_error")?;
     let header = http.response_header().cloned().ok_or("upstream_error")?;

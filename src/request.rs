@@ -242,6 +242,11 @@ pub fn model_of(api: Api, path: &str, creates: bool, body: &[u8]) -> Result<Stri
 /// `Err` when the body is not a JSON object.
 fn body_models(body: &[u8]) -> Result<Vec<Option<String>>, ()> {
     use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    // A body that spells no `model` (plainly, or as an escape) names none: no parse needed.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') && !has(body, b"model") && !has(body, b"\\u") {
+        return Ok(Vec::new());
+    }
     struct Models;
     impl<'de> Visitor<'de> for Models {
         type Value = Vec<Option<String>>;
@@ -265,6 +270,10 @@ fn body_models(body: &[u8]) -> Result<Vec<Option<String>>, ()> {
     let found = de.deserialize_map(Models).map_err(|_| ())?;
     de.end().map_err(|_| ())?;
     Ok(found)
+}
+
+fn has(haystack: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if there is one.
@@ -320,54 +329,80 @@ pub struct Target<'a> {
     pub h2: bool,
 }
 
-/// One attempt's upstream request, built from the client's: its method, path and headers with
-/// credentials, hop-by-hop headers and `key=` removed, plus the pool key (as `x-goog-api-key`,
-/// or `Authorization: Bearer` for the OpenAI-compatible API) and the target for HTTP/1.1
-/// (`Host`) or HTTP/2 (absolute URI, no `Host`). Built afresh per attempt: cheaper than
-/// building once and cloning, since most requests need a single attempt.
+/// What every attempt of a request sends from the client's request: its method and the
+/// headers that may go upstream (credentials, hop-by-hop headers, browser-only headers and
+/// overrides removed), chosen once per request. The attempts can then be built while the client
+/// connection is watched for a hang-up.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    method: http::Method,
+    headers: Vec<(HeaderName, http::HeaderValue)>,
+    /// The client takes gzip: keygate asks Google for gzip, else for a plain answer (the two
+    /// encodings keygate reads).
+    gzip: bool,
+}
+
+impl Outgoing {
+    /// The parts of `client` that go upstream.
+    pub fn from_client(client: &RequestHeader) -> Outgoing {
+        let listed = connection_listed(&client.headers);
+        let headers = client
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                let n = name.as_str();
+                !(CREDENTIAL_HEADERS.contains(&n)
+                    || HOP_BY_HOP.contains(&n)
+                    || BROWSER_ONLY.contains(&n)
+                    || OVERRIDES.contains(&n)
+                    || n == "content-length"
+                    || listed.iter().any(|l| l == *name))
+            })
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        let gzip = client
+            .headers
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .any(|v| {
+                v.as_bytes()
+                    .windows(4)
+                    .any(|w| w.eq_ignore_ascii_case(b"gzip"))
+            });
+        Outgoing {
+            method: client.method.clone(),
+            headers,
+            gzip,
+        }
+    }
+}
+
+/// One attempt's upstream request: the client's method and headers ([`Outgoing`]), the
+/// forwarded path, the pool key (as `x-goog-api-key`, or `Authorization: Bearer` for the
+/// OpenAI-compatible API) and the target for HTTP/1.1 (`Host`) or HTTP/2 (absolute URI, no
+/// `Host`). Built afresh per attempt: cheaper than building once and cloning, since most
+/// requests need a single attempt.
 pub fn upstream_request(
-    client: &RequestHeader,
+    out: &Outgoing,
     fwd: &Forward<'_>,
     key: &str,
     target: &Target<'_>,
 ) -> pingora::Result<RequestHeader> {
     let mut req = RequestHeader::build(
-        client.method.clone(),
+        out.method.clone(),
         fwd.path_and_query.as_bytes(),
-        Some(client.headers.len() + 2),
+        Some(out.headers.len() + 4),
     )?;
-    let listed = connection_listed(&client.headers);
-    for (name, value) in client.headers.iter() {
-        let n = name.as_str();
-        if CREDENTIAL_HEADERS.contains(&n)
-            || HOP_BY_HOP.contains(&n)
-            || BROWSER_ONLY.contains(&n)
-            || OVERRIDES.contains(&n)
-            || n == "content-length"
-            || listed.iter().any(|l| l == name)
-        {
-            continue;
-        }
+    for (name, value) in &out.headers {
         req.append_header(name.clone(), value.clone())?;
     }
-    let method_has_body = !matches!(
-        client.method.as_str(),
-        "GET" | "HEAD" | "DELETE" | "OPTIONS"
-    );
+    let method_has_body = !matches!(out.method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS");
     if fwd.body_len > 0 || method_has_body {
         req.insert_header(header::CONTENT_LENGTH, fwd.body_len)?;
     }
-    // Answers come back in gzip or plain, the two encodings keygate reads (and a client that
-    // does not take gzip gets plain).
-    let gzip = client
-        .headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.to_ascii_lowercase().contains("gzip"));
     req.insert_header(
         header::ACCEPT_ENCODING,
-        if gzip { "gzip" } else { "identity" },
+        if out.gzip { "gzip" } else { "identity" },
     )?;
     match fwd.api {
         Api::Gemini => req.insert_header("x-goog-api-key", key)?,
@@ -641,7 +676,7 @@ mod tests {
             tls: true,
             h2: false,
         };
-        let req = upstream_request(&client, &fwd, "POOLKEY", &h1).unwrap();
+        let req = upstream_request(&Outgoing::from_client(&client), &fwd, "POOLKEY", &h1).unwrap();
         let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
         for gone in [
             "x-goog-api-key",
@@ -667,7 +702,8 @@ mod tests {
             ..fwd
         };
         let h2 = Target { h2: true, ..h1 };
-        let req = upstream_request(&client, &native, "POOLKEY", &h2).unwrap();
+        let req =
+            upstream_request(&Outgoing::from_client(&client), &native, "POOLKEY", &h2).unwrap();
         assert_eq!(req.headers["x-goog-api-key"], "POOLKEY");
         assert!(req.headers.get("authorization").is_none());
         assert!(req.headers.get("host").is_none());

@@ -17,6 +17,8 @@ use std::borrow::Cow;
 pub struct Scrubber {
     keys: Option<AhoCorasick>,
     fingerprints: Vec<String>,
+    /// The shortest key's length, %-encoded or not: shorter text cannot hold one.
+    shortest: usize,
 }
 
 impl Scrubber {
@@ -33,7 +35,12 @@ impl Scrubber {
             .build(&secrets)
             .ok()
             .filter(|_| !secrets.is_empty());
-        Scrubber { keys, fingerprints }
+        let shortest = secrets.iter().map(|k| k.len()).min().unwrap_or(0);
+        Scrubber {
+            keys,
+            fingerprints,
+            shortest,
+        }
     }
 
     /// Whether `text` holds a key as written.
@@ -93,14 +100,18 @@ impl Scrubber {
 
     /// A header value with every key replaced, or `None` when it holds none.
     pub fn header(&self, value: &[u8]) -> Option<Vec<u8>> {
-        let decoded: Vec<u8> = percent_encoding::percent_decode(value).collect();
-        if self.contains_key(value) {
-            Some(self.plain(value).into_owned())
-        } else if self.contains_key(&decoded) {
-            Some(self.plain(&decoded).into_owned())
-        } else {
-            None
+        if value.len() < self.shortest {
+            return None;
         }
+        if self.contains_key(value) {
+            return Some(self.plain(value).into_owned());
+        }
+        if !value.contains(&b'%') {
+            return None;
+        }
+        let decoded: Vec<u8> = percent_encoding::percent_decode(value).collect();
+        self.contains_key(&decoded)
+            .then(|| self.plain(&decoded).into_owned())
     }
 }
 
