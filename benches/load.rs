@@ -480,6 +480,68 @@ fn large_config(upstream: SocketAddr, keys: usize, tenants: usize) -> String {
     y
 }
 
+/// Start-up and memory of `bin` with the large config: `--check` time (ms), time to accepting
+/// connections (ms), peak RSS after start-up and with 1,000 idle client connections plus 100
+/// requests served (MiB).
+fn large_config_measures(
+    rt: &tokio::runtime::Runtime,
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    big: &str,
+) -> [f64; 4] {
+    let check_start = Instant::now();
+    let path = dir.join(format!("{name}-check.yaml"));
+    std::fs::write(&path, format!("listen: \"127.0.0.1:1\"\n{big}")).expect("write");
+    let status = Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .stdout(Stdio::null())
+        .status()
+        .expect("check");
+    let check_time = check_start.elapsed();
+    assert!(status.success());
+    let (big_kg, big_addr, startup) = start_keygate_bin(bin, dir, name, big);
+    let idle_before = peak_rss_mib(big_kg.pid());
+    let idle: Vec<TcpStream> = (0..1000)
+        .filter_map(|_| TcpStream::connect(big_addr).ok())
+        .collect();
+    // Give the listener a moment to accept all of them, then serve a few requests on top.
+    std::thread::sleep(Duration::from_millis(500));
+    let served = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let mut ok = 0;
+        for _ in 0..100 {
+            let resp = client
+                .post(format!(
+                    "http://{big_addr}/v1beta/models/gemini-2.5-flash:generateContent"
+                ))
+                .header("x-goog-api-key", "made-up-token-0007")
+                .body(PROMPT)
+                .send()
+                .await;
+            if resp.is_ok_and(|r| r.status() == 200) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(served, 100, "{name} served {served} of 100 requests");
+    let peak = peak_rss_mib(big_kg.pid());
+    assert_eq!(idle.len(), 1000);
+    drop(idle);
+    [
+        check_time.as_secs_f64() * 1000.0,
+        startup.as_secs_f64() * 1000.0,
+        idle_before,
+        peak,
+    ]
+}
+
 fn main() {
     // `cargo bench` passes --bench; anything else (a test harness probe) is not a request to run.
     if !std::env::args().any(|a| a == "--bench") {
@@ -501,7 +563,8 @@ fn main() {
     let (keygate, kg_addr, _) =
         start_keygate(dir.path(), "keygate", &one_key_yaml(upstream, workers));
 
-    let baseline = std::env::var("LOAD_BASELINE").ok().map(|bin| {
+    let baseline_bin = std::env::var("LOAD_BASELINE").ok();
+    let baseline = baseline_bin.as_ref().map(|bin| {
         let yaml = one_key_yaml(upstream, workers);
         start_keygate_bin(Path::new(&bin), dir.path(), "baseline", &yaml)
     });
@@ -676,57 +739,45 @@ fn main() {
     drop(nginx);
     drop(floor);
     let big = large_config(upstream, 10_000, 1_000);
-    let check_start = Instant::now();
-    let path = dir.path().join("big-check.yaml");
-    std::fs::write(&path, format!("listen: \"127.0.0.1:1\"\n{big}")).expect("write");
-    let status = Command::new(keygate_bin())
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .stdout(Stdio::null())
-        .status()
-        .expect("check");
-    let check_time = check_start.elapsed();
-    assert!(status.success());
-    let (big_kg, big_addr, startup) = start_keygate(dir.path(), "keygate-big", &big);
-    let idle_before = peak_rss_mib(big_kg.pid());
-    let idle: Vec<TcpStream> = (0..1000)
-        .filter_map(|_| TcpStream::connect(big_addr).ok())
-        .collect();
-    // Give the listener a moment to accept all of them, then serve a few requests on top.
-    std::thread::sleep(Duration::from_millis(500));
-    let client_token = "made-up-token-0007";
-    let served = rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        let mut ok = 0;
-        for _ in 0..100 {
-            let resp = client
-                .post(format!(
-                    "http://{big_addr}/v1beta/models/gemini-2.5-flash:generateContent"
-                ))
-                .header("x-goog-api-key", client_token)
-                .body(PROMPT)
-                .send()
-                .await;
-            if resp.is_ok_and(|r| r.status() == 200) {
-                ok += 1;
-            }
-        }
-        ok
-    });
-    let peak = peak_rss_mib(big_kg.pid());
     let _ = writeln!(
         report,
-        "### 10,000 keys, 1,000 tenants\n\n| measure | value |\n|---|---:|\n| `--check` of the config (process start to exit) | {:.0} ms |\n| start-up (spawn to accepting connections) | {:.0} ms |\n| peak RSS after start-up | {idle_before:.1} MiB |\n| peak RSS with {} idle client connections and 100 requests served ({served} OK) | {peak:.1} MiB |\n",
-        check_time.as_secs_f64() * 1000.0,
-        startup.as_secs_f64() * 1000.0,
-        idle.len()
+        "### 10,000 keys, 1,000 tenants\n\n| measure | keygate |{}\n|---|---:|{}",
+        if baseline_bin.is_some() {
+            " baseline |"
+        } else {
+            ""
+        },
+        if baseline_bin.is_some() { "---:|" } else { "" },
     );
-    drop(idle);
-    drop(big_kg);
+    let mut columns = vec![large_config_measures(
+        &rt,
+        &keygate_bin(),
+        dir.path(),
+        "keygate-big",
+        &big,
+    )];
+    if let Some(bin) = &baseline_bin {
+        columns.push(large_config_measures(
+            &rt,
+            Path::new(bin),
+            dir.path(),
+            "baseline-big",
+            &big,
+        ));
+    }
+    for (i, label) in [
+        "`--check` of the config (process start to exit), ms",
+        "start-up (spawn to accepting connections), ms",
+        "peak RSS after start-up, MiB",
+        "peak RSS with 1,000 idle client connections and 100 requests served, MiB",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let cells: Vec<String> = columns.iter().map(|c| format!("{:.1}", c[i])).collect();
+        let _ = writeln!(report, "| {label} | {} |", cells.join(" | "));
+    }
+    report.push('\n');
 
     println!("{report}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/load-report.md");

@@ -30,8 +30,11 @@ impl Scrubber {
             .map(|(k, fp)| (k, fp.to_string()))
             .unzip();
         // Longest first among keys that overlap, so a key is never replaced only in part.
+        // A contiguous NFA: compact (about 1 MiB for 10,000 keys of Google's 39 characters)
+        // and built without trying a DFA first, which would take far more memory on the way.
         let keys = AhoCorasick::builder()
             .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .kind(Some(aho_corasick::AhoCorasickKind::ContiguousNFA))
             .build(&secrets)
             .ok()
             .filter(|_| !secrets.is_empty());
