@@ -311,6 +311,13 @@ fn request_checks(c: &mut Criterion) {
     group.bench_function("names_in_body_5mb_image", |b| {
         b.iter(|| names_in_body(black_box(&image)))
     });
+    // With tenants, every body is checked to be strict JSON first.
+    group.bench_function("strict_json_chat", |b| {
+        b.iter(|| keygate::request::strict_json(black_box(chat)))
+    });
+    group.bench_function("strict_json_5mb_image", |b| {
+        b.iter(|| keygate::request::strict_json(black_box(&image)))
+    });
     group.finish();
 }
 

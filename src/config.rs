@@ -86,6 +86,7 @@ struct FileClientLimits {
     header_timeout_seconds: u64,
     body_timeout_seconds: u64,
     body_min_rate_bytes_per_second: u64,
+    send_timeout_seconds: u64,
     max_connections: Option<usize>,
     max_buffered_body_bytes: usize,
 }
@@ -96,6 +97,7 @@ impl Default for FileClientLimits {
             header_timeout_seconds: 10,
             body_timeout_seconds: 10,
             body_min_rate_bytes_per_second: 1024,
+            send_timeout_seconds: 60,
             max_connections: None,
             max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BYTES,
         }
@@ -311,6 +313,8 @@ pub struct ClientLimits {
     pub body_timeout: Duration,
     /// After `body_timeout`, a body must have arrived at this mean rate (bytes/s); 0: no minimum.
     pub body_min_rate: u64,
+    /// Longest stall writing an answer to a client (one that stops reading is dropped then).
+    pub send_timeout: Duration,
     /// Open client connections allowed; `None`: half the open-file limit (at most 10,000).
     pub max_connections: Option<usize>,
     /// Request bodies held in memory at once, all requests together.
@@ -764,6 +768,11 @@ fn validate_client_limits(l: &FileClientLimits) -> Result<ClientLimits, ConfigEr
             "client_limits.body_timeout_seconds: must be greater than 0",
         ));
     }
+    if l.send_timeout_seconds == 0 {
+        return Err(invalid(
+            "client_limits.send_timeout_seconds: must be greater than 0",
+        ));
+    }
     if l.max_connections == Some(0) {
         return Err(invalid("client_limits.max_connections: must be at least 1"));
     }
@@ -776,6 +785,7 @@ fn validate_client_limits(l: &FileClientLimits) -> Result<ClientLimits, ConfigEr
         header_timeout: Duration::from_secs(l.header_timeout_seconds),
         body_timeout: Duration::from_secs(l.body_timeout_seconds),
         body_min_rate: l.body_min_rate_bytes_per_second,
+        send_timeout: Duration::from_secs(l.send_timeout_seconds),
         max_connections: l.max_connections,
         max_buffered_body_bytes: l.max_buffered_body_bytes,
     })
@@ -1235,6 +1245,7 @@ mod tests {
         assert_eq!(l.header_timeout, Duration::from_secs(10));
         assert_eq!(l.body_timeout, Duration::from_secs(10));
         assert_eq!(l.body_min_rate, 1024);
+        assert_eq!(l.send_timeout, Duration::from_secs(60));
         assert_eq!(l.max_connections, None);
         assert_eq!(l.max_buffered_body_bytes, DEFAULT_MAX_BUFFERED_BYTES);
         assert_eq!(c.public_url, None);
@@ -1258,6 +1269,10 @@ mod tests {
                 "header_timeout_seconds",
             ),
             ("client_limits:\n  max_connections: 0\n", "max_connections"),
+            (
+                "client_limits:\n  send_timeout_seconds: 0\n",
+                "send_timeout_seconds",
+            ),
             (
                 "client_limits:\n  body_timeout_seconds: 0\n",
                 "body_timeout_seconds",

@@ -47,6 +47,8 @@ pub fn tenant_may_call(method: &Method, path: &str) -> bool {
             ["images", "generations"] => post,
             ["models"] => read,
             ["models", m] => read && plain(m),
+            // Ids as Google's OpenAI-style model list spells them (`models/gemini-2.5-flash`).
+            ["models", "models", m] => read && plain(m),
             _ => false,
         },
         ["models"] => read,
@@ -71,6 +73,49 @@ pub fn tenant_may_call(method: &Method, path: &str) -> bool {
         ["operations", op] => operation(method, op),
         _ => false,
     }
+}
+
+/// The query parameters a tenant's request may carry (the key parameter is taken out before),
+/// each with the values it may have (`None`: any). Others could change what Google reads
+/// (`cachedContent=...` is a request field), or the shape of the answer keygate reads
+/// (`alt=proto`, `fields`, `$.xgafv`, `callback`).
+const QUERY_PARAMETERS: [(&str, Option<&[&str]>); 8] = [
+    ("alt", Some(&["sse", "json", "media"])),
+    ("pageSize", None),
+    ("pageToken", None),
+    ("filter", None),
+    ("updateMask", None),
+    ("tunedModelId", None),
+    ("upload_id", None),
+    ("upload_protocol", Some(&["resumable"])),
+];
+
+/// Why a tenant's query (as forwarded) is refused, if it is: a parameter not in
+/// [`QUERY_PARAMETERS`] (spelt exactly: a %-escaped name is another name), one given twice, or a
+/// value not allowed.
+pub fn tenant_query_refusal(query: Option<&str>) -> Option<String> {
+    let mut seen: Vec<&str> = Vec::new();
+    for pair in query?.split(['&', ';']).filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let shown = crate::logging::printable(name);
+        let Some((_, values)) = QUERY_PARAMETERS.iter().find(|(n, _)| *n == name) else {
+            return Some(format!(
+                "query parameter '{shown}' is not forwarded for tenants"
+            ));
+        };
+        if seen.contains(&name) {
+            return Some(format!("query parameter '{shown}' is given more than once"));
+        }
+        seen.push(name);
+        let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+        if values.is_some_and(|allowed| !allowed.contains(&&*value)) {
+            return Some(format!(
+                "query parameter '{shown}' may not be '{}' for tenants",
+                crate::logging::printable(&value)
+            ));
+        }
+    }
+    None
 }
 
 /// A long-running operation: read, deleted, or cancelled.
@@ -116,6 +161,7 @@ mod tests {
             ("POST", "/v1beta/openai/chat/completions"),
             ("POST", "/v1beta/openai/embeddings"),
             ("GET", "/v1beta/openai/models"),
+            ("GET", "/v1beta/openai/models/models/gemini-2.5-flash"),
         ];
         for (method, path) in allowed {
             assert!(
@@ -148,6 +194,37 @@ mod tests {
                 !tenant_may_call(&method.parse().unwrap(), path),
                 "{method} {path}"
             );
+        }
+    }
+
+    #[test]
+    fn what_a_tenant_may_ask_in_a_query() {
+        for ok in [
+            None,
+            Some("alt=sse"),
+            Some("pageSize=10&pageToken=abc%3D"),
+            Some("upload_id=u1&upload_protocol=resumable"),
+            Some("alt=media"),
+            Some("updateMask=ttl"),
+        ] {
+            assert_eq!(tenant_query_refusal(ok), None, "{ok:?}");
+        }
+        for (bad, why) in [
+            (
+                "cachedContent=cachedContents/x",
+                "'cachedContent' is not forwarded",
+            ),
+            ("generateContentRequest.cachedContent=x", "not forwarded"),
+            ("alt=proto", "may not be 'proto'"),
+            ("alt=sse&alt=json", "more than once"),
+            ("%74unedModelId=t1", "'%74unedModelId' is not forwarded"),
+            ("tuned_model_id=t1", "not forwarded"),
+            ("fields=name", "not forwarded"),
+            ("$.xgafv=1", "not forwarded"),
+            ("callback=f", "not forwarded"),
+        ] {
+            let got = tenant_query_refusal(Some(bad)).unwrap_or_default();
+            assert!(got.contains(why), "{bad}: {got}");
         }
     }
 }

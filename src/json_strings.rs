@@ -91,18 +91,39 @@ pub struct Value<'a, 'p> {
     pub string: JsonString<'a>,
     /// The keys above it, decoded; empty at the top level.
     pub path: &'p [Vec<u8>],
+    /// Whether a key of `path` is one the walk was asked to mark (see [`walk_marking`]).
+    pub marked: bool,
 }
 
 /// Calls `visit` with every string value (not key) of `text`, with its path, as a JSON parser
 /// would see the structure. Tolerant like [`strings`]: brackets outside strings open and close
 /// levels; anything else between strings is skipped. `visit` returns false to stop.
-pub fn walk(text: &[u8], mut visit: impl FnMut(Value<'_, '_>) -> bool) {
-    // The keys of the open containers (None for a container that is a bare array element or
-    // the top level), and the key waiting for its value.
+pub fn walk(text: &[u8], visit: impl FnMut(Value<'_, '_>) -> bool) {
+    walk_marking(text, |_| false, visit)
+}
+
+/// [`walk`], telling each value whether it sits under a key `mark` accepts (a function's
+/// arguments, a batch's input...). Each key is judged once, when its level opens, so the walk
+/// stays O(n) however deep the text nests.
+pub fn walk_marking(
+    text: &[u8],
+    mark: impl Fn(&[u8]) -> bool,
+    mut visit: impl FnMut(Value<'_, '_>) -> bool,
+) {
+    // The keys of the open containers (a container that is a bare array element or the top
+    // level has none), whether each is marked, and the key waiting for its value.
     let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut path_marked: Vec<bool> = Vec::new();
+    let mut marked_keys = 0usize;
     let mut opened_under: Vec<bool> = Vec::new();
     let mut pending: Option<Vec<u8>> = None;
     let mut at = 0;
+    let push = |path: &mut Vec<Vec<u8>>, marks: &mut Vec<bool>, key: Vec<u8>| {
+        let m = mark(&key);
+        path.push(key);
+        marks.push(m);
+        m
+    };
     for string in strings(text) {
         for &b in text.get(at..string.span.start).unwrap_or_default() {
             match b {
@@ -110,12 +131,13 @@ pub fn walk(text: &[u8], mut visit: impl FnMut(Value<'_, '_>) -> bool) {
                     let key = pending.take();
                     opened_under.push(key.is_some());
                     if let Some(key) = key {
-                        path.push(key);
+                        marked_keys += usize::from(push(&mut path, &mut path_marked, key));
                     }
                 }
                 b'}' | b']' => {
                     if opened_under.pop() == Some(true) {
                         path.pop();
+                        marked_keys -= usize::from(path_marked.pop() == Some(true));
                     }
                     pending = None;
                 }
@@ -130,15 +152,15 @@ pub fn walk(text: &[u8], mut visit: impl FnMut(Value<'_, '_>) -> bool) {
         }
         // A value directly under a key belongs to it; the key is spent.
         let key = pending.take();
-        if let Some(key) = &key {
-            path.push(key.clone());
-        }
+        let own_mark = key.map(|key| push(&mut path, &mut path_marked, key));
         let go_on = visit(Value {
             string,
             path: &path,
+            marked: marked_keys > 0 || own_mark == Some(true),
         });
-        if key.is_some() {
+        if own_mark.is_some() {
             path.pop();
+            path_marked.pop();
         }
         if !go_on {
             return;
@@ -306,6 +328,58 @@ mod tests {
             n < 2
         });
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn marks_follow_the_levels() {
+        let text = br#"{"args":{"x":["1",{"y":"2"}]},"z":"3","args":"4","w":{"v":"5"}}"#;
+        let mut seen = Vec::new();
+        walk_marking(
+            text,
+            |k| k == b"args",
+            |v| {
+                seen.push((
+                    String::from_utf8_lossy(&v.string.decoded()).into_owned(),
+                    v.marked,
+                ));
+                true
+            },
+        );
+        let want = [
+            ("1", true),
+            ("2", true),
+            ("3", false),
+            ("4", true),
+            ("5", false),
+        ];
+        let want: Vec<(String, bool)> = want.iter().map(|(s, m)| (s.to_string(), *m)).collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn deep_nesting_costs_linear_time() {
+        // 20,000 levels over 20,000 values: quadratic work would be 400 million key checks.
+        let depth = 20_000;
+        let mut text = b"{\"a\":".repeat(depth);
+        text.push(b'{');
+        text.extend(b"\"a\":\"x\",".repeat(depth));
+        text.extend_from_slice(b"\"b\":\"y\"}");
+        text.extend(std::iter::repeat_n(b'}', depth));
+        let checks = std::cell::Cell::new(0usize);
+        let mut values = 0;
+        walk_marking(
+            &text,
+            |_| {
+                checks.set(checks.get() + 1);
+                false
+            },
+            |_| {
+                values += 1;
+                true
+            },
+        );
+        assert_eq!(values, depth + 1);
+        assert!(checks.get() <= 2 * depth + 1, "{} key checks", checks.get());
     }
 
     #[test]

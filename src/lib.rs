@@ -18,6 +18,7 @@
 //! - [`scrub`]: pool keys replaced by their fingerprints in the answers keygate relays;
 //! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
 //! - [`endpoints`]: the endpoints forwarded for tenants (deny by default);
+//! - [`live_frames`]: a Live session's client frames, read so each message can be checked;
 //! - [`upstream`]: resolved upstream addresses and the connection pool;
 //! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;
 //! - [`proxy`]: the Pingora hooks and the attempt loop;
@@ -46,6 +47,7 @@ pub mod guard;
 pub mod json_strings;
 pub mod keys;
 pub mod lifecycle;
+pub mod live_frames;
 pub mod logging;
 pub mod metrics;
 pub mod names;

@@ -8,8 +8,8 @@
 //! ([`crate::json_strings`]), %-escapes and dot segments resolved ([`crate::path`]), collection
 //! words in any letter case. In a body, Google reads a reference only from the fields that hold
 //! one (`fileUri`, `cachedContent`, `model`, `fileName`...), and not inside function-call
-//! arguments, function results or schemas; so only those values, and values that are URLs of
-//! the Gemini API, count: a prompt, a tool argument or a repository path that mentions
+//! arguments, function results or schemas; so only those values (any name anywhere in them), and
+//! values that are URLs of the Gemini API, count: a prompt or a tool argument that mentions
 //! `files/x` in passing is not a reference.
 
 use crate::json_strings;
@@ -186,27 +186,14 @@ fn readings(value: &str) -> Vec<Cow<'_, str>> {
     out
 }
 
-/// Adds the names a reference field's value holds: a URL (any host: `fileUri` may point
-/// anywhere Google accepts), or a bare resource name, which starts with its collection word
-/// (after an optional version segment, and `models/{model}/` for operations). A path with a
-/// collection word only somewhere inside (`static/files/logo.png`) is no resource name.
+/// Adds the names a reference field's value holds: every collection word followed by an id,
+/// wherever it sits (`files/x`, `models/tunedModels/t`, `projects/p/files/x`, a URL of any host:
+/// `fileUri` may point anywhere Google accepts). Google's reading of the odd forms is not
+/// documented, so the field is read for any name it could hold; with tenants, a name found that
+/// is not the tenant's is refused, never forwarded.
 fn push_reference(value: &str, out: &mut Found) {
     for reading in readings(value) {
-        let segments = lenient_segments(&reading);
-        if looks_like_url(reading.trim().as_bytes()) {
-            push_names_in_segments(&segments, out);
-            continue;
-        }
-        let mut rest: &[String] = &segments;
-        if rest.first().is_some_and(|s| s.starts_with("v1")) {
-            rest = &rest[1..];
-        }
-        if rest.first().is_some_and(|s| s == "models") && rest.len() > 2 {
-            rest = &rest[2..];
-        }
-        if rest.first().is_some_and(|s| collection(s).is_some()) {
-            push_names_in_segments(rest, out);
-        }
+        push_names_in_segments(&lenient_segments(&reading), out);
     }
 }
 
@@ -242,8 +229,8 @@ pub fn names_in_path(path: &str) -> Vec<String> {
 /// distinct names (one more than the limit says there were too many).
 pub fn names_in_body(body: &[u8]) -> Vec<String> {
     let mut out = Found::default();
-    json_strings::walk(body, |v| {
-        if v.path.iter().any(|k| is_field(k, &OPAQUE_FIELDS)) {
+    json_strings::walk_marking(body, opaque, |v| {
+        if v.marked {
             return true;
         }
         let text = v.string.decoded();
@@ -283,34 +270,53 @@ pub fn chosen_names(body: &[u8]) -> Vec<String> {
 /// lines keygate does not read.
 pub fn has_batch_input_file(body: &[u8]) -> bool {
     let mut found = false;
-    json_strings::walk(body, |v| {
-        found = v.path.iter().any(|k| is_field(k, &["inputconfig"]))
-            && v.path.last().is_some_and(|k| is_field(k, &["filename"]));
+    let input = |k: &[u8]| is_field(k, &["inputconfig"]);
+    json_strings::walk_marking(body, input, |v| {
+        found = v.marked && v.path.last().is_some_and(|k| is_field(k, &["filename"]));
         !found
     });
     found
 }
 
-/// Fields of an answer that name what Google made: a generated video's `uri`, a batch's
-/// `responsesFile` or `fileName`.
-const MADE_FIELDS: [&str; 4] = ["uri", "fileuri", "filename", "responsesfile"];
+/// Where an answer names what Google made along the way, as key paths: a generated video's
+/// `uri` (an operation of `predictLongRunning`), a batch's results file (the batch resource, or
+/// the operation that wraps it). Only these: an answer also echoes what the request said (a
+/// batch's inline requests and their metadata, prompts, display names, model text), and a
+/// request must not be able to smuggle a name into its own answer and claim it.
+const MADE_PATHS: [&[&str]; 5] = [
+    &[
+        "response",
+        "generatevideoresponse",
+        "generatedsamples",
+        "video",
+        "uri",
+    ],
+    &["response", "generatedvideos", "video", "uri"],
+    &["output", "responsesfile"],
+    &["metadata", "output", "responsesfile"],
+    &["response", "responsesfile"],
+];
 
 /// Names an answer gives for what Google made along the way (an operation's video, a batch's
-/// results file): the values of the fields that hold them, and URLs of the Gemini API. Text an
-/// answer merely echoes (a prompt, a display name) is not read, so a request cannot smuggle a
-/// name into it. For binding those to the owner of what was asked about.
+/// results file): the values at [`MADE_PATHS`]. For binding those to the owner of what was
+/// asked about.
 pub fn names_in_answer(answer: &[u8]) -> Vec<String> {
     let mut out = Found::default();
     json_strings::walk(answer, |v| {
-        let value = String::from_utf8_lossy(&v.string.decoded()).into_owned();
-        if v.path.last().is_some_and(|k| is_field(k, &MADE_FIELDS)) {
-            push_reference(&value, &mut out);
-        } else if is_api_url(&value) {
-            push_names_in_segments(&lenient_segments(&value), &mut out);
+        let made = MADE_PATHS.iter().any(|want| {
+            want.len() == v.path.len() && want.iter().zip(v.path).all(|(w, k)| is_field(k, &[w]))
+        });
+        if made {
+            push_reference(&String::from_utf8_lossy(&v.string.decoded()), &mut out);
         }
         !out.full()
     });
     out.list
+}
+
+/// Whether a key holds content Google passes along unread ([`OPAQUE_FIELDS`]).
+fn opaque(key: &[u8]) -> bool {
+    is_field(key, &OPAQUE_FIELDS)
 }
 
 /// Whether a (decoded) object key is one of `fields` (lower case, without `_` or `-`).
@@ -510,8 +516,6 @@ mod tests {
             &br#"{"functionCall":{"name":"read","args":{"fileName":"files/config.json"}}}"#[..],
             br#"{"functionResponse":{"name":"ls","response":{"fileUri":"files/x"}}}"#,
             br#"{"tools":[{"functionDeclarations":[{"parameters":{"properties":{"model":{"type":"string"}}}}]}]}"#,
-            br#"{"fileName":"static/files/logo.png"}"#,
-            br#"{"file_name":"C:\proj\files\data.csv"}"#,
             br#"{"text":"https://api.stripe.com/v1/files/file_123"}"#,
             br#"{"text":"https://github.com/org/repo/blob/v1.2.0/files/setup.py"}"#,
             br#"{"model":"models/gemini-2.5-flash"}"#,
@@ -525,6 +529,31 @@ mod tests {
         ] {
             assert!(
                 names_in_body(body).is_empty(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Inside a reference field, a name counts wherever it sits in the value.
+        for (body, want) in [
+            (
+                &br#"{"fileName":"static/files/logo.png"}"#[..],
+                "files/logo.png",
+            ),
+            (br#"{"fileUri":"projects/p/files/pf1"}"#, "files/pf1"),
+            (br#"{"fileUri":"x/files/xf1"}"#, "files/xf1"),
+            (
+                br#"{"fileUri":"//generativelanguage.googleapis.com/v1beta/files/h1"}"#,
+                "files/h1",
+            ),
+            (
+                br#"{"fileUri":"generativelanguage.googleapis.com/v1beta/files/h2"}"#,
+                "files/h2",
+            ),
+            (br#"{"model":"models/tunedModels/tm1"}"#, "tunedModels/tm1"),
+        ] {
+            assert_eq!(
+                names_in_body(body),
+                names(&[want]),
                 "{}",
                 String::from_utf8_lossy(body)
             );
@@ -556,6 +585,13 @@ mod tests {
         ));
         let batch = br#"{"name":"batches/b1","output":{"responsesFile":"files/batch-out"},"displayName":"files/echoed","metadata":{"prompt":"files/smuggled"}}"#;
         assert_eq!(names_in_answer(batch), names(&["files/batch-out"]));
+        let veo = br#"{"done":true,"response":{"generateVideoResponse":{"generatedSamples":[{"video":{"uri":"https://generativelanguage.googleapis.com/v1beta/files/v2:download?alt=media"}}]}}}"#;
+        assert_eq!(names_in_answer(veo), names(&["files/v2"]));
+        let wrapped = br#"{"name":"batches/b2","metadata":{"output":{"responsesFile":"files/out2"}},"response":{"responsesFile":"files/out2"}}"#;
+        assert_eq!(names_in_answer(wrapped), names(&["files/out2"]));
+        // What a request wrote comes back in its answer: never read as something Google made.
+        let echoed = br#"{"name":"batches/b3","metadata":{"output":{"inlinedResponses":{"inlinedResponses":[{"metadata":{"uri":"files/smuggled"},"response":{"candidates":[{"content":{"parts":[{"text":"https://generativelanguage.googleapis.com/v1beta/files/said"}]}}]}}]}}}}"#;
+        assert!(names_in_answer(echoed).is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::endpoints;
 use crate::error::GatewayError;
 use crate::guard::{self, Reservation};
 use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Pick};
+use crate::live_frames;
 use crate::logging::printable;
 use crate::names;
 use crate::path;
@@ -280,6 +281,8 @@ impl ProxyHttp for Gateway {
         // The header is in: its deadline no longer applies.
         guard::header_received(session.stream());
         let rt = self.shared.runtime.load_full();
+        // A client that stops reading its answer is dropped, with what it holds upstream.
+        session.set_write_timeout(Some(rt.client_limits.send_timeout));
         let req = session.req_header();
         let query = path::split_query(req.uri.query());
         let canonical = path::canonical(req.uri.path());
@@ -413,6 +416,19 @@ impl ProxyHttp for Gateway {
                 );
                 return refuse(session, ctx, api, &e).await;
             }
+            if let Some(why) = endpoints::tenant_query_refusal(query.forwarded.as_deref()) {
+                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                return refuse(session, ctx, api, &e).await;
+            }
+            // A media or multipart upload carries its metadata where keygate does not read it.
+            if path.starts_with("/upload/") && upload.is_none() && !is_upload_start(req) {
+                let e = GatewayError::new(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "keygate: tenants upload with the resumable protocol (X-Goog-Upload-Protocol: resumable, as the SDKs do)",
+                );
+                return refuse(session, ctx, api, &e).await;
+            }
             if let Some(why) = unreadable_body(req, &path) {
                 let e = GatewayError::new(415, "INVALID_ARGUMENT", why);
                 return refuse(session, ctx, api, &e).await;
@@ -437,6 +453,14 @@ impl ProxyHttp for Gateway {
         };
 
         ctx.request_bytes = body.len() as u64;
+        // What keygate reads in a tenant's body must be what Google reads: strict JSON only (an
+        // upload's bytes are media).
+        if tenant.is_some() && upload.is_none() {
+            if let Err(why) = request::strict_json(&body) {
+                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                return refuse(session, ctx, api, &e).await;
+            }
+        }
         let is_post = session.req_header().method == http::Method::POST;
         let creates = is_post && creates_resources(&path);
         let model = match request::model_of(api, &path, creates, &body) {
@@ -527,7 +551,7 @@ impl ProxyHttp for Gateway {
         let path_and_query = placed.path_and_query.unwrap_or(path_and_query);
         // The attempts build their requests from this, so the client connection stays free to be
         // watched for a hang-up while they run.
-        let job = Job {
+        let mut job = Job {
             outgoing: request::Outgoing::from_client(session.req_header()),
             forward: request::Forward {
                 api,
@@ -544,7 +568,7 @@ impl ProxyHttp for Gateway {
             learn: placed.learn,
             reserved,
         };
-        self.attempt_loop(session, ctx, &job).await
+        self.attempt_loop(session, ctx, &mut job).await
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
@@ -750,6 +774,21 @@ impl Gateway {
                     format!("keygate: {name} was created in a pool this tenant may not use"),
                 ));
             };
+            // A tenant's pools serve it the models they list, resources or not. (A tuned model
+            // is the resource itself.)
+            let pool = &rt.pools[i];
+            let tuned = model.starts_with("tunedModels/");
+            if tenant.is_some() && !model.is_empty() && !tuned && !pool.config.serves(model) {
+                return Err(GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    format!(
+                        "keygate: {name} is in pool '{}', which does not serve model '{}'",
+                        pool.name(),
+                        printable(model)
+                    ),
+                ));
+            }
             return Ok(Placed {
                 pool: rt.pools[i].clone(),
                 project: Some(owner.project.to_string()),
@@ -825,7 +864,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        job: &Job<'_>,
+        job: &mut Job<'_>,
     ) -> pingora::Result<bool> {
         let rt = self.shared.runtime.load();
         let retry = rt.retry;
@@ -966,7 +1005,11 @@ impl Gateway {
                     avoid.push(project);
                 }
                 Verdict::PassThrough if outcome == Outcome::Success => {
-                    return self.relay(session, ctx, job, key, answer).await
+                    // The body is not sent again: its memory goes back to the budget before a
+                    // slow reader can hold it for as long as the answer takes.
+                    job.body = Bytes::new();
+                    ctx.body_reservation = None;
+                    return self.relay(session, ctx, job, key, answer).await;
                 }
                 Verdict::PassThrough => {
                     return self
@@ -1532,7 +1575,13 @@ impl Gateway {
             let project = keys.key(key).project;
             let sent = Instant::now();
             let upgraded = self
-                .upgrade(&pool, &forward, &outgoing, keys.key(key).secret.expose())
+                .upgrade(
+                    &pool,
+                    &forward,
+                    &outgoing,
+                    keys.key(key).secret.expose(),
+                    tenant.is_some(),
+                )
                 .await;
             let (http, header) = match upgraded {
                 Ok(pair) => pair,
@@ -1560,7 +1609,12 @@ impl Gateway {
                     latency,
                 });
                 keys.key(key).usage.requests.fetch_add(1, Relaxed);
-                return self.relay_frames(session, ctx, http, header).await;
+                let check = tenant.map(|t| LiveCheck {
+                    tenant: t.name.clone(),
+                    project: Arc::from(keys.project_name(project)),
+                    frames: live_frames::ClientFrames::new(rt.max_body),
+                });
+                return self.relay_frames(session, ctx, http, header, check).await;
             }
             // Refused before the switch: a normal answer, classified like any other.
             let mut body = AnswerBody {
@@ -1614,13 +1668,15 @@ impl Gateway {
     }
 
     /// Sends the upgrade request on a fresh HTTP/1.1 connection; the connection and the final
-    /// answer header (101 or a refusal).
+    /// answer header (101 or a refusal). `plain`: ask for no per-message compression, so that
+    /// keygate can read the client's messages.
     async fn upgrade(
         &self,
         pool: &Pool,
         forward: &request::Forward<'_>,
         client: &request::Outgoing,
         key: &str,
+        plain: bool,
     ) -> Result<(ClientSession, ResponseHeader), SendError> {
         let upstream = &pool.upstream;
         let timeouts = self.shared.runtime.load().timeouts;
@@ -1650,6 +1706,9 @@ impl Gateway {
         req.insert_header(header::UPGRADE, "websocket")
             .map_err(exchange_error)?;
         req.remove_header(&header::CONTENT_LENGTH);
+        if plain {
+            req.remove_header(&header::SEC_WEBSOCKET_EXTENSIONS);
+        }
         http.set_read_timeout(Some(timeouts.read));
         http.set_write_timeout(Some(timeouts.write));
         http.write_request_header(Box::new(req))
@@ -1673,13 +1732,15 @@ impl Gateway {
     }
 
     /// Switches the client's connection too, then copies bytes both ways until either side
-    /// closes.
+    /// closes. With `check` (a tenant's session), each client message is read first and the
+    /// session closed if it names a resource that is not the tenant's.
     async fn relay_frames(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
         mut http: ClientSession,
         header: ResponseHeader,
+        mut check: Option<LiveCheck>,
     ) -> pingora::Result<bool> {
         let mut switch = ResponseHeader::build(101, Some(header.headers.len()))?;
         for (name, value) in header.headers.iter() {
@@ -1701,7 +1762,28 @@ impl Gateway {
                 from_client = session.read_request_body(), if client_open => match from_client {
                     Ok(Some(bytes)) => {
                         ctx.request_bytes += bytes.len() as u64;
-                        http.write_request_body(bytes, false).await?;
+                        let Some(check) = check.as_mut() else {
+                            http.write_request_body(bytes, false).await?;
+                            continue;
+                        };
+                        match self.checked_frames(check, &bytes) {
+                            Ok(frames) => {
+                                for frames in frames {
+                                    http.write_request_body(frames, false).await?;
+                                }
+                            }
+                            Err((code, why)) => {
+                                log::warn!(
+                                    "Live session of tenant {} closed: {}",
+                                    printable(&check.tenant),
+                                    printable(&why)
+                                );
+                                let close = live_frames::close_frame(code, &why);
+                                session.write_response_body(Some(close), false).await?;
+                                session.write_response_body(None, true).await?;
+                                return Ok(true);
+                            }
+                        }
                     }
                     Ok(None) => {
                         client_open = false;
@@ -1720,6 +1802,49 @@ impl Gateway {
         }
         session.write_response_body(None, true).await?;
         Ok(true)
+    }
+
+    /// The client's frames that may go on to Google, or the close code and reason that end the
+    /// session: a message must be strict JSON naming only the tenant's resources, none of them
+    /// in another project than the session's.
+    fn checked_frames(
+        &self,
+        check: &mut LiveCheck,
+        bytes: &[u8],
+    ) -> Result<Vec<Bytes>, (u16, String)> {
+        let ready = check
+            .frames
+            .feed(bytes)
+            .map_err(|e| (e.close_code(), format!("keygate: {e}")))?;
+        let now = now_millis();
+        let mut out = Vec::with_capacity(ready.len());
+        for item in ready {
+            let (frames, payload) = match item {
+                live_frames::Ready::Control(frame) => {
+                    out.push(frame);
+                    continue;
+                }
+                live_frames::Ready::Message { frames, payload } => (frames, payload),
+            };
+            request::strict_json(&payload).map_err(|why| (1007, format!("keygate: {why}")))?;
+            let names = names::names_in_body(&payload);
+            if names.len() > names::MAX_NAMES {
+                return Err((1008, "keygate: a message names too many resources".into()));
+            }
+            for name in names {
+                let mine = self.shared.affinity.owner(&name, now).is_some_and(|o| {
+                    o.tenant.as_deref() == Some(&*check.tenant) && o.project == check.project
+                });
+                if !mine {
+                    return Err((
+                        1008,
+                        format!("keygate: {name} is not this tenant's in this session's project"),
+                    ));
+                }
+            }
+            out.push(frames);
+        }
+        Ok(out)
     }
 
     /// Writes Google's refusal of an upgrade to the client, as [`error_reply`] allows.
@@ -1741,6 +1866,14 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What a tenant's Live session checks in the client's messages.
+struct LiveCheck {
+    tenant: Arc<str>,
+    /// The project whose key serves the session.
+    project: Arc<str>,
+    frames: live_frames::ClientFrames,
 }
 
 /// What the client gets in place of an upstream answer that is not a success.
@@ -2182,6 +2315,11 @@ async fn read_body(
 fn unreadable_body(req: &RequestHeader, path: &str) -> Option<&'static str> {
     if path.starts_with("/upload/") {
         return None;
+    }
+    // Two values could be read as a list (`identity` then `gzip`): one of each at most.
+    let several = |name| req.headers.get_all(name).iter().nth(1).is_some();
+    if several(header::CONTENT_ENCODING) || several(header::CONTENT_TYPE) {
+        return Some("keygate: send at most one Content-Type and one Content-Encoding header");
     }
     let header = |name| {
         req.headers

@@ -202,7 +202,7 @@ pub fn model_of(api: Api, path: &str, creates: bool, body: &[u8]) -> Result<Stri
             if body.is_empty() && !needed {
                 return Ok(String::new());
             }
-            match (body_models(body), needed) {
+            match (body_models(body, "model"), needed) {
                 (Ok(models), _) => match one(models)? {
                     Some(m) => Ok(m),
                     None if needed => Err(ModelError::Missing),
@@ -214,7 +214,7 @@ pub fn model_of(api: Api, path: &str, creates: bool, body: &[u8]) -> Result<Stri
         }
         Api::Gemini => match model_from_path(path) {
             Some(in_path) => {
-                if let Ok(models) = body_models(body) {
+                if let Ok(models) = body_models(body, "model") {
                     if let Some(in_body) = one(models)? {
                         if in_body != in_path {
                             return Err(ModelError::Mismatch {
@@ -226,7 +226,8 @@ pub fn model_of(api: Api, path: &str, creates: bool, body: &[u8]) -> Result<Stri
                 }
                 Ok(in_path.to_string())
             }
-            None if creates => Ok(body_models(body)
+            // A tuned model names the model it starts from as `baseModel`.
+            None if creates => Ok(body_models(body, creation_field(path))
                 .ok()
                 .map(one)
                 .transpose()?
@@ -237,17 +238,89 @@ pub fn model_of(api: Api, path: &str, creates: bool, body: &[u8]) -> Result<Stri
     }
 }
 
-/// The top-level `model` fields of a JSON object body, in order (keys read with their escapes
-/// decoded, so `"\u006dodel"` counts): each the string it holds, or `None` for another type.
-/// `Err` when the body is not a JSON object.
-fn body_models(body: &[u8]) -> Result<Vec<Option<String>>, ()> {
+/// The body field that names the model of a resource created at `path`.
+fn creation_field(path: &str) -> &'static str {
+    if path.trim_end_matches('/').ends_with("/tunedModels") {
+        "baseModel"
+    } else {
+        "model"
+    }
+}
+
+/// Refuses a body a strict JSON parser would not read: Google's parser also takes some
+/// non-standard forms (single quotes, bare keys, `\U` escapes, trailing commas), which could
+/// hide a field from keygate's reading of the body. An empty body passes. Nesting deeper than
+/// 128 levels is refused too (Google's own limit is lower).
+pub fn strict_json(body: &[u8]) -> Result<(), String> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    if std::str::from_utf8(body).is_err() {
+        return Err("the request body is not UTF-8".to_string());
+    }
+    serde_json::from_slice::<AnyJson>(body)
+        .map(|_| ())
+        .map_err(|e| format!("the request body is not strict JSON ({e})"))
+}
+
+/// Any JSON value, read and dropped. Unlike `IgnoredAny`, it goes through the parser's nesting
+/// limit (128 levels).
+struct AnyJson;
+
+impl<'de> serde::Deserialize<'de> for AnyJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AnyJson, D::Error> {
+        d.deserialize_any(AnyJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AnyJson {
+    type Value = AnyJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_unit<E>(self) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<AnyJson, A::Error> {
+        while seq.next_element::<AnyJson>()?.is_some() {}
+        Ok(AnyJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AnyJson, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, AnyJson>()?
+            .is_some()
+        {}
+        Ok(AnyJson)
+    }
+}
+
+/// The top-level `field` fields (`model`) of a JSON object body, in order (keys read with their
+/// escapes decoded, so `"\u006dodel"` counts): each the string it holds, or `None` for another
+/// type. `Err` when the body is not a JSON object.
+fn body_models(body: &[u8], field: &'static str) -> Result<Vec<Option<String>>, ()> {
     use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-    // A body that spells no `model` (plainly, or as an escape) names none: no parse needed.
+    // A body that spells no such field (plainly, or as an escape) names none: no parse needed.
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first == Some(&b'{') && !has(body, b"model") && !has(body, b"\\u") {
+    if first == Some(&b'{') && !has(body, field.as_bytes()) && !has(body, b"\\u") {
         return Ok(Vec::new());
     }
-    struct Models;
+    struct Models(&'static str);
     impl<'de> Visitor<'de> for Models {
         type Value = Vec<Option<String>>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -256,7 +329,7 @@ fn body_models(body: &[u8]) -> Result<Vec<Option<String>>, ()> {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut found = Vec::new();
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key == "model" {
+                if key == self.0 {
                     let value: serde_json::Value = map.next_value()?;
                     found.push(value.as_str().map(str::to_string));
                 } else {
@@ -267,7 +340,7 @@ fn body_models(body: &[u8]) -> Result<Vec<Option<String>>, ()> {
         }
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let found = de.deserialize_map(Models).map_err(|_| ())?;
+    let found = de.deserialize_map(Models(field)).map_err(|_| ())?;
     de.end().map_err(|_| ())?;
     Ok(found)
 }
@@ -441,6 +514,36 @@ pub fn connection_listed(headers: &http::HeaderMap) -> Vec<HeaderName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strict_json_takes_what_every_parser_reads_alike() {
+        for ok in [
+            &b""[..],
+            br#"{"contents":[{"parts":[{"text":"\u00e9 \"q\""}]}],"n":1.5e3,"b":true,"z":null}"#,
+            br#"{"a":{"a":1},"a":2}"#,
+        ] {
+            assert_eq!(strict_json(ok), Ok(()), "{}", String::from_utf8_lossy(ok));
+        }
+        let deep = format!("{}1{}", "[".repeat(129), "]".repeat(129));
+        let fine = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(strict_json(fine.as_bytes()), Ok(()));
+        for bad in [
+            &br#"{contents:[]}"#[..],
+            br#"{'contents':[]}"#,
+            br#"{"a":"\U0066"}"#,
+            br#"{"a":[1,],}"#,
+            b"{\"a\":\"tab\there\"}",
+            br#"{"a":1} {"b":2}"#,
+            b"{\"a\":\"\xff\"}",
+            deep.as_bytes(),
+        ] {
+            assert!(
+                strict_json(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build(method, uri.as_bytes(), None).unwrap();

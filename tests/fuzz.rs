@@ -111,13 +111,16 @@ proptest! {
         id in "[a-z0-9]{1,12}",
         word in prop_oneof![Just("files"), Just("cachedContents"), Just("batches")],
         field in prop_oneof![Just("fileName"), Just("file_name"), Just("path"), Just("model")],
+        other in prop_oneof![Just("path"), Just("source"), Just("title")],
         host in "[a-z]{3,10}\\.(com|org|io)",
     ) {
         prop_assume!(!dir.starts_with("v1") && dir != "models" && !dir.eq_ignore_ascii_case(word));
+        // A repository path in a field that is not a reference, a URL of another API in a
+        // prompt, and a reference field inside a tool's arguments.
         let repo_path = format!("{dir}/{word}/{id}.txt");
         let url = format!("https://{host}/v1/{word}/{id}");
         let body = format!(
-            r#"{{"contents":[{{"parts":[{{"text":"{url}"}},{{"functionCall":{{"name":"f","args":{{"{field}":"{word}/{id}"}}}}}}]}}],"{field}":"{repo_path}"}}"#
+            r#"{{"contents":[{{"parts":[{{"text":"{url}"}},{{"functionCall":{{"name":"f","args":{{"{field}":"{word}/{id}"}}}}}}]}}],"{other}":"{repo_path}"}}"#
         );
         prop_assert!(names_in_body(body.as_bytes()).is_empty(), "{}", body);
     }

@@ -1210,3 +1210,299 @@ async fn a_batch_from_an_input_file_is_refused_for_tenants() {
     assert!(text.contains("inline"), "{text}");
     assert_eq!(mock.seen().len(), before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Found by a second adversarial review (each reproduced against the fixes above first)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_body_must_be_strict_json() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    let file = upload_file(&kg, "tok-alice").await;
+    let name = file["name"].as_str().unwrap().to_string();
+    let id = name.trim_start_matches("files/").to_string();
+    let before = mock.seen().len();
+    // Forms Google's lenient parser may take, each hiding alice's file from a strict reading;
+    // and a body nested deeper than any request needs (reading it cost seconds of CPU).
+    let nested = format!(r#"{}"x"{}"#, r#"{"contents":"#.repeat(200), "}".repeat(200));
+    for body in [
+        format!(r#"{{contents:[{{parts:[{{fileData:{{fileUri:"{name}"}}}}]}}]}}"#),
+        format!(r#"{{'contents':[{{'parts':[{{'fileData':{{'fileUri':'{name}'}}}}]}}]}}"#),
+        body_with_file(&format!(r"\U0066iles/{id}")),
+        format!(r#"{{"contents":[{{"parts":[{{"fileData":{{"fileUri":"{name}"}}}}]}}],}}"#),
+        nested,
+    ] {
+        let (status, text) = post_as(&kg, GENERATE, "tok-bob", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains("strict JSON"), "{text}");
+    }
+    // A cache whose model a lenient parser would read, a strict one not.
+    let (status, text) = post_as(
+        &kg,
+        "/v1beta/cachedContents",
+        "tok-bob",
+        r#"{'model':'models/gemini-2.5-pro','contents':[]}"#.to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(mock.seen().len(), before, "reached upstream");
+    // Strict JSON goes through as before.
+    let (status, text) = post_as(&kg, GENERATE, "tok-alice", body_with_file(&name)).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_does_not_lift_a_tenants_model_restriction() {
+    let (mock, kg) = split_pools().await;
+    let file = upload_file(&kg, "tok-bob").await;
+    let name = file["name"].as_str().unwrap().to_string();
+    let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
+    let flash = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let (status, text) = post_as(&kg, flash, "tok-bob", body_with_file(&name)).await;
+    assert_eq!(status, 200, "{text}");
+    let before = mock.seen().len();
+    let (status, text) = post_as(&kg, pro, "tok-bob", body_with_file(&name)).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("does not serve model 'gemini-2.5-pro'"),
+        "{text}"
+    );
+    // A tuned model names its model as baseModel.
+    let (status, text) = post_as(
+        &kg,
+        "/v1beta/tunedModels",
+        "tok-bob",
+        r#"{"baseModel":"models/gemini-2.5-pro","tuningTask":{}}"#.to_string(),
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(mock.seen().len(), before, "reached upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_content_encoding_or_type_header_is_refused() {
+    use std::io::Write as _;
+    let (mock, kg, _admin) = team_with_admin().await;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(prompt().as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    for headers in [
+        "Content-Type: application/json\r\nContent-Encoding: identity\r\nContent-Encoding: gzip\r\n",
+        "Content-Type: application/json\r\nContent-Type: application/x-protobuf\r\n",
+    ] {
+        let mut req = format!(
+            "POST {GENERATE} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nx-goog-api-key: tok-bob\r\nContent-Length: {}\r\n{headers}\r\n",
+            gz.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&gz);
+        let (status, text) = raw_http(kg.addr, &req);
+        assert_eq!(status, 415, "{headers}: {text}");
+    }
+    assert!(mock.seen().is_empty(), "reached upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_session_cannot_name_another_tenants_file() {
+    use futures_util::{SinkExt, StreamExt};
+    let mock = Mock::start().await;
+    mock.key("secret-k1", "p1");
+    let yaml = format!(
+        "{}{}",
+        pool_yaml(&mock.url(), &[("secret-k1", "p1")]),
+        tenants_of(&[("alice", None), ("bob", None)])
+    );
+    let kg = Keygate::start(&yaml);
+    let alices = upload_file(&kg, "tok-alice").await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bobs = upload_file(&kg, "tok-bob").await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let live = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+    let url = format!("ws://{}{live}", kg.addr);
+    let (mut ws, status) = ws_connect(&url, &[("x-goog-api-key", "tok-bob")])
+        .await
+        .unwrap();
+    assert_eq!(status, 101);
+    ws.send(Message::text(r#"{"setup":{"model":"models/gemini-live"}}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().to_text().unwrap(),
+        r#"{"setupComplete":{}}"#
+    );
+    let turn = |file: &str| {
+        format!(
+            r#"{{"clientContent":{{"turns":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{file}"}}}}]}}],"turnComplete":true}}}}"#
+        )
+    };
+    // Bob's own file goes through, in a text or a binary frame.
+    ws.send(Message::text(turn(&bobs))).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert!(echo.to_text().unwrap().contains(&bobs), "{echo:?}");
+    ws.send(Message::binary(turn(&bobs).into_bytes()))
+        .await
+        .unwrap();
+    assert!(ws.next().await.unwrap().unwrap().is_binary());
+    // Alice's ends the session before it reaches Google.
+    ws.send(Message::text(turn(&alices))).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1008);
+            assert!(frame.reason.contains(&alices), "{frame:?}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reading_a_batch_does_not_bind_names_its_requests_smuggled_in() {
+    let (mock, kg, admin) = team_with_admin().await;
+    mock.respond_next_with(
+        None,
+        1,
+        200,
+        r#"{"name":"batches/bobbatch1","metadata":{}}"#,
+        &[],
+    );
+    let create = r#"{"batch":{"displayName":"b","inputConfig":{"requests":{"requests":[{"request":{"contents":[{"parts":[{"text":"hi"}]}]},"metadata":{"uri":"files/premade1"}}]}}}}"#;
+    let (status, text) = post_as(
+        &kg,
+        "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        "tok-bob",
+        create.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (_, list) = admin_call("GET", &admin, "/admin/resources", None).await;
+    let project = list["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "batches/bobbatch1")
+        .map(|r| r["project"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("{list}"));
+    // A file of that project keygate does not know (made before keygate, or forgotten).
+    let victim = mock.make_file(&project);
+    assert_eq!(victim, "files/premade1");
+    // Google's answer echoes the inline request's metadata, and the model's text.
+    mock.respond_next_with(
+        None,
+        1,
+        200,
+        r#"{"name":"batches/bobbatch1","done":true,"metadata":{"output":{"inlinedResponses":{"inlinedResponses":[{"response":{"candidates":[{"content":{"parts":[{"text":"https://generativelanguage.googleapis.com/v1beta/files/premade1"}]}}]},"metadata":{"uri":"files/premade1"}}]}}}}"#,
+        &[],
+    );
+    let (status, text) = get_as(&kg, "/v1beta/batches/bobbatch1", "tok-bob").await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = post_as(&kg, GENERATE, "tok-bob", body_with_file(&victim)).await;
+    assert_eq!(status, 403, "{text}");
+    let (_, list) = admin_call("GET", &admin, "/admin/resources", None).await;
+    assert!(!list.to_string().contains("premade1"), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_anywhere_in_a_reference_field_is_read() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    let file = upload_file(&kg, "tok-alice").await;
+    let name = file["name"].as_str().unwrap().to_string();
+    let before = mock.seen().len();
+    for spelt in [
+        format!("generativelanguage.googleapis.com/v1beta/{name}"),
+        format!("//generativelanguage.googleapis.com/v1beta/{name}"),
+        format!("projects/p/{name}"),
+        format!("x/{name}"),
+    ] {
+        let (status, text) = post_as(&kg, GENERATE, "tok-bob", body_with_file(&spelt)).await;
+        assert_eq!(status, 403, "{spelt}: {text}");
+    }
+    assert_eq!(mock.seen().len(), before, "reached upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_gives_back_its_body_memory_and_is_dropped() {
+    let (mock, kg) =
+        one_key("client_limits:\n  max_buffered_body_bytes: 1000000\n  send_timeout_seconds: 2\n")
+            .await;
+    let answer_len = 16 << 20;
+    let big_answer = format!(
+        r#"{{"candidates":[{{"content":{{"parts":[{{"text":"{}"}}]}}}}]}}"#,
+        "x".repeat(answer_len)
+    );
+    mock.respond_next_with(None, 1, 200, &big_answer, &[]);
+    let body = format!(
+        r#"{{"contents":[{{"parts":[{{"text":"{}"}}]}}]}}"#,
+        "y".repeat(700_000)
+    );
+    // A client that sends its request and then reads nothing.
+    let mut stalled = TcpStream::connect(kg.addr).unwrap();
+    let req = raw_post(GENERATE, &[], &body);
+    stalled.write_all(&req).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Its 700 KB body no longer counts against the 1 MB budget.
+    let (status, text) = post_as(&kg, GENERATE, "", body.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    // And after send_timeout_seconds of not reading, keygate gave up on it: what it can still
+    // read ends before the answer does.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let read = stalled.read_to_end(&mut got);
+    assert!(read.is_ok(), "no end of connection: {read:?}");
+    assert!(got.len() < answer_len, "read {} bytes", got.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_query_carries_only_parameters_keygate_knows() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    for query in [
+        "cachedContent=cachedContents/someone",
+        "generateContentRequest.cachedContent=cachedContents/x",
+        "alt=proto",
+        "%61lt=sse",
+        "fields=candidates",
+        "callback=f",
+        "alt=sse&alt=json",
+    ] {
+        let (status, text) =
+            post_as(&kg, &format!("{GENERATE}?{query}"), "tok-bob", prompt()).await;
+        assert_eq!(status, 400, "{query}: {text}");
+    }
+    // A tuned model's id chosen in another spelling is not checked by name: refused.
+    let (status, text) = post_as(
+        &kg,
+        "/v1beta/tunedModels?tuned_model_id=t1",
+        "tok-bob",
+        r#"{"baseModel":"models/gemini-2.5-flash"}"#.to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    // Uploads go by the resumable protocol, whose metadata keygate reads.
+    let resp = client()
+        .post(format!("{}/upload/v1beta/files", kg.url()))
+        .header("x-goog-api-key", "tok-bob")
+        .header("x-goog-upload-protocol", "multipart")
+        .header("content-type", "multipart/related; boundary=b")
+        .body("--b\r\nContent-Type: application/json\r\n\r\n{\"file\":{\"name\":\"files/x\"}}\r\n--b--\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(mock.seen().is_empty(), "reached upstream");
+    // What the SDKs send goes through.
+    let (status, text) = post_as(
+        &kg,
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+        "tok-bob",
+        prompt(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = get_as(&kg, "/v1beta/files?pageSize=10", "tok-bob").await;
+    assert_eq!(status, 200, "{text}");
+}

@@ -1,0 +1,283 @@
+//! The WebSocket frames a client sends in a Live API session, read so that each message can be
+//! checked before it goes on to Google. A Live message can name files like any request
+//! (`clientContent.turns[].parts[].fileData.fileUri`), so with tenants each one is read as a
+//! request body is.
+//!
+//! Frames pass through byte for byte; only their order changes, as the protocol allows: a data
+//! message is held until its last fragment has arrived and it was checked, while control frames
+//! (ping, pong, close) that come between its fragments go on at once. keygate takes the
+//! per-message compression extension out of the handshake, so payloads are plain.
+
+use bytes::{Bytes, BytesMut};
+
+/// What the client's bytes have made ready to go on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// A control frame, as it came.
+    Control(Bytes),
+    /// A whole data message, to check.
+    Message {
+        /// Its frames as they came.
+        frames: Bytes,
+        /// Its payload, unmasked.
+        payload: Vec<u8>,
+    },
+}
+
+/// Why the client's frames cannot go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A reserved bit or opcode, a fragmented or oversized control frame, or a continuation
+    /// without a message.
+    #[error("malformed WebSocket frame")]
+    Malformed,
+    /// A message longer than the limit.
+    #[error("message too long")]
+    TooLong,
+}
+
+impl FrameError {
+    /// The close code to answer with (RFC 6455, 7.4.1).
+    pub fn close_code(self) -> u16 {
+        match self {
+            FrameError::Malformed => 1002,
+            FrameError::TooLong => 1009,
+        }
+    }
+}
+
+/// Reads a client's frames as they arrive.
+#[derive(Debug)]
+pub struct ClientFrames {
+    /// Bytes of a frame not yet whole.
+    pending: BytesMut,
+    /// The frames of the data message being assembled, as they came.
+    held: BytesMut,
+    /// Its payload so far, unmasked.
+    payload: Vec<u8>,
+    /// Whether a data message is being assembled (a fragment without FIN came).
+    in_message: bool,
+    max_message: usize,
+}
+
+impl ClientFrames {
+    /// A reader that refuses messages over `max_message` bytes.
+    pub fn new(max_message: usize) -> ClientFrames {
+        ClientFrames {
+            pending: BytesMut::new(),
+            held: BytesMut::new(),
+            payload: Vec::new(),
+            in_message: false,
+            max_message,
+        }
+    }
+
+    /// Takes the next bytes from the client; what they complete, in order.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Ready>, FrameError> {
+        self.pending.extend_from_slice(bytes);
+        let mut ready = Vec::new();
+        while let Some(header) = Header::parse(&self.pending)? {
+            let data = header.opcode < 8;
+            let max = self.max_message as u64;
+            if header.len > max || (data && self.payload.len() as u64 + header.len > max) {
+                return Err(FrameError::TooLong);
+            }
+            // Wait for the rest of the frame (at most a message's worth).
+            let total = header.size + header.len as usize;
+            if self.pending.len() < total {
+                break;
+            }
+            let frame = self.pending.split_to(total).freeze();
+            let mut payload = frame[header.size..].to_vec();
+            if let Some(mask) = header.mask {
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
+            }
+            match header.opcode {
+                8..=10 => {
+                    if !header.fin || header.len > 125 {
+                        return Err(FrameError::Malformed);
+                    }
+                    ready.push(Ready::Control(frame));
+                    continue;
+                }
+                1 | 2 if !self.in_message => {}
+                0 if self.in_message => {}
+                _ => return Err(FrameError::Malformed),
+            }
+            self.held.extend_from_slice(&frame);
+            self.payload.extend_from_slice(&payload);
+            self.in_message = !header.fin;
+            if header.fin {
+                ready.push(Ready::Message {
+                    frames: self.held.split().freeze(),
+                    payload: std::mem::take(&mut self.payload),
+                });
+            }
+        }
+        Ok(ready)
+    }
+}
+
+/// A frame's header.
+#[derive(Debug)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    /// Payload length.
+    len: u64,
+    /// Header length.
+    size: usize,
+}
+
+impl Header {
+    /// The header at the start of `bytes`; None while it is incomplete.
+    fn parse(bytes: &[u8]) -> Result<Option<Header>, FrameError> {
+        let (Some(&b0), Some(&b1)) = (bytes.first(), bytes.get(1)) else {
+            return Ok(None);
+        };
+        if b0 & 0x70 != 0 {
+            return Err(FrameError::Malformed);
+        }
+        let (len, mut size) = match b1 & 0x7f {
+            126 => match bytes.get(2..4) {
+                Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+                None => return Ok(None),
+            },
+            127 => match bytes.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                Some(b) => (u64::from_be_bytes(b), 10),
+                None => return Ok(None),
+            },
+            n => (u64::from(n), 2),
+        };
+        let mask = if b1 & 0x80 != 0 {
+            let Some(key) = bytes.get(size..size + 4) else {
+                return Ok(None);
+            };
+            size += 4;
+            Some([key[0], key[1], key[2], key[3]])
+        } else {
+            None
+        };
+        Ok(Some(Header {
+            fin: b0 & 0x80 != 0,
+            opcode: b0 & 0x0f,
+            mask,
+            len,
+            size,
+        }))
+    }
+}
+
+/// A close frame from the server (unmasked) with `code` and a reason cut to fit the 125-byte
+/// control payload.
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut reason = reason.as_bytes();
+    let mut cut = reason.len().min(123);
+    while cut > 0 && std::str::from_utf8(&reason[..cut]).is_err() {
+        cut -= 1;
+    }
+    reason = &reason[..cut];
+    let mut frame = Vec::with_capacity(4 + reason.len());
+    frame.push(0x88);
+    frame.push((2 + reason.len()) as u8);
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    Bytes::from(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame: masked, as clients must send them.
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![u8::from(fin) << 7 | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n < 65536 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn messages_come_whole_and_unmasked_in_any_chunking() {
+        let text = br#"{"clientContent":{"turns":[{"parts":[{"text":"hi"}]}]}}"#;
+        let big = vec![b'a'; 70_000];
+        let mut wire = frame(false, 1, &text[..10]);
+        wire.extend(frame(true, 9, b"ping"));
+        wire.extend(frame(true, 0, &text[10..]));
+        wire.extend(frame(true, 2, &big));
+        for chunk in [1, 3, 7, 100, wire.len()] {
+            let mut reader = ClientFrames::new(1 << 20);
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                got.extend(reader.feed(piece).unwrap());
+            }
+            assert_eq!(got.len(), 3, "chunk {chunk}");
+            assert!(matches!(&got[0], Ready::Control(f) if f[0] == 0x89));
+            let Ready::Message { frames, payload } = &got[1] else {
+                panic!("{got:?}")
+            };
+            assert_eq!(payload, text);
+            // The frames go on as they came.
+            let mut want = frame(false, 1, &text[..10]);
+            want.extend(frame(true, 0, &text[10..]));
+            assert_eq!(&frames[..], &want[..]);
+            assert!(matches!(&got[2], Ready::Message { payload, .. } if *payload == big));
+        }
+    }
+
+    #[test]
+    fn malformed_and_long_messages_are_refused() {
+        let mut reader = ClientFrames::new(1 << 20);
+        assert_eq!(
+            reader.feed(&frame(true, 0, b"x")),
+            Err(FrameError::Malformed)
+        );
+        let mut rsv = frame(true, 1, b"x");
+        rsv[0] |= 0x40; // a compressed frame: no extension was agreed
+        assert_eq!(
+            ClientFrames::new(100).feed(&rsv),
+            Err(FrameError::Malformed)
+        );
+        assert_eq!(
+            ClientFrames::new(100).feed(&frame(false, 9, b"p")),
+            Err(FrameError::Malformed)
+        );
+        let mut reader = ClientFrames::new(100);
+        assert_eq!(reader.feed(&frame(false, 1, &[b'a'; 60])), Ok(vec![]));
+        assert_eq!(
+            reader.feed(&frame(true, 0, &[b'a'; 60])),
+            Err(FrameError::TooLong)
+        );
+        // A header announcing more than the limit is refused before its payload comes.
+        let header = [0x81, 0x80 | 127, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 3, 4];
+        assert_eq!(
+            ClientFrames::new(1 << 20).feed(&header),
+            Err(FrameError::TooLong)
+        );
+    }
+
+    #[test]
+    fn close_frames_fit_a_control_frame() {
+        let f = close_frame(1008, &"é".repeat(100));
+        assert_eq!(f[0], 0x88);
+        assert!(f.len() <= 127);
+        assert_eq!(f[1] as usize, f.len() - 2);
+        assert_eq!(u16::from_be_bytes([f[2], f[3]]), 1008);
+        assert!(std::str::from_utf8(&f[4..]).is_ok());
+    }
+}
