@@ -75,6 +75,71 @@ pub fn tenant_may_call(method: &Method, path: &str) -> bool {
     }
 }
 
+/// Whether a tenant may open a Live API session on the canonical `path`: the Gemini Live
+/// service only (other WebSocket services carry other protocols, which keygate does not read).
+pub fn tenant_may_open_live(path: &str) -> bool {
+    ["v1", "v1beta", "v1alpha"].iter().any(|v| {
+        path == format!(
+            "/ws/google.ai.generativelanguage.{v}.GenerativeService.BidiGenerateContent"
+        )
+    })
+}
+
+/// The fields a tenant may change in a resource with PATCH, by collection (compared without
+/// case and `_`). Others could move the resource to another model (`model`) or feed it what
+/// keygate does not read (`inputConfig`).
+const UPDATABLE: [(&str, &[&str]); 3] = [
+    ("cachedContents", &["ttl", "expiretime"]),
+    ("batches", &["displayname", "priority"]),
+    ("tunedModels", &["displayname", "description"]),
+];
+
+/// Why a tenant's PATCH of the resource at canonical `path` is refused, if it is: a body field,
+/// or a field of the `updateMask` parameter, that the collection does not let tenants change.
+/// `body` is strict JSON already.
+pub fn tenant_update_refusal(path: &str, query: Option<&str>, body: &[u8]) -> Option<String> {
+    let collection = path.split('/').rev().nth(1).unwrap_or_default();
+    let Some((_, fields)) = UPDATABLE.iter().find(|(c, _)| *c == collection) else {
+        return Some(format!(
+            "{} cannot be changed by tenants",
+            crate::logging::printable(path)
+        ));
+    };
+    let allowed = |field: &str| {
+        let norm: String = field
+            .chars()
+            .filter(|c| *c != '_')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        norm == "name" || fields.contains(&norm.as_str())
+    };
+    let refusal = |field: &str| {
+        Some(format!(
+            "tenants may not change '{}' of {collection}",
+            crate::logging::printable(field)
+        ))
+    };
+    let top: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(body) {
+        Ok(map) => map,
+        Err(_) if body.is_empty() => serde_json::Map::new(),
+        Err(_) => return Some("the body must be a JSON object".to_string()),
+    };
+    if let Some(field) = top.keys().find(|k| !allowed(k)) {
+        return refusal(field);
+    }
+    let masks = query
+        .unwrap_or_default()
+        .split(['&', ';'])
+        .filter_map(|p| p.strip_prefix("updateMask="));
+    for mask in masks {
+        let mask = percent_encoding::percent_decode_str(mask).decode_utf8_lossy();
+        if let Some(field) = mask.split(',').map(str::trim).find(|f| !allowed(f)) {
+            return refusal(field);
+        }
+    }
+    None
+}
+
 /// The query parameters a tenant's request may carry (the key parameter is taken out before),
 /// each with the values it may have (`None`: any). Others could change what Google reads
 /// (`cachedContent=...` is a request field), or the shape of the answer keygate reads
@@ -226,5 +291,77 @@ mod tests {
             let got = tenant_query_refusal(Some(bad)).unwrap_or_default();
             assert!(got.contains(why), "{bad}: {got}");
         }
+    }
+
+    #[test]
+    fn what_a_tenant_may_change() {
+        let cache = "/v1beta/cachedContents/c1";
+        assert_eq!(
+            tenant_update_refusal(cache, None, br#"{"ttl":"60s"}"#),
+            None
+        );
+        assert_eq!(
+            tenant_update_refusal(
+                cache,
+                Some("updateMask=expire_time"),
+                br#"{"expireTime":"2026-12-01T00:00:00Z"}"#
+            ),
+            None
+        );
+        for (path, query, body, why) in [
+            (
+                cache,
+                None,
+                &br#"{"model":"models/gemini-2.5-pro"}"#[..],
+                "'model'",
+            ),
+            (
+                cache,
+                Some("updateMask=model"),
+                br#"{"ttl":"60s"}"#,
+                "'model'",
+            ),
+            (cache, Some("updateMask=ttl,contents"), b"", "'contents'"),
+            (
+                "/v1beta/batches/b1",
+                None,
+                br#"{"inputConfig":{"fileName":"files/x"}}"#,
+                "'inputConfig'",
+            ),
+            (
+                "/v1beta/tunedModels/t1",
+                None,
+                br#"{"baseModel":"models/x"}"#,
+                "'baseModel'",
+            ),
+            ("/v1beta/files/f1", None, b"{}", "cannot be changed"),
+        ] {
+            let got = tenant_update_refusal(path, query, body).unwrap_or_default();
+            assert!(got.contains(why), "{path} {query:?}: {got}");
+        }
+        assert_eq!(
+            tenant_update_refusal(
+                "/v1beta/batches/b1",
+                None,
+                br#"{"displayName":"x","priority":2}"#
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn only_the_gemini_live_service_is_open_to_tenants() {
+        assert!(tenant_may_open_live(
+            "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+        ));
+        assert!(tenant_may_open_live(
+            "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent"
+        ));
+        assert!(!tenant_may_open_live(
+            "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateMusic"
+        ));
+        assert!(!tenant_may_open_live(
+            "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContentX"
+        ));
     }
 }

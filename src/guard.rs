@@ -243,6 +243,54 @@ impl Reservation {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Holds exactly `bytes`: grows (false, and nothing taken, past the budget) or gives back
+    /// the excess.
+    pub fn resize(&mut self, bytes: usize) -> bool {
+        if bytes > self.bytes {
+            return self.grow(bytes - self.bytes);
+        }
+        let less = self.bytes - bytes;
+        self.budget.used.fetch_sub(less, Relaxed);
+        if let Some(share) = &self.share {
+            share.fetch_sub(less, Relaxed);
+        }
+        self.bytes = bytes;
+        true
+    }
+}
+
+/// The pace at which a client takes an answer. Writing to a client that reads nothing stalls;
+/// a write timeout catches a client that stops, and this catches one that takes a few bytes now
+/// and then: once writes have waited `grace` in all, the bytes written must come to at least
+/// `min_rate` per second of waiting. Time spent waiting for Google does not count.
+#[derive(Debug)]
+pub struct SendPace {
+    waited: Duration,
+    bytes: u64,
+    grace: Duration,
+    min_rate: u64,
+}
+
+impl SendPace {
+    /// A pace of at least `min_rate` bytes per second of waiting (0: none), after `grace`.
+    pub fn new(grace: Duration, min_rate: u64) -> SendPace {
+        SendPace {
+            waited: Duration::ZERO,
+            bytes: 0,
+            grace,
+            min_rate,
+        }
+    }
+
+    /// Records a write of `bytes` that took `took`; false when the client is too slow.
+    pub fn record(&mut self, bytes: usize, took: Duration) -> bool {
+        self.bytes += bytes as u64;
+        self.waited += took;
+        self.min_rate == 0
+            || self.waited <= self.grace
+            || self.bytes as f64 >= self.min_rate as f64 * self.waited.as_secs_f64()
+    }
 }
 
 impl Drop for Reservation {
@@ -545,6 +593,35 @@ mod tests {
         let err = server.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
         assert!(started.elapsed() < Duration::from_millis(400));
+    }
+
+    #[test]
+    fn a_reservation_resizes_both_ways() {
+        let budget = BodyBudget::new(100);
+        let mut r = budget.reservation(None);
+        assert!(r.resize(80));
+        assert!(!r.resize(101));
+        assert_eq!(budget.used(), 80);
+        assert!(r.resize(10));
+        assert_eq!(budget.used(), 10);
+        drop(r);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_client_taking_an_answer_drop_by_drop_is_too_slow() {
+        let s = Duration::from_secs(1);
+        // Pauses of a client that reads, now and then: fine.
+        let mut pace = SendPace::new(60 * s, 1024);
+        for _ in 0..100 {
+            assert!(pace.record(64 * 1024, 2 * s));
+        }
+        // 16 KB every 55 s of waiting: fine during the grace, then too slow.
+        let mut pace = SendPace::new(60 * s, 1024);
+        assert!(pace.record(16 * 1024, 55 * s));
+        assert!(!pace.record(16 * 1024, 55 * s));
+        // No minimum: never too slow.
+        assert!(SendPace::new(s, 0).record(1, 1000 * s));
     }
 
     #[test]

@@ -51,12 +51,14 @@ impl FrameError {
 pub struct ClientFrames {
     /// Bytes of a frame not yet whole.
     pending: BytesMut,
-    /// The frames of the data message being assembled, as they came.
-    held: BytesMut,
-    /// Its payload so far, unmasked.
-    payload: Vec<u8>,
-    /// Whether a data message is being assembled (a fragment without FIN came).
-    in_message: bool,
+    /// The frames of the data message being assembled, as they came, with where each one's
+    /// payload starts and its mask: the payload is unmasked only once the message is whole, so
+    /// a message is held once, not twice.
+    held: Vec<(Bytes, usize, Option<[u8; 4]>)>,
+    /// Payload bytes of the held frames.
+    held_payload: usize,
+    /// Bytes of the held frames.
+    held_bytes: usize,
     max_message: usize,
 }
 
@@ -65,11 +67,16 @@ impl ClientFrames {
     pub fn new(max_message: usize) -> ClientFrames {
         ClientFrames {
             pending: BytesMut::new(),
-            held: BytesMut::new(),
-            payload: Vec::new(),
-            in_message: false,
+            held: Vec::new(),
+            held_payload: 0,
+            held_bytes: 0,
             max_message,
         }
+    }
+
+    /// Bytes held now: a message in progress and a frame not yet whole. Zero between messages.
+    pub fn buffered(&self) -> usize {
+        self.pending.len() + self.held_bytes
     }
 
     /// Takes the next bytes from the client; what they complete, in order.
@@ -79,7 +86,7 @@ impl ClientFrames {
         while let Some(header) = Header::parse(&self.pending)? {
             let data = header.opcode < 8;
             let max = self.max_message as u64;
-            if header.len > max || (data && self.payload.len() as u64 + header.len > max) {
+            if header.len > max || (data && self.held_payload as u64 + header.len > max) {
                 return Err(FrameError::TooLong);
             }
             // Wait for the rest of the frame (at most a message's worth).
@@ -88,12 +95,6 @@ impl ClientFrames {
                 break;
             }
             let frame = self.pending.split_to(total).freeze();
-            let mut payload = frame[header.size..].to_vec();
-            if let Some(mask) = header.mask {
-                for (i, b) in payload.iter_mut().enumerate() {
-                    *b ^= mask[i % 4];
-                }
-            }
             match header.opcode {
                 8..=10 => {
                     if !header.fin || header.len > 125 {
@@ -102,21 +103,40 @@ impl ClientFrames {
                     ready.push(Ready::Control(frame));
                     continue;
                 }
-                1 | 2 if !self.in_message => {}
-                0 if self.in_message => {}
+                1 | 2 if self.held.is_empty() => {}
+                0 if !self.held.is_empty() => {}
                 _ => return Err(FrameError::Malformed),
             }
-            self.held.extend_from_slice(&frame);
-            self.payload.extend_from_slice(&payload);
-            self.in_message = !header.fin;
+            self.held_payload += header.len as usize;
+            self.held_bytes += frame.len();
+            self.held.push((frame, header.size, header.mask));
             if header.fin {
-                ready.push(Ready::Message {
-                    frames: self.held.split().freeze(),
-                    payload: std::mem::take(&mut self.payload),
-                });
+                ready.push(self.take_message());
             }
         }
         Ok(ready)
+    }
+
+    /// The held message, whole: its frames as they came and its payload unmasked.
+    fn take_message(&mut self) -> Ready {
+        let mut frames = BytesMut::with_capacity(self.held_bytes);
+        let mut payload = Vec::with_capacity(self.held_payload);
+        for (frame, start, mask) in self.held.drain(..) {
+            let at = payload.len();
+            payload.extend_from_slice(&frame[start..]);
+            if let Some(mask) = mask {
+                for (i, b) in payload[at..].iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
+            }
+            frames.extend_from_slice(&frame);
+        }
+        self.held_payload = 0;
+        self.held_bytes = 0;
+        Ready::Message {
+            frames: frames.freeze(),
+            payload,
+        }
     }
 }
 
@@ -238,6 +258,19 @@ mod tests {
             assert_eq!(&frames[..], &want[..]);
             assert!(matches!(&got[2], Ready::Message { payload, .. } if *payload == big));
         }
+    }
+
+    #[test]
+    fn what_is_held_is_counted() {
+        let mut reader = ClientFrames::new(1 << 20);
+        let first = frame(false, 1, &[b'a'; 1000]);
+        assert_eq!(reader.feed(&first[..500]), Ok(vec![]));
+        assert_eq!(reader.buffered(), 500);
+        assert_eq!(reader.feed(&first[500..]), Ok(vec![]));
+        assert_eq!(reader.buffered(), first.len());
+        let got = reader.feed(&frame(true, 0, b"b")).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(reader.buffered(), 0);
     }
 
     #[test]

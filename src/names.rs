@@ -13,7 +13,7 @@
 //! `files/x` in passing is not a reference.
 
 use crate::json_strings;
-use crate::path::lenient_segments;
+use crate::path::{lenient_segments, unresolved_segments};
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -55,7 +55,7 @@ const COLLECTIONS: [(&str, Kind); 6] = [
 
 /// Body fields whose values Google reads as resource references, compared without case and
 /// without `_` (protobuf JSON takes both `fileUri` and `file_uri`).
-const REFERENCE_FIELDS: [&str; 7] = [
+const REFERENCE_FIELDS: [&str; 8] = [
     "fileuri",
     "cachedcontent",
     "model",
@@ -63,6 +63,8 @@ const REFERENCE_FIELDS: [&str; 7] = [
     "basemodel",
     "tunedmodel",
     "filesearchstorenames",
+    // OpenAI-style content parts: `{"type": "file", "file": {"file_id": ...}}`.
+    "fileid",
 ];
 
 /// Fields whose contents Google passes along without reading references in them: function-call
@@ -194,6 +196,9 @@ fn readings(value: &str) -> Vec<Cow<'_, str>> {
 fn push_reference(value: &str, out: &mut Found) {
     for reading in readings(value) {
         push_names_in_segments(&lenient_segments(&reading), out);
+        if reading.contains("..") {
+            push_names_in_segments(&unresolved_segments(&reading), out);
+        }
     }
 }
 
@@ -234,10 +239,12 @@ pub fn names_in_body(body: &[u8]) -> Vec<String> {
             return true;
         }
         let text = v.string.decoded();
-        let reference = v
-            .path
-            .last()
-            .is_some_and(|k| is_field(k, &REFERENCE_FIELDS));
+        // An OpenAI-style image part's `image_url.url` may hold a file's name too.
+        let reference = match v.path {
+            [.., parent, key] if is_field(parent, &["imageurl"]) && is_field(key, &["url"]) => true,
+            [.., key] => is_field(key, &REFERENCE_FIELDS),
+            [] => false,
+        };
         if reference || looks_like_url(text.trim_ascii_start()) {
             let value = String::from_utf8_lossy(&text);
             if reference {
@@ -550,6 +557,8 @@ mod tests {
                 "files/h2",
             ),
             (br#"{"model":"models/tunedModels/tm1"}"#, "tunedModels/tm1"),
+            (br#"{"file":{"file_id":"files/oa1"}}"#, "files/oa1"),
+            (br#"{"image_url":{"url":"files/oa2"}}"#, "files/oa2"),
         ] {
             assert_eq!(
                 names_in_body(body),
@@ -558,6 +567,12 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+        // A name before a dot segment counts too: a reader may not resolve it.
+        let dotted = br#"{"fileUri":"files/victim/../mine"}"#;
+        assert_eq!(
+            names_in_body(dotted),
+            names(&["files/mine", "files/victim"])
+        );
         // A Gemini API URL counts wherever it is.
         let url = br#"{"text":"https://generativelanguage.googleapis.com/v1beta/files/u1"}"#;
         assert_eq!(names_in_body(url), names(&["files/u1"]));

@@ -114,6 +114,17 @@ fn is_canonical(raw: &str) -> bool {
 /// resolved. For values in request bodies (`fileUri`), where keygate must find a name however
 /// it is written.
 pub fn lenient_segments(value: &str) -> Vec<String> {
+    segments_of(value, true)
+}
+
+/// [`lenient_segments`] with `..` kept as a segment: what the value names before its dot
+/// segments are resolved (`files/a/../b` holds `files/a` too, for a reader that resolves
+/// nothing).
+pub fn unresolved_segments(value: &str) -> Vec<String> {
+    segments_of(value, false)
+}
+
+fn segments_of(value: &str, resolve: bool) -> Vec<String> {
     let value = value.trim();
     let rest = match value.find("://") {
         Some(i)
@@ -132,7 +143,7 @@ pub fn lenient_segments(value: &str) -> Vec<String> {
     for segment in decoded.split(['/', '\\']) {
         match segment.trim() {
             "" | "." => {}
-            ".." => {
+            ".." if resolve => {
                 segments.pop();
             }
             s => segments.push(s.to_string()),

@@ -396,6 +396,21 @@ impl ProxyHttp for Gateway {
         }
 
         if request::is_live_api(&path) {
+            if tenant.is_some() {
+                let refusal = if !endpoints::tenant_may_open_live(&path) {
+                    Some(format!(
+                        "keygate: {} is not forwarded for tenants: of the WebSocket services, only the Live API's BidiGenerateContent is",
+                        printable(&path)
+                    ))
+                } else {
+                    endpoints::tenant_query_refusal(query.forwarded.as_deref())
+                        .map(|why| format!("keygate: {why}"))
+                };
+                if let Some(why) = refusal {
+                    let e = GatewayError::new(403, "PERMISSION_DENIED", why);
+                    return refuse(session, ctx, api, &e).await;
+                }
+            }
             return self
                 .websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query)
                 .await;
@@ -454,9 +469,18 @@ impl ProxyHttp for Gateway {
 
         ctx.request_bytes = body.len() as u64;
         // What keygate reads in a tenant's body must be what Google reads: strict JSON only (an
-        // upload's bytes are media).
+        // upload's bytes are media); and a change to a resource may not touch what keygate
+        // routed or checked it by.
         if tenant.is_some() && upload.is_none() {
-            if let Err(why) = request::strict_json(&body) {
+            let patch = session.req_header().method == http::Method::PATCH;
+            let refusal = request::strict_json(&body).err().or_else(|| {
+                patch
+                    .then(|| {
+                        endpoints::tenant_update_refusal(&path, query.forwarded.as_deref(), &body)
+                    })
+                    .flatten()
+            });
+            if let Some(why) = refusal {
                 let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
                 return refuse(session, ctx, api, &e).await;
             }
@@ -1269,6 +1293,8 @@ impl Gateway {
         // complete but before its last bytes reach the client: a client that names a resource
         // the moment it has the answer must find it bound.
         let mut recorded = false;
+        let limits = self.shared.runtime.load().client_limits;
+        let mut pace = guard::SendPace::new(limits.send_timeout, limits.body_min_rate);
         let pre_read = std::mem::take(&mut body.read);
         let last_pre_read = pre_read.len();
         for (i, chunk) in pre_read.into_iter().enumerate() {
@@ -1279,8 +1305,9 @@ impl Gateway {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
                 recorded = true;
             }
-            ctx.response_bytes += chunk.len() as u64;
-            session.write_response_body(Some(chunk), false).await?;
+            if !send(session, ctx, &mut pace, chunk).await? {
+                return Ok(true);
+            }
         }
         while let Some(http) = body.http.as_mut() {
             // A client gone mid-stream stops the stream: Google stops when its connection goes.
@@ -1305,8 +1332,9 @@ impl Gateway {
             }
             match chunk {
                 Some(chunk) => {
-                    ctx.response_bytes += chunk.len() as u64;
-                    session.write_response_body(Some(chunk), false).await?
+                    if !send(session, ctx, &mut pace, chunk).await? {
+                        return Ok(true);
+                    }
                 }
                 None => break,
             }
@@ -1609,10 +1637,17 @@ impl Gateway {
                     latency,
                 });
                 keys.key(key).usage.requests.fetch_add(1, Relaxed);
+                let share = tenant
+                    .filter(|_| rt.tenants.list().len() > 1)
+                    .map(|t| t.state.buffered.clone());
                 let check = tenant.map(|t| LiveCheck {
                     tenant: t.name.clone(),
                     project: Arc::from(keys.project_name(project)),
                     frames: live_frames::ClientFrames::new(rt.max_body),
+                    reservation: self.shared.body_budget.reservation(share),
+                    limits: rt.client_limits,
+                    message_started: None,
+                    last_progress: tokio::time::Instant::now(),
                 });
                 return self.relay_frames(session, ctx, http, header, check).await;
             }
@@ -1757,8 +1792,17 @@ impl Gateway {
             h1.maybe_upgrade_body_writer();
         }
         let mut client_open = true;
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
+            let due = check.as_ref().and_then(LiveCheck::due);
             tokio::select! {
+                _ = wait_until(&mut timer, due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    let why = "keygate: a message came too slowly (client_limits.body_timeout_seconds, body_min_rate_bytes_per_second)";
+                    let close = live_frames::close_frame(1008, why);
+                    session.write_response_body(Some(close), false).await?;
+                    session.write_response_body(None, true).await?;
+                    return Ok(true);
+                }
                 from_client = session.read_request_body(), if client_open => match from_client {
                     Ok(Some(bytes)) => {
                         ctx.request_bytes += bytes.len() as u64;
@@ -1816,6 +1860,26 @@ impl Gateway {
             .frames
             .feed(bytes)
             .map_err(|e| (e.close_code(), format!("keygate: {e}")))?;
+        // What is held of a message in progress counts against the body memory budget, and
+        // must be whole in time.
+        let held = check.frames.buffered();
+        if !check.reservation.resize(held) {
+            return Err((
+                1013,
+                "keygate: too many request bodies are held in memory right now; retry shortly"
+                    .into(),
+            ));
+        }
+        // A message that completed here ends its clock; what is held now is the next one's.
+        let completed = ready
+            .iter()
+            .any(|r| matches!(r, live_frames::Ready::Message { .. }));
+        check.last_progress = tokio::time::Instant::now();
+        check.message_started = match (held, check.message_started) {
+            (0, _) => None,
+            (_, Some(started)) if !completed => Some(started),
+            _ => Some(check.last_progress),
+        };
         let now = now_millis();
         let mut out = Vec::with_capacity(ready.len());
         for item in ready {
@@ -1874,6 +1938,48 @@ struct LiveCheck {
     /// The project whose key serves the session.
     project: Arc<str>,
     frames: live_frames::ClientFrames,
+    /// The held bytes' share of the body memory budget.
+    reservation: Reservation,
+    limits: ClientLimits,
+    /// When the first byte of the message being assembled came, and the last.
+    message_started: Option<tokio::time::Instant>,
+    last_progress: tokio::time::Instant,
+}
+
+impl LiveCheck {
+    /// By when the message being assembled must be whole, as a request body must
+    /// (`client_limits.body_timeout_seconds` between bytes, `body_min_rate_bytes_per_second`);
+    /// None between messages.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        let started = self.message_started?;
+        let mut due = self.last_progress + self.limits.body_timeout;
+        if self.limits.body_min_rate > 0 {
+            let held = self.frames.buffered() as f64;
+            let at_rate = Duration::from_secs_f64(held / self.limits.body_min_rate as f64);
+            due = due.min(started + self.limits.body_timeout + at_rate);
+        }
+        Some(due)
+    }
+}
+
+/// Writes one chunk of an answer to the client; false (and the connection not kept) when the
+/// client takes the answer too slowly ([`guard::SendPace`]).
+async fn send(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    pace: &mut guard::SendPace,
+    chunk: Bytes,
+) -> pingora::Result<bool> {
+    let len = chunk.len();
+    ctx.response_bytes += len as u64;
+    let started = Instant::now();
+    session.write_response_body(Some(chunk), false).await?;
+    if pace.record(len, started.elapsed()) {
+        return Ok(true);
+    }
+    log::debug!("client takes its answer too slowly: dropped");
+    session.set_keepalive(None);
+    Ok(false)
 }
 
 /// What the client gets in place of an upstream answer that is not a success.

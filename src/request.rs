@@ -38,14 +38,19 @@ const HOP_BY_HOP: [&str; 11] = [
 /// CORS headers and decide on its own which pages may read keygate's answers.
 const BROWSER_ONLY: [&str; 2] = ["origin", "referer"];
 
-/// Headers that would make Google read the request otherwise than keygate did (another method)
-/// or bill another project; keygate sets `accept-encoding` itself.
-const OVERRIDES: [&str; 5] = [
+/// Headers that would make Google read the request otherwise than keygate did (another method),
+/// bill another project, or answer in a shape keygate does not read; keygate sets
+/// `accept-encoding` itself.
+const OVERRIDES: [&str; 7] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-goog-user-project",
     "accept-encoding",
+    // The header forms of `fields` and `$.xgafv`: they change the shape of the answer keygate
+    // reads (a field mask can drop `usageMetadata`, or a created resource's `name`).
+    "x-goog-fieldmask",
+    "x-goog-api-format-version",
 ];
 
 /// What a request path is, for forwarding purposes.

@@ -1506,3 +1506,179 @@ async fn a_tenants_query_carries_only_parameters_keygate_knows() {
     let (status, text) = get_as(&kg, "/v1beta/files?pageSize=10", "tok-bob").await;
     assert_eq!(status, 200, "{text}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Found by a third adversarial review (each reproduced against the fixes above first)
+// ---------------------------------------------------------------------------------------------
+
+const LIVE_PATH: &str =
+    "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+
+/// A tenant's Live session on `kg`, set up (its first message answered).
+async fn live_session(kg: &Keygate, token: &str) -> WsStream {
+    use futures_util::{SinkExt, StreamExt};
+    let url = format!("ws://{}{LIVE_PATH}", kg.addr);
+    let (mut ws, status) = ws_connect(&url, &[("x-goog-api-key", token)])
+        .await
+        .unwrap();
+    assert_eq!(status, 101);
+    ws.send(Message::text(r#"{"setup":{"model":"models/gemini-live"}}"#))
+        .await
+        .unwrap();
+    let setup = ws.next().await.unwrap().unwrap();
+    assert_eq!(setup.to_text().unwrap(), r#"{"setupComplete":{}}"#);
+    ws
+}
+
+/// The close code keygate ends `ws` with, within `patience`.
+async fn closed_with(ws: &mut WsStream, patience: Duration) -> u16 {
+    use futures_util::StreamExt;
+    match tokio::time::timeout(patience, ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(frame))))) => u16::from(frame.code),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// The first fragment of a text message, never finished.
+fn unfinished_message(len: usize) -> Message {
+    use tokio_tungstenite::tungstenite::protocol::frame::{coding, Frame};
+    let data = format!(
+        r#"{{"clientContent":{{"turns":[{{"parts":[{{"text":"{}"#,
+        "x".repeat(len)
+    );
+    Message::Frame(Frame::message(
+        data.into_bytes(),
+        coding::OpCode::Data(coding::Data::Text),
+        false,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_message_in_progress_counts_against_the_body_budget_and_has_a_deadline() {
+    use futures_util::SinkExt;
+    let (_mock, kg) = one_key(
+        "client_limits:\n  max_buffered_body_bytes: 1000000\n  body_timeout_seconds: 1\ntenants:\n  - name: app\n    token: tok-app\n",
+    )
+    .await;
+    let mut first = live_session(&kg, "tok-app").await;
+    first.send(unfinished_message(800_000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A second message that would pass the budget ends its session ("try again later").
+    let mut second = live_session(&kg, "tok-app").await;
+    second.send(unfinished_message(800_000)).await.unwrap();
+    assert_eq!(closed_with(&mut second, Duration::from_secs(5)).await, 1013);
+    // And a message that never completes is cut like a stalled request body.
+    assert_eq!(closed_with(&mut first, Duration::from_secs(5)).await, 1008);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_opens_only_the_live_service_with_known_parameters() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    for path in [
+        "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateMusic".to_string(),
+        format!("{LIVE_PATH}?alt=proto"),
+        format!("{LIVE_PATH}?cachedContent=cachedContents/x"),
+    ] {
+        let url = format!("ws://{}{path}", kg.addr);
+        let refused = ws_connect(&url, &[("x-goog-api-key", "tok-bob")]).await;
+        let why = refused.err().unwrap_or_default();
+        assert!(why.starts_with("403"), "{path}: {why}");
+    }
+    assert!(mock.seen().is_empty(), "reached upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_cannot_patch_a_resource_onto_another_model() {
+    let (mock, kg) = split_pools().await;
+    let (status, cache) = post_as(
+        &kg,
+        "/v1beta/cachedContents",
+        "tok-bob",
+        r#"{"model":"models/gemini-2.5-flash","contents":[{"role":"user","parts":[{"text":"x"}]}]}"#
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{cache}");
+    let name = serde_json::from_str::<Value>(&cache).unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = mock.seen().len();
+    let patch = |query: &str, body: &str| {
+        let url = format!("{}/v1beta/{name}{query}", kg.url());
+        let body = body.to_string();
+        async move {
+            let resp = client()
+                .patch(url)
+                .header("x-goog-api-key", "tok-bob")
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    for (query, body) in [
+        ("?updateMask=model", r#"{"model":"models/gemini-2.5-pro"}"#),
+        ("", r#"{"model":"models/gemini-2.5-pro","ttl":"60s"}"#),
+        ("?updateMask=ttl,contents", r#"{"ttl":"60s"}"#),
+    ] {
+        let (status, text) = patch(query, body).await;
+        assert_eq!(status, 400, "{query} {body}: {text}");
+    }
+    assert_eq!(mock.seen().len(), before, "reached upstream");
+    // Its expiry is the tenant's to change.
+    let (status, text) = patch("?updateMask=ttl", r#"{"ttl":"60s"}"#).await;
+    assert_ne!(status, 400, "{text}");
+    assert_eq!(mock.seen().len(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn header_forms_of_answer_shaping_parameters_do_not_reach_google() {
+    let (mock, kg) = one_key("").await;
+    let resp = post_prompt(
+        &kg,
+        "",
+        &[
+            ("X-Goog-FieldMask", "candidates"),
+            ("X-Goog-Api-Format-Version", "2"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let seen = &mock.seen()[0];
+    assert!(!seen.headers.contains_key("x-goog-fieldmask"), "{seen:?}");
+    assert!(
+        !seen.headers.contains_key("x-goog-api-format-version"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_behind_a_dot_segment_or_in_openai_file_parts_are_read() {
+    let (mock, kg, _admin) = team_with_admin().await;
+    let alices = upload_file(&kg, "tok-alice").await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bobs = upload_file(&kg, "tok-bob").await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = mock.seen().len();
+    let hidden = format!("{alices}/../{}", bobs.trim_start_matches("files/"));
+    let (status, text) = post_as(&kg, GENERATE, "tok-bob", body_with_file(&hidden)).await;
+    assert_eq!(status, 403, "{hidden}: {text}");
+    for part in [
+        format!(r#"{{"type":"file","file":{{"file_id":"{alices}"}}}}"#),
+        format!(r#"{{"type":"image_url","image_url":{{"url":"{alices}"}}}}"#),
+    ] {
+        let body = format!(
+            r#"{{"model":"gemini-2.5-flash","messages":[{{"role":"user","content":[{part}]}}]}}"#
+        );
+        let (status, text) = post_as(&kg, "/v1beta/openai/chat/completions", "tok-bob", body).await;
+        assert_eq!(status, 403, "{part}: {text}");
+    }
+    assert_eq!(mock.seen().len(), before, "reached upstream");
+}
