@@ -1,4 +1,6 @@
-//! The endpoints keygate forwards for tenants: only those it can keep tenants apart on.
+//! What a tenant's request may be: the endpoints keygate forwards for tenants (only those it can
+//! keep tenants apart on), and the query, headers, body and Live sessions it reads the way
+//! Google will. Pure functions, each answering "refused, and why?".
 //!
 //! Google's API grows (File Search stores, the Interactions API, generated files...), and each new
 //! kind of resource is one keygate would have to recognise, bind and filter to keep one tenant out
@@ -6,7 +8,11 @@
 //! resources keygate reads, go through; anything else gets 403 until keygate learns it. Without
 //! tenants (one user), every path under the API's prefixes is forwarded.
 
-use http::Method;
+use crate::error::GatewayError;
+use crate::logging::printable;
+use crate::request;
+use http::{header, Method};
+use pingora::http::RequestHeader;
 
 /// Methods a tenant may call on `models/{model}`: generation, counting, embedding, prediction.
 const MODEL_METHODS: [&str; 9] = [
@@ -22,7 +28,7 @@ const MODEL_METHODS: [&str; 9] = [
 ];
 
 /// Whether a tenant may call `method` on the canonical `path` (after any OpenAI-style alias).
-pub fn tenant_may_call(method: &Method, path: &str) -> bool {
+fn tenant_may_call(method: &Method, path: &str) -> bool {
     let path = path.split('?').next().unwrap_or_default();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let (upload, rest) = match segments.as_slice() {
@@ -75,9 +81,113 @@ pub fn tenant_may_call(method: &Method, path: &str) -> bool {
     }
 }
 
+/// Why keygate refuses a tenant's request before reading its body, if it does: an endpoint it
+/// cannot keep tenants apart on, a query parameter it does not know, an upload by another
+/// protocol than the resumable one, or a body Google would read otherwise than keygate.
+/// `continues_upload`: the request carries the bytes of an upload keygate handed out.
+pub fn refusal_before_body(
+    req: &RequestHeader,
+    path: &str,
+    query: Option<&str>,
+    continues_upload: bool,
+) -> Option<GatewayError> {
+    if !tenant_may_call(&req.method, path) {
+        return Some(GatewayError::new(
+            403,
+            "PERMISSION_DENIED",
+            format!(
+                "keygate: {} {} is not forwarded for tenants: keygate cannot keep tenants apart on this endpoint (README, Security model)",
+                req.method,
+                printable(path)
+            ),
+        ));
+    }
+    if let Some(why) = tenant_query_refusal(query) {
+        return Some(GatewayError::new(
+            400,
+            "INVALID_ARGUMENT",
+            format!("keygate: {why}"),
+        ));
+    }
+    // A media or multipart upload carries its metadata where keygate does not read it.
+    if path.starts_with("/upload/") && !continues_upload && !request::is_upload_start(req) {
+        return Some(GatewayError::new(
+            400,
+            "INVALID_ARGUMENT",
+            "keygate: tenants upload with the resumable protocol (X-Goog-Upload-Protocol: resumable, as the SDKs do)",
+        ));
+    }
+    unreadable_body(req, path).map(|why| GatewayError::new(415, "INVALID_ARGUMENT", why))
+}
+
+/// Why keygate refuses a tenant's request `body` (not an upload's bytes), if it does: not
+/// strict JSON, or a change (PATCH) to a field tenants may not change.
+pub fn refusal_of_body(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Option<GatewayError> {
+    let why = request::strict_json(body).err().or_else(|| {
+        (*method == Method::PATCH)
+            .then(|| tenant_update_refusal(path, query, body))
+            .flatten()
+    })?;
+    Some(GatewayError::new(
+        400,
+        "INVALID_ARGUMENT",
+        format!("keygate: {why}"),
+    ))
+}
+
+/// Why keygate refuses a tenant's Live session on the canonical `path`, if it does.
+pub fn live_refusal(path: &str, query: Option<&str>) -> Option<GatewayError> {
+    let why = if !tenant_may_open_live(path) {
+        format!(
+            "keygate: {} is not forwarded for tenants: of the WebSocket services, only the Live API's BidiGenerateContent is",
+            printable(path)
+        )
+    } else {
+        format!("keygate: {}", tenant_query_refusal(query)?)
+    };
+    Some(GatewayError::new(403, "PERMISSION_DENIED", why))
+}
+
+/// Why a tenant's request body would not read to Google as it reads to keygate, if it would
+/// not: keygate reads bodies as JSON, unencoded. A body Google would read as protobuf or form
+/// fields, or one compressed, could name resources keygate never sees. Uploads carry media.
+fn unreadable_body(req: &RequestHeader, path: &str) -> Option<&'static str> {
+    if path.starts_with("/upload/") {
+        return None;
+    }
+    // Two values could be read as a list (`identity` then `gzip`): one of each at most.
+    let several = |name| req.headers.get_all(name).iter().nth(1).is_some();
+    if several(header::CONTENT_ENCODING) || several(header::CONTENT_TYPE) {
+        return Some("keygate: send at most one Content-Type and one Content-Encoding header");
+    }
+    let header = |name| {
+        req.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+    };
+    if header(header::CONTENT_ENCODING).is_some_and(|e| e.trim() != "identity") {
+        return Some("keygate: request bodies must not be compressed (Content-Encoding)");
+    }
+    let json = |t: &str| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t.is_empty() || t == "application/json" || t.ends_with("+json") || t == "text/plain"
+    };
+    if header(header::CONTENT_TYPE).is_some_and(|t| !json(&t)) {
+        return Some(
+            "keygate: request bodies are read as JSON: send Content-Type: application/json",
+        );
+    }
+    None
+}
+
 /// Whether a tenant may open a Live API session on the canonical `path`: the Gemini Live
 /// service only (other WebSocket services carry other protocols, which keygate does not read).
-pub fn tenant_may_open_live(path: &str) -> bool {
+fn tenant_may_open_live(path: &str) -> bool {
     ["v1", "v1beta", "v1alpha"].iter().any(|v| {
         path == format!(
             "/ws/google.ai.generativelanguage.{v}.GenerativeService.BidiGenerateContent"
@@ -97,13 +207,10 @@ const UPDATABLE: [(&str, &[&str]); 3] = [
 /// Why a tenant's PATCH of the resource at canonical `path` is refused, if it is: a body field,
 /// or a field of the `updateMask` parameter, that the collection does not let tenants change.
 /// `body` is strict JSON already.
-pub fn tenant_update_refusal(path: &str, query: Option<&str>, body: &[u8]) -> Option<String> {
+fn tenant_update_refusal(path: &str, query: Option<&str>, body: &[u8]) -> Option<String> {
     let collection = path.split('/').rev().nth(1).unwrap_or_default();
     let Some((_, fields)) = UPDATABLE.iter().find(|(c, _)| *c == collection) else {
-        return Some(format!(
-            "{} cannot be changed by tenants",
-            crate::logging::printable(path)
-        ));
+        return Some(format!("{} cannot be changed by tenants", printable(path)));
     };
     let allowed = |field: &str| {
         let norm: String = field
@@ -116,7 +223,7 @@ pub fn tenant_update_refusal(path: &str, query: Option<&str>, body: &[u8]) -> Op
     let refusal = |field: &str| {
         Some(format!(
             "tenants may not change '{}' of {collection}",
-            crate::logging::printable(field)
+            printable(field)
         ))
     };
     let top: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(body) {
@@ -158,11 +265,11 @@ const QUERY_PARAMETERS: [(&str, Option<&[&str]>); 8] = [
 /// Why a tenant's query (as forwarded) is refused, if it is: a parameter not in
 /// [`QUERY_PARAMETERS`] (spelt exactly: a %-escaped name is another name), one given twice, or a
 /// value not allowed.
-pub fn tenant_query_refusal(query: Option<&str>) -> Option<String> {
+fn tenant_query_refusal(query: Option<&str>) -> Option<String> {
     let mut seen: Vec<&str> = Vec::new();
     for pair in query?.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let shown = crate::logging::printable(name);
+        let shown = printable(name);
         let Some((_, values)) = QUERY_PARAMETERS.iter().find(|(n, _)| *n == name) else {
             return Some(format!(
                 "query parameter '{shown}' is not forwarded for tenants"
@@ -176,7 +283,7 @@ pub fn tenant_query_refusal(query: Option<&str>) -> Option<String> {
         if values.is_some_and(|allowed| !allowed.contains(&&*value)) {
             return Some(format!(
                 "query parameter '{shown}' may not be '{}' for tenants",
-                crate::logging::printable(&value)
+                printable(&value)
             ));
         }
     }
@@ -363,5 +470,91 @@ mod tests {
         assert!(!tenant_may_open_live(
             "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContentX"
         ));
+    }
+
+    #[test]
+    fn a_request_google_would_read_otherwise_is_refused_before_its_body() {
+        let req = |method: &str, path: &str, headers: &[(&str, &str)]| {
+            let mut r = RequestHeader::build(method, path.as_bytes(), None).unwrap();
+            for (k, v) in headers {
+                r.append_header(k.to_string(), *v).unwrap();
+            }
+            r
+        };
+        let generate = "/v1beta/models/gemini-2.5-flash:generateContent";
+        let code = |r: &RequestHeader, path: &str, query: Option<&str>, continues: bool| {
+            refusal_before_body(r, path, query, continues).map(|e| e.code)
+        };
+        let json = [("content-type", "application/json")];
+        assert_eq!(
+            code(
+                &req("POST", generate, &json),
+                generate,
+                Some("alt=sse"),
+                false
+            ),
+            None
+        );
+        assert_eq!(
+            code(
+                &req("POST", "/v1beta/interactions", &json),
+                "/v1beta/interactions",
+                None,
+                false
+            ),
+            Some(403)
+        );
+        assert_eq!(
+            code(
+                &req("POST", generate, &json),
+                generate,
+                Some("fields=x"),
+                false
+            ),
+            Some(400)
+        );
+        for headers in [
+            &[("content-type", "application/x-protobuf")][..],
+            &[("content-encoding", "gzip")],
+            &[
+                ("content-encoding", "identity"),
+                ("content-encoding", "gzip"),
+            ],
+            &[
+                ("content-type", "application/json"),
+                ("content-type", "text/plain"),
+            ],
+        ] {
+            assert_eq!(
+                code(&req("POST", generate, headers), generate, None, false),
+                Some(415),
+                "{headers:?}"
+            );
+        }
+        // Uploads: resumable only (its start, or the bytes of one keygate handed out).
+        let upload = "/upload/v1beta/files";
+        let start = [
+            ("x-goog-upload-command", "start"),
+            ("x-goog-upload-protocol", "resumable"),
+        ];
+        assert_eq!(
+            code(&req("POST", upload, &start), upload, None, false),
+            None
+        );
+        let bytes = [("content-type", "application/octet-stream")];
+        assert_eq!(
+            code(
+                &req("POST", upload, &bytes),
+                upload,
+                Some("upload_id=u1"),
+                true
+            ),
+            None
+        );
+        let multipart = [("content-type", "multipart/related; boundary=b")];
+        assert_eq!(
+            code(&req("POST", upload, &multipart), upload, None, false),
+            Some(400)
+        );
     }
 }

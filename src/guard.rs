@@ -260,6 +260,23 @@ impl Reservation {
     }
 }
 
+/// By when the next bytes of a body (a request body, a Live message) must come: within
+/// `body_timeout` of the last bytes, and before the bytes so far (`bytes` since `started`) fall
+/// below `body_min_rate` once `body_timeout` has passed.
+pub fn body_due(
+    limits: &crate::config::ClientLimits,
+    started: tokio::time::Instant,
+    last_progress: tokio::time::Instant,
+    bytes: usize,
+) -> tokio::time::Instant {
+    let due = last_progress + limits.body_timeout;
+    if limits.body_min_rate == 0 {
+        return due;
+    }
+    let at_rate = Duration::from_secs_f64(bytes as f64 / limits.body_min_rate as f64);
+    due.min(started + limits.body_timeout + at_rate)
+}
+
 /// The pace at which a client takes an answer. Writing to a client that reads nothing stalls;
 /// a write timeout catches a client that stops, and this catches one that takes a few bytes now
 /// and then: once writes have waited `grace` in all, the bytes written must come to at least

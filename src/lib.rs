@@ -17,7 +17,7 @@
 //! - [`request`]: the client request and its upstream form (pure);
 //! - [`scrub`]: pool keys replaced by their fingerprints in the answers keygate relays;
 //! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
-//! - [`endpoints`]: the endpoints forwarded for tenants (deny by default);
+//! - [`endpoints`]: what a tenant's request may be (endpoints deny by default, query, body);
 //! - [`live_frames`]: a Live session's client frames, read so each message can be checked;
 //! - [`upstream`]: resolved upstream addresses and the connection pool;
 //! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;

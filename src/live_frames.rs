@@ -8,7 +8,159 @@
 //! (ping, pong, close) that come between its fragments go on at once. keygate takes the
 //! per-message compression extension out of the handshake, so payloads are plain.
 
+use crate::affinity::Affinity;
+use crate::config::ClientLimits;
+use crate::guard::{self, Reservation};
+use crate::keys::Millis;
+use crate::{names, request};
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// What a tenant's Live session checks in the client's messages: each must be strict JSON
+/// naming only the tenant's resources in the session's project; what a message in progress
+/// holds counts against the body memory budget, and it must arrive as a request body must.
+#[derive(Debug)]
+pub struct MessageCheck {
+    tenant: Arc<str>,
+    /// The project whose key serves the session.
+    project: Arc<str>,
+    frames: ClientFrames,
+    /// The held bytes' share of the body memory budget.
+    reservation: Reservation,
+    limits: ClientLimits,
+    /// When the first byte of the message being assembled came, and the last.
+    message_started: Option<Instant>,
+    last_progress: Instant,
+}
+
+impl MessageCheck {
+    /// The check of `tenant`'s session on a key of `project`, for messages of at most
+    /// `max_message` bytes, holding them within `reservation`.
+    pub fn new(
+        tenant: Arc<str>,
+        project: Arc<str>,
+        max_message: usize,
+        reservation: Reservation,
+        limits: ClientLimits,
+    ) -> MessageCheck {
+        MessageCheck {
+            tenant,
+            project,
+            frames: ClientFrames::new(max_message),
+            reservation,
+            limits,
+            message_started: None,
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// The session's tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// By when the message being assembled must be whole; None between messages.
+    pub fn due(&self) -> Option<Instant> {
+        let started = self.message_started?;
+        let held = self.frames.buffered();
+        Some(guard::body_due(
+            &self.limits,
+            started,
+            self.last_progress,
+            held,
+        ))
+    }
+
+    /// Takes the client's next bytes: the frames that may go on to Google, or why the session
+    /// ends.
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        owners: &Affinity,
+        now: Millis,
+    ) -> Result<Vec<Bytes>, Close> {
+        let ready = self.frames.feed(bytes).map_err(|e| Close {
+            code: e.close_code(),
+            reason: format!("keygate: {e}"),
+        })?;
+        let held = self.frames.buffered();
+        if !self.reservation.resize(held) {
+            return Err(Close {
+                code: 1013,
+                reason:
+                    "keygate: too many request bodies are held in memory right now; retry shortly"
+                        .into(),
+            });
+        }
+        // A message that completed here ends its clock; what is held now is the next one's.
+        let completed = ready.iter().any(|r| matches!(r, Ready::Message { .. }));
+        self.last_progress = Instant::now();
+        self.message_started = match (held, self.message_started) {
+            (0, _) => None,
+            (_, Some(started)) if !completed => Some(started),
+            _ => Some(self.last_progress),
+        };
+        let mut out = Vec::with_capacity(ready.len());
+        for item in ready {
+            match item {
+                Ready::Control(frame) => out.push(frame),
+                Ready::Message { frames, payload } => {
+                    self.check_message(&payload, owners, now)?;
+                    out.push(frames);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn check_message(&self, payload: &[u8], owners: &Affinity, now: Millis) -> Result<(), Close> {
+        let policy = |reason: String| Close { code: 1008, reason };
+        request::strict_json(payload).map_err(|why| Close {
+            code: 1007,
+            reason: format!("keygate: {why}"),
+        })?;
+        let names = names::names_in_body(payload);
+        if names.len() > names::MAX_NAMES {
+            return Err(policy("keygate: a message names too many resources".into()));
+        }
+        for name in names {
+            let mine = owners.owner(&name, now).is_some_and(|o| {
+                o.tenant.as_deref() == Some(&*self.tenant) && o.project == self.project
+            });
+            if !mine {
+                return Err(policy(format!(
+                    "keygate: {name} is not this tenant's in this session's project"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why keygate ends a session: a close code (RFC 6455, 7.4.1) and a reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// The close code.
+    pub code: u16,
+    /// The reason, for the client and the log.
+    pub reason: String,
+}
+
+impl Close {
+    /// A message in progress came too slowly.
+    pub fn too_slow() -> Close {
+        Close {
+            code: 1008,
+            reason: "keygate: a message came too slowly (client_limits.body_timeout_seconds, body_min_rate_bytes_per_second)".into(),
+        }
+    }
+
+    /// The close frame to send the client.
+    pub fn frame(&self) -> Bytes {
+        close_frame(self.code, &self.reason)
+    }
+}
 
 /// What the client's bytes have made ready to go on.
 #[derive(Debug, PartialEq, Eq)]
@@ -193,7 +345,7 @@ impl Header {
 
 /// A close frame from the server (unmasked) with `code` and a reason cut to fit the 125-byte
 /// control payload.
-pub fn close_frame(code: u16, reason: &str) -> Bytes {
+fn close_frame(code: u16, reason: &str) -> Bytes {
     let mut reason = reason.as_bytes();
     let mut cut = reason.len().min(123);
     while cut > 0 && std::str::from_utf8(&reason[..cut]).is_err() {
@@ -302,6 +454,88 @@ mod tests {
             ClientFrames::new(1 << 20).feed(&header),
             Err(FrameError::TooLong)
         );
+    }
+
+    fn owner(project: &str, tenant: &str) -> crate::affinity::Owner {
+        crate::affinity::Owner {
+            pool: Arc::from("main"),
+            project: Arc::from(project),
+            tenant: Some(Arc::from(tenant)),
+        }
+    }
+
+    fn limits() -> ClientLimits {
+        ClientLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(10),
+            body_min_rate: 0,
+            send_timeout: std::time::Duration::from_secs(60),
+            max_connections: None,
+            max_buffered_body_bytes: 1000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenants_messages_name_only_its_resources_in_the_sessions_project() {
+        let owners = Affinity::new(100);
+        owners.bind_new("files/mine", owner("p1", "bob"), 0);
+        owners.bind_new("files/elsewhere", owner("p2", "bob"), 0);
+        owners.bind_new("files/alices", owner("p1", "alice"), 0);
+        let budget = guard::BodyBudget::new(1000);
+        let session = || {
+            MessageCheck::new(
+                Arc::from("bob"),
+                Arc::from("p1"),
+                1 << 20,
+                budget.reservation(None),
+                limits(),
+            )
+        };
+        let turn = |file: &str| {
+            frame(
+                true,
+                1,
+                format!(r#"{{"clientContent":{{"turns":[{{"parts":[{{"fileData":{{"fileUri":"{file}"}}}}]}}]}}}}"#)
+                    .as_bytes(),
+            )
+        };
+        let wire = turn("files/mine");
+        assert_eq!(
+            session().feed(&wire, &owners, 1),
+            Ok(vec![Bytes::from(wire)])
+        );
+        for (wire, code) in [
+            (turn("files/alices"), 1008),
+            (turn("files/elsewhere"), 1008),
+            (turn("files/unknown"), 1008),
+            (frame(true, 1, b"{turns:[]}"), 1007),
+            (frame(true, 0, b"x"), 1002),
+        ] {
+            let got = session().feed(&wire, &owners, 1).map_err(|c| c.code);
+            assert_eq!(got, Err(code), "{}", String::from_utf8_lossy(&wire));
+        }
+        // A message in progress holds budget and has a deadline; a whole one gives both back.
+        let mut check = session();
+        let first = frame(false, 1, &[b'a'; 600]);
+        assert_eq!(check.feed(&first, &owners, 1), Ok(vec![]));
+        assert_eq!(budget.used(), first.len());
+        assert!(check.due().is_some());
+        let over = session().feed(&frame(false, 1, &[b'a'; 600]), &owners, 1);
+        assert_eq!(over.map_err(|c| c.code), Err(1013));
+        // (600 letters are no JSON.)
+        let rest = frame(true, 0, b"");
+        assert_eq!(check.feed(&rest, &owners, 1).map_err(|c| c.code), Err(1007));
+        drop(check);
+        assert_eq!(budget.used(), 0);
+        let body = [b"{\"a\":\"".to_vec(), vec![b'a'; 590], b"\"}".to_vec()].concat();
+        let mut check = session();
+        let (head, tail) = body.split_at(300);
+        let (a, b) = (frame(false, 1, head), frame(true, 0, tail));
+        assert_eq!(check.feed(&a, &owners, 1), Ok(vec![]));
+        let sent = check.feed(&b, &owners, 1).unwrap();
+        assert_eq!(sent, vec![Bytes::from([a, b].concat())]);
+        assert_eq!(budget.used(), 0);
+        assert!(check.due().is_none());
     }
 
     #[test]

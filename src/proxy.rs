@@ -396,20 +396,12 @@ impl ProxyHttp for Gateway {
         }
 
         if request::is_live_api(&path) {
-            if tenant.is_some() {
-                let refusal = if !endpoints::tenant_may_open_live(&path) {
-                    Some(format!(
-                        "keygate: {} is not forwarded for tenants: of the WebSocket services, only the Live API's BidiGenerateContent is",
-                        printable(&path)
-                    ))
-                } else {
-                    endpoints::tenant_query_refusal(query.forwarded.as_deref())
-                        .map(|why| format!("keygate: {why}"))
-                };
-                if let Some(why) = refusal {
-                    let e = GatewayError::new(403, "PERMISSION_DENIED", why);
-                    return refuse(session, ctx, api, &e).await;
-                }
+            let forwarded = query.forwarded.as_deref();
+            let refusal = tenant
+                .as_ref()
+                .and_then(|_| endpoints::live_refusal(&path, forwarded));
+            if let Some(e) = refusal {
+                return refuse(session, ctx, api, &e).await;
             }
             return self
                 .websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query)
@@ -419,33 +411,9 @@ impl ProxyHttp for Gateway {
         // it reads the way Google will.
         if tenant.is_some() {
             let req = session.req_header();
-            if !endpoints::tenant_may_call(&req.method, &path) {
-                let e = GatewayError::new(
-                    403,
-                    "PERMISSION_DENIED",
-                    format!(
-                        "keygate: {} {} is not forwarded for tenants: keygate cannot keep tenants apart on this endpoint (README, Security model)",
-                        req.method,
-                        printable(&path)
-                    ),
-                );
-                return refuse(session, ctx, api, &e).await;
-            }
-            if let Some(why) = endpoints::tenant_query_refusal(query.forwarded.as_deref()) {
-                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
-                return refuse(session, ctx, api, &e).await;
-            }
-            // A media or multipart upload carries its metadata where keygate does not read it.
-            if path.starts_with("/upload/") && upload.is_none() && !is_upload_start(req) {
-                let e = GatewayError::new(
-                    400,
-                    "INVALID_ARGUMENT",
-                    "keygate: tenants upload with the resumable protocol (X-Goog-Upload-Protocol: resumable, as the SDKs do)",
-                );
-                return refuse(session, ctx, api, &e).await;
-            }
-            if let Some(why) = unreadable_body(req, &path) {
-                let e = GatewayError::new(415, "INVALID_ARGUMENT", why);
+            let forwarded = query.forwarded.as_deref();
+            if let Some(e) = endpoints::refusal_before_body(req, &path, forwarded, upload.is_some())
+            {
                 return refuse(session, ctx, api, &e).await;
             }
         }
@@ -468,20 +436,12 @@ impl ProxyHttp for Gateway {
         };
 
         ctx.request_bytes = body.len() as u64;
-        // What keygate reads in a tenant's body must be what Google reads: strict JSON only (an
-        // upload's bytes are media); and a change to a resource may not touch what keygate
-        // routed or checked it by.
+        // What keygate reads in a tenant's body must be what Google reads (an upload's bytes
+        // are media).
         if tenant.is_some() && upload.is_none() {
-            let patch = session.req_header().method == http::Method::PATCH;
-            let refusal = request::strict_json(&body).err().or_else(|| {
-                patch
-                    .then(|| {
-                        endpoints::tenant_update_refusal(&path, query.forwarded.as_deref(), &body)
-                    })
-                    .flatten()
-            });
-            if let Some(why) = refusal {
-                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+            let method = &session.req_header().method;
+            let forwarded = query.forwarded.as_deref();
+            if let Some(e) = endpoints::refusal_of_body(method, &path, forwarded, &body) {
                 return refuse(session, ctx, api, &e).await;
             }
         }
@@ -719,7 +679,7 @@ impl Gateway {
             ));
         }
         let is_post = req.method == http::Method::POST;
-        let learn = if is_post && path.starts_with("/upload/") && is_upload_start(req) {
+        let learn = if is_post && path.starts_with("/upload/") && request::is_upload_start(req) {
             Learn::UploadStart {
                 public_base: self.public_base(rt, req, peer),
             }
@@ -1640,14 +1600,14 @@ impl Gateway {
                 let share = tenant
                     .filter(|_| rt.tenants.list().len() > 1)
                     .map(|t| t.state.buffered.clone());
-                let check = tenant.map(|t| LiveCheck {
-                    tenant: t.name.clone(),
-                    project: Arc::from(keys.project_name(project)),
-                    frames: live_frames::ClientFrames::new(rt.max_body),
-                    reservation: self.shared.body_budget.reservation(share),
-                    limits: rt.client_limits,
-                    message_started: None,
-                    last_progress: tokio::time::Instant::now(),
+                let check = tenant.map(|t| {
+                    live_frames::MessageCheck::new(
+                        t.name.clone(),
+                        Arc::from(keys.project_name(project)),
+                        rt.max_body,
+                        self.shared.body_budget.reservation(share),
+                        rt.client_limits,
+                    )
                 });
                 return self.relay_frames(session, ctx, http, header, check).await;
             }
@@ -1775,7 +1735,7 @@ impl Gateway {
         ctx: &mut Ctx,
         mut http: ClientSession,
         header: ResponseHeader,
-        mut check: Option<LiveCheck>,
+        mut check: Option<live_frames::MessageCheck>,
     ) -> pingora::Result<bool> {
         let mut switch = ResponseHeader::build(101, Some(header.headers.len()))?;
         for (name, value) in header.headers.iter() {
@@ -1794,14 +1754,10 @@ impl Gateway {
         let mut client_open = true;
         let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
-            let due = check.as_ref().and_then(LiveCheck::due);
+            let due = check.as_ref().and_then(live_frames::MessageCheck::due);
             tokio::select! {
                 _ = wait_until(&mut timer, due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
-                    let why = "keygate: a message came too slowly (client_limits.body_timeout_seconds, body_min_rate_bytes_per_second)";
-                    let close = live_frames::close_frame(1008, why);
-                    session.write_response_body(Some(close), false).await?;
-                    session.write_response_body(None, true).await?;
-                    return Ok(true);
+                    return close_session(session, live_frames::Close::too_slow()).await;
                 }
                 from_client = session.read_request_body(), if client_open => match from_client {
                     Ok(Some(bytes)) => {
@@ -1810,22 +1766,19 @@ impl Gateway {
                             http.write_request_body(bytes, false).await?;
                             continue;
                         };
-                        match self.checked_frames(check, &bytes) {
+                        match check.feed(&bytes, &self.shared.affinity, now_millis()) {
                             Ok(frames) => {
                                 for frames in frames {
                                     http.write_request_body(frames, false).await?;
                                 }
                             }
-                            Err((code, why)) => {
+                            Err(close) => {
                                 log::warn!(
                                     "Live session of tenant {} closed: {}",
-                                    printable(&check.tenant),
-                                    printable(&why)
+                                    printable(check.tenant()),
+                                    printable(&close.reason)
                                 );
-                                let close = live_frames::close_frame(code, &why);
-                                session.write_response_body(Some(close), false).await?;
-                                session.write_response_body(None, true).await?;
-                                return Ok(true);
+                                return close_session(session, close).await;
                             }
                         }
                     }
@@ -1846,69 +1799,6 @@ impl Gateway {
         }
         session.write_response_body(None, true).await?;
         Ok(true)
-    }
-
-    /// The client's frames that may go on to Google, or the close code and reason that end the
-    /// session: a message must be strict JSON naming only the tenant's resources, none of them
-    /// in another project than the session's.
-    fn checked_frames(
-        &self,
-        check: &mut LiveCheck,
-        bytes: &[u8],
-    ) -> Result<Vec<Bytes>, (u16, String)> {
-        let ready = check
-            .frames
-            .feed(bytes)
-            .map_err(|e| (e.close_code(), format!("keygate: {e}")))?;
-        // What is held of a message in progress counts against the body memory budget, and
-        // must be whole in time.
-        let held = check.frames.buffered();
-        if !check.reservation.resize(held) {
-            return Err((
-                1013,
-                "keygate: too many request bodies are held in memory right now; retry shortly"
-                    .into(),
-            ));
-        }
-        // A message that completed here ends its clock; what is held now is the next one's.
-        let completed = ready
-            .iter()
-            .any(|r| matches!(r, live_frames::Ready::Message { .. }));
-        check.last_progress = tokio::time::Instant::now();
-        check.message_started = match (held, check.message_started) {
-            (0, _) => None,
-            (_, Some(started)) if !completed => Some(started),
-            _ => Some(check.last_progress),
-        };
-        let now = now_millis();
-        let mut out = Vec::with_capacity(ready.len());
-        for item in ready {
-            let (frames, payload) = match item {
-                live_frames::Ready::Control(frame) => {
-                    out.push(frame);
-                    continue;
-                }
-                live_frames::Ready::Message { frames, payload } => (frames, payload),
-            };
-            request::strict_json(&payload).map_err(|why| (1007, format!("keygate: {why}")))?;
-            let names = names::names_in_body(&payload);
-            if names.len() > names::MAX_NAMES {
-                return Err((1008, "keygate: a message names too many resources".into()));
-            }
-            for name in names {
-                let mine = self.shared.affinity.owner(&name, now).is_some_and(|o| {
-                    o.tenant.as_deref() == Some(&*check.tenant) && o.project == check.project
-                });
-                if !mine {
-                    return Err((
-                        1008,
-                        format!("keygate: {name} is not this tenant's in this session's project"),
-                    ));
-                }
-            }
-            out.push(frames);
-        }
-        Ok(out)
     }
 
     /// Writes Google's refusal of an upgrade to the client, as [`error_reply`] allows.
@@ -1932,34 +1822,13 @@ impl Gateway {
     }
 }
 
-/// What a tenant's Live session checks in the client's messages.
-struct LiveCheck {
-    tenant: Arc<str>,
-    /// The project whose key serves the session.
-    project: Arc<str>,
-    frames: live_frames::ClientFrames,
-    /// The held bytes' share of the body memory budget.
-    reservation: Reservation,
-    limits: ClientLimits,
-    /// When the first byte of the message being assembled came, and the last.
-    message_started: Option<tokio::time::Instant>,
-    last_progress: tokio::time::Instant,
-}
-
-impl LiveCheck {
-    /// By when the message being assembled must be whole, as a request body must
-    /// (`client_limits.body_timeout_seconds` between bytes, `body_min_rate_bytes_per_second`);
-    /// None between messages.
-    fn due(&self) -> Option<tokio::time::Instant> {
-        let started = self.message_started?;
-        let mut due = self.last_progress + self.limits.body_timeout;
-        if self.limits.body_min_rate > 0 {
-            let held = self.frames.buffered() as f64;
-            let at_rate = Duration::from_secs_f64(held / self.limits.body_min_rate as f64);
-            due = due.min(started + self.limits.body_timeout + at_rate);
-        }
-        Some(due)
-    }
+/// Ends a Live session on keygate's side: a close frame to the client, then the end.
+async fn close_session(session: &mut Session, close: live_frames::Close) -> pingora::Result<bool> {
+    session
+        .write_response_body(Some(close.frame()), false)
+        .await?;
+    session.write_response_body(None, true).await?;
+    Ok(true)
 }
 
 /// Writes one chunk of an answer to the client; false (and the connection not kept) when the
@@ -2371,13 +2240,7 @@ async fn read_body(
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     loop {
-        // The next bytes are due before the pause limit, and before the time by which the bytes
-        // so far would fall below the minimum rate.
-        let mut due = last_progress + limits.body_timeout;
-        if limits.body_min_rate > 0 {
-            let at_rate = Duration::from_secs_f64(total as f64 / limits.body_min_rate as f64);
-            due = due.min(started + limits.body_timeout + at_rate);
-        }
+        let due = guard::body_due(limits, started, last_progress, total);
         // Most bodies are in before they are asked for: the timer is made only when a read
         // has to wait.
         let read = tokio::select! {
@@ -2413,38 +2276,6 @@ async fn read_body(
         _ => Bytes::from(chunks.concat()),
     };
     Ok(BodyRead::Body(body, reservation))
-}
-
-/// Why a tenant's request body would not read to Google as it reads to keygate, if it would
-/// not: keygate reads bodies as JSON, unencoded. A body Google would read as protobuf or form
-/// fields, or one compressed, could name resources keygate never sees. Uploads carry media.
-fn unreadable_body(req: &RequestHeader, path: &str) -> Option<&'static str> {
-    if path.starts_with("/upload/") {
-        return None;
-    }
-    // Two values could be read as a list (`identity` then `gzip`): one of each at most.
-    let several = |name| req.headers.get_all(name).iter().nth(1).is_some();
-    if several(header::CONTENT_ENCODING) || several(header::CONTENT_TYPE) {
-        return Some("keygate: send at most one Content-Type and one Content-Encoding header");
-    }
-    let header = |name| {
-        req.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
-    };
-    if header(header::CONTENT_ENCODING).is_some_and(|e| e.trim() != "identity") {
-        return Some("keygate: request bodies must not be compressed (Content-Encoding)");
-    }
-    let json = |t: &str| {
-        let t = t.split(';').next().unwrap_or("").trim();
-        t.is_empty() || t == "application/json" || t.ends_with("+json") || t == "text/plain"
-    };
-    if header(header::CONTENT_TYPE).is_some_and(|t| !json(&t)) {
-        return Some(
-            "keygate: request bodies are read as JSON: send Content-Type: application/json",
-        );
-    }
-    None
 }
 
 /// Sleeps until `due` on `timer`, made on first use and moved on after.
@@ -2636,14 +2467,6 @@ fn query_value(req: &RequestHeader, name: &str) -> Option<String> {
             .decode_utf8_lossy()
             .into_owned(),
     )
-}
-
-/// Whether a request starts a resumable upload.
-fn is_upload_start(req: &RequestHeader) -> bool {
-    req.headers
-        .get("x-goog-upload-command")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|c| c.trim().eq_ignore_ascii_case("start")))
 }
 
 /// Whether a successful POST to `path` may create resources Google binds to a project.

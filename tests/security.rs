@@ -44,6 +44,12 @@ async fn upload_file(kg: &Keygate, token: &str) -> Value {
     serde_json::from_str::<Value>(&body).unwrap()["file"].clone()
 }
 
+/// Like [`upload_file`]: the file's name.
+async fn upload_name(kg: &Keygate, token: &str) -> String {
+    let file = upload_file(kg, token).await;
+    file["name"].as_str().unwrap().to_string()
+}
+
 /// A generateContent body whose one file part says `file_uri` exactly as given (raw JSON text).
 fn body_with_file(file_uri_json: &str) -> String {
     format!(
@@ -107,8 +113,7 @@ async fn one_key(extra: &str) -> (Mock, Keygate) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_stays_with_its_tenant_however_its_name_is_spelt() {
     let (mock, kg, _admin) = team_with_admin().await;
-    let file = upload_file(&kg, "tok-alice").await;
-    let name = file["name"].as_str().unwrap().to_string(); // files/mockfileN
+    let name = upload_name(&kg, "tok-alice").await; // files/mockfileN
     let id = name.trim_start_matches("files/").to_string();
     let owner = mock.owner_of(&name).unwrap();
     let before = mock.seen().len();
@@ -1123,8 +1128,7 @@ async fn an_error_in_an_encoding_keygate_cannot_read_is_withheld() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chosen_name_cannot_take_over_another_tenants_resource() {
     let (mock, kg, _admin) = team_with_admin().await;
-    let file = upload_file(&kg, "tok-alice").await;
-    let name = file["name"].as_str().unwrap().to_string();
+    let name = upload_name(&kg, "tok-alice").await;
     let before = mock.uploads_started();
     let resp = client()
         .post(format!("{}/upload/v1beta/files", kg.url()))
@@ -1218,8 +1222,7 @@ async fn a_batch_from_an_input_file_is_refused_for_tenants() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenants_body_must_be_strict_json() {
     let (mock, kg, _admin) = team_with_admin().await;
-    let file = upload_file(&kg, "tok-alice").await;
-    let name = file["name"].as_str().unwrap().to_string();
+    let name = upload_name(&kg, "tok-alice").await;
     let id = name.trim_start_matches("files/").to_string();
     let before = mock.seen().len();
     // Forms Google's lenient parser may take, each hiding alice's file from a strict reading;
@@ -1254,8 +1257,7 @@ async fn a_tenants_body_must_be_strict_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resource_does_not_lift_a_tenants_model_restriction() {
     let (mock, kg) = split_pools().await;
-    let file = upload_file(&kg, "tok-bob").await;
-    let name = file["name"].as_str().unwrap().to_string();
+    let name = upload_name(&kg, "tok-bob").await;
     let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
     let flash = "/v1beta/models/gemini-2.5-flash:generateContent";
     let (status, text) = post_as(&kg, flash, "tok-bob", body_with_file(&name)).await;
@@ -1313,27 +1315,9 @@ async fn a_live_session_cannot_name_another_tenants_file() {
         tenants_of(&[("alice", None), ("bob", None)])
     );
     let kg = Keygate::start(&yaml);
-    let alices = upload_file(&kg, "tok-alice").await["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let bobs = upload_file(&kg, "tok-bob").await["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let live = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
-    let url = format!("ws://{}{live}", kg.addr);
-    let (mut ws, status) = ws_connect(&url, &[("x-goog-api-key", "tok-bob")])
-        .await
-        .unwrap();
-    assert_eq!(status, 101);
-    ws.send(Message::text(r#"{"setup":{"model":"models/gemini-live"}}"#))
-        .await
-        .unwrap();
-    assert_eq!(
-        ws.next().await.unwrap().unwrap().to_text().unwrap(),
-        r#"{"setupComplete":{}}"#
-    );
+    let alices = upload_name(&kg, "tok-alice").await;
+    let bobs = upload_name(&kg, "tok-bob").await;
+    let mut ws = live_session(&kg, "tok-bob").await;
     let turn = |file: &str| {
         format!(
             r#"{{"clientContent":{{"turns":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{file}"}}}}]}}],"turnComplete":true}}}}"#
@@ -1349,13 +1333,9 @@ async fn a_live_session_cannot_name_another_tenants_file() {
     assert!(ws.next().await.unwrap().unwrap().is_binary());
     // Alice's ends the session before it reaches Google.
     ws.send(Message::text(turn(&alices))).await.unwrap();
-    match ws.next().await {
-        Some(Ok(Message::Close(Some(frame)))) => {
-            assert_eq!(u16::from(frame.code), 1008);
-            assert!(frame.reason.contains(&alices), "{frame:?}");
-        }
-        other => panic!("expected a close frame, got {other:?}"),
-    }
+    let (code, reason) = closed_with(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains(&alices), "{reason}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1407,8 +1387,7 @@ async fn reading_a_batch_does_not_bind_names_its_requests_smuggled_in() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_name_anywhere_in_a_reference_field_is_read() {
     let (mock, kg, _admin) = team_with_admin().await;
-    let file = upload_file(&kg, "tok-alice").await;
-    let name = file["name"].as_str().unwrap().to_string();
+    let name = upload_name(&kg, "tok-alice").await;
     let before = mock.seen().len();
     for spelt in [
         format!("generativelanguage.googleapis.com/v1beta/{name}"),
@@ -1530,11 +1509,13 @@ async fn live_session(kg: &Keygate, token: &str) -> WsStream {
     ws
 }
 
-/// The close code keygate ends `ws` with, within `patience`.
-async fn closed_with(ws: &mut WsStream, patience: Duration) -> u16 {
+/// The close code and reason keygate ends `ws` with, within `patience`.
+async fn closed_with(ws: &mut WsStream, patience: Duration) -> (u16, String) {
     use futures_util::StreamExt;
     match tokio::time::timeout(patience, ws.next()).await {
-        Ok(Some(Ok(Message::Close(Some(frame))))) => u16::from(frame.code),
+        Ok(Some(Ok(Message::Close(Some(frame))))) => {
+            (u16::from(frame.code), frame.reason.to_string())
+        }
         other => panic!("expected a close frame, got {other:?}"),
     }
 }
@@ -1566,9 +1547,14 @@ async fn a_live_message_in_progress_counts_against_the_body_budget_and_has_a_dea
     // A second message that would pass the budget ends its session ("try again later").
     let mut second = live_session(&kg, "tok-app").await;
     second.send(unfinished_message(800_000)).await.unwrap();
-    assert_eq!(closed_with(&mut second, Duration::from_secs(5)).await, 1013);
+    assert_eq!(
+        closed_with(&mut second, Duration::from_secs(5)).await.0,
+        1013
+    );
     // And a message that never completes is cut like a stalled request body.
-    assert_eq!(closed_with(&mut first, Duration::from_secs(5)).await, 1008);
+    let (code, reason) = closed_with(&mut first, Duration::from_secs(5)).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("too slowly"), "{reason}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1658,14 +1644,8 @@ async fn header_forms_of_answer_shaping_parameters_do_not_reach_google() {
 #[tokio::test(flavor = "multi_thread")]
 async fn names_behind_a_dot_segment_or_in_openai_file_parts_are_read() {
     let (mock, kg, _admin) = team_with_admin().await;
-    let alices = upload_file(&kg, "tok-alice").await["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let bobs = upload_file(&kg, "tok-bob").await["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let alices = upload_name(&kg, "tok-alice").await;
+    let bobs = upload_name(&kg, "tok-bob").await;
     let before = mock.seen().len();
     let hidden = format!("{alices}/../{}", bobs.trim_start_matches("files/"));
     let (status, text) = post_as(&kg, GENERATE, "tok-bob", body_with_file(&hidden)).await;
