@@ -13,7 +13,7 @@ use chrono::{TimeZone, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use keygate::classify::Penalty;
 use keygate::config::{KeyConfig, PoolConfig, UpstreamConfig};
-use keygate::keys::{KeyId, KeyPool, Pick};
+use keygate::keys::{KeyId, KeyPool, Pick, Transition};
 use keygate::secret::Secret;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -76,12 +76,13 @@ fn selection(c: &mut Criterion) {
             let p = pool(n);
             let until = Utc.timestamp_millis_opt(UNTIL as i64).unwrap();
             for k in 0..cooling {
-                p.penalise(
-                    KeyId(k as u32),
-                    "gemini-2.5-pro",
-                    "generateContent",
-                    &Penalty::CoolProjectModel { until },
-                );
+                let penalty = Penalty::CoolProjectModel { until };
+                let cool = Transition::Penalise {
+                    penalty: &penalty,
+                    model: "gemini-2.5-pro",
+                    method: "generateContent",
+                };
+                p.change(KeyId(k as u32), cool, NOW);
             }
             group.bench_with_input(BenchmarkId::new("keygate", &label), &p, |b, p| {
                 b.iter(|| {

@@ -23,10 +23,10 @@
 //! Without a token: `GET /healthz` (alive) and `GET /readyz` (upstreams resolved, a key enabled).
 //! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
-use crate::alerts::Event;
 use crate::config::KeyConfig;
+use crate::health::Cause;
 use crate::keys::KeyReport;
-use crate::keys::{now_millis, Disabled, KeyId, KeyPool, Millis};
+use crate::keys::{now_millis, KeyId, KeyPool, Millis, Transition};
 use crate::lifecycle::reload_and_log;
 use crate::metrics::PoolGauge;
 use crate::proxy::{check_key, KeyCheck};
@@ -565,25 +565,14 @@ impl Admin {
         let fingerprint = keys.key(id).fingerprint.clone();
         let done = match action {
             "disable" => {
-                if keys.disabled(id).is_none() {
-                    self.shared.alert(Event::KeyDisabled {
-                        pool: pool_name.to_string(),
-                        key: fingerprint.clone(),
-                        reason: Disabled::Operator.as_str().to_string(),
-                    });
-                }
-                keys.disable(id);
+                self.shared
+                    .change_health(&keys, id, Transition::Disable, Cause::Operator);
                 log::warn!("admin: disabled {fingerprint} in pool {pool_name}");
                 json!({ "disabled": fingerprint })
             }
             "enable" => {
-                if keys.disabled(id).is_some() {
-                    self.shared.alert(Event::KeyRecovered {
-                        pool: pool_name.to_string(),
-                        key: fingerprint.clone(),
-                    });
-                }
-                keys.enable(id);
+                self.shared
+                    .change_health(&keys, id, Transition::Enable, Cause::Operator);
                 log::warn!("admin: enabled {fingerprint} in pool {pool_name}");
                 json!({ "enabled": fingerprint })
             }
@@ -592,7 +581,13 @@ impl Admin {
                     .ok()
                     .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string))
                     .map(|m| m.trim_start_matches("models/").to_string());
-                let cleared = keys.clear_cooldowns(id, model.as_deref(), now_millis());
+                let clear = Transition::ClearCooldowns {
+                    model: model.as_deref(),
+                };
+                let cleared = self
+                    .shared
+                    .change_health(&keys, id, clear, Cause::Operator)
+                    .cooldowns_ended;
                 log::warn!(
                     "admin: cleared {cleared} cooldown(s) of {fingerprint}'s project in pool {pool_name}"
                 );

@@ -12,7 +12,9 @@
 //! The webhook URL often is a credential itself (Slack and Discord put a token in the path), so
 //! it is never logged or echoed: logs and errors name the host only.
 
+use crate::classify::DeadReason;
 use crate::config::{parse_upstream, PoolConfig, Timeouts};
+use crate::keys::Disabled;
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -72,8 +74,8 @@ pub enum Event {
         pool: String,
         /// The key's fingerprint (`key#1a2b3c4d5e6f`), never the key.
         key: String,
-        /// Why, as a label (see above).
-        reason: String,
+        /// Why.
+        reason: Disabled,
     },
     /// A disabled key works again.
     KeyRecovered {
@@ -125,7 +127,7 @@ impl Event {
             Event::KeyDisabled { pool, key, reason } => Event::KeyDisabled {
                 pool: clip(&pool),
                 key: as_fingerprint(key),
-                reason: clip(&reason),
+                reason,
             },
             Event::KeyRecovered { pool, key } => Event::KeyRecovered {
                 pool: clip(&pool),
@@ -159,7 +161,7 @@ impl Event {
                 "keygate: key {} of pool {} was disabled: {}.",
                 code(key),
                 code(pool),
-                reason_text(reason)
+                reason_text(*reason)
             ),
             Event::KeyRecovered { pool, key } => format!(
                 "keygate: key {} of pool {} works again.",
@@ -826,15 +828,18 @@ fn code(name: &str) -> String {
 }
 
 /// The reason label in words.
-fn reason_text(reason: &str) -> String {
+fn reason_text(reason: Disabled) -> &'static str {
     match reason {
-        "key_invalid" => "Google says the key is not valid".into(),
-        "key_suspended" => "Google suspended the key".into(),
-        "service_disabled" => "the Gemini API is not enabled in the key's project".into(),
-        "key_restricted" => "the key's restrictions do not allow this API or caller".into(),
-        "project_billing" => "the key's project is out of prepaid credit".into(),
-        "disabled_by_operator" => "an operator disabled it".into(),
-        other => format!("reason {}", code(other)),
+        Disabled::Dead(DeadReason::Invalid) => "Google says the key is not valid",
+        Disabled::Dead(DeadReason::Suspended) => "Google suspended the key",
+        Disabled::Dead(DeadReason::ServiceDisabled) => {
+            "the Gemini API is not enabled in the key's project"
+        }
+        Disabled::Dead(DeadReason::Restricted) => {
+            "the key's restrictions do not allow this API or caller"
+        }
+        Disabled::Billing => "the key's project is out of prepaid credit",
+        Disabled::Operator => "an operator disabled it",
     }
 }
 
@@ -1060,7 +1065,7 @@ mod tests {
         Event::KeyDisabled {
             pool: pool.into(),
             key: key.into(),
-            reason: "key_invalid".into(),
+            reason: Disabled::Dead(DeadReason::Invalid),
         }
     }
 
@@ -1167,7 +1172,7 @@ mod tests {
         alerts.notify(Event::KeyDisabled {
             pool: "main".into(),
             key: "key#1a2b3c4d5e6f".into(),
-            reason: "key_suspended".into(),
+            reason: Disabled::Dead(DeadReason::Suspended),
         });
         let got = hook.received(2, Duration::from_secs(2)).await;
         assert_eq!(got.len(), 1, "{got:?}");
@@ -1504,7 +1509,7 @@ mod tests {
         let e = Event::KeyDisabled {
             pool: "team".into(),
             key: "key#00000000".into(),
-            reason: "disabled_by_operator".into(),
+            reason: Disabled::Operator,
         };
         assert_eq!(
             e.text(),
@@ -1527,9 +1532,11 @@ mod tests {
         let e = Event::KeyDisabled {
             pool: "p".into(),
             key: "key#00000000".into(),
-            reason: "something_new".into(),
+            reason: Disabled::Billing,
         };
-        assert!(e.text().ends_with("was disabled: reason `something_new`."));
+        assert!(e
+            .text()
+            .ends_with("was disabled: the key's project is out of prepaid credit."));
     }
 
     #[test]

@@ -80,6 +80,21 @@ pub enum Disabled {
 }
 
 impl Disabled {
+    /// Every reason, for reading labels back.
+    const ALL: [Disabled; 6] = [
+        Disabled::Dead(DeadReason::Invalid),
+        Disabled::Dead(DeadReason::Suspended),
+        Disabled::Dead(DeadReason::ServiceDisabled),
+        Disabled::Dead(DeadReason::Restricted),
+        Disabled::Billing,
+        Disabled::Operator,
+    ];
+
+    /// The reason whose [`Disabled::as_str`] is `label`.
+    pub fn from_label(label: &str) -> Option<Disabled> {
+        Disabled::ALL.into_iter().find(|d| d.as_str() == label)
+    }
+
     /// Short label for the admin API and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,6 +102,89 @@ impl Disabled {
             Disabled::Billing => "project_billing",
             Disabled::Operator => "disabled_by_operator",
         }
+    }
+}
+
+/// A change to a key's health. Every change goes through [`KeyPool::change`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition<'a> {
+    /// Google refused a request on the key: record the penalty for `model` / `method`.
+    Penalise {
+        /// What to record.
+        penalty: &'a Penalty,
+        /// The model the request was for (cooldowns are per project and model).
+        model: &'a str,
+        /// The method it called (blocks are per key and method).
+        method: &'a str,
+    },
+    /// An operator takes the key out until enabled again.
+    Disable,
+    /// An operator puts the key back: whatever disabled it (the key itself, or its project's
+    /// billing) is forgotten, and methods blocked for it are unblocked. Cooldowns stay.
+    Enable,
+    /// A key check found the key working: Google's refusal of it is forgotten. An operator's
+    /// disable and the project's billing stay.
+    Recover,
+    /// The cooldowns of the key's project end, for one model or for every model.
+    ClearCooldowns {
+        /// Only this model's, if given.
+        model: Option<&'a str>,
+    },
+}
+
+/// What a [`Transition`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    /// Why the key was out for every model before, if it was.
+    pub before: Option<Disabled>,
+    /// Why it is out now, if it is.
+    pub after: Option<Disabled>,
+    /// Cooldowns that were running and ended.
+    pub cooldowns_ended: usize,
+}
+
+impl Changed {
+    /// Why the key went out, when that is news: it was serving and stopped, or Google gave a
+    /// new reason for a key already out. An operator's disable of a key already out is not.
+    pub fn went_out(&self) -> Option<Disabled> {
+        match (self.before, self.after) {
+            (_, None) => None,
+            (before, after) if before == after => None,
+            (Some(_), Some(Disabled::Operator)) => None,
+            (_, after) => after,
+        }
+    }
+
+    /// Why the key was out, when it is back in service.
+    pub fn came_back(&self) -> Option<Disabled> {
+        match (self.before, self.after) {
+            (Some(before), None) => Some(before),
+            _ => None,
+        }
+    }
+}
+
+/// A disable reason in the state file: its label.
+mod saved_reason {
+    use super::Disabled;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(reason: &Option<Disabled>, s: S) -> Result<S::Ok, S::Error> {
+        match reason {
+            Some(reason) => s.serialize_some(reason.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Disabled>, D::Error> {
+        let label = Option::<String>::deserialize(d)?;
+        Ok(label.and_then(|label| {
+            let reason = Disabled::from_label(&label);
+            if reason.is_none() {
+                log::warn!("state file: unknown disable reason {label:?}; the key loads enabled");
+            }
+            reason
+        }))
     }
 }
 
@@ -117,8 +215,10 @@ pub struct PoolHealth {
 pub struct KeyHealth {
     /// The key's fingerprint.
     pub key: String,
-    /// Why it is disabled (`key_invalid`, `disabled_by_operator`...), if it is.
-    pub disabled: Option<String>,
+    /// Why it is disabled, if it is; saved as its label (`key_invalid`,
+    /// `disabled_by_operator`...). A label this version does not know loads as not disabled.
+    #[serde(default, with = "saved_reason")]
+    pub disabled: Option<Disabled>,
     /// Methods Google refused for it.
     #[serde(default)]
     pub blocked_methods: Vec<String>,
@@ -383,8 +483,33 @@ impl KeyPool {
         Pick::OnlyTriedProjects
     }
 
+    /// The one door for health changes: applies `transition` to `key` and says what changed.
+    /// Saying it (logs, alerts, metrics) is the caller's: see `health`.
+    pub fn change(&self, key: KeyId, transition: Transition<'_>, now: Millis) -> Changed {
+        let before = self.disabled(key);
+        let mut cooldowns_ended = 0;
+        match transition {
+            Transition::Penalise {
+                penalty,
+                model,
+                method,
+            } => self.penalise(key, model, method, penalty),
+            Transition::Disable => self.disable(key),
+            Transition::Enable => self.enable(key),
+            Transition::Recover => self.revive(key),
+            Transition::ClearCooldowns { model } => {
+                cooldowns_ended = self.clear_cooldowns(key, model, now)
+            }
+        }
+        Changed {
+            before,
+            after: self.disabled(key),
+            cooldowns_ended,
+        }
+    }
+
     /// Records a key-level failure of `key` on `model` / `method`.
-    pub fn penalise(&self, key: KeyId, model: &str, method: &str, penalty: &Penalty) {
+    fn penalise(&self, key: KeyId, model: &str, method: &str, penalty: &Penalty) {
         let k = key.0 as usize;
         let project = self.keys[k].project as usize;
         match penalty {
@@ -482,7 +607,7 @@ impl KeyPool {
     }
 
     /// An operator takes `key` out of service until enabled again.
-    pub fn disable(&self, key: KeyId) {
+    fn disable(&self, key: KeyId) {
         let k = key.0 as usize;
         self.key_reason[k].store(OPERATOR, Relaxed);
         self.key_disabled_until[k].store(NEVER, Relaxed);
@@ -492,7 +617,7 @@ impl KeyPool {
     /// An operator (or a successful key check) puts `key` back: whatever disabled it (the key
     /// itself, or its project's billing) is forgotten, and methods blocked for it are unblocked.
     /// Cooldowns stay: they end on their own.
-    pub fn enable(&self, key: KeyId) {
+    fn enable(&self, key: KeyId) {
         let k = key.0 as usize;
         self.key_reason[k].store(0, Relaxed);
         self.key_disabled_until[k].store(0, Relaxed);
@@ -512,7 +637,7 @@ impl KeyPool {
 
     /// A key check found `key` working: whatever Google's refusal disabled it is forgotten.
     /// Unlike [`KeyPool::enable`], an operator's disable and the project's billing stay.
-    pub fn revive(&self, key: KeyId) {
+    fn revive(&self, key: KeyId) {
         let k = key.0 as usize;
         if matches!(self.disabled(key), Some(Disabled::Dead(_))) {
             self.key_reason[k].store(0, Relaxed);
@@ -523,7 +648,7 @@ impl KeyPool {
 
     /// Ends the cooldowns of `key`'s project, for `model` or for every model. Returns how many
     /// cooldowns were running.
-    pub fn clear_cooldowns(&self, key: KeyId, model: Option<&str>, now: Millis) -> usize {
+    fn clear_cooldowns(&self, key: KeyId, model: Option<&str>, now: Millis) -> usize {
         let project = self.keys[key.0 as usize].project as usize;
         let mut cleared = 0;
         for (name, health) in self.models.load().iter() {
@@ -600,8 +725,7 @@ impl KeyPool {
             .filter_map(|(k, key)| {
                 let disabled = (self.key_disabled_until[k].load(Relaxed) == NEVER)
                     .then(|| reason_from_code(self.key_reason[k].load(Relaxed)))
-                    .flatten()
-                    .map(|d| d.as_str().to_string());
+                    .flatten();
                 let methods: Vec<String> = blocked
                     .iter()
                     .filter(|(kk, _)| *kk as usize == k)
@@ -623,41 +747,57 @@ impl KeyPool {
     /// entries were applied.
     pub fn import(&self, saved: &PoolHealth, now: Millis, ceiling: Millis) -> usize {
         let mut applied = 0;
+        let apply = |key: KeyId, penalty: &Penalty, model: &str, method: &str| {
+            let transition = Transition::Penalise {
+                penalty,
+                model,
+                method,
+            };
+            self.change(key, transition, now);
+            1
+        };
         for k in &saved.keys {
             let Some(id) = self.find(&k.key) else {
                 continue;
             };
-            let i = id.0 as usize;
-            if let Some(code) = k.disabled.as_deref().and_then(code_from_label) {
-                self.key_reason[i].store(code, Relaxed);
-                self.key_disabled_until[i].store(NEVER, Relaxed);
-                applied += 1;
+            match k.disabled {
+                Some(Disabled::Operator) => {
+                    self.change(id, Transition::Disable, now);
+                    applied += 1;
+                }
+                Some(Disabled::Dead(reason)) => {
+                    applied += apply(id, &Penalty::DisableKey(reason), "", "")
+                }
+                Some(Disabled::Billing) => applied += apply(id, &Penalty::DisableProject, "", ""),
+                None => {}
             }
             for method in &k.blocked_methods {
-                self.penalise(id, "", method, &Penalty::BlockMethod);
-                applied += 1;
+                applied += apply(id, &Penalty::BlockMethod, "", method);
             }
         }
         for p in &saved.projects {
-            let Some(project) = self.project_index(&p.project) else {
+            // The door takes a key: a project's state is set through its first key.
+            let Some(key) = self.project_index(&p.project).and_then(|project| {
+                let first = self.keys.iter().position(|k| k.project == project)?;
+                Some(KeyId(first as u32))
+            }) else {
                 continue;
             };
-            let project = project as usize;
             if p.billing_disabled {
-                self.project_disabled_until[project].store(NEVER, Relaxed);
-                applied += 1;
+                applied += apply(key, &Penalty::DisableProject, "", "");
             }
             for (model, until) in &p.cooldowns {
-                if *until <= now {
+                let until = (*until).min(ceiling);
+                let Some(until) = i64::try_from(until)
+                    .ok()
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .filter(|_| until > now)
+                else {
                     continue;
-                }
-                if let Some(health) = self.health_for_write(model) {
-                    health.cool_until[project].fetch_max((*until).min(ceiling), Relaxed);
-                    applied += 1;
-                }
+                };
+                applied += apply(key, &Penalty::CoolProjectModel { until }, model, "");
             }
         }
-        self.generation.fetch_add(1, Relaxed);
         applied
     }
 
@@ -848,10 +988,6 @@ fn reason_from_code(code: u8) -> Option<Disabled> {
     }
 }
 
-fn code_from_label(label: &str) -> Option<u8> {
-    (1..=OPERATOR).find(|&code| reason_from_code(code).is_some_and(|d| d.as_str() == label))
-}
-
 /// The wall clock as [`Millis`].
 pub fn now_millis() -> Millis {
     std::time::SystemTime::now()
@@ -861,12 +997,13 @@ pub fn now_millis() -> Millis {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{KeyConfig, UpstreamConfig};
     use chrono::{TimeZone, Utc};
 
-    fn pool(keys: &[(&str, &str)]) -> KeyPool {
+    /// A pool of `(key, project)` pairs in front of a placeholder upstream.
+    pub(crate) fn pool(keys: &[(&str, &str)]) -> KeyPool {
         KeyPool::new(&PoolConfig {
             name: "main".into(),
             upstream: UpstreamConfig {
@@ -1155,5 +1292,128 @@ mod tests {
             clamped.report(1000)[0].cooldowns,
             vec![("m".to_string(), 50_000)]
         );
+    }
+
+    fn refused<'a>(penalty: &'a Penalty) -> Transition<'a> {
+        Transition::Penalise {
+            penalty,
+            model: "m",
+            method: "generateContent",
+        }
+    }
+
+    #[test]
+    fn a_refused_key_going_out_is_news_once() {
+        let p = pool(&[("a", "p1"), ("b", "p2")]);
+        let dead = Penalty::DisableKey(DeadReason::Invalid);
+        let first = p.change(KeyId(0), refused(&dead), 1000);
+        assert_eq!(first.before, None);
+        assert_eq!(first.went_out(), Some(Disabled::Dead(DeadReason::Invalid)));
+        assert_eq!(first.came_back(), None);
+        // Another request met the same key before the table changed: nothing new to say.
+        let again = p.change(KeyId(0), refused(&dead), 1000);
+        assert_eq!(again.went_out(), None);
+        // A different reason from Google for a key already out is news.
+        let suspended = Penalty::DisableKey(DeadReason::Suspended);
+        let other = p.change(KeyId(0), refused(&suspended), 1000);
+        assert_eq!(
+            other.went_out(),
+            Some(Disabled::Dead(DeadReason::Suspended))
+        );
+    }
+
+    #[test]
+    fn an_operators_disable_and_enable_say_what_changed() {
+        let p = pool(&[("a", "p1"), ("b", "p2")]);
+        let off = p.change(KeyId(0), Transition::Disable, 1000);
+        assert_eq!(off.went_out(), Some(Disabled::Operator));
+        // Disabling a key already out (here: dead) is the operator's own doing, not news.
+        let dead = Penalty::DisableKey(DeadReason::Invalid);
+        p.change(KeyId(1), refused(&dead), 1000);
+        let again = p.change(KeyId(1), Transition::Disable, 1000);
+        assert_eq!(again.after, Some(Disabled::Operator));
+        assert_eq!(again.went_out(), None);
+        // Enabling brings either back, whatever took it out.
+        let on = p.change(KeyId(1), Transition::Enable, 1000);
+        assert_eq!(on.came_back(), Some(Disabled::Operator));
+        assert_eq!(p.disabled(KeyId(1)), None);
+        // Enabling a key that was serving changes nothing.
+        let noop = p.change(KeyId(1), Transition::Enable, 1000);
+        assert_eq!((noop.went_out(), noop.came_back()), (None, None));
+    }
+
+    #[test]
+    fn a_key_check_brings_back_only_what_google_took_out() {
+        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p2")]);
+        let dead = Penalty::DisableKey(DeadReason::Restricted);
+        p.change(KeyId(0), refused(&dead), 1000);
+        let back = p.change(KeyId(0), Transition::Recover, 1000);
+        assert_eq!(
+            back.came_back(),
+            Some(Disabled::Dead(DeadReason::Restricted))
+        );
+        // An operator's disable stays.
+        p.change(KeyId(0), Transition::Disable, 1000);
+        let kept = p.change(KeyId(0), Transition::Recover, 1000);
+        assert_eq!(kept.after, Some(Disabled::Operator));
+        assert_eq!(kept.came_back(), None);
+        // A dead key of a project out of credit is not back: its project still is out.
+        p.change(KeyId(1), refused(&Penalty::DisableProject), 1000);
+        p.change(KeyId(2), refused(&dead), 1000);
+        let still = p.change(KeyId(2), Transition::Recover, 1000);
+        assert_eq!(still.after, Some(Disabled::Billing));
+        assert_eq!(still.came_back(), None);
+    }
+
+    #[test]
+    fn billing_takes_out_the_whole_project_and_is_said_once() {
+        let p = pool(&[("a", "p1"), ("b", "p1"), ("c", "p2")]);
+        let billing = p.change(KeyId(0), refused(&Penalty::DisableProject), 1000);
+        assert_eq!(billing.went_out(), Some(Disabled::Billing));
+        assert_eq!(p.disabled(KeyId(1)), Some(Disabled::Billing));
+        assert_eq!(p.disabled(KeyId(2)), None);
+        let second = p.change(KeyId(1), refused(&Penalty::DisableProject), 1000);
+        assert_eq!(second.went_out(), None);
+    }
+
+    #[test]
+    fn cooldowns_and_blocked_methods_are_not_disables() {
+        let p = pool(&[("a", "p1"), ("b", "p2")]);
+        let until = Utc.timestamp_millis_opt(60_000).unwrap();
+        let cool = p.change(
+            KeyId(0),
+            refused(&Penalty::CoolProjectModel { until }),
+            1000,
+        );
+        assert_eq!((cool.went_out(), cool.came_back()), (None, None));
+        assert_eq!(picked(&p, "m", &[], 1000), Some(1));
+        let blocked = p.change(KeyId(1), refused(&Penalty::BlockMethod), 1000);
+        assert_eq!((blocked.before, blocked.after), (None, None));
+        assert!(!matches!(
+            p.pick("m", "generateContent", &[], 1000),
+            Pick::Key(_)
+        ));
+        assert_eq!(p.pick("m", "embedContent", &[], 1000), Pick::Key(KeyId(1)));
+        // Clearing says how many cooldowns were running.
+        let clear = Transition::ClearCooldowns { model: Some("m") };
+        assert_eq!(p.change(KeyId(0), clear, 1000).cooldowns_ended, 1);
+        assert_eq!(p.change(KeyId(0), clear, 1000).cooldowns_ended, 0);
+        assert_eq!(picked(&p, "m", &[], 1000), Some(0));
+    }
+
+    #[test]
+    fn a_state_file_reason_this_version_does_not_know_loads_as_enabled() {
+        let saved: PoolHealth = serde_json::from_str(
+            r#"{"keys":[{"key":"key#00","disabled":"key_gone_to_the_moon"},
+                        {"key":"key#01","disabled":"key_suspended"}],"projects":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(saved.keys[0].disabled, None);
+        assert_eq!(
+            saved.keys[1].disabled,
+            Some(Disabled::Dead(DeadReason::Suspended))
+        );
+        let text = serde_json::to_string(&saved.keys[1]).unwrap();
+        assert!(text.contains(r#""disabled":"key_suspended""#), "{text}");
     }
 }

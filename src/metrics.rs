@@ -101,6 +101,10 @@ pub struct Metrics {
     time_to_first_byte: HistogramVec,
     /// `keygate_pool_exhausted_total{pool,model}`.
     pool_exhausted: IntCounterVec,
+    /// `keygate_key_disabled_total{pool,reason}`.
+    key_disabled: IntCounterVec,
+    /// `keygate_key_recovered_total{pool}`.
+    key_recovered: IntCounterVec,
     /// `keygate_keys{pool,state}`.
     keys: IntGaugeVec,
     /// `keygate_pool_next_recovery_seconds{pool}`.
@@ -169,6 +173,21 @@ impl Metrics {
              (429 exhausted or 503 all disabled).",
             &["pool", "model"],
         )?;
+        let key_disabled = counter(
+            &registry,
+            "keygate_key_disabled_total",
+            "Keys taken out of service until someone acts, by pool and reason (key_invalid, \
+             key_suspended, service_disabled, key_restricted, project_billing, \
+             disabled_by_operator).",
+            &["pool", "reason"],
+        )?;
+        let key_recovered = counter(
+            &registry,
+            "keygate_key_recovered_total",
+            "Disabled keys back in service (a key check found them working, or an operator \
+             enabled them), by pool.",
+            &["pool"],
+        )?;
         let keys = IntGaugeVec::new(
             Opts::new(
                 "keygate_keys",
@@ -195,6 +214,8 @@ impl Metrics {
             upstream_latency,
             time_to_first_byte,
             pool_exhausted,
+            key_disabled,
+            key_recovered,
             keys,
             next_recovery,
             models: Mutex::new(HashSet::new()),
@@ -266,6 +287,16 @@ impl Metrics {
             &[label(pool), self.model(model, false)],
             1,
         );
+    }
+
+    /// A key went out of service for `reason` (a fixed label: see [`crate::keys::Disabled`]).
+    pub fn key_disabled(&self, pool: &str, reason: &'static str) {
+        add(&self.key_disabled, &[label(pool), reason], 1);
+    }
+
+    /// A disabled key is back in service.
+    pub fn key_recovered(&self, pool: &str) {
+        add(&self.key_recovered, &[label(pool)], 1);
     }
 
     /// The text exposition (Prometheus text format 0.0.4), with the pool gauges set from `pools`
@@ -916,6 +947,10 @@ mod tests {
             if status == 429 || status == 503 {
                 m.pool_exhausted(pool, model);
             }
+            if status == 0 {
+                m.key_disabled(pool, "key_invalid");
+                m.key_recovered(pool);
+            }
         }
         m.attempt("free", "bogus outcome");
         m.render(&[
@@ -948,6 +983,8 @@ mod tests {
             ("keygate_upstream_latency_seconds", "histogram"),
             ("keygate_time_to_first_byte_seconds", "histogram"),
             ("keygate_pool_exhausted_total", "counter"),
+            ("keygate_key_disabled_total", "counter"),
+            ("keygate_key_recovered_total", "counter"),
             ("keygate_keys", "gauge"),
             ("keygate_pool_next_recovery_seconds", "gauge"),
         ] {

@@ -7,19 +7,19 @@
 
 use crate::affinity;
 use crate::alerts::Event;
-use crate::classify::{
-    self, classify, classify_prefix, Outcome, Penalty, Verdict, MAX_CLASSIFY_BODY,
-};
-use crate::config::{ClientLimits, Timeouts};
+use crate::classify::{self, classify, classify_prefix, Outcome, Penalty, MAX_CLASSIFY_BODY};
+use crate::config::{ClientLimits, RetryPolicy, Timeouts};
 use crate::cors;
 use crate::endpoints;
 use crate::error::GatewayError;
 use crate::guard::{self, Reservation};
-use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Pick};
+use crate::health::{self, Cause};
+use crate::keys::{now_millis, Disabled, Exhaustion, KeyId, KeyPool, Millis, Transition};
 use crate::live_frames;
 use crate::logging::printable;
 use crate::names;
 use crate::path;
+use crate::plan::{Next, Plan, Then};
 use crate::request::{self, Api};
 use crate::runtime::{Pool, Route, Runtime, Shared};
 use crate::tenants::{Auth, InFlight, Refusal, Tenant};
@@ -233,6 +233,47 @@ struct Job<'a> {
     learn: Learn,
     /// Projects this request may not use: left to tenants lighter than this one.
     reserved: Vec<u32>,
+    /// The retry policy of the request's runtime snapshot.
+    retry: RetryPolicy,
+    kind: Kind,
+}
+
+/// What an attempt sends.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The client's request.
+    Request,
+    /// A Live session's WebSocket upgrade. `plain`: ask for no per-message compression, so
+    /// that keygate can read the client's messages.
+    Upgrade { plain: bool },
+}
+
+/// How the attempts ended.
+enum Ending {
+    /// Google served (2xx; 101 for a Live session): hand the answer on.
+    Served { key: KeyId, answer: Answer },
+    /// Google's answer for the client to read as it is (its own mistake, or the last refusal).
+    Refused {
+        key: KeyId,
+        answer: Answer,
+        outcome: Outcome,
+    },
+    /// keygate's own answer: the pool is exhausted, the tenant's share used, no upstream answer.
+    Failed(GatewayError),
+    /// The client hung up.
+    ClientGone,
+}
+
+/// What Google's answer means. An error body over the read limit is judged by its start.
+fn classify_answer(answer: &Answer) -> Outcome {
+    let status = answer.header.status.as_u16();
+    if status < 400 {
+        classify(status, &[])
+    } else if answer.body.complete {
+        classify(status, &decoded_body(answer, MAX_CLASSIFY_BODY))
+    } else {
+        classify_prefix(status, &decoded_body(answer, MAX_CLASSIFY_BODY))
+    }
 }
 
 /// Largest answer body read to learn the names of created resources.
@@ -551,8 +592,28 @@ impl ProxyHttp for Gateway {
             unbound: placed.unbound,
             learn: placed.learn,
             reserved,
+            retry: rt.retry,
+            kind: Kind::Request,
         };
-        self.attempt_loop(session, ctx, &mut job).await
+        match self.attempts(session, ctx, &job).await {
+            Ending::Served { key, answer } => {
+                // The body is not sent again: its memory goes back to the budget before a slow
+                // reader can hold it for as long as the answer takes.
+                job.body = Bytes::new();
+                ctx.body_reservation = None;
+                self.relay(session, ctx, &job, key, answer).await
+            }
+            Ending::Refused {
+                key,
+                answer,
+                outcome,
+            } => {
+                self.relay_error(session, ctx, &job, key, answer, &outcome)
+                    .await
+            }
+            Ending::Failed(e) => respond(session, ctx, Some(api), &e).await,
+            Ending::ClientGone => Ok(client_gone(session, ctx)),
+        }
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
@@ -844,95 +905,71 @@ impl Gateway {
         })
     }
 
-    async fn attempt_loop(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        job: &mut Job<'_>,
-    ) -> pingora::Result<bool> {
-        let rt = self.shared.runtime.load();
-        let retry = rt.retry;
+    /// The attempts of a request or a Live session's upgrade, as its [`Plan`] directs: each
+    /// answer is classified, health changes go through the door, and the loop ends with the
+    /// answer to hand on or keygate's own.
+    async fn attempts(&self, session: &mut Session, ctx: &mut Ctx, job: &Job<'_>) -> Ending {
         let keys = &job.keys;
-        // Projects not to use again for this request: `avoid` because they refused it
-        // (quota, billing), `prefer_not` because they just failed transiently; the latter
-        // are used again when no other project is left.
-        let mut avoid: Vec<u32> = job.reserved.clone();
-        let mut prefer_not: Vec<u32> = Vec::new();
-        let mut transient_left = retry.transient_retries;
-        let mut backoff = retry.backoff;
-        let mut stale_retry_left = true;
+        let mut plan = Plan::new(
+            job.retry,
+            job.project,
+            job.reserved.clone(),
+            ctx.tenant.is_none(),
+        );
         let mut last: Option<(Answer, KeyId, Outcome)> = None;
         let mut last_error: Option<SendError> = None;
-
-        for _ in 0..retry.max_attempts {
+        loop {
             let now = now_millis();
-            let pick = match job.project {
-                Some(project) => keys.pick_in_project(job.model, job.method, project, now),
-                None => {
-                    let both: Vec<u32> = avoid.iter().chain(&prefer_not).copied().collect();
-                    match keys.pick(job.model, job.method, &both, now) {
-                        Pick::OnlyTriedProjects if !prefer_not.is_empty() => {
-                            prefer_not.clear();
-                            keys.pick(job.model, job.method, &avoid, now)
-                        }
-                        pick => pick,
-                    }
-                }
-            };
-            let key = match pick {
-                Pick::Key(k) => k,
-                // The bound project refused already: give the client Google's answer.
-                Pick::Exhausted(ex)
-                    if job.project.is_some() && last.is_some() && ex.retry_at.is_none() =>
-                {
-                    break
-                }
-                Pick::Exhausted(ex) => {
-                    self.shared
-                        .metrics
-                        .pool_exhausted(job.pool.name(), job.model);
-                    if job.project.is_none() {
+            let key = match plan.next(keys, job.model, job.method, now) {
+                Next::Try(key) => key,
+                Next::Exhausted {
+                    exhaustion,
+                    retry_after,
+                    whole_pool,
+                } => {
+                    let pool = job.pool.name();
+                    self.shared.metrics.pool_exhausted(pool, job.model);
+                    if whole_pool {
                         self.shared.alert(Event::PoolExhausted {
-                            pool: job.pool.name().to_string(),
+                            pool: pool.to_string(),
                             model: job.model.to_string(),
-                            retry_after_seconds: ex
+                            retry_after_seconds: exhaustion
                                 .retry_at
-                                .map(|at| at.saturating_sub(now_millis()).div_ceil(1000)),
+                                .map(|at| at.saturating_sub(now).div_ceil(1000)),
                         });
                     }
-                    let e = exhausted_error(keys, job.model, &ex, job.project);
-                    return respond(session, ctx, Some(job.forward.api), &e).await;
+                    let whose = job.project;
+                    return Ending::Failed(exhausted_error(
+                        keys,
+                        job.model,
+                        &exhaustion,
+                        retry_after,
+                        whose,
+                    ));
                 }
-                Pick::OnlyTriedProjects if !job.reserved.is_empty() && ctx.attempts.is_empty() => {
+                Next::FairShare => {
                     if let Some(t) = &ctx.tenant {
                         t.state.refused_fair_share.fetch_add(1, Relaxed);
                     }
                     let tenant = ctx.tenant.as_ref().map_or("-", |t| &*t.name);
-                    let e = fair_share_error(keys, tenant, job.model, job.reserved.len());
-                    return respond(session, ctx, Some(job.forward.api), &e).await;
+                    let reserved = job.reserved.len();
+                    return Ending::Failed(fair_share_error(keys, tenant, job.model, reserved));
                 }
-                Pick::OnlyTriedProjects => break,
+                Next::GiveLast => break,
             };
             let project = keys.key(key).project;
             // The fair-share count is of requests the pool took, not of refused ones.
-            if ctx.attempts.is_empty() {
+            if plan.attempts() == 1 {
                 if let Some(t) = &ctx.tenant {
                     job.pool.fair.record(&t.name, now);
                 }
             }
             let sent = Instant::now();
-            // A client that hangs up ends the attempts: nobody would read the answer.
-            let mut answer = match self.send(session, &job.pool, job, key).await {
-                Err(SendError::ClientGone) => return Ok(client_gone(session, ctx)),
-                Ok(mut answer) => {
-                    if !(200..300).contains(&answer.header.status.as_u16()) {
-                        read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
-                    }
-                    answer
-                }
+            let then = match self.send(session, job, key).await {
+                // A client that hangs up ends the attempts: nobody would read the answer.
+                Err(SendError::ClientGone) => return Ending::ClientGone,
                 Err(SendError::Unresolved(why)) => {
-                    let e = unresolved_error(job.pool.name(), &why);
-                    return respond(session, ctx, Some(job.forward.api), &e).await;
+                    return Ending::Failed(unresolved_error(job.pool.name(), &why))
                 }
                 Err(err) => {
                     ctx.attempts.push(AttemptLog {
@@ -941,191 +978,129 @@ impl Gateway {
                         latency: None,
                     });
                     let stale = matches!(err, SendError::Exchange { reused: true, .. });
-                    if stale && stale_retry_left {
-                        stale_retry_left = false;
-                    } else if transient_left > 0 {
-                        transient_left -= 1;
-                        prefer_not.push(project);
-                        if !self.back_off(session, &mut backoff).await {
-                            return Ok(client_gone(session, ctx));
-                        }
-                    } else {
-                        let e = err.into_gateway_error(keys.name());
-                        return respond(session, ctx, Some(job.forward.api), &e).await;
-                    }
                     last_error = Some(err);
-                    continue;
+                    plan.failed(project, stale)
                 }
-            };
-
-            let latency = Some(sent.elapsed());
-            let status = answer.header.status.as_u16();
-            let outcome = if (200..300).contains(&status) {
-                classify(status, &[])
-            } else if answer.body.complete {
-                classify(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
-            } else {
-                // An error body over the read limit: its start decides.
-                classify_prefix(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
-            };
-            ctx.attempts.push(AttemptLog {
-                key,
-                outcome: outcome.label(),
-                latency,
-            });
-            self.note(keys, key, &outcome);
-
-            let mut back_off = false;
-            match outcome.verdict(Utc::now()) {
-                // A resource keygate has no owner for (made before keygate knew, or elsewhere):
-                // look for the project that can see it, without blaming anyone. Only without
-                // tenants: with them, unknown resources never get this far.
-                Verdict::PassThrough
-                    if outcome == Outcome::ResourceOfOtherProject
-                        && job.project.is_none()
-                        && ctx.tenant.is_none()
-                        && answer.body.complete =>
-                {
-                    avoid.push(project);
-                }
-                Verdict::PassThrough if outcome == Outcome::Success => {
-                    // The body is not sent again: its memory goes back to the budget before a
-                    // slow reader can hold it for as long as the answer takes.
-                    job.body = Bytes::new();
-                    ctx.body_reservation = None;
-                    return self.relay(session, ctx, job, key, answer).await;
-                }
-                Verdict::PassThrough => {
-                    return self
-                        .relay_error(session, ctx, job, key, answer, &outcome)
-                        .await
-                }
-                Verdict::OtherKey(penalty) => {
-                    self.penalise(&job.pool, keys, key, job.model, job.method, &penalty);
-                    match penalty {
-                        Penalty::CoolProjectModel { .. } | Penalty::DisableProject => {
-                            avoid.push(project)
+                Ok(mut answer) => {
+                    let latency = Some(sent.elapsed());
+                    let outcome = classify_answer(&answer);
+                    ctx.attempts.push(AttemptLog {
+                        key,
+                        outcome: outcome.label(),
+                        latency,
+                    });
+                    self.note(keys, key, &outcome);
+                    let verdict = outcome.verdict(Utc::now());
+                    let then = plan.answered(project, &outcome, verdict, answer.body.complete);
+                    match &then {
+                        Then::Relay => return Ending::Served { key, answer },
+                        Then::Answer => {
+                            return Ending::Refused {
+                                key,
+                                answer,
+                                outcome,
+                            }
                         }
-                        // The key, not its project, is at fault: other projects first, but the
-                        // project's other keys remain a fallback.
-                        Penalty::DisableKey(_) | Penalty::BlockMethod => prefer_not.push(project),
+                        Then::Penalise(penalty) => {
+                            let change = health::penalise(penalty, job.model, job.method);
+                            self.shared
+                                .change_health(keys, key, change, Cause::Answer(&outcome));
+                        }
+                        Then::Wait(_) | Then::Again | Then::Fail => {}
+                    }
+                    // Read whole: its connection goes back to the pool before any wait.
+                    self.park(&job.pool, &mut answer.body).await;
+                    last = Some((answer, key, outcome));
+                    then
+                }
+            };
+            match then {
+                Then::Wait(wait) => {
+                    if unless_client_gone(session, tokio::time::sleep(wait))
+                        .await
+                        .is_none()
+                    {
+                        return Ending::ClientGone;
                     }
                 }
-                Verdict::Transient => {
-                    if transient_left == 0 || !answer.body.complete {
-                        return self
-                            .relay_error(session, ctx, job, key, answer, &outcome)
-                            .await;
-                    }
-                    transient_left -= 1;
-                    prefer_not.push(project);
-                    back_off = true;
-                }
-            }
-            // The answer was read whole: its connection goes back to the pool before any wait.
-            self.park(&job.pool, &mut answer.body).await;
-            last = Some((answer, key, outcome));
-            if back_off && !self.back_off(session, &mut backoff).await {
-                return Ok(client_gone(session, ctx));
+                Then::Fail => break,
+                Then::Relay | Then::Answer | Then::Penalise(_) | Then::Again => {}
             }
         }
 
         // Attempts exhausted, or only already-tried projects are left: give the client the
         // last real answer rather than an invented one (never one naming a key).
         match (last, last_error) {
-            (Some((answer, key, outcome)), _) => {
-                self.relay_error(session, ctx, job, key, answer, &outcome)
-                    .await
-            }
-            (None, Some(err)) => {
-                let e = err.into_gateway_error(keys.name());
-                respond(session, ctx, Some(job.forward.api), &e).await
-            }
-            (None, None) => {
-                let e = GatewayError::new(503, "UNAVAILABLE", "keygate: no key could be tried");
-                respond(session, ctx, Some(job.forward.api), &e).await
-            }
+            (Some((answer, key, outcome)), _) => Ending::Refused {
+                key,
+                answer,
+                outcome,
+            },
+            (None, Some(err)) => Ending::Failed(err.into_gateway_error(keys.name())),
+            (None, None) => Ending::Failed(GatewayError::new(
+                503,
+                "UNAVAILABLE",
+                "keygate: no key could be tried",
+            )),
         }
     }
 
-    /// Waits out a transient failure's backoff; false when the client hung up meanwhile.
-    async fn back_off(&self, session: &mut Session, backoff: &mut Duration) -> bool {
-        let wait = *backoff;
-        *backoff = (*backoff * 2).min(Duration::from_secs(5));
-        unless_client_gone(session, tokio::time::sleep(wait))
-            .await
-            .is_some()
-    }
-
-    /// Records a key-level failure in the table the request picked from and, if a reload or an
-    /// admin change has replaced that table meanwhile, in the current one too, so the penalty
-    /// is not lost with the old table.
-    fn penalise(
-        &self,
-        pool: &Pool,
-        keys: &Arc<KeyPool>,
-        key: KeyId,
-        model: &str,
-        method: &str,
-        penalty: &Penalty,
-    ) {
-        keys.penalise(key, model, method, penalty);
-        let rt = self.shared.runtime.load();
-        let Some(current) = rt.pools.iter().find(|p| p.name() == pool.name()) else {
-            return;
-        };
-        let current = current.keys.load_full();
-        if Arc::ptr_eq(&current, keys) {
-            return;
-        }
-        if let Some(id) = current.find(&keys.key(key).fingerprint) {
-            current.penalise(id, model, method, penalty);
-        }
-    }
-
-    /// Logs outcomes an operator should hear about.
+    /// Logs outcomes an operator should hear about that change no key's health.
     fn note(&self, pool: &KeyPool, key: KeyId, outcome: &Outcome) {
-        let fp = &pool.key(key).fingerprint;
-        let reason = match outcome {
-            Outcome::KeyDead(reason) => Some(reason.as_str()),
-            Outcome::BillingExhausted => Some(Disabled::Billing.as_str()),
-            _ => None,
-        };
-        if let Some(reason) = reason {
-            // Alert on the change only: a key already known disabled is not news.
-            if pool.disabled(key).is_none() {
-                self.shared.alert(Event::KeyDisabled {
-                    pool: pool.name().to_string(),
-                    key: fp.clone(),
-                    reason: reason.to_string(),
-                });
-            }
-        }
         match outcome {
-            Outcome::KeyDead(reason) => log::warn!(
-                "pool {}: disabling {fp}: {}; it stays out until a key check finds it working, an operator enables it, or a restart",
-                pool.name(),
-                reason.as_str()
-            ),
-            Outcome::BillingExhausted => log::warn!(
-                "pool {}: project {} is out of prepaid credit (402); its keys stay out until an operator enables one of them, or a restart",
-                pool.name(),
-                pool.project_name(pool.key(key).project)
-            ),
             Outcome::LocationUnsupported => log::error!(
                 "pool {}: Google says this gateway's location is not supported; no key will do better (use an egress in a supported region)",
                 pool.name()
             ),
             Outcome::NoKeyReachedGoogle => log::error!(
-                "pool {}: Google saw no API key on a request sent with {fp}: a keygate bug, please report it",
-                pool.name()
+                "pool {}: Google saw no API key on a request sent with {}: a keygate bug, please report it",
+                pool.name(),
+                pool.key(key).fingerprint
             ),
             _ => {}
         }
     }
 
-    /// Sends the request on `key` and reads the answer's header.
+    /// Sends an attempt on `key`: the request, or the Live session's upgrade. A refusal's body
+    /// is read (up to what the classifier needs).
     async fn send(
+        &self,
+        session: &mut Session,
+        job: &Job<'_>,
+        key: KeyId,
+    ) -> Result<Answer, SendError> {
+        match job.kind {
+            Kind::Request => {
+                let mut answer = self.send_request(session, &job.pool, job, key).await?;
+                if !answer.header.status.is_success() {
+                    read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+                }
+                Ok(answer)
+            }
+            Kind::Upgrade { plain } => {
+                let secret = job.keys.key(key).secret.expose();
+                let (http, header) = self
+                    .upgrade(&job.pool, &job.forward, &job.outgoing, secret, plain)
+                    .await?;
+                let switched = header.status.as_u16() == 101;
+                let mut body = AnswerBody {
+                    http: Some(http),
+                    peer: None,
+                    read: Vec::new(),
+                    complete: false,
+                };
+                if !switched {
+                    read_up_to(&mut body, MAX_CLASSIFY_BODY).await;
+                    // A refused handshake leaves the connection in no state to be reused.
+                    body.http = None;
+                }
+                Ok(Answer { header, body })
+            }
+        }
+    }
+
+    /// Sends the request on `key` and reads the answer's header.
+    async fn send_request(
         &self,
         session: &mut Session,
         pool: &Pool,
@@ -1541,125 +1516,70 @@ impl Gateway {
         let keys = pool.keys.load_full();
         ctx.keys = Some(keys.clone());
         ctx.pool = Some(pool.clone());
-        let method = request::method_of(path_and_query.split('?').next().unwrap_or(""));
-        let forward = request::Forward {
-            api: Api::Gemini,
-            path_and_query,
-            body_len: 0,
+        let job = Job {
+            outgoing: request::Outgoing::from_client(session.req_header()),
+            forward: request::Forward {
+                api: Api::Gemini,
+                path_and_query,
+                body_len: 0,
+            },
+            body: Bytes::new(),
+            model: LIVE_MODEL,
+            method: request::method_of(path_and_query.split('?').next().unwrap_or("")),
+            pool,
+            keys,
+            project: None,
+            unbound: Vec::new(),
+            learn: Learn::Nothing,
+            reserved: Vec::new(),
+            retry: rt.retry,
+            kind: Kind::Upgrade {
+                plain: tenant.is_some(),
+            },
         };
-        let outgoing = request::Outgoing::from_client(session.req_header());
-        let mut avoid: Vec<u32> = Vec::new();
-        let mut transient_left = rt.retry.transient_retries;
-        let mut last: Option<(Answer, KeyId, Outcome)> = None;
-        for _ in 0..rt.retry.max_attempts {
-            let key = match keys.pick(LIVE_MODEL, method, &avoid, now_millis()) {
-                Pick::Key(k) => k,
-                Pick::Exhausted(ex) if last.is_none() => {
-                    let e = exhausted_error(&keys, LIVE_MODEL, &ex, None);
-                    return refuse(session, ctx, Api::Gemini, &e).await;
-                }
-                Pick::Exhausted(_) | Pick::OnlyTriedProjects => break,
-            };
-            let project = keys.key(key).project;
-            let sent = Instant::now();
-            let upgraded = self
-                .upgrade(
-                    &pool,
-                    &forward,
-                    &outgoing,
-                    keys.key(key).secret.expose(),
-                    tenant.is_some(),
-                )
-                .await;
-            let (http, header) = match upgraded {
-                Ok(pair) => pair,
-                Err(err) => {
-                    ctx.attempts.push(AttemptLog {
-                        key,
-                        outcome: err.label(),
-                        latency: None,
-                    });
-                    if transient_left == 0 {
-                        let e = err.into_gateway_error(pool.name());
-                        return refuse(session, ctx, Api::Gemini, &e).await;
-                    }
-                    transient_left -= 1;
-                    avoid.push(project);
-                    continue;
-                }
-            };
-            let latency = Some(sent.elapsed());
-            let status = header.status.as_u16();
-            if status == 101 {
-                ctx.attempts.push(AttemptLog {
-                    key,
-                    outcome: "ok",
-                    latency,
-                });
-                keys.key(key).usage.requests.fetch_add(1, Relaxed);
-                let share = tenant
-                    .filter(|_| rt.tenants.list().len() > 1)
-                    .map(|t| t.state.buffered.clone());
-                let check = tenant.map(|t| {
-                    live_frames::MessageCheck::new(
-                        t.name.clone(),
-                        Arc::from(keys.project_name(project)),
-                        rt.max_body,
-                        self.shared.body_budget.reservation(share),
-                        rt.client_limits,
-                    )
-                });
-                return self.relay_frames(session, ctx, http, header, check).await;
+        let (key, answer, outcome) = match self.attempts(session, ctx, &job).await {
+            Ending::Served { key, answer } if answer.header.status.as_u16() == 101 => {
+                (key, answer, None)
             }
-            // Refused before the switch: a normal answer, classified like any other.
-            let mut body = AnswerBody {
-                http: Some(http),
-                peer: None,
-                read: Vec::new(),
-                complete: false,
-            };
-            read_up_to(&mut body, MAX_CLASSIFY_BODY).await;
-            // The refused connection is not reused: a handshake leaves it in no state to be.
-            body.http = None;
-            let answer = Answer { header, body };
-            let outcome = if answer.body.complete {
-                classify(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
-            } else {
-                classify_prefix(status, &decoded_body(&answer, MAX_CLASSIFY_BODY))
-            };
-            ctx.attempts.push(AttemptLog {
+            Ending::Served { key, answer } => (key, answer, Some(Outcome::Success)),
+            Ending::Refused {
                 key,
-                outcome: outcome.label(),
-                latency,
-            });
-            self.note(&keys, key, &outcome);
-            match outcome.verdict(Utc::now()) {
-                Verdict::OtherKey(penalty) => {
-                    self.penalise(&pool, &keys, key, LIVE_MODEL, method, &penalty);
-                    avoid.push(project);
-                }
-                Verdict::Transient if transient_left > 0 => {
-                    transient_left -= 1;
-                    avoid.push(project);
-                }
-                _ => {
-                    return self
-                        .write_refusal(session, ctx, answer, &outcome, &keys, key)
-                        .await
-                }
-            }
-            last = Some((answer, key, outcome));
+                answer,
+                outcome,
+            } => (key, answer, Some(outcome)),
+            Ending::Failed(e) => return refuse(session, ctx, Api::Gemini, &e).await,
+            Ending::ClientGone => return Ok(client_gone(session, ctx)),
+        };
+        let keys = &job.keys;
+        if let Some(outcome) = outcome {
+            // Refused before the switch: Google's answer, as any other is relayed.
+            return self
+                .write_refusal(session, ctx, answer, &outcome, keys, key)
+                .await;
         }
-        match last {
-            Some((answer, key, outcome)) => {
-                self.write_refusal(session, ctx, answer, &outcome, &keys, key)
-                    .await
-            }
-            None => {
-                let e = GatewayError::new(503, "UNAVAILABLE", "keygate: no key could be tried");
-                refuse(session, ctx, Api::Gemini, &e).await
-            }
-        }
+        let Answer { header, body } = answer;
+        let Some(http) = body.http else {
+            let e = GatewayError::new(
+                502,
+                "UNAVAILABLE",
+                "keygate: the upgrade lost its connection",
+            );
+            return refuse(session, ctx, Api::Gemini, &e).await;
+        };
+        keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        let share = tenant
+            .filter(|_| rt.tenants.list().len() > 1)
+            .map(|t| t.state.buffered.clone());
+        let check = tenant.map(|t| {
+            live_frames::MessageCheck::new(
+                t.name.clone(),
+                Arc::from(keys.project_name(keys.key(key).project)),
+                rt.max_body,
+                self.shared.body_budget.reservation(share),
+                rt.client_limits,
+            )
+        });
+        self.relay_frames(session, ctx, http, header, check).await
     }
 
     /// Sends the upgrade request on a fresh HTTP/1.1 connection; the connection and the final
@@ -2314,6 +2234,7 @@ fn exhausted_error(
     pool: &KeyPool,
     model: &str,
     ex: &Exhaustion,
+    retry_after: Option<u64>,
     project: Option<u32>,
 ) -> GatewayError {
     let what = if model.is_empty() {
@@ -2329,9 +2250,8 @@ fn exhausted_error(
         ),
         None => format!("every key of pool '{}'", pool.name()),
     };
-    match ex.retry_at {
-        Some(at) => {
-            let secs = at.saturating_sub(now_millis()).div_ceil(1000).max(1);
+    match retry_after {
+        Some(secs) => {
             GatewayError {
                 code: 429,
                 status: "RESOURCE_EXHAUSTED",
@@ -2556,7 +2476,7 @@ const KEY_CHECK_PATH: &str = "/v1beta/models?pageSize=1";
 pub async fn check_key(
     shared: &Shared,
     pool: &Pool,
-    keys: &KeyPool,
+    keys: &Arc<KeyPool>,
     key: KeyId,
     timeouts: Timeouts,
 ) -> KeyCheck {
@@ -2573,43 +2493,20 @@ pub async fn check_key(
             other => KeyCheck::Inconclusive(other.label()),
         },
     };
-    let fp = &keys.key(key).fingerprint;
     match &check {
         KeyCheck::Alive => {
-            if let Some(Disabled::Dead(reason)) = keys.disabled(key) {
-                keys.revive(key);
-                log::warn!(
-                    "pool {}: {fp} works again (was {}): back in service",
-                    keys.name(),
-                    reason.as_str()
-                );
-                shared.alert(Event::KeyRecovered {
-                    pool: keys.name().to_string(),
-                    key: fp.clone(),
-                });
-            }
+            shared.change_health(keys, key, Transition::Recover, Cause::KeyCheck);
         }
         KeyCheck::Dead(reason) => {
-            if !matches!(keys.disabled(key), Some(Disabled::Dead(_))) {
-                log::warn!(
-                    "pool {}: key check: disabling {fp}: {}",
-                    keys.name(),
-                    reason.as_str()
-                );
-                shared.alert(Event::KeyDisabled {
-                    pool: keys.name().to_string(),
-                    key: fp.clone(),
-                    reason: reason.as_str().to_string(),
-                });
-            }
-            keys.penalise(key, "", KEY_CHECK_PATH, &Penalty::DisableKey(*reason));
+            let dead = Penalty::DisableKey(*reason);
+            let transition = health::penalise(&dead, "", KEY_CHECK_PATH);
+            shared.change_health(keys, key, transition, Cause::KeyCheck);
         }
-        KeyCheck::Inconclusive(label) => {
-            log::info!(
-                "pool {}: key check of {fp} inconclusive: {label}",
-                keys.name()
-            )
-        }
+        KeyCheck::Inconclusive(label) => log::info!(
+            "pool {}: key check of {} inconclusive: {label}",
+            keys.name(),
+            keys.key(key).fingerprint
+        ),
     }
     check
 }

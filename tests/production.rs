@@ -501,6 +501,12 @@ async fn the_webhook_fires_once_per_event() {
     assert_eq!(events[1]["model"], "gemini-2.5-pro");
     assert!(events[1]["retry_after_seconds"].as_u64().unwrap() <= 41);
     assert_eq!(events[2]["key"], dead.as_str());
+    // The metrics count the same changes, once each.
+    let (_, metrics) = get(&format!("{admin}/metrics"), Some(ADMIN_TOKEN)).await;
+    let disabled = "keygate_key_disabled_total{pool=\"main\",reason=\"key_invalid\"}";
+    assert_eq!(sample(&metrics, disabled), 1.0, "{metrics}");
+    let recovered = "keygate_key_recovered_total{pool=\"main\"}";
+    assert_eq!(sample(&metrics, recovered), 1.0, "{metrics}");
     let text = serde_json::to_string(&events).unwrap();
     assert!(
         !text.contains("alert-dead-key") && !text.contains("alert-live-key"),
@@ -600,4 +606,65 @@ async fn a_refusal_seen_by_a_request_in_flight_during_a_reload_is_kept() {
         "{:?}",
         mock.keys_seen()
     );
+}
+
+const LIVE: &str = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+
+/// A Live session's upgrade goes through the same attempts as a request: a transient refusal
+/// is retried after the backoff, an exhausted pool is counted and alerted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_session_backs_off_and_an_exhausted_pool_is_counted_and_alerted() {
+    let (receiver, got) = start_receiver().await;
+    let mock = Mock::start().await;
+    mock.key("live-key-1", "p1").key("live-key-2", "p2");
+    let yaml = format!(
+        "retry:\n  backoff_ms: 400\n{}alerts:\n  webhook_url: \"http://{receiver}/hooks\"\n",
+        pool_yaml(&mock.url(), &[("live-key-1", "p1"), ("live-key-2", "p2")])
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    let url = format!("ws://{}{LIVE}", kg.addr);
+
+    // Google's side fails once (503): the session opens after the backoff, not at once.
+    mock.respond_next(
+        None,
+        1,
+        503,
+        r#"{"error":{"code":503,"status":"UNAVAILABLE"}}"#,
+    );
+    let started = Instant::now();
+    let (ws, status) = ws_connect(&url, &[]).await.unwrap();
+    assert_eq!(status, 101);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "opened after {:?}: no backoff",
+        started.elapsed()
+    );
+    drop(ws);
+    let statuses: Vec<u16> = mock.seen().iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [503, 101]);
+
+    // Both projects run out of Live quota: the client gets keygate's 429 with when to retry,
+    // the metric counts it and the webhook hears of it, as for any request.
+    mock.per_minute_limit("p1", "live", 0, "30s")
+        .per_minute_limit("p2", "live", 0, "30s");
+    let refused = ws_connect(&url, &[]).await.unwrap_err();
+    assert!(refused.starts_with("429"), "{refused}");
+    let (_, metrics) = get(&format!("{admin}/metrics"), Some(ADMIN_TOKEN)).await;
+    // The model label is `other` until a model was served; either way the pool's count is 1.
+    let exhausted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("keygate_pool_exhausted_total{") && l.contains("pool=\"main\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(exhausted, 1.0, "{metrics}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = got.lock().unwrap().clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "pool_exhausted");
+    assert_eq!(events[0]["model"], "live");
+    assert!(events[0]["retry_after_seconds"].as_u64().unwrap() <= 31);
+    kg.assert_logs_clean(&["live-key-1", "live-key-2"]);
 }

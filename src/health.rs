@@ -1,0 +1,104 @@
+//! Where a key's health changes, and what operators hear of it.
+//!
+//! Every change (Google's refusal, a key check, an operator's action) goes through
+//! [`Shared::change_health`]: it applies the [`Transition`] through [`KeyPool::change`], the
+//! health table's one door, and turns what changed into log lines, alerts and metrics. A key
+//! already out is not news: nothing is said twice.
+
+use crate::alerts::Event;
+use crate::classify::{Outcome, Penalty};
+use crate::keys::{Changed, Disabled, KeyId, KeyPool, Transition};
+use crate::runtime::Shared;
+use std::sync::Arc;
+
+/// Who changed a key's health.
+#[derive(Debug, Clone, Copy)]
+pub enum Cause<'a> {
+    /// Google's answer to a request sent with the key.
+    Answer(&'a Outcome),
+    /// The key check (scheduled or asked for through the admin API).
+    KeyCheck,
+    /// An operator, through the admin API.
+    Operator,
+}
+
+impl Shared {
+    /// Applies `transition` to `key` of `keys` and says what changed. If a reload or an admin
+    /// change has replaced the pool's table since `keys` was read, the change is made in the
+    /// current table too, so it is not lost with the old one.
+    pub fn change_health(
+        &self,
+        keys: &Arc<KeyPool>,
+        key: KeyId,
+        transition: Transition<'_>,
+        cause: Cause<'_>,
+    ) -> Changed {
+        let now = crate::keys::now_millis();
+        let changed = keys.change(key, transition, now);
+        if let Some(current) = self.current_table(keys) {
+            if let Some(id) = current.find(&keys.key(key).fingerprint) {
+                current.change(id, transition, now);
+            }
+        }
+        self.say(keys, key, cause, &changed);
+        changed
+    }
+
+    /// The pool's current table, when it is not `keys`.
+    fn current_table(&self, keys: &Arc<KeyPool>) -> Option<Arc<KeyPool>> {
+        let rt = self.runtime.load();
+        let current = rt.pools.iter().find(|p| p.name() == keys.name())?;
+        let current = current.keys.load_full();
+        (!Arc::ptr_eq(&current, keys)).then_some(current)
+    }
+
+    /// The log lines, alerts and metrics for a change.
+    fn say(&self, keys: &KeyPool, key: KeyId, cause: Cause<'_>, changed: &Changed) {
+        let pool = keys.name();
+        let fp = &keys.key(key).fingerprint;
+        if let Some(reason) = changed.went_out() {
+            match (cause, reason) {
+                (Cause::Answer(_), Disabled::Billing) => log::warn!(
+                    "pool {pool}: project {} is out of prepaid credit (402); its keys stay out until an operator enables one of them, or a restart",
+                    keys.project_name(keys.key(key).project)
+                ),
+                (Cause::Answer(_), _) => log::warn!(
+                    "pool {pool}: disabling {fp}: {}; it stays out until a key check finds it working, an operator enables it, or a restart",
+                    reason.as_str()
+                ),
+                (Cause::KeyCheck, _) => {
+                    log::warn!("pool {pool}: key check: disabling {fp}: {}", reason.as_str())
+                }
+                (Cause::Operator, _) => {}
+            }
+            self.metrics.key_disabled(pool, reason.as_str());
+            self.alert(Event::KeyDisabled {
+                pool: pool.to_string(),
+                key: fp.clone(),
+                reason,
+            });
+        }
+        if let Some(was) = changed.came_back() {
+            if let Cause::KeyCheck = cause {
+                log::warn!(
+                    "pool {pool}: {fp} works again (was {}): back in service",
+                    was.as_str()
+                );
+            }
+            self.metrics.key_recovered(pool);
+            self.alert(Event::KeyRecovered {
+                pool: pool.to_string(),
+                key: fp.clone(),
+            });
+        }
+    }
+}
+
+/// The transition recording `penalty` for a request on `model` / `method`.
+pub fn penalise<'a>(penalty: &'a Penalty, model: &'a str, method: &'a str) -> Transition<'a> {
+    Transition::Penalise {
+        penalty,
+        model,
+        method,
+    }
+}
