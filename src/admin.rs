@@ -25,11 +25,11 @@
 
 use crate::config::KeyConfig;
 use crate::health::Cause;
+use crate::keycheck::{check_key, KeyCheck};
 use crate::keys::KeyReport;
 use crate::keys::{now_millis, KeyId, KeyPool, Millis, Transition};
 use crate::lifecycle::reload_and_log;
 use crate::metrics::PoolGauge;
-use crate::proxy::{check_key, KeyCheck};
 use crate::runtime::{Pool, Shared};
 use crate::secret::{sha256, Secret};
 use async_trait::async_trait;

@@ -44,9 +44,12 @@ pub mod cors;
 pub mod egress;
 pub mod endpoints;
 pub mod error;
+pub mod exchange;
+pub mod gateway;
 pub mod guard;
 pub mod health;
 pub mod json_strings;
+pub mod keycheck;
 pub mod keys;
 pub mod lifecycle;
 pub mod live_frames;
@@ -55,7 +58,6 @@ pub mod metrics;
 pub mod names;
 pub mod path;
 pub mod plan;
-pub mod proxy;
 pub mod request;
 pub mod runtime;
 pub mod scrub;
@@ -126,7 +128,7 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     if let Some(path) = &config.state_file {
         state::restore(&shared, path);
     }
-    let gateway = proxy::Gateway::new(shared.clone());
+    let gateway = gateway::Gateway::new(shared.clone());
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let limits = &config.client_limits;
     let max_connections = limits

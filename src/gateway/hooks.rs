@@ -1,0 +1,426 @@
+//! The Pingora hooks: a request is admitted (CORS, tenant, limits, body), placed on a pool,
+//! tried on keys until one serves, and logged.
+
+use super::answers::{limit_error, refuse, respond, respond_empty};
+use super::attempts::unresolved_error;
+use super::client::{body_error, client_gone, now_micros, read_body, tenant_name, BodyRead};
+use super::place::creates_resources;
+use super::{Ctx, Ending, Gateway, Job, Kind};
+use crate::error::GatewayError;
+use crate::guard;
+use crate::keys::now_millis;
+use crate::logging::printable;
+use crate::request::{self, Api};
+use crate::tenants::Auth;
+use crate::{affinity, cors, endpoints, path};
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            target: String::new(),
+            tenant: None,
+            in_flight: None,
+            model: String::new(),
+            keys: None,
+            pool: None,
+            cors: Vec::new(),
+            request_bytes: 0,
+            response_bytes: 0,
+            attempts: Vec::new(),
+            status: 0,
+            served: false,
+            body_reservation: None,
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        // Never reached: request_filter always answers the request itself.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "keygate answers every request in request_filter",
+        )
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        // The header is in: its deadline no longer applies.
+        guard::header_received(session.stream());
+        let rt = self.shared.runtime.load_full();
+        // A client that stops reading its answer is dropped, with what it holds upstream.
+        session.set_write_timeout(Some(rt.client_limits.send_timeout));
+        let req = session.req_header();
+        let query = path::split_query(req.uri.query());
+        let canonical = path::canonical(req.uri.path());
+        let logged_path = canonical.as_deref().unwrap_or(req.uri.path());
+        let target = request::with_query(logged_path, query.forwarded.as_deref());
+        ctx.target = format!(
+            "{} {}",
+            req.method,
+            printable(&affinity::redact_upload_id(&target))
+        );
+        match rt.cors.as_ref().map(|c| c.verdict(req)) {
+            Some(cors::Verdict::Preflight(headers)) => {
+                ctx.cors = headers;
+                return respond_empty(session, ctx, 204).await;
+            }
+            Some(cors::Verdict::Refused) => {
+                let e = GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    "keygate: this origin may not call keygate from a browser (cors.allowed_origins)",
+                );
+                return respond(session, ctx, None, &e).await;
+            }
+            Some(cors::Verdict::Allowed(headers)) => ctx.cors = headers,
+            _ => {}
+        }
+        // What keygate routes by is what Google serves: a path the two could read differently
+        // is refused before anything else looks at it.
+        let path = match canonical {
+            Ok(path) => path,
+            Err(why) => {
+                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                return refuse(session, ctx, Api::Gemini, &e).await;
+            }
+        };
+        // Tools that only take an "OpenAI base URL" append /chat/completions & co. to it.
+        let path = request::openai_alias(&path, req, query.key.is_some()).unwrap_or(path);
+        let path_and_query = request::with_query(&path, query.forwarded.as_deref());
+
+        let Some(api) = request::api_of(&path) else {
+            let e = GatewayError::new(
+                404,
+                "NOT_FOUND",
+                "keygate forwards /v1/, /v1beta/, /v1alpha/, /upload/ and /ws/google.ai.generativelanguage.* paths, and the OpenAI-style /v1/chat/completions, /v1/embeddings, /v1/models",
+            );
+            return respond(session, ctx, None, &e).await;
+        };
+
+        // The bytes of a resumable upload come with keygate's upload id and, from the SDKs, no
+        // credential: the id (unguessable, bound to a tenant) is the credential then.
+        let upload_id = path
+            .starts_with("/upload/")
+            .then(|| query.forwarded.as_deref().and_then(affinity::upload_id_of))
+            .flatten()
+            .map(str::to_string);
+        let token = request::client_token(req, query.key.as_deref());
+        let tenant = match rt.tenants.authenticate(token.as_deref()) {
+            Auth::Open => None,
+            Auth::Tenant(t) => Some(t),
+            Auth::Missing if upload_id.is_some() => None,
+            Auth::Missing | Auth::Wrong => {
+                let e = GatewayError::new(
+                    401,
+                    "UNAUTHENTICATED",
+                    "keygate: missing or unknown gateway token; send your keygate token where \
+                     your SDK sends its API key (x-goog-api-key, ?key=, Authorization: Bearer \
+                     or X-Access-Token)",
+                );
+                return refuse(session, ctx, api, &e).await;
+            }
+        };
+        let now = now_millis();
+        let upload = match &upload_id {
+            None => None,
+            Some(id) => match self.shared.uploads.get(id, now) {
+                Some(up) if tenant.is_none() || tenant_name(&tenant) == up.owner.tenant => {
+                    Some((id.clone(), up))
+                }
+                found => {
+                    let e = match found {
+                        Some(_) => GatewayError::new(
+                            403,
+                            "PERMISSION_DENIED",
+                            "keygate: this upload was started by another tenant",
+                        ),
+                        None => GatewayError::new(
+                            404,
+                            "NOT_FOUND",
+                            "keygate: unknown or expired upload id; start the upload again",
+                        ),
+                    };
+                    return refuse(session, ctx, api, &e).await;
+                }
+            },
+        };
+        // An upload continuation without a credential counts against the tenant that started it.
+        let tenant = tenant.or_else(|| {
+            let owner = upload.as_ref()?.1.owner.tenant.as_deref()?;
+            rt.tenants.by_name(owner).cloned()
+        });
+        ctx.tenant = tenant.clone();
+
+        if let Some(t) = &tenant {
+            match t.admit(now_micros()) {
+                Ok(slot) => ctx.in_flight = Some(slot),
+                Err(refusal) => {
+                    let e = limit_error(&t.name, refusal);
+                    return refuse(session, ctx, api, &e).await;
+                }
+            }
+        }
+
+        if request::is_live_api(&path) {
+            let forwarded = query.forwarded.as_deref();
+            let refusal = tenant
+                .as_ref()
+                .and_then(|_| endpoints::live_refusal(&path, forwarded));
+            if let Some(e) = refusal {
+                return refuse(session, ctx, api, &e).await;
+            }
+            return self
+                .websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query)
+                .await;
+        }
+        // With tenants, only endpoints keygate can keep tenants apart on go through, with bodies
+        // it reads the way Google will.
+        if tenant.is_some() {
+            let req = session.req_header();
+            let forwarded = query.forwarded.as_deref();
+            if let Some(e) = endpoints::refusal_before_body(req, &path, forwarded, upload.is_some())
+            {
+                return refuse(session, ctx, api, &e).await;
+            }
+        }
+
+        let share = tenant
+            .as_ref()
+            .filter(|_| rt.tenants.list().len() > 1)
+            .map(|t| t.state.buffered.clone());
+        let budget = self.shared.body_budget.reservation(share);
+        let body = match read_body(session, rt.max_body, budget, &rt.client_limits).await? {
+            BodyRead::Body(body, reservation) => {
+                ctx.body_reservation = Some(reservation);
+                body
+            }
+            BodyRead::ClientGone => return Ok(client_gone(session, ctx)),
+            refused => {
+                let e = body_error(&refused, rt.max_body);
+                return refuse(session, ctx, api, &e).await;
+            }
+        };
+
+        ctx.request_bytes = body.len() as u64;
+        // What keygate reads in a tenant's body must be what Google reads (an upload's bytes
+        // are media).
+        if tenant.is_some() && upload.is_none() {
+            let method = &session.req_header().method;
+            let forwarded = query.forwarded.as_deref();
+            if let Some(e) = endpoints::refusal_of_body(method, &path, forwarded, &body) {
+                return refuse(session, ctx, api, &e).await;
+            }
+        }
+        let is_post = session.req_header().method == http::Method::POST;
+        let creates = is_post && creates_resources(&path);
+        let model = match request::model_of(api, &path, creates, &body) {
+            Ok(model) => model,
+            Err(why) => {
+                let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                return respond(session, ctx, Some(api), &e).await;
+            }
+        };
+        ctx.model = model.clone();
+        // An OpenAI-style batch names its models inside an uploaded file, which keygate does not
+        // read: a tenant held to some pools may not start one.
+        if let Some(t) = &tenant {
+            let batch =
+                api == Api::OpenAi && is_post && request::method_of(&path).starts_with("batches");
+            if batch && t.pools.len() < rt.pools.len() {
+                let e = GatewayError::new(
+                    403,
+                    "PERMISSION_DENIED",
+                    "keygate: OpenAI-style batches name their models inside the uploaded file, which keygate cannot check against this tenant's pools; use the native batch API (models/{model}:batchGenerateContent)",
+                );
+                return respond(session, ctx, Some(api), &e).await;
+            }
+        }
+
+        let placed = match upload {
+            Some((id, up)) => self.place_upload(&rt, id, up),
+            None => self.place(
+                &rt,
+                session.req_header(),
+                tenant.as_deref(),
+                &path,
+                &model,
+                &body,
+                session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip()),
+                now,
+            ),
+        };
+        let placed = match placed {
+            Ok(p) => p,
+            Err(e) => return respond(session, ctx, Some(api), &e).await,
+        };
+        let keys = placed.pool.keys.load_full();
+        ctx.keys = Some(keys.clone());
+        ctx.pool = Some(placed.pool.clone());
+        let project = match &placed.project {
+            None => None,
+            Some(name) => match keys.project_index(name) {
+                Some(p) => Some(p),
+                None => {
+                    let e = GatewayError::new(
+                        503,
+                        "UNAVAILABLE",
+                        format!(
+                            "keygate: the resource this request names belongs to project '{name}', which no longer has keys in pool '{}'",
+                            placed.pool.name()
+                        ),
+                    );
+                    return respond(session, ctx, Some(api), &e).await;
+                }
+            },
+        };
+        // No address for the upstream: say so at once, without spending attempts on keys.
+        if let Err(why) = placed
+            .pool
+            .upstream
+            .wait_resolved(rt.timeouts.connect)
+            .await
+        {
+            let e = unresolved_error(placed.pool.name(), &why);
+            return respond(session, ctx, Some(api), &e).await;
+        }
+
+        // A tenant that used the pool more than others lately leaves some projects to them.
+        let mut reserved = Vec::new();
+        if let Some(t) = &tenant {
+            if project.is_none() && rt.tenants.list().len() > 1 {
+                let lighter = placed.pool.fair.lighter_than(&t.name, now);
+                if lighter > 0 {
+                    reserved = keys.reserved_projects(&model, lighter, now);
+                }
+            }
+        }
+
+        let path_and_query = placed.path_and_query.unwrap_or(path_and_query);
+        // The attempts build their requests from this, so the client connection stays free to be
+        // watched for a hang-up while they run.
+        let mut job = Job {
+            outgoing: request::Outgoing::from_client(session.req_header()),
+            forward: request::Forward {
+                api,
+                path_and_query: &path_and_query,
+                body_len: body.len(),
+            },
+            body,
+            model: &model,
+            method: request::method_of(&path),
+            pool: placed.pool,
+            keys,
+            project,
+            unbound: placed.unbound,
+            learn: placed.learn,
+            reserved,
+            rt: rt.clone(),
+            kind: Kind::Request,
+        };
+        match self.attempts(session, ctx, &job).await {
+            Ending::Served { key, answer } => {
+                // The body is not sent again: its memory goes back to the budget before a slow
+                // reader can hold it for as long as the answer takes.
+                job.body = Bytes::new();
+                ctx.body_reservation = None;
+                self.relay(session, ctx, &job, key, answer).await
+            }
+            Ending::Refused {
+                key,
+                answer,
+                outcome,
+            } => {
+                self.relay_error(session, ctx, &job, key, answer, &outcome)
+                    .await
+            }
+            Ending::Failed(e) => respond(session, ctx, Some(api), &e).await,
+            Ending::ClientGone => Ok(client_gone(session, ctx)),
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        // The next request on this connection gets its own header deadline.
+        guard::request_finished(session.stream());
+        let status = match ctx.status {
+            0 => session.response_written().map_or(0, |r| r.status.as_u16()),
+            s => s,
+        };
+        if let Some(t) = &ctx.tenant {
+            t.state.usage.requests.fetch_add(1, Relaxed);
+        }
+        let metrics = &self.shared.metrics;
+        let pool_name = ctx.pool.as_ref().map_or("-", |p| p.name());
+        for a in &ctx.attempts {
+            metrics.attempt(pool_name, a.outcome);
+            if let Some(latency) = a.latency {
+                metrics.upstream_latency(pool_name, latency.as_secs_f64());
+            }
+        }
+        // A model becomes a label value only once Google served it (a 2xx): names a client made
+        // up cannot use up the bounded label set.
+        let model = if ctx.pool.is_some() {
+            ctx.model.as_str()
+        } else {
+            "-"
+        };
+        metrics.request(
+            ctx.tenant.as_ref().map_or("-", |t| &*t.name),
+            pool_name,
+            model,
+            ctx.served,
+            status,
+            ctx.attempts.len(),
+            ctx.request_bytes,
+            ctx.response_bytes,
+        );
+        let attempts: Vec<String> = match &ctx.keys {
+            Some(keys) => ctx
+                .attempts
+                .iter()
+                .map(|a| format!("{}:{}", keys.key(a.key).fingerprint, a.outcome))
+                .collect(),
+            None => Vec::new(),
+        };
+        let error = error
+            .map(|e| format!(" error={}", e.etype().as_str()))
+            .unwrap_or_default();
+        log::info!(
+            target: "keygate::access",
+            "tenant={} \"{}\" model={} status={} attempts=[{}] ms={}{}",
+            printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)),
+            ctx.target,
+            if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
+            status,
+            attempts.join(","),
+            ctx.started.elapsed().as_millis(),
+            error
+        );
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // What a client does to its own connection (hanging up, stalling) is not an operator's
+        // problem: the access line says what happened.
+        error.esource() == &pingora::ErrorSource::Downstream
+    }
+
+    fn request_summary(&self, _session: &Session, ctx: &Ctx) -> String {
+        // Pingora's default summary prints the raw URI, `?key=` included: never use it.
+        ctx.target.clone()
+    }
+}

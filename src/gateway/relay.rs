@@ -1,0 +1,360 @@
+//! Relaying Google's answer to the client as it streams, and learning from it: tokens used,
+//! resources created, uploads started.
+
+use super::answers::{add_cors, error_reply, respond, scrub_headers, write_whole, ErrorReply};
+use super::client::{client_gone, prepare_downstream_header, unless_client_gone};
+use super::place::counts_tokens;
+use super::{Ctx, Gateway, Job, Learn};
+use crate::classify::Outcome;
+use crate::error::GatewayError;
+use crate::exchange::{decoded_body, read_up_to, Answer};
+use crate::guard;
+use crate::keys::{now_millis, KeyId};
+use crate::logging::printable;
+use crate::tenants::Tenant;
+use crate::usage::BodyTap;
+use crate::{affinity, names};
+use bytes::Bytes;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest answer body read to learn the names of created resources.
+pub(super) const CREATED_ANSWER_LIMIT: usize = 256 * 1024;
+
+/// Largest listing answer filtered for a tenant; a larger one is withheld (ask for a smaller
+/// `pageSize`).
+pub(super) const LISTING_LIMIT: usize = 8 * 1024 * 1024;
+
+impl Gateway {
+    /// Streams an answer to the client, chunk by chunk as it arrives, and afterwards records
+    /// what it says: token usage, and for successful answers the resources it created.
+    pub(super) async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        answer: Answer,
+    ) -> pingora::Result<bool> {
+        if matches!(job.learn, Learn::List) {
+            return self.relay_listing(session, ctx, job, key, answer).await;
+        }
+        let Answer {
+            mut header,
+            mut body,
+        } = answer;
+        let success = header.status.is_success();
+        let head = session.req_header().method == http::Method::HEAD;
+        scrub_headers(&mut header, job.keys.scrubber())?;
+        prepare_downstream_header(&mut header, head)?;
+        add_cors(&mut header, ctx)?;
+        if success {
+            self.rewrite_upload_url(&mut header, job, key, ctx.tenant.as_deref())?;
+            ctx.served = true;
+        }
+        ctx.status = header.status.as_u16();
+        let gzip = header
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let keep_head = match job.learn {
+            Learn::Create | Learn::UploadContinue { .. } | Learn::Read if success => {
+                CREATED_ANSWER_LIMIT
+            }
+            _ => 0,
+        };
+        // Tokens are counted on answers to generation and embedding calls only: resources
+        // (caches, batches) repeat a usage object each time they are read.
+        let counts_tokens = counts_tokens(job.method);
+        let mut tap =
+            (success && (counts_tokens || keep_head > 0)).then(|| BodyTap::new(gzip, keep_head));
+        let upload_final = header
+            .headers
+            .get("x-goog-upload-status")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"final"));
+        // The upstream connection goes back to the pool as soon as its body is complete, before
+        // the client has the end of the answer: its next request can then reuse it.
+        self.park(job, &mut body).await;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        let metrics = &self.shared.metrics;
+        metrics.time_to_first_byte(job.pool.name(), ctx.started.elapsed().as_secs_f64());
+        // What the answer taught (resources created, tokens) is recorded once its body is
+        // complete but before its last bytes reach the client: a client that names a resource
+        // the moment it has the answer must find it bound.
+        let mut recorded = false;
+        let limits = job.rt.client_limits;
+        let mut pace = guard::SendPace::new(limits.send_timeout, limits.body_min_rate);
+        let pre_read = std::mem::take(&mut body.read);
+        let last_pre_read = pre_read.len();
+        for (i, chunk) in pre_read.into_iter().enumerate() {
+            if let Some(tap) = tap.as_mut() {
+                tap.feed(&chunk);
+            }
+            if i + 1 == last_pre_read && body.http.is_none() {
+                self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+                recorded = true;
+            }
+            if !write_chunk(session, ctx, &mut pace, chunk).await? {
+                return Ok(true);
+            }
+        }
+        while let Some(http) = body.http.as_mut() {
+            // A client gone mid-stream stops the stream: Google stops when its connection goes.
+            let chunk = {
+                let read = http.read_response_body();
+                tokio::pin!(read);
+                unless_client_gone(session, read.as_mut()).await
+            };
+            let Some(chunk) = chunk else {
+                session.set_keepalive(None);
+                return Ok(true);
+            };
+            let chunk = chunk?;
+            body.complete = chunk.is_none() || http.response_done();
+            self.park(job, &mut body).await;
+            if let (Some(tap), Some(chunk)) = (tap.as_mut(), chunk.as_ref()) {
+                tap.feed(chunk);
+            }
+            if body.complete && !recorded {
+                self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+                recorded = true;
+            }
+            match chunk {
+                Some(chunk) => {
+                    if !write_chunk(session, ctx, &mut pace, chunk).await? {
+                        return Ok(true);
+                    }
+                }
+                None => break,
+            }
+        }
+        if !recorded {
+            self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+        }
+        session.write_response_body(None, true).await?;
+        Ok(true)
+    }
+
+    /// Relays an answer that is not a success, as a client may see it (see [`error_reply`]).
+    pub(super) async fn relay_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        mut answer: Answer,
+        outcome: &Outcome,
+    ) -> pingora::Result<bool> {
+        self.park(job, &mut answer.body).await;
+        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        let head = session.req_header().method == http::Method::HEAD;
+        match error_reply(answer, outcome, &job.keys, key) {
+            ErrorReply::Own(e) => respond(session, ctx, Some(job.forward.api), &e).await,
+            ErrorReply::Relay(header, body) => {
+                write_whole(session, ctx, header, body, head).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Relays a listing of project-bound resources to a tenant: only the entries bound to that
+    /// tenant stay (Google lists the whole project's, other tenants' included).
+    pub(super) async fn relay_listing(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        mut answer: Answer,
+    ) -> pingora::Result<bool> {
+        let found = unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT)).await;
+        if found.is_none() {
+            return Ok(client_gone(session, ctx));
+        }
+        let filtered = answer.body.complete.then(|| {
+            let me = ctx.tenant.as_ref().map(|t| t.name.clone());
+            let now = now_millis();
+            let table = &self.shared.affinity;
+            names::filter_listing(&decoded_body(&answer, LISTING_LIMIT), |name| {
+                table.owner(name, now).is_some_and(|o| o.tenant == me)
+            })
+        });
+        self.park(job, &mut answer.body).await;
+        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        let Some(body) = filtered.flatten() else {
+            let e = GatewayError::new(
+                502,
+                "UNAVAILABLE",
+                "keygate: this listing could not be filtered for the tenant (larger than 8 MiB or not JSON); ask for fewer entries with pageSize",
+            );
+            return respond(session, ctx, Some(job.forward.api), &e).await;
+        };
+        let mut header = answer.header;
+        header.remove_header(&header::CONTENT_ENCODING);
+        scrub_headers(&mut header, job.keys.scrubber())?;
+        ctx.served = true;
+        write_whole(session, ctx, header, Bytes::from(body), false).await?;
+        Ok(true)
+    }
+
+    /// Counts a relayed answer for its key and tenant, and records what it taught.
+    pub(super) fn record_answer(
+        &self,
+        ctx: &Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        tap: Option<&BodyTap>,
+        upload_final: bool,
+        counts_tokens: bool,
+    ) {
+        let pool_key = job.keys.key(key);
+        pool_key.usage.requests.fetch_add(1, Relaxed);
+        let Some(tap) = tap else {
+            return;
+        };
+        self.learn(ctx, job, key, tap, upload_final);
+        if let Some(t) = tap.tokens().filter(|_| counts_tokens) {
+            pool_key.usage.add_tokens(t.prompt, t.output, t.total);
+            if let Some(tenant) = &ctx.tenant {
+                tenant.state.usage.add_tokens(t.prompt, t.output, t.total);
+            }
+        }
+    }
+
+    /// Hands out keygate's own upload URL in place of Google's, bound to the tenant and the
+    /// project of `key`.
+    pub(super) fn rewrite_upload_url(
+        &self,
+        header: &mut ResponseHeader,
+        job: &Job<'_>,
+        key: KeyId,
+        tenant: Option<&Tenant>,
+    ) -> pingora::Result<()> {
+        let Learn::UploadStart { public_base } = &job.learn else {
+            return Ok(());
+        };
+        let Some(google_url) = header
+            .headers
+            .get("x-goog-upload-url")
+            .and_then(|v| v.to_str().ok())
+            .and_then(affinity::upstream_path_of)
+        else {
+            return Ok(());
+        };
+        let session = affinity::UploadSession {
+            owner: self.owner(job, key, tenant),
+            key_fingerprint: job.keys.key(key).fingerprint.clone(),
+            upstream_path_and_query: google_url.clone(),
+        };
+        match self.shared.uploads.start(session, now_millis()) {
+            Some(id) => {
+                let url = affinity::rewrite_upload_url(&google_url, public_base, &id);
+                header.insert_header("x-goog-upload-url", url)?;
+            }
+            None => {
+                log::error!("no randomness for an upload id: the upload URL is withheld");
+                header.remove_header("x-goog-upload-url");
+            }
+        }
+        Ok(())
+    }
+
+    /// Who owns what this request creates: the pool, the project of `key`, the tenant.
+    pub(super) fn owner(
+        &self,
+        job: &Job<'_>,
+        key: KeyId,
+        tenant: Option<&Tenant>,
+    ) -> affinity::Owner {
+        let keys = &job.keys;
+        affinity::Owner {
+            pool: Arc::from(job.pool.name()),
+            project: Arc::from(keys.project_name(keys.key(key).project)),
+            tenant: tenant.map(|t| t.name.clone()),
+        }
+    }
+
+    /// Records what a successful answer taught: resources created, deleted, or seen working.
+    pub(super) fn learn(
+        &self,
+        ctx: &Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        tap: &BodyTap,
+        upload_final: bool,
+    ) {
+        let now = now_millis();
+        let table = &self.shared.affinity;
+        let owner = || self.owner(job, key, ctx.tenant.as_deref());
+        let bind = |name: &str| {
+            if !table.bind_new(name, owner(), now) {
+                log::warn!(
+                    "{} is already bound to another tenant or project; an answer of project {} named it too (kept the first owner)",
+                    printable(name),
+                    printable(&owner().project)
+                );
+            }
+        };
+        match &job.learn {
+            Learn::Create | Learn::UploadContinue { .. } => {
+                for name in tap.head().map(names::created_names).unwrap_or_default() {
+                    bind(&name);
+                }
+            }
+            Learn::Read => {
+                // What Google made for a resource this request's owner has (a video, a batch's
+                // results file) is that owner's too; names already bound keep their owner.
+                for name in tap.head().map(names::names_in_answer).unwrap_or_default() {
+                    if table.owner(&name, now).is_none() {
+                        bind(&name);
+                    }
+                }
+            }
+            Learn::Delete(names) => {
+                for name in names {
+                    table.forget(name);
+                }
+            }
+            Learn::Nothing | Learn::UploadStart { .. } | Learn::List => {}
+        }
+        if let Learn::UploadContinue { id } = &job.learn {
+            if upload_final {
+                self.shared.uploads.finish(id);
+            }
+        }
+        // A resource keygate did not know the owner of is bound to the project that served it,
+        // but only without tenants: with tenants, a name another tenant made (and keygate
+        // forgot) must not become the asker's.
+        if !matches!(job.learn, Learn::Delete(_)) && ctx.tenant.is_none() {
+            for name in &job.unbound {
+                bind(name);
+            }
+        }
+    }
+}
+
+/// Writes one chunk of an answer to the client; false (and the connection not kept) when the
+/// client takes the answer too slowly ([`guard::SendPace`]).
+async fn write_chunk(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    pace: &mut guard::SendPace,
+    chunk: Bytes,
+) -> pingora::Result<bool> {
+    let len = chunk.len();
+    ctx.response_bytes += len as u64;
+    let started = Instant::now();
+    session.write_response_body(Some(chunk), false).await?;
+    if pace.record(len, started.elapsed()) {
+        return Ok(true);
+    }
+    log::debug!("client takes its answer too slowly: dropped");
+    session.set_keepalive(None);
+    Ok(false)
+}

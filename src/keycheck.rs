@@ -1,0 +1,136 @@
+//! The key check: asks Google whether a key works with a request that spends no quota, and
+//! records the answer through the health door.
+
+use crate::classify::{self, classify, Outcome, Penalty, MAX_CLASSIFY_BODY};
+use crate::config::Timeouts;
+use crate::exchange::{
+    decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
+};
+use crate::health::{self, Cause};
+use crate::keys::{Disabled, KeyId, KeyPool, Transition};
+use crate::request::{self, Api};
+use crate::runtime::{Pool, Shared};
+use crate::upstream::Upstream;
+use bytes::Bytes;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession as ClientSession;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a key check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Google accepted the key.
+    Alive,
+    /// Google refused the key itself.
+    Dead(classify::DeadReason),
+    /// Nothing can be said about the key (network error, quota, Google's side): the label says
+    /// what happened.
+    Inconclusive(&'static str),
+}
+
+/// Path of the key check: a one-model listing, which spends no generation quota.
+pub(crate) const KEY_CHECK_PATH: &str = "/v1beta/models?pageSize=1";
+
+/// Asks Google whether `key` works, with a request that spends no quota, and updates the health
+/// table: a dead key is disabled; a key disabled as dead that works again is put back (keys an
+/// operator disabled, and projects out of credit, stay as they are).
+pub async fn check_key(
+    shared: &Shared,
+    pool: &Pool,
+    keys: &Arc<KeyPool>,
+    key: KeyId,
+    timeouts: Timeouts,
+) -> KeyCheck {
+    // An operator's decision is not the check's to overturn, either way.
+    if keys.disabled(key) == Some(Disabled::Operator) {
+        return KeyCheck::Inconclusive("disabled_by_operator");
+    }
+    let result = fetch(&pool.upstream, keys.key(key).secret.expose(), timeouts).await;
+    let check = match result {
+        Err(label) => KeyCheck::Inconclusive(label),
+        Ok((status, body)) => match classify(status, &body) {
+            Outcome::Success => KeyCheck::Alive,
+            Outcome::KeyDead(reason) => KeyCheck::Dead(reason),
+            other => KeyCheck::Inconclusive(other.label()),
+        },
+    };
+    match &check {
+        KeyCheck::Alive => {
+            shared.change_health(keys, key, Transition::Recover, Cause::KeyCheck);
+        }
+        KeyCheck::Dead(reason) => {
+            let dead = Penalty::DisableKey(*reason);
+            let transition = health::penalise(&dead, "", KEY_CHECK_PATH);
+            shared.change_health(keys, key, transition, Cause::KeyCheck);
+        }
+        KeyCheck::Inconclusive(label) => log::info!(
+            "pool {}: key check of {} inconclusive: {label}",
+            keys.name(),
+            keys.key(key).fingerprint
+        ),
+    }
+    check
+}
+
+/// GETs the key check path with `key`; the status and the (decoded, bounded) body.
+pub(crate) async fn fetch(
+    upstream: &Upstream,
+    key: &str,
+    timeouts: Timeouts,
+) -> Result<(u16, Vec<u8>), &'static str> {
+    let peer = upstream
+        .peer(timeouts.connect)
+        .await
+        .map_err(|_| "unresolved")?;
+    let (mut http, _) = upstream
+        .connector
+        .get_http_session(&*peer)
+        .await
+        .map_err(|_| "connect_error")?;
+    let client = RequestHeader::build("GET", KEY_CHECK_PATH.as_bytes(), None)
+        .map_err(|_| "request_error")?;
+    let forward = request::Forward {
+        api: Api::Gemini,
+        path_and_query: KEY_CHECK_PATH,
+        body_len: 0,
+    };
+    let target = request::Target {
+        authority: upstream.authority(),
+        tls: upstream.tls(),
+        h2: matches!(http, ClientSession::H2(_)),
+    };
+    let req = request::upstream_request(
+        &request::Outgoing::from_client(&client),
+        &forward,
+        key,
+        &target,
+    )
+    .map_err(|_| "request_error")?;
+    http.set_read_timeout(Some(timeouts.read.min(Duration::from_secs(30))));
+    http.set_write_timeout(Some(timeouts.write));
+    write_request(&mut http, req, &Bytes::new())
+        .await
+        .map_err(|_| "upstream_error")?;
+    read_final_header(&mut http)
+        .await
+        .map_err(|_| "upstream_error")?;
+    let header = http.response_header().cloned().ok_or("upstream_error")?;
+    let mut answer = Answer {
+        header,
+        body: AnswerBody {
+            http: Some(http),
+            peer: Some(peer.clone()),
+            read: Vec::new(),
+            complete: false,
+        },
+    };
+    read_up_to(&mut answer.body, MAX_CLASSIFY_BODY).await;
+    let body = decoded_body(&answer, MAX_CLASSIFY_BODY);
+    if answer.body.complete {
+        if let Some(http) = answer.body.http.take() {
+            release(upstream, http, &peer, timeouts.idle).await;
+        }
+    }
+    Ok((answer.header.status.as_u16(), body))
+}
