@@ -11,9 +11,9 @@
 
 use chrono::{TimeZone, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use keygate::classify::Penalty;
 use keygate::config::{KeyConfig, PoolConfig, UpstreamConfig};
-use keygate::keys::{KeyId, KeyPool, Pick, Transition};
+use keygate::quota::classify::Penalty;
+use keygate::quota::keys::{KeyId, KeyPool, Pick, Transition};
 use keygate::secret::Secret;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -226,7 +226,9 @@ fn classification(c: &mut Criterion) {
     let mut group = c.benchmark_group("classify");
     for (name, status, body) in &cases {
         group.bench_function(*name, |b| {
-            b.iter(|| keygate::classify::classify(black_box(*status), black_box(body.as_bytes())))
+            b.iter(|| {
+                keygate::quota::classify::classify(black_box(*status), black_box(body.as_bytes()))
+            })
         });
     }
     group.finish();

@@ -26,10 +26,10 @@
 use crate::config::KeyConfig;
 use crate::health::Cause;
 use crate::keycheck::{check_key, KeyCheck};
-use crate::keys::KeyReport;
-use crate::keys::{now_millis, KeyId, KeyPool, Millis, Transition};
 use crate::lifecycle::reload_and_log;
 use crate::metrics::PoolGauge;
+use crate::quota::keys::KeyReport;
+use crate::quota::keys::{now_millis, KeyId, KeyPool, Millis, Transition};
 use crate::runtime::{Pool, Shared};
 use crate::secret::{sha256, Secret};
 use async_trait::async_trait;
@@ -414,7 +414,7 @@ impl Admin {
             }
         }
         let pool = rt.pools[i].name().to_string();
-        let owner = crate::affinity::Owner {
+        let owner = crate::quota::affinity::Owner {
             pool: Arc::from(pool.as_str()),
             project: Arc::from(b.project.as_str()),
             tenant: tenant.as_ref().map(|t| t.name.clone()),

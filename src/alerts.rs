@@ -12,9 +12,9 @@
 //! The webhook URL often is a credential itself (Slack and Discord put a token in the path), so
 //! it is never logged or echoed: logs and errors name the host only.
 
-use crate::classify::DeadReason;
 use crate::config::{parse_upstream, PoolConfig, Timeouts};
-use crate::keys::Disabled;
+use crate::quota::classify::DeadReason;
+use crate::quota::keys::Disabled;
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -6,8 +6,8 @@
 //! already out is not news: nothing is said twice.
 
 use crate::alerts::Event;
-use crate::classify::{Outcome, Penalty};
-use crate::keys::{Changed, Disabled, KeyId, KeyPool, Transition};
+use crate::quota::classify::{Outcome, Penalty};
+use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Transition};
 use crate::runtime::Shared;
 use std::sync::Arc;
 
@@ -33,7 +33,7 @@ impl Shared {
         transition: Transition<'_>,
         cause: Cause<'_>,
     ) -> Changed {
-        let now = crate::keys::now_millis();
+        let now = crate::quota::keys::now_millis();
         let changed = keys.change(key, transition, now);
         if let Some(current) = self.current_table(keys) {
             if let Some(id) = current.find(&keys.key(key).fingerprint) {

@@ -1,13 +1,13 @@
 //! The key check: asks Google whether a key works with a request that spends no quota, and
 //! records the answer through the health door.
 
-use crate::classify::{self, classify, Outcome, Penalty, MAX_CLASSIFY_BODY};
 use crate::config::Timeouts;
 use crate::exchange::{
     decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
 };
 use crate::health::{self, Cause};
-use crate::keys::{Disabled, KeyId, KeyPool, Transition};
+use crate::quota::classify::{self, classify, Outcome, Penalty, MAX_CLASSIFY_BODY};
+use crate::quota::keys::{Disabled, KeyId, KeyPool, Transition};
 use crate::request::{self, Api};
 use crate::runtime::{Pool, Shared};
 use crate::upstream::Upstream;

@@ -36,9 +36,7 @@
 #![warn(clippy::await_holding_lock, missing_docs)]
 
 pub mod admin;
-pub mod affinity;
 pub mod alerts;
-pub mod classify;
 pub mod config;
 pub mod cors;
 pub mod egress;
@@ -50,14 +48,13 @@ pub mod guard;
 pub mod health;
 pub mod json_strings;
 pub mod keycheck;
-pub mod keys;
 pub mod lifecycle;
 pub mod live_frames;
 pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod path;
-pub mod plan;
+pub mod quota;
 pub mod request;
 pub mod runtime;
 pub mod scrub;

@@ -8,10 +8,10 @@
 //! (ping, pong, close) that come between its fragments go on at once. keygate takes the
 //! per-message compression extension out of the handshake, so payloads are plain.
 
-use crate::affinity::Affinity;
 use crate::config::ClientLimits;
 use crate::guard::{self, Reservation};
-use crate::keys::Millis;
+use crate::quota::affinity::Affinity;
+use crate::quota::keys::Millis;
 use crate::{names, request};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -456,8 +456,8 @@ mod tests {
         );
     }
 
-    fn owner(project: &str, tenant: &str) -> crate::affinity::Owner {
-        crate::affinity::Owner {
+    fn owner(project: &str, tenant: &str) -> crate::quota::affinity::Owner {
+        crate::quota::affinity::Owner {
             pool: Arc::from("main"),
             project: Arc::from(project),
             tenant: Some(Arc::from(tenant)),

@@ -289,7 +289,7 @@ impl Metrics {
         );
     }
 
-    /// A key went out of service for `reason` (a fixed label: see [`crate::keys::Disabled`]).
+    /// A key went out of service for `reason` (a fixed label: see [`crate::quota::keys::Disabled`]).
     pub fn key_disabled(&self, pool: &str, reason: &'static str) {
         add(&self.key_disabled, &[label(pool), reason], 1);
     }

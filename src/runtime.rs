@@ -5,13 +5,13 @@
 //! through the admin API) applies to the next request while running ones finish on what they
 //! started with.
 
-use crate::affinity::{Affinity, Uploads};
 use crate::alerts::{Alerts, Event};
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::cors::Cors;
 use crate::guard::BodyBudget;
-use crate::keys::KeyPool;
 use crate::metrics::Metrics;
+use crate::quota::affinity::{Affinity, Uploads};
+use crate::quota::keys::KeyPool;
 use crate::tenants::{FairShare, Tenant, Tenants};
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;

@@ -7,8 +7,8 @@
 //! projects by name. Loading is forgiving: a missing, unreadable, corrupt or stale file is a
 //! warning and keygate starts clean.
 
-use crate::affinity::Owner;
-use crate::keys::{now_millis, Millis, PoolHealth};
+use crate::quota::affinity::Owner;
+use crate::quota::keys::{now_millis, Millis, PoolHealth};
 use crate::runtime::Shared;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -168,8 +168,9 @@ pub fn apply(shared: &Shared, state: &StateFile, now: Millis) -> (usize, usize) 
 fn cooldown_ceiling(now: Millis) -> Millis {
     let now_utc = chrono::DateTime::from_timestamp_millis(i64::try_from(now).unwrap_or(i64::MAX))
         .unwrap_or_default();
-    let midnight = crate::classify::next_midnight_los_angeles(now_utc).timestamp_millis();
-    let short = now.saturating_add(crate::classify::MAX_SHORT_COOLDOWN.as_millis() as Millis);
+    let midnight = crate::quota::classify::next_midnight_los_angeles(now_utc).timestamp_millis();
+    let short =
+        now.saturating_add(crate::quota::classify::MAX_SHORT_COOLDOWN.as_millis() as Millis);
     u64::try_from(midnight).unwrap_or(0).max(short)
 }
 

@@ -13,7 +13,7 @@
 //!   some of its projects, which stay free for the lighter tenants.
 
 use crate::config::TenantConfig;
-use crate::keys::{Millis, Usage};
+use crate::quota::keys::{Millis, Usage};
 use crate::secret::sha256;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};

@@ -4,11 +4,11 @@
 //! (`PROPTEST_CASES` raises it for a longer local run); a failing case is kept in
 //! `tests/proptest-regressions/fuzz.txt` and replayed first from then on.
 
-use keygate::classify::{
-    classify, classify_prefix, parse_retry_delay, Outcome, MAX_SHORT_COOLDOWN,
-};
 use keygate::names::{names_in_body, names_in_path, MAX_NAMES};
 use keygate::path::{canonical, split_query};
+use keygate::quota::classify::{
+    classify, classify_prefix, parse_retry_delay, Outcome, MAX_SHORT_COOLDOWN,
+};
 use keygate::request::{model_from_path, model_of, openai_alias, Api};
 use proptest::prelude::*;
 use std::time::Duration;

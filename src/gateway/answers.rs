@@ -3,10 +3,10 @@
 
 use super::client::prepare_downstream_header;
 use super::Ctx;
-use crate::classify::{self, Outcome, MAX_CLASSIFY_BODY};
 use crate::error::GatewayError;
 use crate::exchange::{gunzip, is_gzip, Answer};
-use crate::keys::{now_millis, Exhaustion, KeyId, KeyPool};
+use crate::quota::classify::{self, Outcome, MAX_CLASSIFY_BODY};
+use crate::quota::keys::{now_millis, Exhaustion, KeyId, KeyPool};
 use crate::request::Api;
 use crate::tenants::Refusal;
 use bytes::Bytes;

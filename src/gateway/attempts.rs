@@ -5,14 +5,14 @@ use super::answers::{exhausted_error, fair_share_error};
 use super::client::unless_client_gone;
 use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
 use crate::alerts::Event;
-use crate::classify::{classify, classify_prefix, Outcome, MAX_CLASSIFY_BODY};
 use crate::error::GatewayError;
 use crate::exchange::{
     decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
 };
 use crate::health::{self, Cause};
-use crate::keys::{now_millis, KeyId, KeyPool};
-use crate::plan::{Next, Plan, Then};
+use crate::quota::classify::{classify, classify_prefix, Outcome, MAX_CLASSIFY_BODY};
+use crate::quota::keys::{now_millis, KeyId, KeyPool};
+use crate::quota::plan::{Next, Plan, Then};
 use crate::request;
 use crate::runtime::Pool;
 use chrono::Utc;

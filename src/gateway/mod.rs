@@ -15,11 +15,11 @@ mod live;
 mod place;
 mod relay;
 
-use crate::classify::Outcome;
 use crate::error::GatewayError;
 use crate::exchange::Answer;
 use crate::guard::Reservation;
-use crate::keys::{KeyId, KeyPool};
+use crate::quota::classify::Outcome;
+use crate::quota::keys::{KeyId, KeyPool};
 use crate::request;
 use crate::runtime::{Pool, Runtime, Shared};
 use crate::tenants::{InFlight, Tenant};

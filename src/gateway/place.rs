@@ -3,12 +3,12 @@
 
 use super::{Gateway, Learn};
 use crate::error::GatewayError;
-use crate::keys::Millis;
 use crate::logging::printable;
+use crate::quota::keys::Millis;
 use crate::request;
 use crate::runtime::{Pool, Route, Runtime};
 use crate::tenants::Tenant;
-use crate::{affinity, names};
+use crate::{names, quota::affinity};
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use std::sync::Arc;

@@ -5,15 +5,15 @@ use super::answers::{add_cors, error_reply, respond, scrub_headers, write_whole,
 use super::client::{client_gone, prepare_downstream_header, unless_client_gone};
 use super::place::counts_tokens;
 use super::{Ctx, Gateway, Job, Learn};
-use crate::classify::Outcome;
 use crate::error::GatewayError;
 use crate::exchange::{decoded_body, read_up_to, Answer};
 use crate::guard;
-use crate::keys::{now_millis, KeyId};
 use crate::logging::printable;
+use crate::quota::classify::Outcome;
+use crate::quota::keys::{now_millis, KeyId};
 use crate::tenants::Tenant;
 use crate::usage::BodyTap;
-use crate::{affinity, names};
+use crate::{names, quota::affinity};
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;

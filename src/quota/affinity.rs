@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::keys::Millis;
+use crate::quota::keys::Millis;
 
 /// Expired entries dropped per insertion. Purging is amortised over insertions so one `bind`
 /// never holds the lock for a long sweep, even after a long idle period; a full table still evicts

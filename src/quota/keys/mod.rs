@@ -10,7 +10,6 @@
 //! depend on how many keys are cooling. A snapshot is rebuilt (O(keys), under a mutex that is
 //! never held across an `.await`) only when the table changes or a deadline in it passes.
 
-use crate::classify::{DeadReason, Penalty};
 use crate::config::{KeyConfig, PoolConfig};
 use crate::scrub::Scrubber;
 use crate::secret::Secret;
@@ -18,6 +17,12 @@ use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+
+mod health;
+mod saved;
+
+pub use health::{Changed, Disabled, Transition};
+pub use saved::{KeyHealth, PoolHealth, ProjectHealth};
 
 /// Milliseconds since the Unix epoch: the health table's clock.
 pub type Millis = u64;
@@ -68,126 +73,6 @@ impl Usage {
     }
 }
 
-/// Why a key is out until someone acts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disabled {
-    /// Google refused the key itself.
-    Dead(DeadReason),
-    /// Its project ran out of prepaid credit (402).
-    Billing,
-    /// An operator disabled it through the admin API.
-    Operator,
-}
-
-impl Disabled {
-    /// Every reason, for reading labels back.
-    const ALL: [Disabled; 6] = [
-        Disabled::Dead(DeadReason::Invalid),
-        Disabled::Dead(DeadReason::Suspended),
-        Disabled::Dead(DeadReason::ServiceDisabled),
-        Disabled::Dead(DeadReason::Restricted),
-        Disabled::Billing,
-        Disabled::Operator,
-    ];
-
-    /// The reason whose [`Disabled::as_str`] is `label`.
-    pub fn from_label(label: &str) -> Option<Disabled> {
-        Disabled::ALL.into_iter().find(|d| d.as_str() == label)
-    }
-
-    /// Short label for the admin API and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Disabled::Dead(reason) => reason.as_str(),
-            Disabled::Billing => "project_billing",
-            Disabled::Operator => "disabled_by_operator",
-        }
-    }
-}
-
-/// A change to a key's health. Every change goes through [`KeyPool::change`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition<'a> {
-    /// Google refused a request on the key: record the penalty for `model` / `method`.
-    Penalise {
-        /// What to record.
-        penalty: &'a Penalty,
-        /// The model the request was for (cooldowns are per project and model).
-        model: &'a str,
-        /// The method it called (blocks are per key and method).
-        method: &'a str,
-    },
-    /// An operator takes the key out until enabled again.
-    Disable,
-    /// An operator puts the key back: whatever disabled it (the key itself, or its project's
-    /// billing) is forgotten, and methods blocked for it are unblocked. Cooldowns stay.
-    Enable,
-    /// A key check found the key working: Google's refusal of it is forgotten. An operator's
-    /// disable and the project's billing stay.
-    Recover,
-    /// The cooldowns of the key's project end, for one model or for every model.
-    ClearCooldowns {
-        /// Only this model's, if given.
-        model: Option<&'a str>,
-    },
-}
-
-/// What a [`Transition`] changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Changed {
-    /// Why the key was out for every model before, if it was.
-    pub before: Option<Disabled>,
-    /// Why it is out now, if it is.
-    pub after: Option<Disabled>,
-    /// Cooldowns that were running and ended.
-    pub cooldowns_ended: usize,
-}
-
-impl Changed {
-    /// Why the key went out, when that is news: it was serving and stopped, or Google gave a
-    /// new reason for a key already out. An operator's disable of a key already out is not.
-    pub fn went_out(&self) -> Option<Disabled> {
-        match (self.before, self.after) {
-            (_, None) => None,
-            (before, after) if before == after => None,
-            (Some(_), Some(Disabled::Operator)) => None,
-            (_, after) => after,
-        }
-    }
-
-    /// Why the key was out, when it is back in service.
-    pub fn came_back(&self) -> Option<Disabled> {
-        match (self.before, self.after) {
-            (Some(before), None) => Some(before),
-            _ => None,
-        }
-    }
-}
-
-/// A disable reason in the state file: its label.
-mod saved_reason {
-    use super::Disabled;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(reason: &Option<Disabled>, s: S) -> Result<S::Ok, S::Error> {
-        match reason {
-            Some(reason) => s.serialize_some(reason.as_str()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Disabled>, D::Error> {
-        let label = Option::<String>::deserialize(d)?;
-        Ok(label.and_then(|label| {
-            let reason = Disabled::from_label(&label);
-            if reason.is_none() {
-                log::warn!("state file: unknown disable reason {label:?}; the key loads enabled");
-            }
-            reason
-        }))
-    }
-}
-
 /// Which keys can serve a model right now, for fairness decisions and the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Availability {
@@ -199,42 +84,6 @@ pub struct Availability {
     pub disabled: usize,
     /// When the first cooling key is back, if any is cooling.
     pub next_recovery: Option<Millis>,
-}
-
-/// A pool's health table as saved in the state file: fingerprints and project names only.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PoolHealth {
-    /// Keys disabled or with blocked methods.
-    pub keys: Vec<KeyHealth>,
-    /// Projects out of credit or cooling.
-    pub projects: Vec<ProjectHealth>,
-}
-
-/// One key's saved state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct KeyHealth {
-    /// The key's fingerprint.
-    pub key: String,
-    /// Why it is disabled, if it is; saved as its label (`key_invalid`,
-    /// `disabled_by_operator`...). A label this version does not know loads as not disabled.
-    #[serde(default, with = "saved_reason")]
-    pub disabled: Option<Disabled>,
-    /// Methods Google refused for it.
-    #[serde(default)]
-    pub blocked_methods: Vec<String>,
-}
-
-/// One project's saved state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProjectHealth {
-    /// The project's name.
-    pub project: String,
-    /// Out of prepaid credit (402).
-    #[serde(default)]
-    pub billing_disabled: bool,
-    /// (model, deadline) pairs.
-    #[serde(default)]
-    pub cooldowns: Vec<(String, Millis)>,
 }
 
 /// One key as the admin API shows it.
@@ -483,79 +332,6 @@ impl KeyPool {
         Pick::OnlyTriedProjects
     }
 
-    /// The one door for health changes: applies `transition` to `key` and says what changed.
-    /// Saying it (logs, alerts, metrics) is the caller's: see `health`.
-    pub fn change(&self, key: KeyId, transition: Transition<'_>, now: Millis) -> Changed {
-        let before = self.disabled(key);
-        let mut cooldowns_ended = 0;
-        match transition {
-            Transition::Penalise {
-                penalty,
-                model,
-                method,
-            } => self.penalise(key, model, method, penalty),
-            Transition::Disable => self.disable(key),
-            Transition::Enable => self.enable(key),
-            Transition::Recover => self.revive(key),
-            Transition::ClearCooldowns { model } => {
-                cooldowns_ended = self.clear_cooldowns(key, model, now)
-            }
-        }
-        Changed {
-            before,
-            after: self.disabled(key),
-            cooldowns_ended,
-        }
-    }
-
-    /// Records a key-level failure of `key` on `model` / `method`.
-    fn penalise(&self, key: KeyId, model: &str, method: &str, penalty: &Penalty) {
-        let k = key.0 as usize;
-        let project = self.keys[k].project as usize;
-        match penalty {
-            Penalty::CoolProjectModel { until } => {
-                let until = until.timestamp_millis().max(0) as Millis;
-                match self.health_for_write(model) {
-                    Some(health) => {
-                        health.cool_until[project].fetch_max(until, Relaxed);
-                    }
-                    None => log::warn!(
-                        "pool {}: too many models with cooldowns; not recording one for {:?}",
-                        self.name,
-                        model
-                    ),
-                }
-            }
-            Penalty::DisableProject => {
-                self.project_disabled_until[project].store(NEVER, Relaxed);
-            }
-            Penalty::DisableKey(reason) => {
-                self.key_reason[k].store(reason_code(*reason), Relaxed);
-                self.key_disabled_until[k].store(NEVER, Relaxed);
-            }
-            Penalty::BlockMethod => {
-                let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
-                let mut list = Vec::clone(&self.blocked.load());
-                if !list.iter().any(|(kk, m)| *kk == key.0 && &**m == method) {
-                    list.push((key.0, method.into()));
-                }
-                self.blocked.store(Arc::new(list));
-                self.any_blocked.store(true, Relaxed);
-            }
-        }
-        self.generation.fetch_add(1, Relaxed);
-    }
-
-    /// Why a key is out for every model until someone acts, if it is.
-    pub fn disabled(&self, key: KeyId) -> Option<Disabled> {
-        let k = key.0 as usize;
-        if self.key_disabled_until[k].load(Relaxed) == NEVER {
-            return reason_from_code(self.key_reason[k].load(Relaxed));
-        }
-        let project = self.keys[k].project as usize;
-        (self.project_disabled_until[project].load(Relaxed) == NEVER).then_some(Disabled::Billing)
-    }
-
     /// How many keys the pool holds.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -606,63 +382,6 @@ impl KeyPool {
         usable[usable.len() - count..].to_vec()
     }
 
-    /// An operator takes `key` out of service until enabled again.
-    fn disable(&self, key: KeyId) {
-        let k = key.0 as usize;
-        self.key_reason[k].store(OPERATOR, Relaxed);
-        self.key_disabled_until[k].store(NEVER, Relaxed);
-        self.generation.fetch_add(1, Relaxed);
-    }
-
-    /// An operator (or a successful key check) puts `key` back: whatever disabled it (the key
-    /// itself, or its project's billing) is forgotten, and methods blocked for it are unblocked.
-    /// Cooldowns stay: they end on their own.
-    fn enable(&self, key: KeyId) {
-        let k = key.0 as usize;
-        self.key_reason[k].store(0, Relaxed);
-        self.key_disabled_until[k].store(0, Relaxed);
-        self.project_disabled_until[self.keys[k].project as usize].store(0, Relaxed);
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let list: Vec<(u32, Box<str>)> = self
-            .blocked
-            .load()
-            .iter()
-            .filter(|(kk, _)| *kk != key.0)
-            .cloned()
-            .collect();
-        self.any_blocked.store(!list.is_empty(), Relaxed);
-        self.blocked.store(Arc::new(list));
-        self.generation.fetch_add(1, Relaxed);
-    }
-
-    /// A key check found `key` working: whatever Google's refusal disabled it is forgotten.
-    /// Unlike [`KeyPool::enable`], an operator's disable and the project's billing stay.
-    fn revive(&self, key: KeyId) {
-        let k = key.0 as usize;
-        if matches!(self.disabled(key), Some(Disabled::Dead(_))) {
-            self.key_reason[k].store(0, Relaxed);
-            self.key_disabled_until[k].store(0, Relaxed);
-            self.generation.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// Ends the cooldowns of `key`'s project, for `model` or for every model. Returns how many
-    /// cooldowns were running.
-    fn clear_cooldowns(&self, key: KeyId, model: Option<&str>, now: Millis) -> usize {
-        let project = self.keys[key.0 as usize].project as usize;
-        let mut cleared = 0;
-        for (name, health) in self.models.load().iter() {
-            if model.is_some_and(|m| m != &**name) {
-                continue;
-            }
-            if health.cool_until[project].swap(0, Relaxed) > now {
-                cleared += 1;
-            }
-        }
-        self.generation.fetch_add(1, Relaxed);
-        cleared
-    }
-
     /// Every key with its state, for the admin API.
     pub fn report(&self, now: Millis) -> Vec<KeyReport> {
         let models = self.models.load();
@@ -692,113 +411,6 @@ impl KeyPool {
                 }
             })
             .collect()
-    }
-
-    /// The health table in a form that names keys by fingerprint and projects by name, for the
-    /// state file. Expired cooldowns are left out.
-    pub fn export(&self, now: Millis) -> PoolHealth {
-        let models = self.models.load();
-        let projects = self
-            .projects
-            .iter()
-            .enumerate()
-            .map(|(p, name)| {
-                let mut cooldowns: Vec<(String, Millis)> = models
-                    .iter()
-                    .map(|(m, h)| (m.to_string(), h.cool_until[p].load(Relaxed)))
-                    .filter(|(_, until)| *until > now)
-                    .collect();
-                cooldowns.sort();
-                ProjectHealth {
-                    project: name.clone(),
-                    billing_disabled: self.project_disabled_until[p].load(Relaxed) == NEVER,
-                    cooldowns,
-                }
-            })
-            .filter(|p| p.billing_disabled || !p.cooldowns.is_empty())
-            .collect();
-        let blocked = self.blocked.load();
-        let keys = self
-            .keys
-            .iter()
-            .enumerate()
-            .filter_map(|(k, key)| {
-                let disabled = (self.key_disabled_until[k].load(Relaxed) == NEVER)
-                    .then(|| reason_from_code(self.key_reason[k].load(Relaxed)))
-                    .flatten();
-                let methods: Vec<String> = blocked
-                    .iter()
-                    .filter(|(kk, _)| *kk as usize == k)
-                    .map(|(_, m)| m.to_string())
-                    .collect();
-                (disabled.is_some() || !methods.is_empty()).then(|| KeyHealth {
-                    key: key.fingerprint.clone(),
-                    disabled,
-                    blocked_methods: methods,
-                })
-            })
-            .collect();
-        PoolHealth { keys, projects }
-    }
-
-    /// Applies a saved health table: entries for keys and projects this pool no longer has, and
-    /// cooldowns already over, are ignored; a cooldown past `ceiling` (the longest keygate sets
-    /// itself; an older version took Google's word for days) is cut to it. Returns how many
-    /// entries were applied.
-    pub fn import(&self, saved: &PoolHealth, now: Millis, ceiling: Millis) -> usize {
-        let mut applied = 0;
-        let apply = |key: KeyId, penalty: &Penalty, model: &str, method: &str| {
-            let transition = Transition::Penalise {
-                penalty,
-                model,
-                method,
-            };
-            self.change(key, transition, now);
-            1
-        };
-        for k in &saved.keys {
-            let Some(id) = self.find(&k.key) else {
-                continue;
-            };
-            match k.disabled {
-                Some(Disabled::Operator) => {
-                    self.change(id, Transition::Disable, now);
-                    applied += 1;
-                }
-                Some(Disabled::Dead(reason)) => {
-                    applied += apply(id, &Penalty::DisableKey(reason), "", "")
-                }
-                Some(Disabled::Billing) => applied += apply(id, &Penalty::DisableProject, "", ""),
-                None => {}
-            }
-            for method in &k.blocked_methods {
-                applied += apply(id, &Penalty::BlockMethod, "", method);
-            }
-        }
-        for p in &saved.projects {
-            // The door takes a key: a project's state is set through its first key.
-            let Some(key) = self.project_index(&p.project).and_then(|project| {
-                let first = self.keys.iter().position(|k| k.project == project)?;
-                Some(KeyId(first as u32))
-            }) else {
-                continue;
-            };
-            if p.billing_disabled {
-                applied += apply(key, &Penalty::DisableProject, "", "");
-            }
-            for (model, until) in &p.cooldowns {
-                let until = (*until).min(ceiling);
-                let Some(until) = i64::try_from(until)
-                    .ok()
-                    .and_then(chrono::DateTime::from_timestamp_millis)
-                    .filter(|_| until > now)
-                else {
-                    continue;
-                };
-                applied += apply(key, &Penalty::CoolProjectModel { until }, model, "");
-            }
-        }
-        applied
     }
 
     /// The keys as configuration entries (secret and project), in pool order.
@@ -965,29 +577,6 @@ impl KeyPool {
     }
 }
 
-/// `key_reason` code of a key an operator disabled.
-const OPERATOR: u8 = 5;
-
-fn reason_code(reason: DeadReason) -> u8 {
-    match reason {
-        DeadReason::Invalid => 1,
-        DeadReason::Suspended => 2,
-        DeadReason::ServiceDisabled => 3,
-        DeadReason::Restricted => 4,
-    }
-}
-
-fn reason_from_code(code: u8) -> Option<Disabled> {
-    match code {
-        1 => Some(Disabled::Dead(DeadReason::Invalid)),
-        2 => Some(Disabled::Dead(DeadReason::Suspended)),
-        3 => Some(Disabled::Dead(DeadReason::ServiceDisabled)),
-        4 => Some(Disabled::Dead(DeadReason::Restricted)),
-        OPERATOR => Some(Disabled::Operator),
-        _ => None,
-    }
-}
-
 /// The wall clock as [`Millis`].
 pub fn now_millis() -> Millis {
     std::time::SystemTime::now()
@@ -1000,6 +589,7 @@ pub fn now_millis() -> Millis {
 pub(crate) mod tests {
     use super::*;
     use crate::config::{KeyConfig, UpstreamConfig};
+    use crate::quota::classify::{DeadReason, Penalty};
     use chrono::{TimeZone, Utc};
 
     /// A pool of `(key, project)` pairs in front of a placeholder upstream.
@@ -1024,16 +614,33 @@ pub(crate) mod tests {
         })
     }
 
-    fn picked(pool: &KeyPool, model: &str, tried: &[u32], now: Millis) -> Option<u32> {
+    /// Records `penalty` through the door.
+    pub(crate) fn penalise(
+        pool: &KeyPool,
+        key: KeyId,
+        model: &str,
+        method: &str,
+        penalty: &Penalty,
+    ) {
+        let transition = Transition::Penalise {
+            penalty,
+            model,
+            method,
+        };
+        pool.change(key, transition, 0);
+    }
+
+    pub(crate) fn picked(pool: &KeyPool, model: &str, tried: &[u32], now: Millis) -> Option<u32> {
         match pool.pick(model, "generateContent", tried, now) {
             Pick::Key(k) => Some(k.0),
             _ => None,
         }
     }
 
-    fn cool(pool: &KeyPool, key: u32, model: &str, until_ms: i64) {
+    pub(crate) fn cool(pool: &KeyPool, key: u32, model: &str, until_ms: i64) {
         let until = Utc.timestamp_millis_opt(until_ms).unwrap();
-        pool.penalise(
+        penalise(
+            pool,
             KeyId(key),
             model,
             "generateContent",
@@ -1088,31 +695,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn dead_keys_and_billing_stay_out() {
-        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p2")]);
-        p.penalise(
-            KeyId(0),
-            "pro",
-            "generateContent",
-            &Penalty::DisableKey(DeadReason::Invalid),
-        );
-        assert_eq!(
-            p.disabled(KeyId(0)),
-            Some(Disabled::Dead(DeadReason::Invalid))
-        );
-        p.penalise(KeyId(1), "pro", "generateContent", &Penalty::DisableProject);
-        let far_future = 4_000_000_000_000;
-        assert_eq!(
-            p.pick("flash", "generateContent", &[], far_future),
-            Pick::Exhausted(Exhaustion {
-                retry_at: None,
-                cooling: 0,
-                disabled: 3
-            })
-        );
-    }
-
-    #[test]
     fn tried_projects_are_skipped() {
         let p = pool(&[("a", "p1"), ("b", "p2")]);
         for _ in 0..4 {
@@ -1122,17 +704,6 @@ pub(crate) mod tests {
             p.pick("m", "generateContent", &[0, 1], 1000),
             Pick::OnlyTriedProjects
         );
-    }
-
-    #[test]
-    fn blocked_method_skips_only_that_method() {
-        let p = pool(&[("a", "p1"), ("b", "p2")]);
-        p.penalise(KeyId(0), "m", "embedContent", &Penalty::BlockMethod);
-        for _ in 0..4 {
-            assert_eq!(p.pick("m", "embedContent", &[], 1000), Pick::Key(KeyId(1)));
-        }
-        let gen: Vec<u32> = (0..2).filter_map(|_| picked(&p, "m", &[], 1000)).collect();
-        assert!(gen.contains(&0));
     }
 
     #[test]
@@ -1174,36 +745,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn operator_disable_enable_and_clear() {
-        let p = pool(&[("a", "p1"), ("b", "p2")]);
-        p.disable(KeyId(0));
-        assert_eq!(p.disabled(KeyId(0)), Some(Disabled::Operator));
-        for _ in 0..3 {
-            assert_eq!(picked(&p, "m", &[], 1000), Some(1));
-        }
-        p.enable(KeyId(0));
-        assert_eq!(p.disabled(KeyId(0)), None);
-        cool(&p, 1, "m", 90_000);
-        assert_eq!(p.report(1000)[1].cooldowns, vec![("m".to_string(), 90_000)]);
-        assert_eq!(p.clear_cooldowns(KeyId(1), Some("m"), 1000), 1);
-        assert!(p.report(1000)[1].cooldowns.is_empty());
-        let mut both: Vec<u32> = (0..4).filter_map(|_| picked(&p, "m", &[], 1000)).collect();
-        both.sort();
-        both.dedup();
-        assert_eq!(both, vec![0, 1]);
-    }
-
-    #[test]
     fn a_rebuilt_pool_keeps_health_and_usage_of_the_keys_it_keeps() {
         let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
         cool(&p, 0, "m", 90_000);
-        p.penalise(
+        penalise(
+            &p,
             KeyId(1),
             "m",
             "generateContent",
             &Penalty::DisableKey(DeadReason::Suspended),
         );
-        p.penalise(KeyId(2), "m", "embedContent", &Penalty::BlockMethod);
+        penalise(&p, KeyId(2), "m", "embedContent", &Penalty::BlockMethod);
         p.key(KeyId(0)).usage.requests.fetch_add(5, Relaxed);
         // Key c removed, key d (a new project) added, order changed.
         let mut configs = p.key_configs();
@@ -1245,175 +797,5 @@ pub(crate) mod tests {
         assert_eq!(p.reserved_projects("m", 2, 1000), vec![1, 2]);
         assert_eq!(p.reserved_projects("m", 9, 1000), vec![0, 1, 2]);
         assert_eq!(p.availability("m", 1000).usable_projects, 3);
-    }
-
-    #[test]
-    fn health_survives_export_and_import_into_a_fresh_pool() {
-        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
-        cool(&p, 0, "m", 90_000);
-        cool(&p, 1, "m", 500); // over by the time of the import
-        p.penalise(
-            KeyId(1),
-            "m",
-            "generateContent",
-            &Penalty::DisableKey(DeadReason::Invalid),
-        );
-        p.penalise(KeyId(2), "m", "generateContent", &Penalty::DisableProject);
-        p.penalise(KeyId(2), "m", "embedContent", &Penalty::BlockMethod);
-        p.disable(KeyId(0));
-        let saved = p.export(1000);
-        let text = serde_json::to_string(&saved).unwrap();
-        assert!(!text.contains("\"a\"") && text.contains("key#"), "{text}");
-        let fresh = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
-        let back: PoolHealth = serde_json::from_str(&text).unwrap();
-        assert!(fresh.import(&back, 1000, NEVER) >= 5);
-        assert_eq!(fresh.disabled(KeyId(0)), Some(Disabled::Operator));
-        assert_eq!(
-            fresh.disabled(KeyId(1)),
-            Some(Disabled::Dead(DeadReason::Invalid))
-        );
-        assert_eq!(fresh.disabled(KeyId(2)), Some(Disabled::Billing));
-        fresh.enable(KeyId(0));
-        assert_eq!(
-            fresh.report(1000)[0].cooldowns,
-            vec![("m".to_string(), 90_000)]
-        );
-        assert_eq!(
-            fresh.report(1000)[2].blocked_methods,
-            vec!["embedContent".to_string()]
-        );
-        // A pool without those keys ignores the entries.
-        let other = pool(&[("z", "p9")]);
-        assert_eq!(other.import(&back, 1000, NEVER), 0);
-        // A cooldown past the ceiling (an older version's week-long one) is cut to it.
-        let clamped = pool(&[("a", "p1")]);
-        clamped.import(&back, 1000, 50_000);
-        assert_eq!(
-            clamped.report(1000)[0].cooldowns,
-            vec![("m".to_string(), 50_000)]
-        );
-    }
-
-    fn refused<'a>(penalty: &'a Penalty) -> Transition<'a> {
-        Transition::Penalise {
-            penalty,
-            model: "m",
-            method: "generateContent",
-        }
-    }
-
-    #[test]
-    fn a_refused_key_going_out_is_news_once() {
-        let p = pool(&[("a", "p1"), ("b", "p2")]);
-        let dead = Penalty::DisableKey(DeadReason::Invalid);
-        let first = p.change(KeyId(0), refused(&dead), 1000);
-        assert_eq!(first.before, None);
-        assert_eq!(first.went_out(), Some(Disabled::Dead(DeadReason::Invalid)));
-        assert_eq!(first.came_back(), None);
-        // Another request met the same key before the table changed: nothing new to say.
-        let again = p.change(KeyId(0), refused(&dead), 1000);
-        assert_eq!(again.went_out(), None);
-        // A different reason from Google for a key already out is news.
-        let suspended = Penalty::DisableKey(DeadReason::Suspended);
-        let other = p.change(KeyId(0), refused(&suspended), 1000);
-        assert_eq!(
-            other.went_out(),
-            Some(Disabled::Dead(DeadReason::Suspended))
-        );
-    }
-
-    #[test]
-    fn an_operators_disable_and_enable_say_what_changed() {
-        let p = pool(&[("a", "p1"), ("b", "p2")]);
-        let off = p.change(KeyId(0), Transition::Disable, 1000);
-        assert_eq!(off.went_out(), Some(Disabled::Operator));
-        // Disabling a key already out (here: dead) is the operator's own doing, not news.
-        let dead = Penalty::DisableKey(DeadReason::Invalid);
-        p.change(KeyId(1), refused(&dead), 1000);
-        let again = p.change(KeyId(1), Transition::Disable, 1000);
-        assert_eq!(again.after, Some(Disabled::Operator));
-        assert_eq!(again.went_out(), None);
-        // Enabling brings either back, whatever took it out.
-        let on = p.change(KeyId(1), Transition::Enable, 1000);
-        assert_eq!(on.came_back(), Some(Disabled::Operator));
-        assert_eq!(p.disabled(KeyId(1)), None);
-        // Enabling a key that was serving changes nothing.
-        let noop = p.change(KeyId(1), Transition::Enable, 1000);
-        assert_eq!((noop.went_out(), noop.came_back()), (None, None));
-    }
-
-    #[test]
-    fn a_key_check_brings_back_only_what_google_took_out() {
-        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p2")]);
-        let dead = Penalty::DisableKey(DeadReason::Restricted);
-        p.change(KeyId(0), refused(&dead), 1000);
-        let back = p.change(KeyId(0), Transition::Recover, 1000);
-        assert_eq!(
-            back.came_back(),
-            Some(Disabled::Dead(DeadReason::Restricted))
-        );
-        // An operator's disable stays.
-        p.change(KeyId(0), Transition::Disable, 1000);
-        let kept = p.change(KeyId(0), Transition::Recover, 1000);
-        assert_eq!(kept.after, Some(Disabled::Operator));
-        assert_eq!(kept.came_back(), None);
-        // A dead key of a project out of credit is not back: its project still is out.
-        p.change(KeyId(1), refused(&Penalty::DisableProject), 1000);
-        p.change(KeyId(2), refused(&dead), 1000);
-        let still = p.change(KeyId(2), Transition::Recover, 1000);
-        assert_eq!(still.after, Some(Disabled::Billing));
-        assert_eq!(still.came_back(), None);
-    }
-
-    #[test]
-    fn billing_takes_out_the_whole_project_and_is_said_once() {
-        let p = pool(&[("a", "p1"), ("b", "p1"), ("c", "p2")]);
-        let billing = p.change(KeyId(0), refused(&Penalty::DisableProject), 1000);
-        assert_eq!(billing.went_out(), Some(Disabled::Billing));
-        assert_eq!(p.disabled(KeyId(1)), Some(Disabled::Billing));
-        assert_eq!(p.disabled(KeyId(2)), None);
-        let second = p.change(KeyId(1), refused(&Penalty::DisableProject), 1000);
-        assert_eq!(second.went_out(), None);
-    }
-
-    #[test]
-    fn cooldowns_and_blocked_methods_are_not_disables() {
-        let p = pool(&[("a", "p1"), ("b", "p2")]);
-        let until = Utc.timestamp_millis_opt(60_000).unwrap();
-        let cool = p.change(
-            KeyId(0),
-            refused(&Penalty::CoolProjectModel { until }),
-            1000,
-        );
-        assert_eq!((cool.went_out(), cool.came_back()), (None, None));
-        assert_eq!(picked(&p, "m", &[], 1000), Some(1));
-        let blocked = p.change(KeyId(1), refused(&Penalty::BlockMethod), 1000);
-        assert_eq!((blocked.before, blocked.after), (None, None));
-        assert!(!matches!(
-            p.pick("m", "generateContent", &[], 1000),
-            Pick::Key(_)
-        ));
-        assert_eq!(p.pick("m", "embedContent", &[], 1000), Pick::Key(KeyId(1)));
-        // Clearing says how many cooldowns were running.
-        let clear = Transition::ClearCooldowns { model: Some("m") };
-        assert_eq!(p.change(KeyId(0), clear, 1000).cooldowns_ended, 1);
-        assert_eq!(p.change(KeyId(0), clear, 1000).cooldowns_ended, 0);
-        assert_eq!(picked(&p, "m", &[], 1000), Some(0));
-    }
-
-    #[test]
-    fn a_state_file_reason_this_version_does_not_know_loads_as_enabled() {
-        let saved: PoolHealth = serde_json::from_str(
-            r#"{"keys":[{"key":"key#00","disabled":"key_gone_to_the_moon"},
-                        {"key":"key#01","disabled":"key_suspended"}],"projects":[]}"#,
-        )
-        .unwrap();
-        assert_eq!(saved.keys[0].disabled, None);
-        assert_eq!(
-            saved.keys[1].disabled,
-            Some(Disabled::Dead(DeadReason::Suspended))
-        );
-        let text = serde_json::to_string(&saved.keys[1]).unwrap();
-        assert!(text.contains(r#""disabled":"key_suspended""#), "{text}");
     }
 }

@@ -5,9 +5,9 @@
 //! and penalties are returned for the caller to record through the health door. The gateway's
 //! one attempt loop (plain requests and Live sessions alike) carries a plan out.
 
-use crate::classify::{Outcome, Penalty, Verdict};
 use crate::config::RetryPolicy;
-use crate::keys::{Exhaustion, KeyId, KeyPool, Millis, Pick};
+use crate::quota::classify::{Outcome, Penalty, Verdict};
+use crate::quota::keys::{Exhaustion, KeyId, KeyPool, Millis, Pick};
 use std::time::Duration;
 
 /// The longest wait between two transient retries.
@@ -222,8 +222,8 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::DeadReason;
-    use crate::keys::tests::pool;
+    use crate::quota::classify::DeadReason;
+    use crate::quota::keys::tests::pool;
     use chrono::{TimeZone, Utc};
 
     const MODEL: &str = "gemini-2.5-flash";
@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn a_pool_of_disabled_keys_names_no_retry_time() {
         let keys = pool(&[("a", "p1")]);
-        keys.change(KeyId(0), crate::keys::Transition::Disable, NOW);
+        keys.change(KeyId(0), crate::quota::keys::Transition::Disable, NOW);
         let mut plan = plan(policy(2, 10));
         assert!(matches!(
             plan.next(&keys, MODEL, METHOD, NOW),

@@ -1,0 +1,253 @@
+//! The health table as the state file keeps it: fingerprints, project names and reason labels,
+//! never a key. Loading goes through the door like any other change.
+
+use super::health::reason_from_code;
+use super::{Disabled, KeyId, KeyPool, Millis, Transition, NEVER};
+use crate::quota::classify::Penalty;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// A disable reason in the state file: its label.
+mod saved_reason {
+    use super::Disabled;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(reason: &Option<Disabled>, s: S) -> Result<S::Ok, S::Error> {
+        match reason {
+            Some(reason) => s.serialize_some(reason.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Disabled>, D::Error> {
+        let label = Option::<String>::deserialize(d)?;
+        Ok(label.and_then(|label| {
+            let reason = Disabled::from_label(&label);
+            if reason.is_none() {
+                log::warn!("state file: unknown disable reason {label:?}; the key loads enabled");
+            }
+            reason
+        }))
+    }
+}
+
+/// A pool's health table as saved in the state file: fingerprints and project names only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolHealth {
+    /// Keys disabled or with blocked methods.
+    pub keys: Vec<KeyHealth>,
+    /// Projects out of credit or cooling.
+    pub projects: Vec<ProjectHealth>,
+}
+
+/// One key's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyHealth {
+    /// The key's fingerprint.
+    pub key: String,
+    /// Why it is disabled, if it is; saved as its label (`key_invalid`,
+    /// `disabled_by_operator`...). A label this version does not know loads as not disabled.
+    #[serde(default, with = "saved_reason")]
+    pub disabled: Option<Disabled>,
+    /// Methods Google refused for it.
+    #[serde(default)]
+    pub blocked_methods: Vec<String>,
+}
+
+/// One project's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProjectHealth {
+    /// The project's name.
+    pub project: String,
+    /// Out of prepaid credit (402).
+    #[serde(default)]
+    pub billing_disabled: bool,
+    /// (model, deadline) pairs.
+    #[serde(default)]
+    pub cooldowns: Vec<(String, Millis)>,
+}
+
+impl KeyPool {
+    /// The health table in a form that names keys by fingerprint and projects by name, for the
+    /// state file. Expired cooldowns are left out.
+    pub fn export(&self, now: Millis) -> PoolHealth {
+        let models = self.models.load();
+        let projects = self
+            .projects
+            .iter()
+            .enumerate()
+            .map(|(p, name)| {
+                let mut cooldowns: Vec<(String, Millis)> = models
+                    .iter()
+                    .map(|(m, h)| (m.to_string(), h.cool_until[p].load(Relaxed)))
+                    .filter(|(_, until)| *until > now)
+                    .collect();
+                cooldowns.sort();
+                ProjectHealth {
+                    project: name.clone(),
+                    billing_disabled: self.project_disabled_until[p].load(Relaxed) == NEVER,
+                    cooldowns,
+                }
+            })
+            .filter(|p| p.billing_disabled || !p.cooldowns.is_empty())
+            .collect();
+        let blocked = self.blocked.load();
+        let keys = self
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(k, key)| {
+                let disabled = (self.key_disabled_until[k].load(Relaxed) == NEVER)
+                    .then(|| reason_from_code(self.key_reason[k].load(Relaxed)))
+                    .flatten();
+                let methods: Vec<String> = blocked
+                    .iter()
+                    .filter(|(kk, _)| *kk as usize == k)
+                    .map(|(_, m)| m.to_string())
+                    .collect();
+                (disabled.is_some() || !methods.is_empty()).then(|| KeyHealth {
+                    key: key.fingerprint.clone(),
+                    disabled,
+                    blocked_methods: methods,
+                })
+            })
+            .collect();
+        PoolHealth { keys, projects }
+    }
+
+    /// Applies a saved health table: entries for keys and projects this pool no longer has, and
+    /// cooldowns already over, are ignored; a cooldown past `ceiling` (the longest keygate sets
+    /// itself; an older version took Google's word for days) is cut to it. Returns how many
+    /// entries were applied.
+    pub fn import(&self, saved: &PoolHealth, now: Millis, ceiling: Millis) -> usize {
+        let mut applied = 0;
+        let apply = |key: KeyId, penalty: &Penalty, model: &str, method: &str| {
+            let transition = Transition::Penalise {
+                penalty,
+                model,
+                method,
+            };
+            self.change(key, transition, now);
+            1
+        };
+        for k in &saved.keys {
+            let Some(id) = self.find(&k.key) else {
+                continue;
+            };
+            match k.disabled {
+                Some(Disabled::Operator) => {
+                    self.change(id, Transition::Disable, now);
+                    applied += 1;
+                }
+                Some(Disabled::Dead(reason)) => {
+                    applied += apply(id, &Penalty::DisableKey(reason), "", "")
+                }
+                Some(Disabled::Billing) => applied += apply(id, &Penalty::DisableProject, "", ""),
+                None => {}
+            }
+            for method in &k.blocked_methods {
+                applied += apply(id, &Penalty::BlockMethod, "", method);
+            }
+        }
+        for p in &saved.projects {
+            // The door takes a key: a project's state is set through its first key.
+            let Some(key) = self.project_index(&p.project).and_then(|project| {
+                let first = self.keys.iter().position(|k| k.project == project)?;
+                Some(KeyId(first as u32))
+            }) else {
+                continue;
+            };
+            if p.billing_disabled {
+                applied += apply(key, &Penalty::DisableProject, "", "");
+            }
+            for (model, until) in &p.cooldowns {
+                let until = (*until).min(ceiling);
+                let Some(until) = i64::try_from(until)
+                    .ok()
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .filter(|_| until > now)
+                else {
+                    continue;
+                };
+                applied += apply(key, &Penalty::CoolProjectModel { until }, model, "");
+            }
+        }
+        applied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::classify::DeadReason;
+    use crate::quota::keys::tests::{cool, penalise, pool};
+
+    #[test]
+    fn health_survives_export_and_import_into_a_fresh_pool() {
+        let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
+        cool(&p, 0, "m", 90_000);
+        cool(&p, 1, "m", 500); // over by the time of the import
+        penalise(
+            &p,
+            KeyId(1),
+            "m",
+            "generateContent",
+            &Penalty::DisableKey(DeadReason::Invalid),
+        );
+        penalise(
+            &p,
+            KeyId(2),
+            "m",
+            "generateContent",
+            &Penalty::DisableProject,
+        );
+        penalise(&p, KeyId(2), "m", "embedContent", &Penalty::BlockMethod);
+        p.change(KeyId(0), Transition::Disable, 0);
+        let saved = p.export(1000);
+        let text = serde_json::to_string(&saved).unwrap();
+        assert!(!text.contains("\"a\"") && text.contains("key#"), "{text}");
+        let fresh = pool(&[("a", "p1"), ("b", "p2"), ("c", "p3")]);
+        let back: PoolHealth = serde_json::from_str(&text).unwrap();
+        assert!(fresh.import(&back, 1000, NEVER) >= 5);
+        assert_eq!(fresh.disabled(KeyId(0)), Some(Disabled::Operator));
+        assert_eq!(
+            fresh.disabled(KeyId(1)),
+            Some(Disabled::Dead(DeadReason::Invalid))
+        );
+        assert_eq!(fresh.disabled(KeyId(2)), Some(Disabled::Billing));
+        fresh.change(KeyId(0), Transition::Enable, 0);
+        assert_eq!(
+            fresh.report(1000)[0].cooldowns,
+            vec![("m".to_string(), 90_000)]
+        );
+        assert_eq!(
+            fresh.report(1000)[2].blocked_methods,
+            vec!["embedContent".to_string()]
+        );
+        // A pool without those keys ignores the entries.
+        let other = pool(&[("z", "p9")]);
+        assert_eq!(other.import(&back, 1000, NEVER), 0);
+        // A cooldown past the ceiling (an older version's week-long one) is cut to it.
+        let clamped = pool(&[("a", "p1")]);
+        clamped.import(&back, 1000, 50_000);
+        assert_eq!(
+            clamped.report(1000)[0].cooldowns,
+            vec![("m".to_string(), 50_000)]
+        );
+    }
+
+    #[test]
+    fn a_state_file_reason_this_version_does_not_know_loads_as_enabled() {
+        let saved: PoolHealth = serde_json::from_str(
+            r#"{"keys":[{"key":"key#00","disabled":"key_gone_to_the_moon"},
+                        {"key":"key#01","disabled":"key_suspended"}],"projects":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(saved.keys[0].disabled, None);
+        assert_eq!(
+            saved.keys[1].disabled,
+            Some(Disabled::Dead(DeadReason::Suspended))
+        );
+        let text = serde_json::to_string(&saved.keys[1]).unwrap();
+        assert!(text.contains(r#""disabled":"key_suspended""#), "{text}");
+    }
+}
