@@ -12,6 +12,9 @@
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
 //! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1).
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;

@@ -9,6 +9,11 @@
 //!
 //! Run: `cargo bench --bench micro`. Figures are written down in BENCHMARKS.md.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// criterion_group! makes an undocumented pub fn.
+#![allow(missing_docs)]
+
 use chrono::{TimeZone, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use keygate::config::{KeyConfig, PoolConfig, UpstreamConfig};

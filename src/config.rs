@@ -1123,6 +1123,10 @@ fn tenant_hash(
 }
 
 /// Parses `http(s)://host[:port]` (no path, no credentials).
+///
+/// By hand rather than with `http::Uri`, which is lenient where a config file must not be: it
+/// reads `host:99999` and `host:` as "no port" (so the default port, silently), drops a
+/// `#fragment` and takes `HTTP://`. The alert URLs and egress proxy URLs are checked the same way.
 pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
     let (tls, rest) = if let Some(r) = text.strip_prefix("https://") {
         (true, r)
@@ -1419,6 +1423,9 @@ mod tests {
         assert!(parse_upstream("ftp://x").is_err());
         assert!(parse_upstream("https://x/v1beta").is_err());
         assert!(parse_upstream("https://user:pw@x").is_err());
+        // What http::Uri would let through as "no port".
+        assert!(parse_upstream("https://x:99999").is_err());
+        assert!(parse_upstream("https://x:").is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `keygate` command: parse the command line, load the config, run or check it.
 
-#![warn(clippy::unwrap_used, clippy::expect_used)]
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 use keygate::config::Config;

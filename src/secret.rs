@@ -49,24 +49,13 @@ pub fn sha256(value: &[u8]) -> [u8; 32] {
 /// in a log, far too little to recover or guess the key.
 pub fn fingerprint(value: &[u8]) -> String {
     let digest = sha256(value);
-    let mut out = String::with_capacity(16);
-    out.push_str("key#");
-    for byte in &digest[..6] {
-        out.push_str(&format!("{byte:02x}"));
-    }
-    out
+    format!("key#{}", hex::encode(&digest[..6]))
 }
 
 /// Parses 64 hex digits into a SHA-256 digest.
-pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
+pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text.trim(), &mut out).ok()?;
     Some(out)
 }
 
@@ -94,7 +83,12 @@ mod tests {
         let digest = sha256(b"test");
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(parse_sha256_hex(&hex), Some(digest));
+        assert_eq!(parse_sha256_hex(&hex.to_uppercase()), Some(digest));
+        assert_eq!(parse_sha256_hex(&format!(" {hex}\n")), Some(digest));
         assert_eq!(parse_sha256_hex("abc"), None);
         assert_eq!(parse_sha256_hex(&"zz".repeat(32)), None);
+        // `u8::from_str_radix` took a sign ("+a"); a digest has none.
+        assert_eq!(parse_sha256_hex(&format!("+a{}", &hex[2..])), None);
+        assert_eq!(parse_sha256_hex(&format!("{hex}00")), None);
     }
 }

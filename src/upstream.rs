@@ -371,25 +371,35 @@ impl Drop for Cork {
 }
 
 /// Sets or clears `TCP_CORK`; false when the socket does not take it (not TCP).
+///
+/// The one `unsafe` in keygate: Pingora hands out the session's socket only as a raw fd
+/// (`UniqueID::id`); its `Stream` implements `AsRawFd` but not `AsFd`, and the TCP socket inside
+/// is private, so there is no safe way to the `AsFd` that socket2 wants.
+#[allow(unsafe_code)]
 fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
-    let value: libc::c_int = on.into();
-    // SAFETY: `fd` is the socket of a session the caller borrows, so it is open; the option
-    // value is a valid c_int whose size is passed along. A non-TCP fd just returns an error.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
+    // SAFETY: `fd` is the socket of a session the caller borrows, so it stays open for the
+    // borrow, which ends with this function.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).set_tcp_cork(on).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cork_is_set_and_cleared_on_tcp_only() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let corked = || socket2::SockRef::from(&tcp).tcp_cork().unwrap();
+        assert!(set_cork(tcp.as_raw_fd(), true));
+        assert!(corked());
+        assert!(set_cork(tcp.as_raw_fd(), false));
+        assert!(!corked());
+        let (unix, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!set_cork(unix.as_raw_fd(), true));
+    }
 
     fn upstream(host: &str) -> Upstream {
         let pool = crate::config::Config::parse(

@@ -180,10 +180,18 @@ fn grow_within(v: &mut Vec<u8>, extra: usize, limit: usize) {
 
 /// A streaming gzip decoder (RFC 1952) that writes into a [`Seen`].
 ///
-/// Written on `flate2::Decompress` (raw deflate) rather than `flate2::write::GzDecoder`
-/// because the latter only checks the CRC when finished and cannot tell whether the stream
-/// ended; here every member's trailer is checked as it arrives, so [`BodyTap::head`] can
-/// refuse a truncated or corrupt body.
+/// Written on `flate2::Decompress` (raw deflate) with the member framing by hand, because
+/// neither of flate2's gzip decoders fits a tap that is pushed chunks and must know after each
+/// one whether the body so far is whole:
+/// - `write::GzDecoder` / `write::MultiGzDecoder` check a member's CRC only in `try_finish`
+///   (after which a write may panic) or when the next member starts, so they cannot tell that
+///   the last member ended and checked out; here every trailer is checked as it arrives, so
+///   [`BodyTap::head`] can refuse a truncated or corrupt body;
+/// - `bufread::GzDecoder` over a buffer that answers `WouldBlock` when empty does resume, but
+///   it asks for input before draining the inflater, so decoded bytes still pending when a chunk
+///   runs out stay stuck until the next chunk: a body cut short loses up to 32 KiB of its end,
+///   where the usage object is (`truncated_big_gzip_decodes_to_the_cut` guards this). Its header
+///   parser also stores FNAME, FCOMMENT and FEXTRA (up to 64 KiB each); here they are skipped.
 struct Gunzip {
     /// Where the decoder is in the gzip format.
     step: Step,
@@ -921,6 +929,28 @@ mod tests {
         assert_eq!(tap.head(), None);
         // All of the text was decoded; only the trailer is missing.
         assert_eq!(tap.tokens(), tokens(8, 3, 11));
+    }
+
+    #[test]
+    fn truncated_big_gzip_decodes_to_the_cut() {
+        // All the deflate data, no trailer, fed in small pieces: every decoded byte comes out,
+        // including what the inflater still held when the input ran out.
+        let body = big_stream();
+        let gz = gzip(&body);
+        let cut = &gz[..gz.len() - 8];
+        for size in [50, 1000, 16 * 1024] {
+            let tap = tap_in_pieces(cut, true, 0, size);
+            assert_eq!(
+                tap.gunzip.as_ref().map(|g| g.decoded),
+                Some(body.len() as u64)
+            );
+            assert_eq!(
+                tap.tokens(),
+                tokens(7, 250_000, 250_007),
+                "{size}-byte pieces"
+            );
+            assert_eq!(tap.head(), None);
+        }
     }
 
     fn tap_whole_gzip(gz: &[u8]) -> BodyTap {

@@ -1,5 +1,8 @@
 //! The `keygate` command line: `--check` answers, exit codes, and no secret in any output.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{pool_yaml, secrets_of};

@@ -2,6 +2,9 @@
 //! the Live API over WebSockets, OpenAI-style base URLs. All against the Rust mock Gemini and
 //! proxies the tests start themselves.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

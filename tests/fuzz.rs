@@ -4,6 +4,9 @@
 //! (`PROPTEST_CASES` raises it for a longer local run); a failing case is kept in
 //! `tests/proptest-regressions/fuzz.txt` and replayed first from then on.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use keygate::names::{names_in_body, names_in_path, MAX_NAMES};
 use keygate::path::{canonical, split_query};
 use keygate::quota::classify::{

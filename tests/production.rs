@@ -1,6 +1,9 @@
 //! keygate in production: metrics, health endpoints, the state file across restarts, reloads
 //! without downtime, draining on SIGTERM. All against the Rust mock Gemini.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

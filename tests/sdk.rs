@@ -4,6 +4,9 @@
 //! `KEYGATE_PYTHON` at another interpreter that has them, or set `KEYGATE_SKIP_SDK_TESTS=1` to
 //! skip these tests knowingly.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -4,6 +4,9 @@
 //! The mock reads requests the way Google does (JSON strings decoded, %-escapes and dot
 //! segments resolved), so a spelling that keygate misreads reaches "Google" as what it means.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

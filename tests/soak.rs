@@ -5,6 +5,9 @@
 //! request answered, every stream whole, hardly any 5xx or 429, no ERROR line for an operator
 //! to chase, and memory back where it started.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

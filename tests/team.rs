@@ -2,6 +2,9 @@
 //! per-tenant limits and fair shares, resources bound to a project (files, caches, uploads),
 //! the admin API and usage accounting. All against the Rust mock Gemini.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

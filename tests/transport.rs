@@ -2,6 +2,9 @@
 //! names resolved by the background resolver, `Expect: 100-continue`, streams cut mid-way, and
 //! upstream timeouts.
 
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -301,15 +301,9 @@ impl Uploads {
 
 /// 16 random bytes as 32 lowercase hex characters; None if the OS random source fails.
 fn fresh_id() -> Option<String> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = [0u8; 16];
     getrandom::getrandom(&mut bytes).ok()?;
-    let mut id = String::with_capacity(32);
-    for b in bytes {
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    Some(id)
+    Some(hex::encode(bytes))
 }
 
 /// `path?query` with the value of any `upload_id` parameter replaced by `…`: an upload id is

@@ -1493,6 +1493,7 @@ impl Keygate {
             if let Some(n) = nofile {
                 use std::os::unix::process::CommandExt;
                 // SAFETY: setrlimit is async-signal-safe and touches only the child.
+                #[allow(unsafe_code)]
                 unsafe {
                     cmd.pre_exec(move || {
                         let limit = libc::rlimit {
@@ -1573,6 +1574,8 @@ impl Keygate {
 
     /// Sends a signal to the keygate process.
     pub fn signal(&self, signal: i32) {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) with a pid we spawned and a signal number; no memory is touched.
         let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
         assert_eq!(rc, 0, "kill({signal}) failed");
     }
