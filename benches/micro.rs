@@ -285,9 +285,9 @@ fn tenant_lookup(c: &mut Criterion) {
 }
 
 fn request_checks(c: &mut Criterion) {
-    use keygate::names::names_in_body;
-    use keygate::path::{canonical, split_query};
-    use keygate::request::{model_of, Api};
+    use keygate::wire::names::names_in_body;
+    use keygate::wire::path::{canonical, split_query};
+    use keygate::wire::request::{model_of, Api};
     let mut group = c.benchmark_group("request_checks");
     let path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent";
     group.bench_function("canonical_path", |b| b.iter(|| canonical(black_box(path))));
@@ -321,10 +321,10 @@ fn request_checks(c: &mut Criterion) {
     });
     // With tenants, every body is checked to be strict JSON first.
     group.bench_function("strict_json_chat", |b| {
-        b.iter(|| keygate::request::strict_json(black_box(chat)))
+        b.iter(|| keygate::wire::request::strict_json(black_box(chat)))
     });
     group.bench_function("strict_json_5mb_image", |b| {
-        b.iter(|| keygate::request::strict_json(black_box(&image)))
+        b.iter(|| keygate::wire::request::strict_json(black_box(&image)))
     });
     group.finish();
 }

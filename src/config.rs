@@ -867,7 +867,7 @@ fn validate_cors(cors: FileCors) -> Result<CorsConfig, ConfigError> {
     Ok(CorsConfig {
         allowed_origins: cors.allowed_origins,
         allowed_headers: cors.allowed_headers.unwrap_or_else(|| {
-            crate::cors::DEFAULT_HEADERS
+            crate::gateway::cors::DEFAULT_HEADERS
                 .iter()
                 .map(|h| h.to_string())
                 .collect()

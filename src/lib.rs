@@ -35,34 +35,21 @@
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
 // across an await, unsafe code denied but for the one allowed in upstream.rs).
 
-pub mod admin;
 pub mod alerts;
 pub mod config;
-pub mod cors;
 pub mod egress;
-pub mod endpoints;
-pub mod error;
 pub mod exchange;
 pub mod gateway;
-pub mod guard;
 pub mod health;
-pub mod json_strings;
-pub mod keycheck;
-pub mod lifecycle;
-pub mod live_frames;
 pub mod logging;
 pub mod metrics;
-pub mod names;
-pub mod path;
+pub mod ops;
 pub mod quota;
-pub mod request;
 pub mod runtime;
-pub mod scrub;
 pub mod secret;
-pub mod state;
 pub mod tenants;
 pub mod upstream;
-pub mod usage;
+pub mod wire;
 
 use config::Config;
 use pingora::apps::http_app::HttpServer;
@@ -123,7 +110,7 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
 
     let shared = Arc::new(runtime::Shared::new(&config)?);
     if let Some(path) = &config.state_file {
-        state::restore(&shared, path);
+        ops::state::restore(&shared, path);
     }
     let gateway = gateway::Gateway::new(shared.clone());
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
@@ -131,13 +118,13 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     let max_connections = limits
         .max_connections
         .unwrap_or_else(default_max_connections);
-    let connections = guard::ConnectionLimits::new(max_connections, limits.header_timeout);
+    let connections = gateway::guard::ConnectionLimits::new(max_connections, limits.header_timeout);
     let mut service = Service::new(
         "keygate".to_string(),
-        guard::Guarded::new(proxy, connections.clone()),
+        gateway::guard::Guarded::new(proxy, connections.clone()),
     );
     // Past the cap a connection is dropped at accept, before any TLS handshake is spent on it.
-    service.set_connection_filter(Arc::new(guard::AtCapacity(connections)));
+    service.set_connection_filter(Arc::new(gateway::guard::AtCapacity(connections)));
     // Pingora reads each client connection through a 64 KiB buffer by default. Gemini requests
     // are mostly small JSON, and a team gateway holds many keep-alive connections whose buffers,
     // once filled by a large body, stay resident: 16 KiB bounds that at a quarter.
@@ -159,30 +146,32 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         upstream::Resolver::new(shared.clone()),
     ));
     if let Some(admin) = &config.admin {
-        let app = admin::Admin::new(
+        let app = ops::admin::Admin::new(
             shared.clone(),
             admin.token_sha256,
             launch.config_path.clone(),
         );
         // The admin listener has slots of its own: a flood of client connections cannot take
         // them, and a slow admin client cannot hold one past the header deadline.
-        let admin_connections =
-            guard::ConnectionLimits::new(ADMIN_CONNECTIONS, config.client_limits.header_timeout);
+        let admin_connections = gateway::guard::ConnectionLimits::new(
+            ADMIN_CONNECTIONS,
+            config.client_limits.header_timeout,
+        );
         let mut service = Service::new(
             "admin".to_string(),
-            guard::Guarded::new(HttpServer::new_app(app), admin_connections.clone()),
+            gateway::guard::Guarded::new(HttpServer::new_app(app), admin_connections.clone()),
         );
-        service.set_connection_filter(Arc::new(guard::AtCapacity(admin_connections)));
+        service.set_connection_filter(Arc::new(gateway::guard::AtCapacity(admin_connections)));
         service.add_tcp(&admin.listen.to_string());
         server.add_service(service);
-        let checker = admin::KeyChecker::new(shared.clone(), admin.key_check_interval);
+        let checker = ops::admin::KeyChecker::new(shared.clone(), admin.key_check_interval);
         server.add_service(background_service("key check", checker));
     }
     if let Some(alerts) = &shared.alerts {
         server.add_service(background_service("alerts", alerts.service()));
     }
     if let Some(path) = &config.state_file {
-        let keeper = state::StateKeeper::new(shared.clone(), path.clone());
+        let keeper = ops::state::StateKeeper::new(shared.clone(), path.clone());
         server.add_service(background_service("state file", keeper));
     }
 
@@ -190,13 +179,13 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         "{}; at most {max_connections} client connections",
         config.summary()
     );
-    let signals = lifecycle::Signals::new(shared.clone(), launch.config_path);
+    let signals = ops::lifecycle::Signals::new(shared.clone(), launch.config_path);
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
     // Every request has finished or been cut: this is the final word on the health table.
     if let Some(path) = &config.state_file {
-        state::save_now(&shared, path);
+        ops::state::save_now(&shared, path);
         log::info!("state saved to {}", path.display());
     }
     Ok(())

@@ -7,8 +7,8 @@
 
 use crate::alerts::{Alerts, Event};
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
-use crate::cors::Cors;
-use crate::guard::BodyBudget;
+use crate::gateway::cors::Cors;
+use crate::gateway::guard::BodyBudget;
 use crate::metrics::Metrics;
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::KeyPool;

@@ -7,12 +7,12 @@
 // Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use keygate::names::{names_in_body, names_in_path, MAX_NAMES};
-use keygate::path::{canonical, split_query};
 use keygate::quota::classify::{
     classify, classify_prefix, parse_retry_delay, Outcome, MAX_SHORT_COOLDOWN,
 };
-use keygate::request::{model_from_path, model_of, openai_alias, Api};
+use keygate::wire::names::{names_in_body, names_in_path, MAX_NAMES};
+use keygate::wire::path::{canonical, split_query};
+use keygate::wire::request::{model_from_path, model_of, openai_alias, Api};
 use proptest::prelude::*;
 use std::time::Duration;
 

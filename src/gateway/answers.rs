@@ -3,12 +3,12 @@
 
 use super::client::prepare_downstream_header;
 use super::Ctx;
-use crate::error::GatewayError;
 use crate::exchange::{gunzip, is_gzip, Answer};
 use crate::quota::classify::{self, Outcome, MAX_CLASSIFY_BODY};
 use crate::quota::keys::{now_millis, Exhaustion, KeyId, KeyPool};
-use crate::request::Api;
 use crate::tenants::Refusal;
+use crate::wire::error::GatewayError;
+use crate::wire::request::Api;
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
@@ -151,7 +151,7 @@ pub(super) fn status_name(code: u16) -> &'static str {
 /// Replaces pool keys in every header value (Google never sends one; this makes sure).
 pub(super) fn scrub_headers(
     header: &mut ResponseHeader,
-    scrubber: &crate::scrub::Scrubber,
+    scrubber: &crate::wire::scrub::Scrubber,
 ) -> pingora::Result<()> {
     let dirty: Vec<(http::HeaderName, Vec<u8>)> = header
         .headers

@@ -5,7 +5,6 @@ use super::answers::{exhausted_error, fair_share_error};
 use super::client::unless_client_gone;
 use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
 use crate::alerts::Event;
-use crate::error::GatewayError;
 use crate::exchange::{
     decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
 };
@@ -13,8 +12,9 @@ use crate::health::{self, Cause};
 use crate::quota::classify::{classify, classify_prefix, Outcome, MAX_CLASSIFY_BODY};
 use crate::quota::keys::{now_millis, KeyId, KeyPool};
 use crate::quota::plan::{Next, Plan, Then};
-use crate::request;
 use crate::runtime::Pool;
+use crate::wire::error::GatewayError;
+use crate::wire::request;
 use chrono::Utc;
 use pingora::protocols::http::client::HttpSession as ClientSession;
 use pingora::proxy::Session;

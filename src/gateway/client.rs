@@ -3,10 +3,10 @@
 
 use super::{Ctx, CLIENT_GONE};
 use crate::config::ClientLimits;
-use crate::error::GatewayError;
-use crate::guard::{self, Reservation};
-use crate::request;
+use crate::gateway::guard::{self, Reservation};
 use crate::tenants::Tenant;
+use crate::wire::error::GatewayError;
+use crate::wire::request;
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;

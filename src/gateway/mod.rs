@@ -15,14 +15,14 @@ mod live;
 mod place;
 mod relay;
 
-use crate::error::GatewayError;
 use crate::exchange::Answer;
-use crate::guard::Reservation;
+use crate::gateway::guard::Reservation;
 use crate::quota::classify::Outcome;
 use crate::quota::keys::{KeyId, KeyPool};
-use crate::request;
 use crate::runtime::{Pool, Runtime, Shared};
 use crate::tenants::{InFlight, Tenant};
+use crate::wire::error::GatewayError;
+use crate::wire::request;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,3 +151,6 @@ enum Ending {
     /// The client hung up.
     ClientGone,
 }
+pub mod cors;
+pub mod guard;
+pub mod live_frames;

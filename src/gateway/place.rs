@@ -2,13 +2,13 @@
 //! successful answer will teach keygate.
 
 use super::{Gateway, Learn};
-use crate::error::GatewayError;
 use crate::logging::printable;
 use crate::quota::keys::Millis;
-use crate::request;
 use crate::runtime::{Pool, Route, Runtime};
 use crate::tenants::Tenant;
-use crate::{names, quota::affinity};
+use crate::wire::error::GatewayError;
+use crate::wire::request;
+use crate::{quota::affinity, wire::names};
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! for `cachedContents/...`, `tunedModels/...`, `batches/...` and `operations/...`. A gateway that
 //! rotates keys must therefore remember, for each such resource, the pool and project whose key
 //! created it (and the tenant that asked), and send every later request naming it to that project.
-//! [`Affinity`] is that table; [`crate::names`] finds the names in requests and answers.
+//! [`Affinity`] is that table; [`crate::wire::names`] finds the names in requests and answers.
 //!
 //! Resumable uploads need one more table. Google's upload-start answer carries an upload URL whose
 //! `upload_id` authorises the bytes that follow, which the SDKs send with no key. keygate hands
@@ -17,7 +17,7 @@
 //! operations (O(log n) each). They are consulted only by requests that name a resource, so the
 //! lock is never on the hot path of plain `generateContent` traffic.
 
-use crate::names::kind_of;
+use crate::wire::names::kind_of;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -189,7 +189,7 @@ pub fn classify_prefix(status: u16, prefix: &[u8]) -> Outcome {
 fn facts_from_prefix(prefix: &[u8]) -> ErrorFacts {
     let mut facts = ErrorFacts::default();
     let mut key = Vec::new();
-    for s in crate::json_strings::strings(prefix) {
+    for s in crate::wire::json_strings::strings(prefix) {
         let text = s.decoded();
         if s.is_key {
             key = text.into_owned();

@@ -11,8 +11,8 @@
 //! never held across an `.await`) only when the table changes or a deadline in it passes.
 
 use crate::config::{KeyConfig, PoolConfig};
-use crate::scrub::Scrubber;
 use crate::secret::Secret;
+use crate::wire::scrub::Scrubber;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};

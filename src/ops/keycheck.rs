@@ -8,9 +8,9 @@ use crate::exchange::{
 use crate::health::{self, Cause};
 use crate::quota::classify::{self, classify, Outcome, Penalty, MAX_CLASSIFY_BODY};
 use crate::quota::keys::{Disabled, KeyId, KeyPool, Transition};
-use crate::request::{self, Api};
 use crate::runtime::{Pool, Shared};
 use crate::upstream::Upstream;
+use crate::wire::request::{self, Api};
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession as ClientSession;

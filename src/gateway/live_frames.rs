@@ -9,10 +9,10 @@
 //! per-message compression extension out of the handshake, so payloads are plain.
 
 use crate::config::ClientLimits;
-use crate::guard::{self, Reservation};
+use crate::gateway::guard::{self, Reservation};
 use crate::quota::affinity::Affinity;
 use crate::quota::keys::Millis;
-use crate::{names, request};
+use crate::{wire::names, wire::request};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use tokio::time::Instant;

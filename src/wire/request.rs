@@ -86,7 +86,7 @@ const OPENAI_ALIASES: [&str; 4] = [
 /// The Gemini path an OpenAI-style path stands for: `/v1/chat/completions` and
 /// `/chat/completions` become `/v1beta/openai/chat/completions`, likewise `embeddings`,
 /// `images/generations`, `models` and `models/{id}`. Bodies go through untouched: Google's own
-/// endpoint does the translating. `path` is the canonical path ([`crate::path::canonical`]).
+/// endpoint does the translating. `path` is the canonical path ([`crate::wire::path::canonical`]).
 ///
 /// `/v1/models` and `/v1/models/{id}` are also the native Gemini model listing (the google-genai
 /// SDK calls `/v1/...`): they are taken as OpenAI-style only when the client authenticates the
@@ -370,7 +370,7 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&[u8]> {
 
 /// The credential the client presents, in any of the four forms the SDKs use: the
 /// `x-goog-api-key`, `Authorization: Bearer` and `X-Access-Token` headers, or the `key` query
-/// parameter (`query_key`, from [`crate::path::split_query`]).
+/// parameter (`query_key`, from [`crate::wire::path::split_query`]).
 pub fn client_token(req: &RequestHeader, query_key: Option<&[u8]>) -> Option<Vec<u8>> {
     let headers = &req.headers;
     if let Some(v) = headers.get("x-goog-api-key") {
@@ -779,7 +779,7 @@ mod tests {
                 ("accept-encoding", "br, deflate"),
             ],
         );
-        let query = crate::path::split_query(client.uri.query());
+        let query = crate::wire::path::split_query(client.uri.query());
         let path = with_query(client.uri.path(), query.forwarded.as_deref());
         assert_eq!(path, "/v1beta/openai/chat/completions");
         let fwd = Forward {

@@ -5,15 +5,15 @@
 //! project the rotation picks, where it may be another tenant's resource; a name keygate finds
 //! but does not know is only refused (with tenants) or routed like any request. So names are
 //! read the way Google reads them, whatever the spelling: JSON escapes decoded
-//! ([`crate::json_strings`]), %-escapes and dot segments resolved ([`crate::path`]), collection
+//! ([`crate::wire::json_strings`]), %-escapes and dot segments resolved ([`crate::wire::path`]), collection
 //! words in any letter case. In a body, Google reads a reference only from the fields that hold
 //! one (`fileUri`, `cachedContent`, `model`, `fileName`...), and not inside function-call
 //! arguments, function results or schemas; so only those values (any name anywhere in them), and
 //! values that are URLs of the Gemini API, count: a prompt or a tool argument that mentions
 //! `files/x` in passing is not a reference.
 
-use crate::json_strings;
-use crate::path::{lenient_segments, unresolved_segments};
+use crate::wire::json_strings;
+use crate::wire::path::{lenient_segments, unresolved_segments};
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -215,7 +215,7 @@ fn is_api_url(value: &str) -> bool {
     })
 }
 
-/// Resource names a canonical request path ([`crate::path::canonical`]) refers to:
+/// Resource names a canonical request path ([`crate::wire::path::canonical`]) refers to:
 /// `/v1beta/files/abc`, `/v1/files/abc:download`, `/v1beta/tunedModels/t:generateContent`,
 /// `/v1beta/models/veo-2.0/operations/op1` (→ `operations/op1`). A listing (`/v1beta/files`)
 /// names nothing.

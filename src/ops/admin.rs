@@ -25,9 +25,9 @@
 
 use crate::config::KeyConfig;
 use crate::health::Cause;
-use crate::keycheck::{check_key, KeyCheck};
-use crate::lifecycle::reload_and_log;
 use crate::metrics::PoolGauge;
+use crate::ops::keycheck::{check_key, KeyCheck};
+use crate::ops::lifecycle::reload_and_log;
 use crate::quota::keys::KeyReport;
 use crate::quota::keys::{now_millis, KeyId, KeyPool, Millis, Transition};
 use crate::runtime::{Pool, Shared};
@@ -111,7 +111,7 @@ impl Admin {
     async fn handle(&self, http: &mut ServerSession) -> Answer {
         // The header is in: its deadline is over. One request per connection keeps the admin
         // listener's slots for whoever needs them next.
-        crate::guard::header_received(http.stream());
+        crate::gateway::guard::header_received(http.stream());
         http.set_keepalive(None);
         // Health endpoints are for load balancers and systemd: no token, nothing secret.
         match (
@@ -346,7 +346,7 @@ impl Admin {
             }
         };
         let name = b.name.trim().to_string();
-        if crate::names::kind_of(&name).is_none() {
+        if crate::wire::names::kind_of(&name).is_none() {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -713,7 +713,7 @@ fn rfc3339(ms: Millis) -> String {
 /// (`subtle` keeps the optimiser from turning the comparison into an early exit).
 fn authorized(expected: [u8; 32], http: &ServerSession) -> bool {
     use subtle::ConstantTimeEq;
-    let Some(token) = crate::request::bearer_token(&http.req_header().headers) else {
+    let Some(token) = crate::wire::request::bearer_token(&http.req_header().headers) else {
         return false;
     };
     sha256(token).ct_eq(&expected).into()

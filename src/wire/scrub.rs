@@ -8,7 +8,7 @@
 //! 64 KiB of them, and withholds larger ones), so this costs nothing on the success path, whose
 //! bodies stream through untouched: Google puts the caller's key only in refusals.
 
-use crate::json_strings;
+use crate::wire::json_strings;
 use aho_corasick::AhoCorasick;
 use std::borrow::Cow;
 

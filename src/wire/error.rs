@@ -1,7 +1,7 @@
 //! Answers keygate writes itself, shaped like Google's so SDKs parse and surface them:
 //! `{"error":{"code","message","status"}}`, wrapped in an array on OpenAI-compatible paths.
 
-use crate::request::Api;
+use crate::wire::request::Api;
 use bytes::Bytes;
 
 /// An error answer keygate sends on its own.

@@ -12,6 +12,8 @@
 //! - fair share ([`FairShare`]): a tenant that used a pool more than others lately is kept off
 //!   some of its projects, which stay free for the lighter tenants.
 
+pub mod endpoints;
+
 use crate::config::TenantConfig;
 use crate::quota::keys::{Millis, Usage};
 use crate::secret::sha256;

@@ -8,9 +8,9 @@
 //! resources keygate reads, go through; anything else gets 403 until keygate learns it. Without
 //! tenants (one user), every path under the API's prefixes is forwarded.
 
-use crate::error::GatewayError;
 use crate::logging::printable;
-use crate::request;
+use crate::wire::error::GatewayError;
+use crate::wire::request;
 use http::{header, Method};
 use pingora::http::RequestHeader;
 

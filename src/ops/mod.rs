@@ -1,0 +1,4 @@
+pub mod admin;
+pub mod keycheck;
+pub mod lifecycle;
+pub mod state;
