@@ -873,6 +873,7 @@ mod tests {
                 tls: false,
                 host: "127.0.0.1".into(),
                 port: 1,
+                addresses: Vec::new(),
             },
             keys: keys
                 .iter()
