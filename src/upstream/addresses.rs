@@ -43,6 +43,8 @@ impl Resolve for System {
 struct Lookups {
     /// Why the last lookup failed, while it keeps failing (`None` once one succeeds).
     error: ArcSwap<Option<String>>,
+    /// The last failed lookup's error as the resolver put it, for the log.
+    failure: ArcSwap<Option<String>>,
 }
 
 /// Service discovery over DNS. A failed lookup is an error, so the balancer keeps the
@@ -76,6 +78,7 @@ impl ServiceDiscovery for Dns {
             Err(e) => {
                 let why = lookup_reason(&e);
                 self.lookups.error.store(Arc::new(Some(why.clone())));
+                self.lookups.failure.store(Arc::new(Some(e.to_string())));
                 Err(Error::explain(ErrorType::ConnectNoRoute, why))
             }
         }
@@ -217,14 +220,21 @@ impl Addresses {
     }
 
     /// Looks the host up again and installs what it finds; a failure keeps the addresses
-    /// found before. Calls must not overlap (one task refreshes an upstream).
+    /// found before and says what the resolver said. Calls must not overlap (one task
+    /// refreshes an upstream).
     pub(super) async fn refresh(&self) -> Result<usize, String> {
         let result = self.lb.update().await;
         self.looked_up.store(true, Relaxed);
         self.resolved.notify_waiters();
         match result {
             Ok(()) => Ok(self.len()),
-            Err(e) => Err(self.lookup_error().unwrap_or_else(|| e.to_string())),
+            Err(e) => {
+                let failure = self
+                    .lookups
+                    .as_ref()
+                    .and_then(|l| (**l.failure.load()).clone());
+                Err(failure.unwrap_or_else(|| e.to_string()))
+            }
         }
     }
 
