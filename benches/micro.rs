@@ -33,6 +33,7 @@ fn pool(n: usize) -> KeyPool {
             tls: false,
             host: "127.0.0.1".into(),
             port: 1,
+            addresses: Vec::new(),
         },
         keys: (0..n)
             .map(|i| KeyConfig {

@@ -9,7 +9,7 @@ use crate::egress::ProxyConfig;
 use crate::secret::{parse_sha256_hex, sha256, Secret};
 use serde::Deserialize;
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -63,6 +63,8 @@ struct FileConfig {
     timeouts: FileTimeouts,
     #[serde(default)]
     retry: FileRetry,
+    #[serde(default = "default_upstream_health_check")]
+    upstream_health_check_seconds: u64,
     pools: Vec<FilePool>,
     #[serde(default)]
     tenants: Vec<FileTenant>,
@@ -160,6 +162,9 @@ fn default_max_body() -> usize {
 fn default_grace() -> u64 {
     5
 }
+fn default_upstream_health_check() -> u64 {
+    5
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -205,6 +210,7 @@ impl Default for FileRetry {
 struct FilePool {
     name: String,
     upstream: String,
+    upstream_addresses: Option<Vec<String>>,
     #[serde(default)]
     keys: Vec<FileKey>,
     keys_env: Option<String>,
@@ -278,6 +284,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// How failed attempts are retried.
     pub retry: RetryPolicy,
+    /// How often each upstream address gets a TCP connect check; zero turns the checks off.
+    pub upstream_health_check: Duration,
     /// Key pools; requests go to the first one.
     pub pools: Vec<PoolConfig>,
     /// Clients allowed in; empty means anyone (loopback only unless `allow_unauthenticated`).
@@ -425,6 +433,9 @@ pub struct UpstreamConfig {
     pub host: String,
     /// Port, defaulted from the scheme.
     pub port: u16,
+    /// Addresses pinned in the config (`upstream_addresses`, like curl's `--resolve`): used
+    /// instead of looking the host up. Empty: the host is an IP literal or is looked up.
+    pub addresses: Vec<SocketAddr>,
 }
 
 impl UpstreamConfig {
@@ -693,6 +704,7 @@ fn validate(
             backoff: Duration::from_millis(file.retry.backoff_ms),
             max_attempts: file.retry.max_attempts,
         },
+        upstream_health_check: Duration::from_secs(file.upstream_health_check_seconds),
         pools,
         tenants,
         admin,
@@ -936,8 +948,18 @@ fn validate_pool(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PoolConfig, ConfigError> {
-    let upstream =
+    let mut upstream =
         parse_upstream(&pool.upstream).map_err(|why| invalid(format!("{ctx}.upstream: {why}")))?;
+    if let Some(pinned) = &pool.upstream_addresses {
+        if pool.proxy.is_some() {
+            return Err(invalid(format!(
+                "{ctx}.upstream_addresses: cannot be combined with proxy (the proxy resolves \
+                 the upstream's host name itself)"
+            )));
+        }
+        upstream.addresses = parse_pinned_addresses(pinned, upstream.port)
+            .map_err(|why| invalid(format!("{ctx}.upstream_addresses: {why}")))?;
+    }
     let proxy_auth = match &pool.proxy_auth_env {
         None => None,
         Some(var) => {
@@ -1161,7 +1183,43 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
         None if tls => 443,
         None => 80,
     };
-    Ok(UpstreamConfig { tls, host, port })
+    Ok(UpstreamConfig {
+        tls,
+        host,
+        port,
+        addresses: Vec::new(),
+    })
+}
+
+/// Most addresses one upstream may pin.
+const MAX_PINNED_ADDRESSES: usize = 64;
+
+/// Parses pinned upstream addresses: `ip:port`, `[v6]:port`, or a bare IP that takes the
+/// upstream's `port`. Duplicates are dropped; the list must not be empty.
+fn parse_pinned_addresses(items: &[String], port: u16) -> Result<Vec<SocketAddr>, String> {
+    if items.is_empty() {
+        return Err("must list at least one address; leave it out to look the host up".into());
+    }
+    if items.len() > MAX_PINNED_ADDRESSES {
+        return Err(format!("at most {MAX_PINNED_ADDRESSES} addresses"));
+    }
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let text = item.trim();
+        let addr = text
+            .parse::<SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, port)))
+            .map_err(|_| {
+                format!("[{i}]: {text:?} is not an IP address (like 192.0.2.1 or 192.0.2.1:443)")
+            })?;
+        if addr.port() == 0 {
+            return Err(format!("[{i}]: {text:?}: port 0"));
+        }
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    Ok(out)
 }
 
 /// A field path such as `pools[0].upstreem`, with any segment that does not look like one of
@@ -1403,13 +1461,66 @@ mod tests {
     }
 
     #[test]
+    fn pinned_upstream_addresses_are_checked() {
+        let pinned = |list: &str| {
+            parse(&format!("{MINIMAL}    upstream_addresses: {list}\n"))
+                .map(|c| c.pools[0].upstream.addresses.clone())
+        };
+        let ok =
+            pinned("[\"192.0.2.1\", \"192.0.2.2:8443\", \"[2001:db8::1]:443\", \"192.0.2.1\"]")
+                .unwrap();
+        let text: Vec<String> = ok.iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            text,
+            ["192.0.2.1:443", "192.0.2.2:8443", "[2001:db8::1]:443"],
+            "bare IPs take the upstream's port; duplicates go"
+        );
+        for (bad, says) in [
+            ("[]", "at least one address"),
+            (
+                "[\"example.com:443\"]",
+                "[0]: \"example.com:443\" is not an IP address",
+            ),
+            ("[\"192.0.2.1\", \"192.0.2.999\"]", "[1]:"),
+            ("[\"192.0.2.1:0\"]", "port 0"),
+            ("\"192.0.2.1\"", "upstream_addresses"),
+        ] {
+            let e = pinned(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.contains("pools[0].upstream_addresses"), "{bad}: {e}");
+        }
+        let e = parse(&format!(
+            "{MINIMAL}    upstream_addresses: [\"192.0.2.1\"]\n    proxy: \"http://127.0.0.1:3128\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be combined with proxy"), "{e}");
+        assert!(parse(MINIMAL).unwrap().pools[0]
+            .upstream
+            .addresses
+            .is_empty());
+    }
+
+    #[test]
+    fn upstream_health_check_interval() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().upstream_health_check,
+            Duration::from_secs(5)
+        );
+        let off = parse(&format!("upstream_health_check_seconds: 0\n{MINIMAL}")).unwrap();
+        assert!(off.upstream_health_check.is_zero());
+        assert!(parse(&format!("upstream_health_check_seconds: -1\n{MINIMAL}")).is_err());
+    }
+
+    #[test]
     fn parses_upstreams() {
         assert_eq!(
             parse_upstream("https://generativelanguage.googleapis.com").unwrap(),
             UpstreamConfig {
                 tls: true,
                 host: "generativelanguage.googleapis.com".into(),
-                port: 443
+                port: 443,
+                addresses: Vec::new(),
             }
         );
         let u = parse_upstream("http://127.0.0.1:8081/").unwrap();

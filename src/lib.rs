@@ -20,8 +20,10 @@
 //! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
 //! - [`endpoints`]: what a tenant's request may be (endpoints deny by default, query, body);
 //! - [`live_frames`]: a Live session's client frames, read so each message can be checked;
-//! - [`upstream`]: resolved upstream addresses and the connection pool;
-//! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API;
+//! - [`upstream`]: upstream addresses (looked up, health-checked, chosen round-robin) and the
+//!   connection pool;
+//! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API, and the
+//!   service that keeps their upstreams looked up and health-checked;
 //! - [`proxy`]: the Pingora hooks and the attempt loop;
 //! - [`alerts`]: webhook alerts (pool exhausted, key disabled, key recovered);
 //! - [`admin`]: the admin API (health, metrics, keys, tenants) and the scheduled key check;
@@ -142,8 +144,8 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     service.add_listener(listener);
     server.add_service(service);
     server.add_service(background_service(
-        "dns",
-        upstream::Resolver::new(shared.clone()),
+        "upstreams",
+        runtime::UpstreamKeeper::new(shared.clone()),
     ));
     if let Some(admin) = &config.admin {
         let app = ops::admin::Admin::new(

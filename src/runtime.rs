@@ -3,7 +3,8 @@
 //!
 //! Requests take a snapshot (`Arc`) of what they need when they start, so a change (a key added
 //! through the admin API) applies to the next request while running ones finish on what they
-//! started with.
+//! started with. [`UpstreamKeeper`] keeps the upstreams of the runtime in force looked up and
+//! health-checked.
 
 use crate::alerts::{Alerts, Event};
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
@@ -13,9 +14,13 @@ use crate::metrics::Metrics;
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::KeyPool;
 use crate::tenants::{FairShare, Tenant, Tenants};
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How many resources (files, caches, batches...) keygate remembers the owner of.
 const AFFINITY_CAPACITY: usize = 100_000;
@@ -54,6 +59,8 @@ pub struct Runtime {
     pub retry: RetryPolicy,
     /// Upstream timeouts.
     pub timeouts: Timeouts,
+    /// How often each upstream address gets a TCP connect check; zero: never.
+    pub upstream_health_check: Duration,
     /// Browser access, if configured.
     pub cors: Option<Cors>,
     /// What a client may take (the body pace is read from here; the connection cap, header
@@ -75,8 +82,9 @@ pub struct Shared {
     pub uploads: Uploads,
     /// The configuration keygate started with (a reload cannot change its listeners).
     pub started: Config,
-    /// Woken when a reload brings new upstreams, so the resolver looks them up at once.
-    pub upstreams_changed: tokio::sync::Notify,
+    /// Bumped by each reload, so that [`UpstreamKeeper`] looks the new upstreams up and checks
+    /// them at once (a watch: its lookup and its check loop each see every change).
+    pub upstreams_changed: tokio::sync::watch::Sender<()>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Webhook alerts, if configured.
@@ -141,6 +149,7 @@ impl Runtime {
             max_body: config.max_body_bytes,
             retry: config.retry,
             timeouts: config.timeouts,
+            upstream_health_check: config.upstream_health_check,
             cors: config.cors.as_ref().map(Cors::new),
             client_limits: config.client_limits,
             public_url: config.public_url.clone(),
@@ -168,7 +177,7 @@ impl Runtime {
         self.pools.iter().position(|p| p.name() == name)
     }
 
-    /// Every pool's upstream, for the resolver service.
+    /// Every pool's upstream, for [`UpstreamKeeper`].
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
         self.pools.iter().map(|p| p.upstream.clone()).collect()
     }
@@ -194,10 +203,99 @@ impl Shared {
             affinity: Affinity::new(AFFINITY_CAPACITY),
             uploads: Uploads::new(UPLOADS_CAPACITY),
             started: config.clone(),
-            upstreams_changed: tokio::sync::Notify::new(),
+            upstreams_changed: tokio::sync::watch::Sender::new(()),
             metrics,
             alerts,
             body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
         })
+    }
+}
+
+/// How long the check loop sleeps while health checks are turned off (a reload wakes it).
+const CHECKS_OFF: Duration = Duration::from_secs(3600);
+
+/// The background service that keeps the upstreams of the runtime in force looked up (every
+/// 30 s, a failed lookup again after 2 s) and their addresses health-checked (every
+/// `upstream_health_check_seconds`), so upstreams a reload brings in get both at once. Two
+/// loops, so a slow check never delays a lookup nor the other way round.
+pub struct UpstreamKeeper {
+    shared: Arc<Shared>,
+}
+
+impl UpstreamKeeper {
+    /// A keeper for the upstreams of `shared`'s runtime.
+    pub fn new(shared: Arc<Shared>) -> UpstreamKeeper {
+        UpstreamKeeper { shared }
+    }
+
+    /// Looks every host name up once; false if any lookup failed.
+    async fn refresh_all(&self) -> bool {
+        let upstreams: Vec<Arc<Upstream>> = self
+            .shared
+            .runtime
+            .load()
+            .upstreams()
+            .into_iter()
+            .filter(|u| u.needs_dns())
+            .collect();
+        let mut all_ok = true;
+        for u in &upstreams {
+            all_ok &= u.refresh().await;
+        }
+        all_ok
+    }
+
+    /// One connect check of every address of every upstream, the upstreams side by side.
+    async fn check_all(&self) {
+        let mut passes = tokio::task::JoinSet::new();
+        for u in self.shared.runtime.load().upstreams() {
+            passes.spawn(async move { u.check_health().await });
+        }
+        while passes.join_next().await.is_some() {}
+    }
+
+    async fn lookups(&self, mut shutdown: ShutdownWatch) {
+        let mut changed = self.shared.upstreams_changed.subscribe();
+        loop {
+            let wait = tokio::select! {
+                ok = self.refresh_all() => if ok { upstream::REFRESH } else { upstream::RETRY_FAILED },
+                _ = shutdown.changed() => return,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                Ok(()) = changed.changed() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn checks(&self, mut shutdown: ShutdownWatch) {
+        let mut changed = self.shared.upstreams_changed.subscribe();
+        loop {
+            let interval = self.shared.runtime.load().upstream_health_check;
+            if !interval.is_zero() {
+                tokio::select! {
+                    _ = self.check_all() => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            let wait = if interval.is_zero() {
+                CHECKS_OFF
+            } else {
+                interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                Ok(()) = changed.changed() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for UpstreamKeeper {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        tokio::join!(self.lookups(shutdown.clone()), self.checks(shutdown));
     }
 }

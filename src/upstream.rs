@@ -1,53 +1,64 @@
-//! Where a pool's requests go: the upstream's resolved addresses (refreshed by a background
-//! service, never on the request path), the ready-made peers for them, and the connection
-//! pool that reuses connections across requests and attempts.
+//! Where a pool's requests go: the upstream host's addresses (kept by `pingora-load-balancing`:
+//! looked up in the background, never on the request path, and health-checked; see
+//! [`addresses`]), the ready-made peers for them, and the connection pool that reuses
+//! connections across requests and attempts.
+
+mod addresses;
 
 use crate::config::{PoolConfig, Timeouts, UpstreamConfig};
 use crate::egress::ProxyConnect;
+use addresses::{Addresses, Resolve, System};
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
-use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::upstreams::peer::HttpPeer;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 /// How often a resolved host name is looked up again.
-const REFRESH: Duration = Duration::from_secs(30);
+pub const REFRESH: Duration = Duration::from_secs(30);
 /// How soon a failed lookup is tried again.
-const RETRY_FAILED: Duration = Duration::from_secs(2);
+pub const RETRY_FAILED: Duration = Duration::from_secs(2);
 /// Concurrent HTTP/2 streams allowed on one upstream connection.
 const MAX_H2_STREAMS: usize = 100;
 
-/// One pool's upstream: resolved peers plus the connection pool.
+/// How a pool's connections reach its upstream.
+enum Route {
+    /// Through the pool's outbound proxy, which resolves the host name: one peer whose
+    /// address is only a placeholder (and the connection pool's key), never dialled.
+    Proxy(Arc<HttpPeer>),
+    /// Straight to the host's addresses.
+    Direct(Box<Addresses>),
+}
+
+/// One pool's upstream: its addresses, the peers for them, and the connection pool.
 pub struct Upstream {
     config: UpstreamConfig,
-    /// The pool's outbound proxy: connections are tunnelled through it, and the proxy
-    /// resolves the host name.
+    /// The pool's outbound proxy: connections are tunnelled through it.
     proxy: Option<Arc<ProxyConnect>>,
     timeouts: Timeouts,
     authority: String,
-    peers: ArcSwap<Vec<Arc<HttpPeer>>>,
-    next: AtomicUsize,
-    resolved: Notify,
-    /// Why the last lookup failed, while it keeps failing (`None` once one succeeds).
-    lookup_error: ArcSwap<Option<String>>,
-    /// Whether a lookup has finished (succeeded or failed) since start.
-    looked_up: std::sync::atomic::AtomicBool,
+    route: Route,
+    /// The peer of each address seen so far (an address's peer is built once).
+    peers: ArcSwap<HashMap<SocketAddr, Arc<HttpPeer>>>,
     /// Pingora's connector: TLS (rustls), ALPN h2/h1, and the idle connection pool.
     pub connector: Connector,
 }
 
 impl Upstream {
-    /// Sets up the upstream of `pool`. An IP literal is ready at once; a host name waits for
-    /// the resolver service.
+    /// Sets up the upstream of `pool`. An IP literal or pinned addresses are ready at once; a
+    /// host name waits for its first lookup ([`Upstream::refresh`]).
     pub fn new(pool: &PoolConfig, timeouts: Timeouts) -> Upstream {
+        Upstream::with_resolver(pool, timeouts, Box::new(System))
+    }
+
+    fn with_resolver(
+        pool: &PoolConfig,
+        timeouts: Timeouts,
+        resolver: Box<dyn Resolve>,
+    ) -> Upstream {
         let mut options = ConnectorOptions::new(256);
         if let Some(ca) = &pool.tls_ca_file {
             options.ca_file = Some(ca.display().to_string());
@@ -61,25 +72,37 @@ impl Upstream {
                 timeouts.connect,
             ))
         });
+        let config = &pool.upstream;
+        let authority = config.authority();
+        let route = if proxy.is_some() {
+            let placeholder = SocketAddr::from(([0, 0, 0, 0], config.port));
+            Route::Proxy(Arc::new(make_peer(
+                config,
+                &timeouts,
+                proxy.as_ref(),
+                placeholder,
+            )))
+        } else {
+            let connect = timeouts.connect;
+            let addresses = if !config.addresses.is_empty() {
+                Addresses::fixed(&config.addresses, &authority, connect)
+            } else if let Ok(ip) = config.host.parse::<IpAddr>() {
+                Addresses::fixed(&[SocketAddr::new(ip, config.port)], &authority, connect)
+            } else {
+                Addresses::looked_up(&config.host, config.port, resolver, &authority, connect)
+            };
+            Route::Direct(Box::new(addresses))
+        };
         let upstream = Upstream {
-            authority: pool.upstream.authority(),
-            config: pool.upstream.clone(),
+            authority,
+            config: config.clone(),
             proxy,
             timeouts,
-            peers: ArcSwap::from_pointee(Vec::new()),
-            next: AtomicUsize::new(0),
-            resolved: Notify::new(),
-            lookup_error: ArcSwap::from_pointee(None),
-            looked_up: std::sync::atomic::AtomicBool::new(false),
+            route,
+            peers: ArcSwap::from_pointee(HashMap::new()),
             connector: Connector::new(Some(options)),
         };
-        if upstream.proxy.is_some() {
-            // The proxy connects by host name; the peer's address is only a placeholder (and
-            // the connection pool's key), never dialled.
-            upstream.set_addresses(&[SocketAddr::from(([0, 0, 0, 0], upstream.config.port))]);
-        } else if let Ok(ip) = upstream.config.host.parse::<IpAddr>() {
-            upstream.set_addresses(&[SocketAddr::new(ip, upstream.config.port)]);
-        }
+        upstream.sync_peers();
         upstream
     }
 
@@ -93,14 +116,18 @@ impl Upstream {
         self.config.tls
     }
 
-    /// Whether the host is a name that the resolver must look up (not when a proxy does).
+    /// Whether the host is a name that must be looked up (not when a proxy does it, nor when
+    /// its addresses are pinned).
     pub fn needs_dns(&self) -> bool {
-        self.proxy.is_none() && self.config.host.parse::<IpAddr>().is_err()
+        matches!(&self.route, Route::Direct(a) if a.is_looked_up())
     }
 
     /// Whether at least one address is known.
     pub fn is_resolved(&self) -> bool {
-        !self.peers.load().is_empty()
+        match &self.route {
+            Route::Proxy(_) => true,
+            Route::Direct(a) => a.len() > 0,
+        }
     }
 
     /// The host name, for messages.
@@ -114,7 +141,11 @@ impl Upstream {
         if self.is_resolved() {
             return None;
         }
-        Some(match &**self.lookup_error.load() {
+        let why = match &self.route {
+            Route::Direct(a) => a.lookup_error(),
+            Route::Proxy(_) => None,
+        };
+        Some(match why {
             Some(why) => format!(
                 "upstream host '{}' does not resolve ({why})",
                 self.config.host
@@ -126,9 +157,10 @@ impl Upstream {
         })
     }
 
-    /// The next peer, round-robin over the resolved addresses. Before the first lookup has
-    /// finished it waits for it, up to `wait`; once lookups fail and no address was ever
-    /// found, it answers at once: `Err` says why.
+    /// The next peer, round-robin over the healthy addresses (over all of them when none
+    /// passed its health check). Before the first lookup has finished it waits for it, up to
+    /// `wait`; once lookups fail and no address was ever found, it answers at once: `Err`
+    /// says why.
     pub async fn peer(&self, wait: Duration) -> Result<Arc<HttpPeer>, String> {
         if let Some(p) = self.next_peer() {
             return Ok(p);
@@ -145,16 +177,18 @@ impl Upstream {
         if self.is_resolved() {
             return Ok(());
         }
-        let _ = tokio::time::timeout(wait, async {
-            loop {
-                let notified = self.resolved.notified();
-                if self.is_resolved() || self.looked_up.load(Relaxed) {
-                    return;
+        if let Route::Direct(addresses) = &self.route {
+            let _ = tokio::time::timeout(wait, async {
+                loop {
+                    let done = addresses.lookup_done();
+                    if self.is_resolved() || addresses.lookup_finished() {
+                        return;
+                    }
+                    done.await;
                 }
-                notified.await;
-            }
-        })
-        .await;
+            })
+            .await;
+        }
         match self.address_problem() {
             None => Ok(()),
             Some(why) => Err(why),
@@ -173,172 +207,142 @@ impl Upstream {
     }
 
     fn next_peer(&self) -> Option<Arc<HttpPeer>> {
-        let peers = self.peers.load();
-        if peers.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Relaxed) % peers.len();
-        Some(peers[i].clone())
-    }
-
-    /// Looks the host name up once and installs the addresses found.
-    pub async fn resolve(&self) -> std::io::Result<usize> {
-        let found = tokio::net::lookup_host((self.config.host.as_str(), self.config.port))
-            .await
-            .map(|addrs| addrs.collect());
-        self.apply_lookup(found)
-    }
-
-    /// Installs the result of a lookup. A failed lookup keeps the addresses found before (a
-    /// name server that stops answering does not make the upstream's addresses wrong), and
-    /// records why it failed.
-    fn apply_lookup(&self, found: std::io::Result<Vec<SocketAddr>>) -> std::io::Result<usize> {
-        let found = found.and_then(|found| {
-            if found.is_empty() {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no addresses",
-                ))
-            } else {
-                Ok(found)
+        match &self.route {
+            Route::Proxy(peer) => Some(peer.clone()),
+            Route::Direct(addresses) => {
+                let addr = addresses.next()?;
+                // An address the balancer took in a moment before its peer was built.
+                let peer = self.peers.load().get(&addr).cloned();
+                Some(peer.unwrap_or_else(|| Arc::new(self.make_peer(addr))))
             }
-        });
-        let found = match found {
-            Ok(found) => {
-                self.lookup_error.store(Arc::new(None));
-                found
+        }
+    }
+
+    /// Looks the host name up once and installs the addresses found; a failed lookup keeps
+    /// the addresses found before. The number of addresses, or why the lookup failed.
+    pub async fn resolve(&self) -> std::io::Result<usize> {
+        let Route::Direct(addresses) = &self.route else {
+            return Ok(1);
+        };
+        if !addresses.is_looked_up() {
+            return Ok(addresses.len());
+        }
+        let result = addresses.refresh().await;
+        self.sync_peers();
+        result.map_err(std::io::Error::other)
+    }
+
+    /// [`Upstream::resolve`], logging what changed: a name that keeps failing is said once,
+    /// not every retry. False when the lookup failed (look again soon).
+    pub async fn refresh(&self) -> bool {
+        let Route::Direct(addresses) = &self.route else {
+            return true;
+        };
+        if !addresses.is_looked_up() {
+            return true;
+        }
+        let was_failing = addresses.lookup_error().is_some();
+        match self.resolve().await {
+            Ok(n) => {
+                if was_failing {
+                    log::warn!("{} resolves again: {n} address(es)", self.authority());
+                }
+                log::debug!("resolved {}: {n} address(es)", self.authority());
+                true
             }
             Err(e) => {
-                self.lookup_error.store(Arc::new(Some(lookup_reason(&e))));
-                self.looked_up.store(true, Relaxed);
-                self.resolved.notify_waiters();
-                return Err(e);
+                if was_failing {
+                    log::debug!("{} still does not resolve: {e}", self.authority());
+                } else if self.is_resolved() {
+                    log::warn!(
+                        "cannot re-resolve {}: {e}; keeping the last addresses found",
+                        self.authority()
+                    );
+                } else {
+                    log::error!(
+                        "cannot resolve {}: {e}; requests to it get 502 until it resolves (looked up again every {} s)",
+                        self.authority(),
+                        RETRY_FAILED.as_secs()
+                    );
+                }
+                false
             }
-        };
-        let same = {
-            let current = self.peers.load();
-            current.len() == found.len()
-                && current
-                    .iter()
-                    .zip(&found)
-                    .all(|(p, a)| matches!(p.address(), PeerAddr::Inet(x) if x == a))
-        };
-        if !same {
-            self.set_addresses(&found);
         }
-        self.looked_up.store(true, Relaxed);
-        Ok(found.len())
     }
 
-    fn set_addresses(&self, addrs: &[SocketAddr]) {
-        let peers = addrs.iter().map(|a| Arc::new(self.make_peer(*a))).collect();
+    /// One TCP connect check of each address: one that fails leaves the rotation until a
+    /// check succeeds again. Nothing to check behind a proxy (it dials the host itself).
+    pub async fn check_health(&self) {
+        if let Route::Direct(addresses) = &self.route {
+            addresses.check_health().await;
+        }
+    }
+
+    /// Builds the peers of addresses that have none yet and drops those of addresses gone.
+    fn sync_peers(&self) {
+        let Route::Direct(addresses) = &self.route else {
+            return;
+        };
+        let all = addresses.all();
+        let current = self.peers.load();
+        let inet = |b: &pingora::lb::Backend| match b.addr {
+            pingora::protocols::l4::socket::SocketAddr::Inet(a) => Some(a),
+            pingora::protocols::l4::socket::SocketAddr::Unix(_) => None,
+        };
+        let same = current.len() == all.len()
+            && all
+                .iter()
+                .filter_map(inet)
+                .all(|a| current.contains_key(&a));
+        if same {
+            return;
+        }
+        let peers = all
+            .iter()
+            .filter_map(inet)
+            .map(|a| {
+                let peer = current
+                    .get(&a)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(self.make_peer(a)));
+                (a, peer)
+            })
+            .collect();
         self.peers.store(Arc::new(peers));
-        self.resolved.notify_waiters();
     }
 
     fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
-        // SNI is always the host name: an empty SNI would turn certificate checks off.
-        // A SocketAddr converts without any DNS lookup.
-        let mut peer = HttpPeer::new(addr, self.config.tls, self.config.host.clone());
-        let o = &mut peer.options;
-        o.connection_timeout = Some(self.timeouts.connect);
-        o.total_connection_timeout = Some(self.timeouts.connect * 2);
-        o.read_timeout = Some(self.timeouts.read);
-        o.write_timeout = Some(self.timeouts.write);
-        o.idle_timeout = Some(self.timeouts.idle);
-        if let Some(proxy) = &self.proxy {
-            o.custom_l4 = Some(proxy.clone());
-        }
-        if self.config.tls {
-            // Offer HTTP/2, fall back to HTTP/1.1; many requests share one connection.
-            o.set_http_version(2, 1);
-            o.max_h2_streams = MAX_H2_STREAMS;
-            o.h2_ping_interval = Some(Duration::from_secs(30));
-        }
-        peer
+        make_peer(&self.config, &self.timeouts, self.proxy.as_ref(), addr)
     }
 }
 
-/// A short, stable reason for a failed lookup (the system resolver's message varies).
-fn lookup_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    if text.contains("failed to lookup address") || text.contains("Name or service not known") {
-        "no such host, or no name server answered".to_string()
-    } else {
-        text
+/// The peer for one address of `config`'s host: TLS with the host name as SNI, ALPN h2/h1,
+/// the timeouts, and the proxy to tunnel through, if any.
+fn make_peer(
+    config: &UpstreamConfig,
+    timeouts: &Timeouts,
+    proxy: Option<&Arc<ProxyConnect>>,
+    addr: SocketAddr,
+) -> HttpPeer {
+    // SNI is always the host name: an empty SNI would turn certificate checks off.
+    // A SocketAddr converts without any DNS lookup.
+    let mut peer = HttpPeer::new(addr, config.tls, config.host.clone());
+    let o = &mut peer.options;
+    o.connection_timeout = Some(timeouts.connect);
+    o.total_connection_timeout = Some(timeouts.connect * 2);
+    o.read_timeout = Some(timeouts.read);
+    o.write_timeout = Some(timeouts.write);
+    o.idle_timeout = Some(timeouts.idle);
+    if let Some(proxy) = proxy {
+        o.custom_l4 = Some(proxy.clone());
     }
-}
-
-/// The background service that keeps host names resolved: the upstreams of the current
-/// runtime, so upstreams a reload brings in are looked up too.
-pub struct Resolver {
-    shared: Arc<crate::runtime::Shared>,
-}
-
-impl Resolver {
-    /// A resolver for the upstreams of `shared`'s runtime that have host names.
-    pub fn new(shared: Arc<crate::runtime::Shared>) -> Resolver {
-        Resolver { shared }
+    if config.tls {
+        // Offer HTTP/2, fall back to HTTP/1.1; many requests share one connection.
+        o.set_http_version(2, 1);
+        o.max_h2_streams = MAX_H2_STREAMS;
+        o.h2_ping_interval = Some(Duration::from_secs(30));
     }
-
-    async fn refresh_all(&self) -> bool {
-        let upstreams: Vec<Arc<Upstream>> = self
-            .shared
-            .runtime
-            .load()
-            .upstreams()
-            .into_iter()
-            .filter(|u| u.needs_dns())
-            .collect();
-        let mut all_ok = true;
-        for u in &upstreams {
-            // Only a change is news: a name that keeps failing is said once, not every 2 s.
-            let was_failing = u.lookup_error.load().is_some();
-            match u.resolve().await {
-                Ok(n) => {
-                    if was_failing {
-                        log::warn!("{} resolves again: {n} address(es)", u.authority());
-                    }
-                    log::debug!("resolved {}: {n} address(es)", u.authority());
-                }
-                Err(e) => {
-                    all_ok = false;
-                    if was_failing {
-                        log::debug!("{} still does not resolve: {e}", u.authority());
-                    } else if u.is_resolved() {
-                        log::warn!(
-                            "cannot re-resolve {}: {e}; keeping the last addresses found",
-                            u.authority()
-                        );
-                    } else {
-                        log::error!(
-                            "cannot resolve {}: {e}; requests to it get 502 until it resolves (looked up again every 2 s)",
-                            u.authority()
-                        );
-                    }
-                }
-            }
-        }
-        all_ok
-    }
-}
-
-#[async_trait]
-impl BackgroundService for Resolver {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            let wait = if self.refresh_all().await {
-                REFRESH
-            } else {
-                RETRY_FAILED
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.shared.upstreams_changed.notified() => {}
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
+    peer
 }
 
 /// Holds an HTTP/1.1 upstream socket's writes back (`TCP_CORK`) while a request's header and
@@ -386,6 +390,11 @@ fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
+    use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+    use pingora::upstreams::peer::Peer;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
 
     #[test]
     fn cork_is_set_and_cleared_on_tcp_only() {
@@ -401,64 +410,201 @@ mod tests {
         assert!(!set_cork(unix.as_raw_fd(), true));
     }
 
-    fn upstream(host: &str) -> Upstream {
-        let pool = crate::config::Config::parse(
-            &format!("pools:\n  - name: p\n    upstream: \"http://{host}:8080\"\n    keys: [k]\n"),
+    type Lookup = std::io::Result<Vec<SocketAddr>>;
+
+    /// Answers lookups from a script, one entry per lookup.
+    struct Scripted(Mutex<VecDeque<Lookup>>);
+
+    #[async_trait]
+    impl Resolve for Scripted {
+        async fn lookup(&self, _host: &str, _port: u16) -> Lookup {
+            let next = self.0.lock().unwrap().pop_front();
+            next.unwrap_or_else(|| Err(std::io::Error::other("script ran out")))
+        }
+    }
+
+    fn pool(yaml_tail: &str, host: &str) -> PoolConfig {
+        let config = crate::config::Config::parse(
+            &format!(
+                "pools:\n  - name: p\n    upstream: \"http://{host}:8080\"\n    keys: [k]\n{yaml_tail}"
+            ),
             std::path::Path::new("."),
             &|_| None,
         )
         .expect("config");
-        let timeouts = pool.timeouts;
-        Upstream::new(&pool.pools[0], timeouts)
+        config.pools[0].clone()
+    }
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(1),
+            read: Duration::from_secs(1),
+            write: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        }
+    }
+
+    /// An upstream for a host name whose lookups answer `script`, in order.
+    fn upstream(host: &str, script: Vec<Lookup>) -> Upstream {
+        let resolver = Box::new(Scripted(Mutex::new(script.into())));
+        Upstream::with_resolver(&pool("", host), timeouts(), resolver)
+    }
+
+    fn fail() -> Lookup {
+        Err(std::io::Error::other(
+            "failed to lookup address information",
+        ))
+    }
+
+    /// An upstream whose host's addresses are pinned to `addrs`.
+    fn pinned(addrs: &[SocketAddr]) -> Upstream {
+        let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let tail = format!("    upstream_addresses: [{}]\n", list.join(", "));
+        Upstream::new(&pool(&tail, "api.example.test"), timeouts())
+    }
+
+    /// Whether `addr` of `up` passed its last health check.
+    fn healthy(up: &Upstream, addr: SocketAddr) -> bool {
+        matches!(&up.route, Route::Direct(a) if a.healthy(addr))
+    }
+
+    fn address(peer: &HttpPeer) -> SocketAddr {
+        match peer.address() {
+            PeerAddr::Inet(x) => *x,
+            PeerAddr::Unix(_) => unreachable!(),
+        }
     }
 
     #[tokio::test]
     async fn a_failed_lookup_keeps_the_last_good_addresses() {
-        let up = upstream("api.example.test");
-        assert!(up.address_problem().unwrap().contains("not been looked up"));
         let addr: SocketAddr = "192.0.2.7:8080".parse().unwrap();
-        assert_eq!(up.apply_lookup(Ok(vec![addr])).unwrap(), 1);
-        let fail = || {
-            Err(std::io::Error::other(
-                "failed to lookup address information",
-            ))
-        };
-        assert!(up.apply_lookup(fail()).is_err());
+        let up = upstream("api.example.test", vec![Ok(vec![addr]), fail()]);
+        assert!(up.address_problem().unwrap().contains("not been looked up"));
+        assert_eq!(up.resolve().await.unwrap(), 1);
+        assert!(up.resolve().await.is_err());
         assert!(up.is_resolved());
         assert_eq!(up.address_problem(), None);
         let peer = up.peer(Duration::ZERO).await.unwrap();
-        assert!(matches!(peer.address(), PeerAddr::Inet(a) if *a == addr));
+        assert_eq!(address(&peer), addr);
     }
 
     #[tokio::test]
     async fn checking_for_an_address_does_not_move_the_rotation() {
-        let up = upstream("api.example.test");
         let a: SocketAddr = "192.0.2.1:8080".parse().unwrap();
         let b: SocketAddr = "192.0.2.2:8080".parse().unwrap();
-        up.apply_lookup(Ok(vec![a, b])).unwrap();
+        let up = upstream("api.example.test", vec![Ok(vec![a, b])]);
+        up.resolve().await.unwrap();
         let mut firsts = Vec::new();
         for _ in 0..4 {
             up.wait_resolved(Duration::ZERO).await.unwrap();
             let peer = up.peer(Duration::ZERO).await.unwrap();
-            firsts.push(match peer.address() {
-                PeerAddr::Inet(x) => *x,
-                _ => unreachable!(),
-            });
+            firsts.push(address(&peer));
         }
         assert_eq!(firsts, vec![a, b, a, b]);
     }
 
     #[tokio::test]
     async fn a_name_that_never_resolved_is_refused_at_once() {
-        let up = upstream("api.example.test");
-        let fail = Err(std::io::Error::other(
-            "failed to lookup address information",
-        ));
-        assert!(up.apply_lookup(fail).is_err());
+        let up = upstream("api.example.test", vec![fail(), Ok(Vec::new())]);
+        assert!(up.resolve().await.is_err());
         let started = std::time::Instant::now();
         let why = up.peer(Duration::from_secs(10)).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_millis(100));
         assert!(why.contains("'api.example.test' does not resolve"), "{why}");
-        assert!(up.apply_lookup(Ok(Vec::new())).is_err());
+        assert!(up.resolve().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_gets_the_first_lookup_s_address() {
+        let addr: SocketAddr = "192.0.2.9:8080".parse().unwrap();
+        let up = Arc::new(upstream("api.example.test", vec![Ok(vec![addr])]));
+        let waiter = tokio::spawn({
+            let up = up.clone();
+            async move { up.peer(Duration::from_secs(10)).await.map(|p| address(&p)) }
+        });
+        tokio::task::yield_now().await;
+        up.resolve().await.unwrap();
+        assert_eq!(waiter.await.unwrap(), Ok(addr));
+    }
+
+    #[tokio::test]
+    async fn ip_literals_and_pinned_addresses_are_ready_at_once() {
+        let up = Upstream::new(&pool("", "192.0.2.3"), timeouts());
+        assert!(!up.needs_dns());
+        assert_eq!(
+            address(&up.peer(Duration::ZERO).await.unwrap()).to_string(),
+            "192.0.2.3:8080"
+        );
+        let pinned = pool(
+            "    upstream_addresses: [\"192.0.2.4\", \"192.0.2.5:9000\"]\n",
+            "api.example.test",
+        );
+        let up = Upstream::new(&pinned, timeouts());
+        assert!(!up.needs_dns());
+        assert_eq!(up.address_problem(), None);
+        let seen: Vec<String> = [
+            up.peer(Duration::ZERO).await.unwrap(),
+            up.peer(Duration::ZERO).await.unwrap(),
+        ]
+        .iter()
+        .map(|p| address(p).to_string())
+        .collect();
+        assert_eq!(seen, ["192.0.2.4:8080", "192.0.2.5:9000"]);
+        // SNI and Host stay the host name, whatever address is dialled.
+        assert_eq!(
+            up.peer(Duration::ZERO).await.unwrap().sni(),
+            "api.example.test"
+        );
+        assert_eq!(up.authority(), "api.example.test:8080");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_refuses_connections_leaves_the_rotation() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let live: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Loopback too, but nothing listens there: connections are refused.
+        let dead: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let up = pinned(&[live, dead]);
+        assert!(healthy(&up, dead), "healthy until a check fails");
+        up.check_health().await;
+        assert!(healthy(&up, live));
+        assert!(!healthy(&up, dead));
+        for _ in 0..6 {
+            assert_eq!(address(&up.peer(Duration::ZERO).await.unwrap()), live);
+        }
+    }
+
+    #[tokio::test]
+    async fn when_every_address_fails_its_check_all_are_still_tried() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Nothing listens on either (the port was free a moment ago).
+        let a: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let b: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+        let up = pinned(&[a, b]);
+        up.check_health().await;
+        assert!(!healthy(&up, a) && !healthy(&up, b));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            seen.insert(address(&up.peer(Duration::ZERO).await.unwrap()));
+        }
+        assert_eq!(seen.len(), 2, "both still in rotation: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn behind_a_proxy_nothing_is_looked_up_or_checked() {
+        let proxied = pool("    proxy: \"http://127.0.0.1:3128\"\n", "api.example.test");
+        let up = Upstream::new(&proxied, timeouts());
+        assert!(!up.needs_dns());
+        assert!(up.is_resolved());
+        assert!(up.refresh().await);
+        up.check_health().await;
+        let peer = up.peer(Duration::ZERO).await.unwrap();
+        assert_eq!(address(&peer), SocketAddr::from(([0, 0, 0, 0], 8080)));
+        assert!(peer.options.custom_l4.is_some());
     }
 }

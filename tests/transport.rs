@@ -1,6 +1,6 @@
 //! The transport under the gateway: TLS with certificate checks, HTTP/2 to the upstream, host
-//! names resolved by the background resolver, `Expect: 100-continue`, streams cut mid-way, and
-//! upstream timeouts.
+//! names resolved by the background resolver, addresses that fail their health check leaving
+//! the rotation, `Expect: 100-continue`, streams cut mid-way, and upstream timeouts.
 
 // Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -162,4 +162,98 @@ async fn an_upstream_that_never_answers_is_a_504() {
     let (status, _, body) = generate(&kg.url(), FLASH, None).await;
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("DEADLINE_EXCEEDED"), "{body}");
+}
+
+/// The access lines of requests for `model`, once there are `n` of them (bounded wait: each is
+/// written just after its answer).
+fn access_lines(kg: &Keygate, model: &str, n: usize) -> Vec<String> {
+    let needle = format!("model={model} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<String> = kg
+            .logs()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_that_refuses_connections_leaves_the_rotation_and_no_request_fails() {
+    let mock = Mock::start().await;
+    mock.key("lb-key-1", "p1");
+    let port = mock.addr.port();
+    // One host, two addresses: the mock on 127.0.0.1, and 127.0.0.2 (loopback too) where
+    // nothing listens, so connections to it are refused.
+    let live = format!("127.0.0.1:{port}");
+    let dead = format!("127.0.0.2:{port}");
+    assert!(
+        std::net::TcpStream::connect(&dead).is_err(),
+        "{dead} refuses"
+    );
+    let pool = format!(
+        "{}    upstream_addresses: [\"{live}\", \"{dead}\"]\n",
+        pool_yaml(&format!("http://gemini.test:{port}"), &[("lb-key-1", "p1")])
+    );
+    // Health checks off at first: the dead address stays in the rotation.
+    let kg = Keygate::start(&format!("upstream_health_check_seconds: 0\n{pool}"));
+
+    // In the rotation, every other first attempt goes to the dead address: its connect error
+    // is retried on the live one, and the client never sees it.
+    const BEFORE: &str = "gemini-before-check";
+    for _ in 0..6 {
+        assert_eq!(generate(&kg.url(), BEFORE, None).await.0, 200);
+    }
+    let lines = access_lines(&kg, BEFORE, 6);
+    assert_eq!(lines.len(), 6, "{lines:#?}");
+    assert!(lines.iter().all(|l| l.contains("status=200")), "{lines:#?}");
+    let refused = lines
+        .iter()
+        .filter(|l| l.contains(":connect_error"))
+        .count();
+    assert!(refused >= 2, "the dead address was tried: {lines:#?}");
+
+    // Checks every second from the reload on: the first one takes the dead address out.
+    // Requests keep flowing meanwhile, and none fails.
+    kg.rewrite_config(&format!("upstream_health_check_seconds: 1\n{pool}"));
+    kg.signal(libc::SIGHUP);
+    const DURING: &str = "gemini-during-check";
+    let marked = format!("address {dead} becomes unhealthy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut during = 0;
+    while !kg.logs().contains(&marked) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never marked:\n{}",
+            kg.logs()
+        );
+        assert_eq!(generate(&kg.url(), DURING, None).await.0, 200);
+        during += 1;
+    }
+    let lines = access_lines(&kg, DURING, during);
+    assert!(lines.iter().all(|l| l.contains("status=200")), "{lines:#?}");
+    assert!(!kg
+        .logs()
+        .contains(&format!("address {live} becomes unhealthy")));
+
+    // Marked: no attempt goes to the dead address any more (each request takes one attempt,
+    // on the live address), and no request fails.
+    const AFTER: &str = "gemini-after-check";
+    for _ in 0..10 {
+        assert_eq!(generate(&kg.url(), AFTER, None).await.0, 200);
+    }
+    let lines = access_lines(&kg, AFTER, 10);
+    assert_eq!(lines.len(), 10, "{lines:#?}");
+    for line in &lines {
+        assert!(line.contains("status=200"), "{line}");
+        assert!(!line.contains("connect_error"), "{line}");
+        let attempts = line.split("attempts=[").nth(1).unwrap_or("");
+        let attempts = attempts.split(']').next().unwrap_or("");
+        assert_eq!(attempts.split(',').count(), 1, "one attempt: {line}");
+    }
 }

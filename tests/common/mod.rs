@@ -183,16 +183,20 @@ fn accept_loop(
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let connection = {
-                let mut s = st.lock().unwrap();
-                s.connections += 1;
-                s.connections - 1
-            };
             let st = st.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req| handle(st.clone(), connection, req));
+                // A connection is counted (and numbered) by its first request: keygate's TCP
+                // health checks connect and close without sending one.
+                let number = Arc::new(std::sync::OnceLock::new());
+                let service = hyper::service::service_fn(move |req| {
+                    let connection = *number.get_or_init(|| {
+                        let mut s = st.lock().unwrap();
+                        s.connections += 1;
+                        s.connections - 1
+                    });
+                    handle(st.clone(), connection, req)
+                });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 match tls {
                     Some(acceptor) => {
@@ -497,6 +501,7 @@ impl Mock {
             .collect()
     }
 
+    /// Connections that carried at least one request (a bare TCP connect is not counted).
     pub fn connections(&self) -> usize {
         self.state.lock().unwrap().connections
     }

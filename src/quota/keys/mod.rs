@@ -600,6 +600,7 @@ pub(crate) mod tests {
                 tls: false,
                 host: "127.0.0.1".into(),
                 port: 1,
+                addresses: Vec::new(),
             },
             keys: keys
                 .iter()
