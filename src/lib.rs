@@ -37,18 +37,14 @@
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
 // across an await, unsafe code denied but for the one allowed in upstream.rs).
 
-pub mod alerts;
 pub mod config;
-pub mod egress;
-pub mod exchange;
 pub mod gateway;
-pub mod health;
 pub mod logging;
-pub mod metrics;
 pub mod ops;
 pub mod quota;
 pub mod runtime;
 pub mod secret;
+pub mod telemetry;
 pub mod tenants;
 pub mod upstream;
 pub mod wire;

@@ -3,10 +3,10 @@
 
 use super::client::prepare_downstream_header;
 use super::Ctx;
-use crate::exchange::{gunzip, is_gzip, Answer};
 use crate::quota::classify::{self, Outcome, MAX_CLASSIFY_BODY};
 use crate::quota::keys::{now_millis, Exhaustion, KeyId, KeyPool};
 use crate::tenants::Refusal;
+use crate::upstream::exchange::{gunzip, is_gzip, Answer};
 use crate::wire::error::GatewayError;
 use crate::wire::request::Api;
 use bytes::Bytes;

@@ -4,15 +4,15 @@
 use super::answers::{exhausted_error, fair_share_error};
 use super::client::unless_client_gone;
 use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
-use crate::alerts::Event;
-use crate::exchange::{
+use crate::quota::classify::{classify, classify_prefix, Outcome, MAX_CLASSIFY_BODY};
+use crate::quota::keys::{now_millis, KeyId, KeyPool, Transition};
+use crate::quota::plan::{Next, Plan, Then};
+use crate::runtime::health::Cause;
+use crate::runtime::Pool;
+use crate::telemetry::alerts::Event;
+use crate::upstream::exchange::{
     decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
 };
-use crate::health::{self, Cause};
-use crate::quota::classify::{classify, classify_prefix, Outcome, MAX_CLASSIFY_BODY};
-use crate::quota::keys::{now_millis, KeyId, KeyPool};
-use crate::quota::plan::{Next, Plan, Then};
-use crate::runtime::Pool;
 use crate::wire::error::GatewayError;
 use crate::wire::request;
 use chrono::Utc;
@@ -220,7 +220,7 @@ impl Gateway {
                             }
                         }
                         Then::Penalise(penalty) => {
-                            let change = health::penalise(penalty, job.model, job.method);
+                            let change = Transition::penalise(penalty, job.model, job.method);
                             self.shared
                                 .change_health(keys, key, change, Cause::Answer(&outcome));
                         }

@@ -3,7 +3,8 @@
 
 use super::{Ctx, CLIENT_GONE};
 use crate::config::ClientLimits;
-use crate::gateway::guard::{self, Reservation};
+use crate::gateway::guard;
+use crate::runtime::budget::Reservation;
 use crate::tenants::Tenant;
 use crate::wire::error::GatewayError;
 use crate::wire::request;

@@ -12,7 +12,7 @@ use crate::quota::keys::now_millis;
 use crate::tenants::Auth;
 use crate::wire::error::GatewayError;
 use crate::wire::request::{self, Api};
-use crate::{gateway::cors, quota::affinity, tenants::endpoints, wire::path};
+use crate::{quota::affinity, tenants::endpoints, wire::cors, wire::path};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::proxy::{ProxyHttp, Session};

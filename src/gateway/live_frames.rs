@@ -9,9 +9,10 @@
 //! per-message compression extension out of the handshake, so payloads are plain.
 
 use crate::config::ClientLimits;
-use crate::gateway::guard::{self, Reservation};
+use crate::gateway::guard;
 use crate::quota::affinity::Affinity;
 use crate::quota::keys::Millis;
+use crate::runtime::budget::Reservation;
 use crate::{wire::names, wire::request};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -481,7 +482,7 @@ mod tests {
         owners.bind_new("files/mine", owner("p1", "bob"), 0);
         owners.bind_new("files/elsewhere", owner("p2", "bob"), 0);
         owners.bind_new("files/alices", owner("p1", "alice"), 0);
-        let budget = guard::BodyBudget::new(1000);
+        let budget = crate::runtime::budget::BodyBudget::new(1000);
         let session = || {
             MessageCheck::new(
                 Arc::from("bob"),

@@ -10,17 +10,19 @@
 mod answers;
 mod attempts;
 mod client;
+pub mod guard;
 mod hooks;
 mod live;
+pub mod live_frames;
 mod place;
 mod relay;
 
-use crate::exchange::Answer;
-use crate::gateway::guard::Reservation;
 use crate::quota::classify::Outcome;
 use crate::quota::keys::{KeyId, KeyPool};
+use crate::runtime::budget::Reservation;
 use crate::runtime::{Pool, Runtime, Shared};
 use crate::tenants::{InFlight, Tenant};
+use crate::upstream::exchange::Answer;
 use crate::wire::error::GatewayError;
 use crate::wire::request;
 use bytes::Bytes;
@@ -151,6 +153,3 @@ enum Ending {
     /// The client hung up.
     ClientGone,
 }
-pub mod cors;
-pub mod guard;
-pub mod live_frames;

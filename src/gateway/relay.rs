@@ -5,12 +5,12 @@ use super::answers::{add_cors, error_reply, respond, scrub_headers, write_whole,
 use super::client::{client_gone, prepare_downstream_header, unless_client_gone};
 use super::place::counts_tokens;
 use super::{Ctx, Gateway, Job, Learn};
-use crate::exchange::{decoded_body, read_up_to, Answer};
 use crate::gateway::guard;
 use crate::logging::printable;
 use crate::quota::classify::Outcome;
 use crate::quota::keys::{now_millis, KeyId};
 use crate::tenants::Tenant;
+use crate::upstream::exchange::{decoded_body, read_up_to, Answer};
 use crate::wire::error::GatewayError;
 use crate::wire::usage::BodyTap;
 use crate::{quota::affinity, wire::names};

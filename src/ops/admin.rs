@@ -24,14 +24,14 @@
 //! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
 use crate::config::KeyConfig;
-use crate::health::Cause;
-use crate::metrics::PoolGauge;
 use crate::ops::keycheck::{check_key, KeyCheck};
 use crate::ops::lifecycle::reload_and_log;
 use crate::quota::keys::KeyReport;
 use crate::quota::keys::{now_millis, KeyId, KeyPool, Millis, Transition};
+use crate::runtime::health::Cause;
 use crate::runtime::{Pool, Shared};
 use crate::secret::{sha256, Secret};
+use crate::telemetry::metrics::PoolGauge;
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use http::{Response, StatusCode};

@@ -2,13 +2,13 @@
 //! records the answer through the health door.
 
 use crate::config::Timeouts;
-use crate::exchange::{
-    decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
-};
-use crate::health::{self, Cause};
 use crate::quota::classify::{self, classify, Outcome, Penalty, MAX_CLASSIFY_BODY};
 use crate::quota::keys::{Disabled, KeyId, KeyPool, Transition};
+use crate::runtime::health::Cause;
 use crate::runtime::{Pool, Shared};
+use crate::upstream::exchange::{
+    decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
+};
 use crate::upstream::Upstream;
 use crate::wire::request::{self, Api};
 use bytes::Bytes;
@@ -61,7 +61,7 @@ pub async fn check_key(
         }
         KeyCheck::Dead(reason) => {
             let dead = Penalty::DisableKey(*reason);
-            let transition = health::penalise(&dead, "", KEY_CHECK_PATH);
+            let transition = Transition::penalise(&dead, "", KEY_CHECK_PATH);
             shared.change_health(keys, key, transition, Cause::KeyCheck);
         }
         KeyCheck::Inconclusive(label) => log::info!(

@@ -1,3 +1,6 @@
+//! What operators touch: the admin API, the key check, the state file that carries health and
+//! affinity over restarts, and the process's life (signals, reload, readiness).
+
 pub mod admin;
 pub mod keycheck;
 pub mod lifecycle;

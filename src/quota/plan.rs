@@ -256,7 +256,11 @@ mod tests {
         let project = keys.key(key).project;
         let then = plan.answered(project, &outcome, outcome.verdict(at), true);
         if let Then::Penalise(penalty) = &then {
-            keys.change(key, crate::health::penalise(penalty, MODEL, METHOD), now);
+            keys.change(
+                key,
+                crate::quota::keys::Transition::penalise(penalty, MODEL, METHOD),
+                now,
+            );
         }
         then
     }

@@ -1,3 +1,8 @@
+//! Requests and answers as text: paths and queries as keygate and Google both read them, JSON
+//! strings, resource names, the upstream request, CORS, token usage, keys scrubbed from
+//! answers, and keygate's own Gemini-shaped errors. Knows nothing of keys or tenants.
+
+pub mod cors;
 pub mod error;
 pub mod json_strings;
 pub mod names;

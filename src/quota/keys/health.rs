@@ -71,6 +71,17 @@ pub enum Transition<'a> {
     },
 }
 
+impl<'a> Transition<'a> {
+    /// Google's refusal of a request on `model` / `method`: record `penalty`.
+    pub fn penalise(penalty: &'a Penalty, model: &'a str, method: &'a str) -> Transition<'a> {
+        Transition::Penalise {
+            penalty,
+            model,
+            method,
+        }
+    }
+}
+
 /// What a [`Transition`] changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Changed {

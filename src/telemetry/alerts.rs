@@ -12,7 +12,9 @@
 //! The webhook URL often is a credential itself (Slack and Discord put a token in the path), so
 //! it is never logged or echoed: logs and errors name the host only.
 
-use crate::config::{parse_upstream, PoolConfig, Timeouts};
+use crate::config::endpoint::parse_webhook_url;
+use crate::config::AlertConfig;
+use crate::config::{PoolConfig, Timeouts};
 use crate::quota::classify::DeadReason;
 use crate::quota::keys::Disabled;
 use crate::upstream::Upstream;
@@ -172,31 +174,6 @@ impl Event {
     }
 }
 
-/// Where and how alerts are sent.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AlertConfig {
-    /// The webhook: `http(s)://host[:port]/path` (a query is allowed).
-    pub url: String,
-    /// Least time between two sends of one distinct event (kind, pool, key or model).
-    pub min_interval: Duration,
-    /// Retries after the first try, on connect errors, timeouts, 5xx, 408 and 429.
-    pub retries: u32,
-    /// Limit on one try: resolving, connecting, sending and reading the answer's header.
-    pub timeout: Duration,
-}
-
-impl fmt::Debug for AlertConfig {
-    /// Shows the scheme and host only: the path of a webhook URL is often a secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AlertConfig")
-            .field("url", &redacted_url(&self.url))
-            .field("min_interval", &self.min_interval)
-            .field("retries", &self.retries)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
 /// Counters for tests and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AlertStats {
@@ -257,7 +234,7 @@ impl Alerts {
         first_backoff: Duration,
         tls_ca_file: Option<std::path::PathBuf>,
     ) -> Result<Alerts, String> {
-        let target = parse_url(&config.url)?;
+        let target = parse_webhook_url(&config.url)?;
         if config.timeout.is_zero() {
             return Err("the alert timeout must be more than zero".into());
         }
@@ -724,69 +701,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A parsed webhook URL.
-struct Target {
-    upstream: crate::config::UpstreamConfig,
-    /// Path and query, starting with `/`.
-    path: String,
-    /// The absolute URI, for HTTP/2.
-    uri: http::Uri,
-}
-
-/// Checks `http(s)://host[:port]/path[?query]`.
-fn parse_url(url: &str) -> Result<Target, String> {
-    const FORM: &str = "the webhook URL must be http(s)://host[:port]/path";
-    let url = url.trim();
-    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!("{FORM}: it contains spaces or control characters"));
-    }
-    let scheme_len = if url.starts_with("https://") {
-        8
-    } else if url.starts_with("http://") {
-        7
-    } else {
-        return Err(format!("{FORM}: it must start with http:// or https://"));
-    };
-    let rest = &url[scheme_len..];
-    let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    if path.contains('#') {
-        return Err(format!("{FORM}: no #fragment"));
-    }
-    if authority.contains('@') {
-        return Err(format!("{FORM}: no user or password before the host"));
-    }
-    let path = match path {
-        "" => "/".to_string(),
-        p if p.starts_with('?') => format!("/{p}"),
-        p => p.to_string(),
-    };
-    let upstream = parse_upstream(&format!("{}{authority}", &url[..scheme_len]))
-        .map_err(|e| format!("{FORM}: {e}"))?;
-    let path_and_query = http::uri::PathAndQuery::try_from(path.as_str())
-        .map_err(|_| format!("{FORM}: the path has characters a URL cannot carry"))?;
-    let uri = http::Uri::builder()
-        .scheme(if upstream.tls { "https" } else { "http" })
-        .authority(upstream.authority())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| format!("{FORM}: the host is not valid in a URL"))?;
-    Ok(Target {
-        upstream,
-        path,
-        uri,
-    })
-}
-
-/// `scheme://host[:port]/…`: the URL without its path and query.
-fn redacted_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let host = rest[..end].rsplit('@').next().unwrap_or("");
-    let tail = if end < rest.len() { "/…" } else { "" };
-    format!("{scheme}://{host}{tail}")
-}
-
 /// `text` without control characters, at most [`MAX_FIELD`] characters.
 fn clip(text: &str) -> String {
     text.chars()
@@ -857,6 +771,7 @@ fn human_seconds(s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::endpoint::redacted_url;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
     use std::collections::VecDeque;
@@ -1541,7 +1456,7 @@ mod tests {
 
     #[test]
     fn urls_are_checked_without_echoing_them() {
-        let ok = parse_url("https://hooks.slack.com/services/T0/B0/SECRET").unwrap();
+        let ok = parse_webhook_url("https://hooks.slack.com/services/T0/B0/SECRET").unwrap();
         assert!(ok.upstream.tls);
         assert_eq!(ok.upstream.host, "hooks.slack.com");
         assert_eq!(ok.upstream.port, 443);
@@ -1550,11 +1465,14 @@ mod tests {
             ok.uri.to_string(),
             "https://hooks.slack.com/services/T0/B0/SECRET"
         );
-        let ok = parse_url("http://[::1]:8080/hook?wait=true").unwrap();
+        let ok = parse_webhook_url("http://[::1]:8080/hook?wait=true").unwrap();
         assert_eq!((ok.upstream.host.as_str(), ok.upstream.port), ("::1", 8080));
         assert_eq!(ok.path, "/hook?wait=true");
-        assert_eq!(parse_url("http://example.com").unwrap().path, "/");
-        assert_eq!(parse_url("http://example.com?a=b").unwrap().path, "/?a=b");
+        assert_eq!(parse_webhook_url("http://example.com").unwrap().path, "/");
+        assert_eq!(
+            parse_webhook_url("http://example.com?a=b").unwrap().path,
+            "/?a=b"
+        );
 
         for bad in [
             "",
@@ -1569,7 +1487,7 @@ mod tests {
             "https://[::1/SECRET",
             "https://host/SECRET\u{7f}",
         ] {
-            let err = parse_url(bad)
+            let err = parse_webhook_url(bad)
                 .err()
                 .unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert!(err.starts_with("the webhook URL must be"), "{err}");

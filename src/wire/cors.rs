@@ -17,31 +17,6 @@ const METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 const EXPOSED: &str = "retry-after, x-goog-upload-url, x-goog-upload-status, \
     x-goog-upload-chunk-granularity, x-goog-upload-size-received, content-encoding";
 
-/// Request headers allowed by default: what the Gemini and OpenAI SDKs send from a browser.
-pub const DEFAULT_HEADERS: [&str; 21] = [
-    "x-goog-api-key",
-    "authorization",
-    "content-type",
-    "accept",
-    "x-access-token",
-    "x-goog-api-client",
-    "x-goog-user-project",
-    "x-goog-upload-protocol",
-    "x-goog-upload-command",
-    "x-goog-upload-header-content-length",
-    "x-goog-upload-header-content-type",
-    "x-goog-upload-offset",
-    "x-goog-upload-file-name",
-    "x-stainless-arch",
-    "x-stainless-lang",
-    "x-stainless-os",
-    "x-stainless-package-version",
-    "x-stainless-retry-count",
-    "x-stainless-runtime",
-    "x-stainless-runtime-version",
-    "x-stainless-timeout",
-];
-
 /// The CORS policy.
 #[derive(Debug, Clone)]
 pub struct Cors {
@@ -120,11 +95,12 @@ impl Cors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_CORS_HEADERS;
 
     fn cors(origins: &[&str]) -> Cors {
         Cors::new(&CorsConfig {
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
-            allowed_headers: DEFAULT_HEADERS.iter().map(|s| s.to_string()).collect(),
+            allowed_headers: DEFAULT_CORS_HEADERS.iter().map(|s| s.to_string()).collect(),
             max_age_seconds: 600,
         })
     }

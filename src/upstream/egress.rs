@@ -8,7 +8,7 @@
 //! connect error naming the pool's proxy: the request is retried like any connect error, and no
 //! key is blamed.
 
-use crate::secret::Secret;
+use crate::config::{ProxyConfig, ProxyKind};
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -24,103 +24,6 @@ use tokio_socks::tcp::Socks5Stream;
 
 /// Largest CONNECT answer head read.
 const MAX_CONNECT_HEAD: usize = 8 * 1024;
-
-/// The proxy protocols keygate speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyKind {
-    /// `http://`: an HTTP proxy, tunnelling with `CONNECT host:port`.
-    HttpConnect,
-    /// `socks5://`: a SOCKS5 proxy (RFC 1928), host names resolved by the proxy.
-    Socks5,
-}
-
-/// A pool's outbound proxy, as configured.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProxyConfig {
-    /// Protocol.
-    pub kind: ProxyKind,
-    /// The proxy's host.
-    pub host: String,
-    /// The proxy's port.
-    pub port: u16,
-    /// User name and password, from the environment.
-    pub auth: Option<(String, Secret)>,
-}
-
-impl ProxyConfig {
-    /// `scheme://host:port`, without credentials: how logs and errors name the proxy.
-    pub fn label(&self) -> String {
-        let scheme = match self.kind {
-            ProxyKind::HttpConnect => "http",
-            ProxyKind::Socks5 => "socks5",
-        };
-        format!("{scheme}://{}:{}", self.host, self.port)
-    }
-
-    /// Parses `http://host:port` or `socks5://host:port` (credentials are refused here: they come
-    /// from the environment).
-    pub fn parse(text: &str, auth: Option<(String, Secret)>) -> Result<ProxyConfig, String> {
-        let (kind, rest, default_port) = if let Some(r) = text.strip_prefix("http://") {
-            (ProxyKind::HttpConnect, r, 80)
-        } else if let Some(r) = text.strip_prefix("socks5://") {
-            (ProxyKind::Socks5, r, 1080)
-        } else if let Some(r) = text.strip_prefix("socks5h://") {
-            (ProxyKind::Socks5, r, 1080)
-        } else {
-            return Err("must start with http:// (CONNECT) or socks5://".into());
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains('@') {
-            return Err(
-                "credentials may not be written in the URL; put `user:password` in the environment variable named by proxy_auth_env".into(),
-            );
-        }
-        if rest.is_empty() || rest.contains(['/', '?', '#']) {
-            return Err("must be scheme://host[:port] with no path".into());
-        }
-        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or("an IPv6 address needs its closing bracket")?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => parse_port(p)?,
-                None if after.is_empty() => default_port,
-                None => return Err("expected :port after the IPv6 address".into()),
-            };
-            (host.to_string(), port)
-        } else if rest.matches(':').count() > 1 {
-            return Err("write an IPv6 proxy address in brackets: [::1]:3128".into());
-        } else {
-            match rest.split_once(':') {
-                Some((h, p)) => (h.to_string(), parse_port(p)?),
-                None => (rest.to_string(), default_port),
-            }
-        };
-        Ok(ProxyConfig {
-            kind,
-            host,
-            port,
-            auth,
-        })
-    }
-}
-
-fn parse_port(p: &str) -> Result<u16, String> {
-    p.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{p:?} is not a port"))
-}
-
-impl fmt::Debug for ProxyConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.label())?;
-        if self.auth.is_some() {
-            f.write_str(" (with credentials)")?;
-        }
-        Ok(())
-    }
-}
 
 /// The connect step of one pool's upstream through its proxy.
 #[derive(Debug)]
@@ -284,6 +187,7 @@ fn socks_error(e: tokio_socks::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
 
     #[test]
     fn parses_proxy_urls_without_credentials() {

@@ -6,17 +6,20 @@
 //! started with. [`UpstreamKeeper`] keeps the upstreams of the runtime in force looked up and
 //! health-checked.
 
-use crate::alerts::{Alerts, Event};
+pub mod budget;
+pub mod health;
+
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
-use crate::gateway::cors::Cors;
-use crate::gateway::guard::BodyBudget;
-use crate::metrics::Metrics;
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::KeyPool;
+use crate::telemetry::alerts::{Alerts, Event};
+use crate::telemetry::metrics::Metrics;
 use crate::tenants::{FairShare, Tenant, Tenants};
 use crate::upstream::{self, Upstream};
+use crate::wire::cors::Cors;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use budget::BodyBudget;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::sync::Arc;

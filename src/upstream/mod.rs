@@ -4,9 +4,11 @@
 //! connections across requests and attempts.
 
 mod addresses;
+pub mod egress;
+pub mod exchange;
 
 use crate::config::{PoolConfig, Timeouts, UpstreamConfig};
-use crate::egress::ProxyConnect;
+use crate::upstream::egress::ProxyConnect;
 use addresses::{Addresses, Resolve, System};
 use arc_swap::ArcSwap;
 use pingora::connectors::http::Connector;

@@ -5,10 +5,10 @@
 //! health table's one door, and turns what changed into log lines, alerts and metrics. A key
 //! already out is not news: nothing is said twice.
 
-use crate::alerts::Event;
-use crate::quota::classify::{Outcome, Penalty};
+use crate::quota::classify::Outcome;
 use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Transition};
 use crate::runtime::Shared;
+use crate::telemetry::alerts::Event;
 use std::sync::Arc;
 
 /// Who changed a key's health.
@@ -91,14 +91,5 @@ impl Shared {
                 key: fp.clone(),
             });
         }
-    }
-}
-
-/// The transition recording `penalty` for a request on `model` / `method`.
-pub fn penalise<'a>(penalty: &'a Penalty, model: &'a str, method: &'a str) -> Transition<'a> {
-    Transition::Penalise {
-        penalty,
-        model,
-        method,
     }
 }
