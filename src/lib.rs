@@ -162,7 +162,7 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         service.set_connection_filter(Arc::new(gateway::guard::AtCapacity(admin_connections)));
         service.add_tcp(&admin.listen.to_string());
         server.add_service(service);
-        let checker = ops::admin::KeyChecker::new(shared.clone(), admin.key_check_interval);
+        let checker = ops::keycheck::KeyChecker::new(shared.clone(), admin.key_check_interval);
         server.add_service(background_service("key check", checker));
     }
     if let Some(alerts) = &shared.alerts {

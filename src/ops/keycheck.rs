@@ -11,9 +11,12 @@ use crate::upstream::exchange::{
 };
 use crate::upstream::Upstream;
 use crate::wire::request::{self, Api};
+use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession as ClientSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,4 +136,70 @@ pub(crate) async fn fetch(
         }
     }
     Ok((answer.header.status.as_u16(), body))
+}
+
+/// Checks every key on a slow schedule, so dead keys are found before a request needs them and
+/// recovered ones come back.
+pub struct KeyChecker {
+    shared: Arc<Shared>,
+    interval: Duration,
+}
+
+impl KeyChecker {
+    /// A checker running every `interval`.
+    pub fn new(shared: Arc<Shared>, interval: Duration) -> KeyChecker {
+        KeyChecker { shared, interval }
+    }
+}
+
+/// Pause between two keys' checks, so a large pool is not checked in one burst.
+const BETWEEN_CHECKS: Duration = Duration::from_millis(500);
+
+#[async_trait]
+impl BackgroundService for KeyChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if self.interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            // The keys to check, by name: each is looked up again when its turn comes, so a
+            // check lands in the pool as it is then (after a reload or an admin change).
+            let todo: Vec<(String, String)> = self
+                .shared
+                .runtime
+                .load()
+                .pools
+                .iter()
+                .flat_map(|pool| {
+                    let keys = pool.keys.load();
+                    (0..keys.len())
+                        .map(|k| {
+                            (
+                                pool.name().to_string(),
+                                keys.key(KeyId(k as u32)).fingerprint.clone(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for (pool_name, fingerprint) in todo {
+                let rt = self.shared.runtime.load_full();
+                let Some(pool) = rt.pools.iter().find(|p| p.name() == pool_name) else {
+                    continue;
+                };
+                let keys = pool.keys.load_full();
+                if let Some(id) = keys.find(&fingerprint) {
+                    check_key(&self.shared, pool, &keys, id, rt.timeouts).await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(BETWEEN_CHECKS) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,394 @@
+use super::*;
+
+const PER_MINUTE: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. ...","status":"RESOURCE_EXHAUSTED","details":[
+ {"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-pro"},"quotaValue":"5"}]},
+ {"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"...","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+ {"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"53s"}]}}"#;
+
+fn with_quota(ids: &[&str], delay: Option<&str>) -> String {
+    let violations: Vec<String> = ids
+        .iter()
+        .map(|id| format!(r#"{{"quotaId":"{id}","quotaDimensions":{{"model":"m"}}}}"#))
+        .collect();
+    let mut details = vec![format!(
+        r#"{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{}]}}"#,
+        violations.join(",")
+    )];
+    if let Some(d) = delay {
+        details.push(format!(
+            r#"{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{d}"}}"#
+        ));
+    }
+    format!(
+        r#"{{"error":{{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED","details":[{}]}}}}"#,
+        details.join(",")
+    )
+}
+
+fn error_info(code: u16, status: &str, message: &str, reason: &str) -> String {
+    format!(
+        r#"{{"error":{{"code":{code},"message":"{message}","status":"{status}","details":[{{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"{reason}","domain":"googleapis.com","metadata":{{"service":"generativelanguage.googleapis.com"}}}}]}}}}"#
+    )
+}
+
+fn plain(code: u16, status: &str, message: &str) -> String {
+    format!(r#"{{"error":{{"code":{code},"message":"{message}","status":"{status}"}}}}"#)
+}
+
+#[test]
+fn per_minute_quota_cools_for_retry_delay_plus_one_second() {
+    assert_eq!(
+        classify(429, PER_MINUTE.as_bytes()),
+        Outcome::QuotaShort {
+            cooldown: Duration::from_secs(54)
+        }
+    );
+    let tokens = with_quota(
+        &["GenerateContentInputTokensPerModelPerMinute"],
+        Some("7.5s"),
+    );
+    assert_eq!(
+        classify(429, tokens.as_bytes()),
+        Outcome::QuotaShort {
+            cooldown: Duration::from_millis(8500)
+        }
+    );
+}
+
+#[test]
+fn a_long_retry_delay_on_a_per_minute_quota_is_capped() {
+    let week = with_quota(
+        &["GenerateRequestsPerMinutePerProjectPerModel"],
+        Some("604800s"),
+    );
+    assert_eq!(
+        classify(429, week.as_bytes()),
+        Outcome::QuotaShort {
+            cooldown: MAX_SHORT_COOLDOWN
+        }
+    );
+    // Not Duration syntax: as if there were no RetryInfo (a minute).
+    let odd = with_quota(
+        &["GenerateRequestsPerMinutePerProjectPerModel"],
+        Some("1e5s"),
+    );
+    assert_eq!(
+        classify(429, odd.as_bytes()),
+        Outcome::QuotaShort {
+            cooldown: Duration::from_secs(60)
+        }
+    );
+}
+
+#[test]
+fn a_body_cut_at_the_limit_is_classified_on_its_prefix() {
+    let padded = PER_MINUTE.replace(
+        r#""description":"...""#,
+        &format!(r#""description":"{}""#, "x".repeat(70_000)),
+    );
+    let prefix = &padded.as_bytes()[..MAX_CLASSIFY_BODY];
+    // The RetryInfo is past the cut: the quota id alone says per minute, a minute's cooldown.
+    assert_eq!(
+        classify_prefix(429, prefix),
+        Outcome::QuotaShort {
+            cooldown: Duration::from_secs(60)
+        }
+    );
+    let daily = with_quota(
+        &["GenerateRequestsPerDayPerProjectPerModel-FreeTier"],
+        Some("22s"),
+    );
+    assert_eq!(
+        classify_prefix(429, &daily.as_bytes()[..daily.len() - 5]),
+        Outcome::QuotaDaily
+    );
+    let suspended = error_info(
+        403,
+        "PERMISSION_DENIED",
+        "Consumer has been suspended.",
+        "CONSUMER_SUSPENDED",
+    );
+    assert_eq!(
+        classify_prefix(403, &suspended.as_bytes()[..suspended.len() - 10]),
+        Outcome::KeyDead(DeadReason::Suspended)
+    );
+    assert_eq!(
+        classify_prefix(429, br#"{"error":{"code":429,"message":"xxxx"#),
+        Outcome::SharedCapacity
+    );
+    assert_eq!(classify_prefix(400, b"garbage"), Outcome::ClientError);
+    assert_eq!(classify_prefix(503, b""), Outcome::ServerError);
+    assert!(Outcome::KeyDead(DeadReason::Invalid).is_key_level());
+    assert!(Outcome::BillingExhausted.is_key_level());
+    assert!(Outcome::MethodBlocked.is_key_level());
+    assert!(!Outcome::QuotaDaily.is_key_level());
+}
+
+#[test]
+fn per_minute_quota_without_retry_info_cools_a_minute() {
+    let body = with_quota(&["GenerateRequestsPerMinutePerProjectPerModel"], None);
+    assert_eq!(
+        classify(429, body.as_bytes()),
+        Outcome::QuotaShort {
+            cooldown: Duration::from_secs(60)
+        }
+    );
+}
+
+#[test]
+fn per_day_quota_ignores_its_short_retry_delay_and_wins_over_per_minute() {
+    let day = with_quota(
+        &["GenerateRequestsPerDayPerProjectPerModel-FreeTier"],
+        Some("22s"),
+    );
+    assert_eq!(classify(429, day.as_bytes()), Outcome::QuotaDaily);
+    let both = with_quota(
+        &[
+            "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+            "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+        ],
+        Some("22s"),
+    );
+    assert_eq!(classify(429, both.as_bytes()), Outcome::QuotaDaily);
+}
+
+#[test]
+fn bare_429_is_shared_capacity() {
+    let body = plain(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Resource has been exhausted (e.g. check quota).",
+    );
+    assert_eq!(classify(429, body.as_bytes()), Outcome::SharedCapacity);
+    assert_eq!(classify(429, b"not json"), Outcome::SharedCapacity);
+    assert_eq!(classify(429, b""), Outcome::SharedCapacity);
+}
+
+#[test]
+fn billing_and_dead_keys() {
+    let body = plain(
+        402,
+        "RESOURCE_EXHAUSTED",
+        "Your prepayment credits are depleted.",
+    );
+    assert_eq!(classify(402, body.as_bytes()), Outcome::BillingExhausted);
+    let invalid = error_info(
+        400,
+        "INVALID_ARGUMENT",
+        "API key not valid. Please pass a valid API key.",
+        "API_KEY_INVALID",
+    );
+    assert_eq!(
+        classify(400, invalid.as_bytes()),
+        Outcome::KeyDead(DeadReason::Invalid)
+    );
+    // The reason decides, not the message: "API key expired" carries the same reason.
+    let expired = error_info(
+        400,
+        "INVALID_ARGUMENT",
+        "API key expired. Please renew the API key.",
+        "API_KEY_INVALID",
+    );
+    assert_eq!(
+        classify(400, expired.as_bytes()),
+        Outcome::KeyDead(DeadReason::Invalid)
+    );
+    let suspended = error_info(
+        403,
+        "PERMISSION_DENIED",
+        "Permission denied: Consumer has been suspended.",
+        "CONSUMER_SUSPENDED",
+    );
+    assert_eq!(
+        classify(403, suspended.as_bytes()),
+        Outcome::KeyDead(DeadReason::Suspended)
+    );
+    let disabled = error_info(
+        403,
+        "PERMISSION_DENIED",
+        "API has not been used in project",
+        "SERVICE_DISABLED",
+    );
+    assert_eq!(
+        classify(403, disabled.as_bytes()),
+        Outcome::KeyDead(DeadReason::ServiceDisabled)
+    );
+    let blocked = error_info(
+        403,
+        "PERMISSION_DENIED",
+        "Requests to this API method are blocked.",
+        "API_KEY_SERVICE_BLOCKED",
+    );
+    assert_eq!(classify(403, blocked.as_bytes()), Outcome::MethodBlocked);
+}
+
+#[test]
+fn openai_array_wrapped_errors_are_understood() {
+    let invalid = error_info(
+        400,
+        "INVALID_ARGUMENT",
+        "API key not valid.",
+        "API_KEY_INVALID",
+    );
+    let wrapped = format!("[{invalid}]");
+    assert_eq!(
+        classify(400, wrapped.as_bytes()),
+        Outcome::KeyDead(DeadReason::Invalid)
+    );
+    let quota = format!("[{PER_MINUTE}]");
+    assert!(matches!(
+        classify(429, quota.as_bytes()),
+        Outcome::QuotaShort { .. }
+    ));
+}
+
+#[test]
+fn answers_that_are_not_the_keys_fault() {
+    let location = plain(
+        400,
+        "FAILED_PRECONDITION",
+        "User location is not supported for the API use.",
+    );
+    assert_eq!(
+        classify(400, location.as_bytes()),
+        Outcome::LocationUnsupported
+    );
+    let unregistered = plain(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.");
+    assert_eq!(
+        classify(403, unregistered.as_bytes()),
+        Outcome::NoKeyReachedGoogle
+    );
+    let file = plain(
+        403,
+        "PERMISSION_DENIED",
+        "You do not have permission to access the File abc or it may not exist.",
+    );
+    assert_eq!(
+        classify(403, file.as_bytes()),
+        Outcome::ResourceOfOtherProject
+    );
+    let bad_request = plain(400, "INVALID_ARGUMENT", "Invalid JSON payload received.");
+    assert_eq!(classify(400, bad_request.as_bytes()), Outcome::ClientError);
+    assert_eq!(classify(404, b""), Outcome::ClientError);
+    assert_eq!(classify(503, b""), Outcome::ServerError);
+    assert_eq!(classify(500, b""), Outcome::ServerError);
+    assert_eq!(classify(501, b""), Outcome::ClientError);
+    assert_eq!(classify(200, b""), Outcome::Success);
+}
+
+#[test]
+fn verdicts_follow_the_table() {
+    let now = Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap();
+    assert_eq!(
+        Outcome::QuotaShort {
+            cooldown: Duration::from_secs(54)
+        }
+        .verdict(now),
+        Verdict::OtherKey(Penalty::CoolProjectModel {
+            until: now + ChronoDuration::seconds(54)
+        })
+    );
+    assert_eq!(Outcome::SharedCapacity.verdict(now), Verdict::Transient);
+    assert_eq!(Outcome::ServerError.verdict(now), Verdict::Transient);
+    assert_eq!(Outcome::ClientError.verdict(now), Verdict::PassThrough);
+    assert_eq!(
+        Outcome::LocationUnsupported.verdict(now),
+        Verdict::PassThrough
+    );
+    assert_eq!(
+        Outcome::ResourceOfOtherProject.verdict(now),
+        Verdict::PassThrough
+    );
+    assert_eq!(
+        Outcome::BillingExhausted.verdict(now),
+        Verdict::OtherKey(Penalty::DisableProject)
+    );
+}
+
+#[test]
+fn retry_delays_parse() {
+    assert_eq!(parse_retry_delay("53s"), Some(Duration::from_secs(53)));
+    assert_eq!(parse_retry_delay("0.25s"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_retry_delay("53"), None);
+    assert_eq!(parse_retry_delay("-1s"), None);
+    assert_eq!(parse_retry_delay("NaNs"), None);
+    assert_eq!(parse_retry_delay("1e5s"), None);
+    assert_eq!(parse_retry_delay(" 5s"), None);
+    assert_eq!(parse_retry_delay("5.s"), None);
+    assert_eq!(parse_retry_delay(".5s"), None);
+    assert_eq!(parse_retry_delay("1.0000000001s"), None);
+    assert_eq!(parse_retry_delay("inf s"), None);
+    assert_eq!(
+        parse_retry_delay("1.234567891s"),
+        Some(Duration::new(1, 234_567_891))
+    );
+    assert_eq!(
+        parse_retry_delay("604800s"),
+        Some(Duration::from_secs(604_800))
+    );
+    assert_eq!(parse_retry_delay("99999999999999s"), None);
+}
+
+fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
+}
+
+#[test]
+fn daily_reset_in_winter_and_summer() {
+    // 2026-01-15 10:00 PST = 18:00 UTC; next midnight PST = 2026-01-16 08:00 UTC.
+    assert_eq!(
+        next_midnight_los_angeles(utc(2026, 1, 15, 18, 0)),
+        utc(2026, 1, 16, 8, 0)
+    );
+    // 2026-07-15 10:00 PDT = 17:00 UTC; next midnight PDT = 2026-07-16 07:00 UTC.
+    assert_eq!(
+        next_midnight_los_angeles(utc(2026, 7, 15, 17, 0)),
+        utc(2026, 7, 16, 7, 0)
+    );
+    // One minute before midnight: the reset is one minute away, not a day.
+    assert_eq!(
+        next_midnight_los_angeles(utc(2026, 7, 16, 6, 59)),
+        utc(2026, 7, 16, 7, 0)
+    );
+    // Exactly at midnight: the next reset is the following one.
+    assert_eq!(
+        next_midnight_los_angeles(utc(2026, 7, 16, 7, 0)),
+        utc(2026, 7, 17, 7, 0)
+    );
+}
+
+#[test]
+fn daily_reset_across_spring_forward() {
+    // DST starts 2026-03-08 at 02:00 PST. The day of March 8 is 23 hours long.
+    let before = utc(2026, 3, 8, 7, 30); // 2026-03-07 23:30 PST
+    assert_eq!(next_midnight_los_angeles(before), utc(2026, 3, 8, 8, 0));
+    let after = utc(2026, 3, 8, 19, 0); // 2026-03-08 12:00 PDT
+    assert_eq!(next_midnight_los_angeles(after), utc(2026, 3, 9, 7, 0));
+    let day_start = utc(2026, 3, 8, 8, 0);
+    assert_eq!(
+        next_midnight_los_angeles(day_start) - day_start,
+        ChronoDuration::hours(23)
+    );
+}
+
+#[test]
+fn daily_reset_across_fall_back() {
+    // DST ends 2026-11-01 at 02:00 PDT. The day of November 1 is 25 hours long.
+    let before = utc(2026, 11, 1, 6, 30); // 2026-10-31 23:30 PDT
+    assert_eq!(next_midnight_los_angeles(before), utc(2026, 11, 1, 7, 0));
+    let day_start = utc(2026, 11, 1, 7, 0);
+    assert_eq!(next_midnight_los_angeles(day_start), utc(2026, 11, 2, 8, 0));
+    assert_eq!(
+        next_midnight_los_angeles(day_start) - day_start,
+        ChronoDuration::hours(25)
+    );
+    // 01:30 happens twice that night; either way the reset is the coming midnight PST.
+    assert_eq!(
+        next_midnight_los_angeles(utc(2026, 11, 1, 8, 30)), // 01:30 PDT
+        utc(2026, 11, 2, 8, 0)
+    );
+    assert_eq!(
+        next_midnight_los_angeles(utc(2026, 11, 1, 9, 30)), // 01:30 PST
+        utc(2026, 11, 2, 8, 0)
+    );
+}
