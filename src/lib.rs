@@ -2,51 +2,33 @@
 //! of API keys, reads Google's quota errors, cools the (project, model) that ran dry for as long
 //! as Google says, and replays the same request on another key.
 //!
-//! Modules, by responsibility:
-//! - [`config`]: the YAML file and its validated runtime form;
-//! - [`secret`]: keys and tokens that never print, and their fingerprints;
-//! - [`classify`]: what an upstream answer means (pure);
-//! - [`keys`]: the key pool and its health table (pick a key, record a failure);
-//! - [`plan`]: the attempt plan: which key next, what each answer means (pure);
-//! - [`cors`]: browser access (preflights and CORS headers);
-//! - [`tenants`]: client authentication, per-tenant limits and fair shares;
-//! - [`affinity`]: which project owns a file, cache, batch... and uploads in progress;
-//! - [`names`]: the names of those resources in requests, answers and listings;
-//! - [`json_strings`]: the string literals of a JSON text, escapes decoded;
-//! - [`path`]: the request path and query as keygate and Google both read them;
-//! - [`usage`]: token counts read from answers as they stream by;
-//! - [`request`]: the client request and its upstream form (pure);
-//! - [`scrub`]: pool keys replaced by their fingerprints in the answers keygate relays;
-//! - [`egress`]: outbound HTTP CONNECT and SOCKS5 proxies;
-//! - [`endpoints`]: what a tenant's request may be (endpoints deny by default, query, body);
-//! - [`live_frames`]: a Live session's client frames, read so each message can be checked;
-//! - [`upstream`]: upstream addresses (looked up, health-checked, chosen round-robin) and the
-//!   connection pool;
-//! - [`runtime`]: pools, tenants and tables shared by the proxy and the admin API, and the
-//!   service that keeps their upstreams looked up and health-checked;
-//! - [`proxy`]: the Pingora hooks and the attempt loop;
-//! - [`alerts`]: webhook alerts (pool exhausted, key disabled, key recovered);
-//! - [`admin`]: the admin API (health, metrics, keys, tenants) and the scheduled key check;
-//! - [`metrics`]: Prometheus metrics with bounded label values;
-//! - [`state`]: the state file that carries the health and affinity tables over restarts;
-//! - [`lifecycle`]: signals, configuration reload, readiness notification;
-//! - [`guard`]: the cap on client connections and the request header deadline;
-//! - [`logging`]: the log, with other crates capped at `info` and client values escaped;
-//! - [`error`]: keygate's own Gemini-shaped error answers.
+//! The parts, from the bottom layer up (a part imports only from parts listed before it;
+//! `tests/layout.rs` checks it):
+//! - [`secret`], [`logging`]: keys and tokens that never print; the log, client values escaped;
+//! - [`config`]: the YAML file, its validation, and the one endpoint parser;
+//! - [`wire`]: requests and answers as text (paths, JSON strings, names, CORS, usage, errors);
+//! - [`quota`]: what Google's answers mean, the key pool with its one door for health changes,
+//!   the attempt plan, resource affinity;
+//! - [`tenants`]: authentication, limits, fair shares, and what a tenant's request may be;
+//! - `upstream`: addresses (health-checked), connections, the one exchange, egress proxies;
+//! - `telemetry`: Prometheus metrics and webhook alerts;
+//! - `runtime`: what the gateway and the admin API share; health changes made known;
+//! - `gateway`: the Pingora hooks and the one attempt loop, for requests and Live sessions;
+//! - `ops`: the admin API, key checks, the state file, signals and reload.
 
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
-// across an await, unsafe code denied but for the one allowed in upstream.rs).
+// across an await, unsafe code denied but for the one allowed in upstream/mod.rs).
 
 pub mod config;
-pub mod gateway;
+pub(crate) mod gateway;
 pub mod logging;
-pub mod ops;
+pub(crate) mod ops;
 pub mod quota;
-pub mod runtime;
+pub(crate) mod runtime;
 pub mod secret;
-pub mod telemetry;
+pub(crate) mod telemetry;
 pub mod tenants;
-pub mod upstream;
+pub(crate) mod upstream;
 pub mod wire;
 
 use config::Config;

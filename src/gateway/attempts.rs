@@ -221,8 +221,7 @@ impl Gateway {
                         }
                         Then::Penalise(penalty) => {
                             let change = Transition::penalise(penalty, job.model, job.method);
-                            self.shared
-                                .change_health(keys, key, change, Cause::Answer(&outcome));
+                            self.shared.change_health(keys, key, change, Cause::Answer);
                         }
                         Then::Wait(_) | Then::Again | Then::Fail => {}
                     }

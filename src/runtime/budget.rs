@@ -23,6 +23,7 @@ impl BodyBudget {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.used.load(Relaxed)
     }

@@ -5,7 +5,6 @@
 //! health table's one door, and turns what changed into log lines, alerts and metrics. A key
 //! already out is not news: nothing is said twice.
 
-use crate::quota::classify::Outcome;
 use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Transition};
 use crate::runtime::Shared;
 use crate::telemetry::alerts::Event;
@@ -13,9 +12,9 @@ use std::sync::Arc;
 
 /// Who changed a key's health.
 #[derive(Debug, Clone, Copy)]
-pub enum Cause<'a> {
+pub enum Cause {
     /// Google's answer to a request sent with the key.
-    Answer(&'a Outcome),
+    Answer,
     /// The key check (scheduled or asked for through the admin API).
     KeyCheck,
     /// An operator, through the admin API.
@@ -31,7 +30,7 @@ impl Shared {
         keys: &Arc<KeyPool>,
         key: KeyId,
         transition: Transition<'_>,
-        cause: Cause<'_>,
+        cause: Cause,
     ) -> Changed {
         let now = crate::quota::keys::now_millis();
         let changed = keys.change(key, transition, now);
@@ -53,16 +52,16 @@ impl Shared {
     }
 
     /// The log lines, alerts and metrics for a change.
-    fn say(&self, keys: &KeyPool, key: KeyId, cause: Cause<'_>, changed: &Changed) {
+    fn say(&self, keys: &KeyPool, key: KeyId, cause: Cause, changed: &Changed) {
         let pool = keys.name();
         let fp = &keys.key(key).fingerprint;
         if let Some(reason) = changed.went_out() {
             match (cause, reason) {
-                (Cause::Answer(_), Disabled::Billing) => log::warn!(
+                (Cause::Answer, Disabled::Billing) => log::warn!(
                     "pool {pool}: project {} is out of prepaid credit (402); its keys stay out until an operator enables one of them, or a restart",
                     keys.project_name(keys.key(key).project)
                 ),
-                (Cause::Answer(_), _) => log::warn!(
+                (Cause::Answer, _) => log::warn!(
                     "pool {pool}: disabling {fp}: {}; it stays out until a key check finds it working, an operator enables it, or a restart",
                     reason.as_str()
                 ),

@@ -132,11 +132,6 @@ impl Upstream {
         }
     }
 
-    /// The host name, for messages.
-    pub fn host(&self) -> &str {
-        &self.config.host
-    }
-
     /// What keeps the upstream from having an address, if anything: for `/readyz` and for the
     /// answer to requests that cannot be sent.
     pub fn address_problem(&self) -> Option<String> {
