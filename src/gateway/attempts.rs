@@ -11,7 +11,8 @@ use crate::runtime::health::Cause;
 use crate::runtime::Pool;
 use crate::telemetry::alerts::Event;
 use crate::upstream::exchange::{
-    decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
+    connect, decoded_body, read_final_header, read_up_to, release, write_request, Answer,
+    AnswerBody, ConnectError, Connection,
 };
 use crate::wire::error::GatewayError;
 use crate::wire::request;
@@ -33,6 +34,15 @@ pub(super) enum SendError {
     Exchange { error: Box<Error>, reused: bool },
     /// The client hung up while the answer was awaited.
     ClientGone,
+}
+
+impl From<ConnectError> for SendError {
+    fn from(e: ConnectError) -> SendError {
+        match e {
+            ConnectError::Unresolved(why) => SendError::Unresolved(why),
+            ConnectError::Connect(e) => SendError::Connect(e),
+        }
+    }
 }
 
 impl SendError {
@@ -324,15 +334,11 @@ impl Gateway {
     ) -> Result<Answer, SendError> {
         let upstream = &pool.upstream;
         let timeouts = job.rt.timeouts;
-        let peer = upstream
-            .peer(timeouts.connect)
-            .await
-            .map_err(SendError::Unresolved)?;
-        let (mut http, reused) = upstream
-            .connector
-            .get_http_session(&*peer)
-            .await
-            .map_err(SendError::Connect)?;
+        let Connection {
+            mut http,
+            peer,
+            reused,
+        } = connect(upstream, timeouts.connect, false).await?;
         let target = request::Target {
             authority: upstream.authority(),
             tls: upstream.tls(),

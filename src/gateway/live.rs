@@ -11,7 +11,7 @@ use crate::quota::classify::Outcome;
 use crate::quota::keys::{now_millis, KeyId, KeyPool};
 use crate::runtime::{Route, Runtime};
 use crate::tenants::Tenant;
-use crate::upstream::exchange::{read_final_header, Answer};
+use crate::upstream::exchange::{connect, read_final_header, Answer};
 use crate::wire::error::GatewayError;
 use crate::wire::request::{self, Api};
 use bytes::Bytes;
@@ -150,15 +150,7 @@ impl Gateway {
     ) -> Result<(ClientSession, ResponseHeader), SendError> {
         let upstream = &job.pool.upstream;
         let timeouts = job.rt.timeouts;
-        let peer = upstream
-            .websocket_peer(timeouts.connect)
-            .await
-            .map_err(SendError::Unresolved)?;
-        let (mut http, _) = upstream
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(SendError::Connect)?;
+        let mut http = connect(upstream, timeouts.connect, true).await?.http;
         let target = request::Target {
             authority: upstream.authority(),
             tls: upstream.tls(),

@@ -7,7 +7,8 @@ use crate::quota::keys::{Disabled, KeyId, KeyPool, Transition};
 use crate::runtime::health::Cause;
 use crate::runtime::{Pool, Shared};
 use crate::upstream::exchange::{
-    decoded_body, read_final_header, read_up_to, release, write_request, Answer, AnswerBody,
+    connect, decoded_body, read_final_header, read_up_to, release, write_request, Answer,
+    AnswerBody, Connection,
 };
 use crate::upstream::Upstream;
 use crate::wire::request::{self, Api};
@@ -82,15 +83,9 @@ pub(crate) async fn fetch(
     key: &str,
     timeouts: Timeouts,
 ) -> Result<(u16, Vec<u8>), &'static str> {
-    let peer = upstream
-        .peer(timeouts.connect)
+    let Connection { mut http, peer, .. } = connect(upstream, timeouts.connect, false)
         .await
-        .map_err(|_| "unresolved")?;
-    let (mut http, _) = upstream
-        .connector
-        .get_http_session(&*peer)
-        .await
-        .map_err(|_| "connect_error")?;
+        .map_err(|e| e.label())?;
     let client = RequestHeader::build("GET", KEY_CHECK_PATH.as_bytes(), None)
         .map_err(|_| "request_error")?;
     let forward = request::Forward {

@@ -28,6 +28,64 @@ pub(crate) struct AnswerBody {
     pub(crate) complete: bool,
 }
 
+/// A connection to an upstream, ready for an exchange.
+pub(crate) struct Connection {
+    pub(crate) http: ClientSession,
+    /// The peer it goes to: the connection goes back to the pool under it.
+    pub(crate) peer: Arc<HttpPeer>,
+    /// Whether it came from the pool (it may have been closed by the upstream meanwhile).
+    pub(crate) reused: bool,
+}
+
+/// Why there is no connection.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    /// The host has no address: why.
+    Unresolved(String),
+    /// Connecting (TCP, TLS, or through the outbound proxy) failed.
+    Connect(Box<pingora::Error>),
+}
+
+impl ConnectError {
+    /// A short label for logs and key checks.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            ConnectError::Unresolved(_) => "unresolved",
+            ConnectError::Connect(_) => "connect_error",
+        }
+    }
+}
+
+/// The first step of every outbound call (attempts, Live upgrades, key checks, webhooks): a
+/// peer round-robin over the upstream's healthy addresses, waiting up to `wait` for the first
+/// lookup, and a connection to it from Pingora's pool or a new one. `websocket`: a fresh
+/// HTTP/1.1 connection with no read timeout, for a WebSocket upgrade.
+pub(crate) async fn connect(
+    upstream: &Upstream,
+    wait: Duration,
+    websocket: bool,
+) -> Result<Connection, ConnectError> {
+    let peer = if websocket {
+        Arc::new(
+            upstream
+                .websocket_peer(wait)
+                .await
+                .map_err(ConnectError::Unresolved)?,
+        )
+    } else {
+        upstream
+            .peer(wait)
+            .await
+            .map_err(ConnectError::Unresolved)?
+    };
+    let (http, reused) = upstream
+        .connector
+        .get_http_session(&*peer)
+        .await
+        .map_err(ConnectError::Connect)?;
+    Ok(Connection { http, peer, reused })
+}
+
 /// Writes the request: header and body leave in one transmit (see [`crate::upstream::Cork`]).
 pub(crate) async fn write_request(
     http: &mut ClientSession,
@@ -119,6 +177,7 @@ pub(crate) fn is_gzip(header: &ResponseHeader) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"))
 }
 
+/// Gives a connection whose answer was read whole back to the pool, for `idle` at most.
 pub(crate) async fn release(
     upstream: &Upstream,
     mut http: ClientSession,

@@ -2,6 +2,10 @@
 //! backoff, and flushes what is left (within a budget) when keygate shuts down.
 
 use super::{lock, Event, Inner, Queued, DNS_REFRESH, FLUSH_BUDGET, IDLE, MAX_BACKOFF, MAX_DRAIN};
+use crate::upstream::exchange::{
+    connect, read_final_header, read_up_to, release, write_request, AnswerBody, ConnectError,
+    Connection,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::SecondsFormat;
@@ -170,15 +174,12 @@ impl AlertSender {
                 Err(e) => log::debug!("alerts: cannot re-resolve, keeping old addresses: {e}"),
             }
         }
-        let peer = upstream
-            .peer(Duration::ZERO)
+        let Connection { mut http, peer, .. } = connect(upstream, Duration::ZERO, false)
             .await
-            .map_err(|_| "host not resolved")?;
-        let (mut http, _) = upstream
-            .connector
-            .get_http_session(&*peer)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| match e {
+                ConnectError::Unresolved(_) => "host not resolved".to_string(),
+                ConnectError::Connect(e) => format!("cannot connect: {e}"),
+            })?;
         let h2 = matches!(http, ClientSession::H2(_));
         let req = self
             .request(body.len(), h2)
@@ -186,46 +187,22 @@ impl AlertSender {
         http.set_read_timeout(Some(inner.timeout));
         http.set_write_timeout(Some(inner.timeout));
         let io = |e: Box<pingora::Error>| format!("exchange failed: {e}");
-        {
-            let _cork = crate::upstream::Cork::hold(&http);
-            http.write_request_header(Box::new(req)).await.map_err(io)?;
-            http.write_request_body(body.clone(), true)
-                .await
-                .map_err(io)?;
-            http.finish_request_body().await.map_err(io)?;
-        }
-        let status = loop {
-            http.read_response_header().await.map_err(io)?;
-            let status = http
-                .response_header()
-                .map(|h| h.status)
-                .ok_or("no answer header")?;
-            if !status.is_informational() || !matches!(http, ClientSession::H1(_)) {
-                break status.as_u16();
-            }
-        };
+        write_request(&mut http, req, body).await.map_err(io)?;
+        read_final_header(&mut http).await.map_err(io)?;
+        let status = http
+            .response_header()
+            .map(|h| h.status.as_u16())
+            .ok_or("no answer header")?;
         // Read the (small) answer so that the connection can carry the next alert.
-        let mut size = 0;
-        let complete = loop {
-            match http.read_response_body().await {
-                Ok(Some(chunk)) => {
-                    size += chunk.len();
-                    if size > MAX_DRAIN {
-                        break false;
-                    }
-                }
-                Ok(None) => break true,
-                Err(_) => break false,
-            }
+        let mut answer = AnswerBody {
+            http: Some(http),
+            peer: Some(peer),
+            read: Vec::new(),
+            complete: false,
         };
-        if complete {
-            if let ClientSession::H1(h1) = &mut http {
-                h1.respect_keepalive();
-            }
-            upstream
-                .connector
-                .release_http_session(http, &*peer, Some(IDLE))
-                .await;
+        read_up_to(&mut answer, MAX_DRAIN).await;
+        if let (true, Some(http), Some(peer)) = (answer.complete, answer.http, answer.peer) {
+            release(upstream, http, &peer, IDLE).await;
         }
         Ok(status)
     }
