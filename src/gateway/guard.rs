@@ -15,7 +15,8 @@
 //!   and when a request is over ([`header_received`], [`request_finished`]).
 //!
 //! The request body is keygate's own to read, so its pace is checked where it is read (see the
-//! proxy's body reader), and the memory all bodies hold together is bounded by a [`BodyBudget`].
+//! gateway's body reader), and the memory all bodies hold together is bounded by
+//! `runtime::budget::BodyBudget`.
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
