@@ -590,3 +590,27 @@ async fn an_unreachable_upstream_is_a_clear_502() {
         "{body}"
     );
 }
+
+/// With no retry left, an attempt that got no answer is what the client hears: a timeout is a
+/// 504, not the quota refusal an earlier project gave.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_with_no_retry_left_is_the_answer_not_an_older_refusal() {
+    let mock = Mock::start().await;
+    mock.key("quota-key", "p1").key("slow-key", "p2");
+    mock.per_minute_limit("p1", "gemini-2.5-flash", 0, "30s");
+    mock.slow_key("slow-key", Duration::from_secs(3));
+    let kg = Keygate::start(&format!(
+        "retry:\n  transient_retries: 0\ntimeouts:\n  read_seconds: 1\n{}",
+        pool_yaml(&mock.url(), &[("quota-key", "p1"), ("slow-key", "p2")])
+    ));
+    let (status, _, body) = generate(&kg.url(), "gemini-2.5-flash", None).await;
+    let keys: Vec<String> = mock.seen().iter().filter_map(|s| s.key.clone()).collect();
+    assert_eq!(
+        keys.first().map(String::as_str),
+        Some("quota-key"),
+        "{keys:?}"
+    );
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("did not answer in time"), "{body}");
+    kg.assert_logs_clean(&["quota-key", "slow-key"]);
+}

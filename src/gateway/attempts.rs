@@ -142,7 +142,8 @@ impl Gateway {
             job.rt.retry,
             job.project,
             job.reserved.clone(),
-            ctx.tenant.is_none(),
+            // A Live session names no resource keygate could look for.
+            ctx.tenant.is_none() && matches!(job.kind, Kind::Request),
         );
         let mut last: Option<(Answer, KeyId, Outcome)> = None;
         let mut last_error: Option<SendError> = None;
@@ -250,7 +251,14 @@ impl Gateway {
                         return Ending::ClientGone;
                     }
                 }
-                Then::Fail => break,
+                // No retry left for an attempt that got no answer: that failure is the
+                // client's answer, not an older refusal.
+                Then::Fail => {
+                    if let Some(err) = last_error.take() {
+                        return Ending::Failed(err.into_gateway_error(keys.name()));
+                    }
+                    break;
+                }
                 Then::Relay | Then::Answer | Then::Penalise(_) | Then::Again => {}
             }
         }
@@ -306,7 +314,9 @@ impl Gateway {
             }
             Kind::Upgrade { plain } => {
                 let secret = job.keys.key(key).secret.expose();
-                let (http, header) = self.upgrade(job, secret, plain).await?;
+                // Boxed, like the Live session itself: its state would otherwise enlarge every
+                // request's attempt future (and its copies).
+                let (http, header) = Box::pin(self.upgrade(job, secret, plain)).await?;
                 let switched = header.status.as_u16() == 101;
                 let mut body = AnswerBody {
                     http: Some(http),

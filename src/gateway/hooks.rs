@@ -182,9 +182,10 @@ impl ProxyHttp for Gateway {
             if let Some(e) = refusal {
                 return refuse(session, ctx, api, &e).await;
             }
-            return self
-                .websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query)
-                .await;
+            // Boxed: a Live session's state is the largest of all, and would otherwise be
+            // copied (memcpy) with every request's future (BENCHMARKS.md).
+            let live = self.websocket(session, ctx, &rt, tenant.as_deref(), &path_and_query);
+            return Box::pin(live).await;
         }
         // With tenants, only endpoints keygate can keep tenants apart on go through, with bodies
         // it reads the way Google will.

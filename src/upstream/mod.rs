@@ -16,6 +16,7 @@ use pingora::connectors::ConnectorOptions;
 use pingora::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,10 @@ pub struct Upstream {
     route: Route,
     /// The peer of each address seen so far (an address's peer is built once).
     peers: ArcSwap<HashMap<SocketAddr, Arc<HttpPeer>>>,
+    /// The peers requests take turns over: those of the healthy addresses (see
+    /// [`Addresses::rotation`]), rebuilt after each lookup and health check.
+    rotation: ArcSwap<Vec<Arc<HttpPeer>>>,
+    next: AtomicUsize,
     /// Pingora's connector: TLS (rustls), ALPN h2/h1, and the idle connection pool.
     pub connector: Connector,
 }
@@ -102,6 +107,8 @@ impl Upstream {
             timeouts,
             route,
             peers: ArcSwap::from_pointee(HashMap::new()),
+            rotation: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
             connector: Connector::new(Some(options)),
         };
         upstream.sync_peers();
@@ -206,11 +213,13 @@ impl Upstream {
     fn next_peer(&self) -> Option<Arc<HttpPeer>> {
         match &self.route {
             Route::Proxy(peer) => Some(peer.clone()),
-            Route::Direct(addresses) => {
-                let addr = addresses.next()?;
-                // An address the balancer took in a moment before its peer was built.
-                let peer = self.peers.load().get(&addr).cloned();
-                Some(peer.unwrap_or_else(|| Arc::new(self.make_peer(addr))))
+            Route::Direct(_) => {
+                let rotation = self.rotation.load();
+                if rotation.is_empty() {
+                    return None;
+                }
+                let turn = self.next.fetch_add(1, Relaxed) % rotation.len();
+                Some(rotation[turn].clone())
             }
         }
     }
@@ -272,6 +281,7 @@ impl Upstream {
     pub async fn check_health(&self) {
         if let Route::Direct(addresses) = &self.route {
             addresses.check_health().await;
+            self.sync_rotation();
         }
     }
 
@@ -292,6 +302,7 @@ impl Upstream {
                 .filter_map(inet)
                 .all(|a| current.contains_key(&a));
         if same {
+            self.sync_rotation();
             return;
         }
         let peers = all
@@ -306,6 +317,26 @@ impl Upstream {
             })
             .collect();
         self.peers.store(Arc::new(peers));
+        self.sync_rotation();
+    }
+
+    /// Rebuilds the rotation from the addresses' current health.
+    fn sync_rotation(&self) {
+        let Route::Direct(addresses) = &self.route else {
+            return;
+        };
+        let peers = self.peers.load();
+        let rotation: Vec<Arc<HttpPeer>> = addresses
+            .rotation()
+            .into_iter()
+            .map(|a| {
+                peers
+                    .get(&a)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(self.make_peer(a)))
+            })
+            .collect();
+        self.rotation.store(Arc::new(rotation));
     }
 
     fn make_peer(&self, addr: SocketAddr) -> HttpPeer {

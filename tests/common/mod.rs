@@ -101,6 +101,8 @@ struct State {
     sse_abort_after: Option<usize>,
     /// Non-streaming answers wait this long before their header.
     delay: Duration,
+    /// Keys whose requests are answered only after this long.
+    slow_keys: HashMap<String, Duration>,
     /// This mock's own URL, for upload URLs and file URIs.
     base: String,
     uploads: HashMap<String, Upload>,
@@ -294,6 +296,7 @@ impl Mock {
             sse_gap: Duration::from_millis(0),
             sse_abort_after: None,
             delay: Duration::ZERO,
+            slow_keys: HashMap::new(),
             base,
             uploads: HashMap::new(),
             uploads_started: 0,
@@ -484,6 +487,16 @@ impl Mock {
     }
 
     /// Non-streaming answers wait `delay` before their header.
+    /// Answers requests made with `key` only after `delay` (a slow or hung upstream path).
+    pub fn slow_key(&self, key: &str, delay: Duration) -> &Self {
+        self.state
+            .lock()
+            .unwrap()
+            .slow_keys
+            .insert(key.to_string(), delay);
+        self
+    }
+
     pub fn delay(&self, delay: Duration) -> &Self {
         self.state.lock().unwrap().delay = delay;
         self
@@ -633,6 +646,12 @@ async fn handle(
     // Google reads the path decoded: %-escapes and dot segments resolved.
     let path = google_path(parts.uri.path());
     let query = parts.uri.query().map(str::to_string);
+    let slow = key
+        .as_deref()
+        .and_then(|k| state.lock().unwrap().slow_keys.get(k).copied());
+    if let Some(slow) = slow {
+        tokio::time::sleep(slow).await;
+    }
     let delay = state.lock().unwrap().delay;
     if !delay.is_zero() && !path.contains("streamGenerateContent") {
         tokio::time::sleep(delay).await;

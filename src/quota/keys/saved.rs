@@ -141,8 +141,9 @@ impl KeyPool {
                 Some(Disabled::Dead(reason)) => {
                     applied += apply(id, &Penalty::DisableKey(reason), "", "")
                 }
-                Some(Disabled::Billing) => applied += apply(id, &Penalty::DisableProject, "", ""),
-                None => {}
+                // Billing is a project's, saved under `projects`: a key entry naming it is not
+                // one keygate wrote, and does not take a whole project out.
+                Some(Disabled::Billing) | None => {}
             }
             for method in &k.blocked_methods {
                 applied += apply(id, &Penalty::BlockMethod, "", method);
@@ -249,5 +250,18 @@ mod tests {
         );
         let text = serde_json::to_string(&saved.keys[1]).unwrap();
         assert!(text.contains(r#""disabled":"key_suspended""#), "{text}");
+    }
+
+    #[test]
+    fn billing_saved_under_a_key_does_not_take_its_project_out() {
+        let p = pool(&[("a", "p1"), ("b", "p1")]);
+        let fp = p.key(KeyId(0)).fingerprint.clone();
+        let saved: PoolHealth = serde_json::from_str(&format!(
+            r#"{{"keys":[{{"key":"{fp}","disabled":"project_billing"}}],"projects":[]}}"#
+        ))
+        .unwrap();
+        assert_eq!(p.import(&saved, 1000, NEVER), 0);
+        assert_eq!(p.disabled(KeyId(0)), None);
+        assert_eq!(p.disabled(KeyId(1)), None);
     }
 }
