@@ -1,6 +1,7 @@
 //! The upstream host's addresses, kept by `pingora-load-balancing`: discovered from the system
-//! resolver (or fixed: an IP literal, addresses pinned in the config), chosen round-robin, and
-//! left out of the rotation while a TCP connect check fails. Keys are not backends: they stay
+//! resolver (or fixed: an IP literal, addresses pinned in the config), and left out of the
+//! rotation while a TCP connect check fails. The rotation itself ([`Addresses::rotation`]) is
+//! read after each lookup and check; requests take turns over it in `Upstream`. Keys are not backends: they stay
 //! in keygate's own key pool; only addresses are.
 
 use arc_swap::ArcSwap;
