@@ -354,13 +354,7 @@ async fn a_live_api_session_relays_frames_on_one_pool_key() {
             vec![("x-goog-api-key", "live-tenant-token")],
         ),
     ] {
-        let (mut ws, status) = ws_connect(&url, &headers).await.unwrap();
-        assert_eq!(status, 101);
-        ws.send(Message::text(r#"{"setup":{"model":"models/gemini-live"}}"#))
-            .await
-            .unwrap();
-        let setup = ws.next().await.unwrap().unwrap();
-        assert_eq!(setup.to_text().unwrap(), r#"{"setupComplete":{}}"#);
+        let mut ws = live_set_up(&url, &headers).await;
         for i in 0..3 {
             let sent = format!(r#"{{"clientContent":{i}}}"#);
             ws.send(Message::text(sent.clone())).await.unwrap();

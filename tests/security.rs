@@ -1498,18 +1498,8 @@ const LIVE_PATH: &str =
 
 /// A tenant's Live session on `kg`, set up (its first message answered).
 async fn live_session(kg: &Keygate, token: &str) -> WsStream {
-    use futures_util::{SinkExt, StreamExt};
     let url = format!("ws://{}{LIVE_PATH}", kg.addr);
-    let (mut ws, status) = ws_connect(&url, &[("x-goog-api-key", token)])
-        .await
-        .unwrap();
-    assert_eq!(status, 101);
-    ws.send(Message::text(r#"{"setup":{"model":"models/gemini-live"}}"#))
-        .await
-        .unwrap();
-    let setup = ws.next().await.unwrap().unwrap();
-    assert_eq!(setup.to_text().unwrap(), r#"{"setupComplete":{}}"#);
-    ws
+    live_set_up(&url, &[("x-goog-api-key", token)]).await
 }
 
 /// The close code and reason keygate ends `ws` with, within `patience`.

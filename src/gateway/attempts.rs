@@ -207,8 +207,14 @@ impl Gateway {
                         latency: None,
                     });
                     let stale = matches!(err, SendError::Exchange { reused: true, .. });
+                    let then = plan.failed(project, stale);
+                    // No retry left for an attempt that got no answer: that failure is the
+                    // client's answer, not an older refusal.
+                    if then == Then::Fail {
+                        return Ending::Failed(err.into_gateway_error(keys.name()));
+                    }
                     last_error = Some(err);
-                    plan.failed(project, stale)
+                    then
                 }
                 Ok(mut answer) => {
                     let latency = Some(sent.elapsed());
@@ -251,15 +257,7 @@ impl Gateway {
                         return Ending::ClientGone;
                     }
                 }
-                // No retry left for an attempt that got no answer: that failure is the
-                // client's answer, not an older refusal.
-                Then::Fail => {
-                    if let Some(err) = last_error.take() {
-                        return Ending::Failed(err.into_gateway_error(keys.name()));
-                    }
-                    break;
-                }
-                Then::Relay | Then::Answer | Then::Penalise(_) | Then::Again => {}
+                Then::Relay | Then::Answer | Then::Penalise(_) | Then::Again | Then::Fail => {}
             }
         }
 

@@ -291,3 +291,17 @@ pub async fn ws_connect(
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// Opens a Live API session at `url` and sends its `setup`: the socket, once the mock Google
+/// has answered `setupComplete`.
+pub async fn live_set_up(url: &str, headers: &[(&str, &str)]) -> WsStream {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut ws, status) = ws_connect(url, headers).await.unwrap();
+    assert_eq!(status, 101);
+    ws.send(Message::text(r#"{"setup":{"model":"models/gemini-live"}}"#))
+        .await
+        .unwrap();
+    let setup = ws.next().await.unwrap().unwrap();
+    assert_eq!(setup.to_text().unwrap(), r#"{"setupComplete":{}}"#);
+    ws
+}
