@@ -13,7 +13,7 @@
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::borrow::Cow;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 
 /// Pingora errors that are about a client or a benign race, not the operator's setup.
 const NOT_ERRORS: [&str; 7] = [
@@ -28,24 +28,19 @@ const NOT_ERRORS: [&str; 7] = [
 
 /// Installs the logger; `RUST_LOG` (default `info`) sets the levels within the rules above.
 pub fn init() {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if !std::io::stderr().is_terminal() {
-        // Not a terminal (systemd's journal, a file, a pipe): env_logger's own line, without
-        // colour codes, written as it is. Otherwise env_logger colours every line and then
-        // strips the codes again byte by byte (3,500 instructions an access line, BENCHMARKS.md).
-        builder
-            .write_style(env_logger::WriteStyle::Always)
-            .format(plain_line);
-    }
-    let inner = builder.build();
+    // Built without env_logger's colour feature, and with a plain line of our own: no check for
+    // a terminal, no escape codes written and stripped again (BENCHMARKS.md: 3,500 instructions
+    // and one system call an access line).
+    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(plain_line)
+        .build();
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(Capped { inner })).is_ok() {
         log::set_max_level(max);
     }
 }
 
-/// env_logger's default line without colours: `[2026-11-30T03:44:03Z INFO  target] message`.
+/// env_logger's default line: `[2026-11-30T03:44:03Z INFO  target] message`.
 fn plain_line(buf: &mut env_logger::fmt::Formatter, record: &Record) -> std::io::Result<()> {
     let time = buf.timestamp_seconds();
     match record.target() {

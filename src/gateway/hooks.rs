@@ -226,7 +226,10 @@ impl ProxyHttp for Gateway {
             }
         }
         let is_post = session.req_header().method == http::Method::POST;
-        let creates = is_post && creates_resources(&path);
+        // The path names a collection whose POST creates resources (computed once: it is a
+        // handful of substring searches).
+        let creates_path = creates_resources(&path);
+        let creates = is_post && creates_path;
         let model = match request::model_of(api, &path, creates, &body) {
             Ok(model) => model,
             Err(why) => {
@@ -257,6 +260,7 @@ impl ProxyHttp for Gateway {
                 session.req_header(),
                 tenant.as_deref(),
                 &path,
+                creates_path,
                 &model,
                 &body,
                 session
@@ -390,14 +394,6 @@ impl ProxyHttp for Gateway {
             ctx.request_bytes,
             ctx.response_bytes,
         );
-        let attempts: Vec<String> = match &ctx.keys {
-            Some(keys) => ctx
-                .attempts
-                .iter()
-                .map(|a| format!("{}:{}", keys.key(a.key).fingerprint, a.outcome))
-                .collect(),
-            None => Vec::new(),
-        };
         let error = error
             .map(|e| format!(" error={}", e.etype().as_str()))
             .unwrap_or_default();
@@ -408,7 +404,7 @@ impl ProxyHttp for Gateway {
             ctx.target,
             if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
             status,
-            attempts.join(","),
+            AttemptList(ctx),
             ctx.started.elapsed().as_millis(),
             error
         );
@@ -423,5 +419,22 @@ impl ProxyHttp for Gateway {
     fn request_summary(&self, _session: &Session, ctx: &Ctx) -> String {
         // Pingora's default summary prints the raw URI, `?key=` included: never use it.
         ctx.target.clone()
+    }
+}
+
+/// The access line's `attempts=[...]`: `fingerprint:outcome` per attempt, comma-separated,
+/// written straight into the line.
+struct AttemptList<'a>(&'a Ctx);
+
+impl std::fmt::Display for AttemptList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(keys) = &self.0.keys else {
+            return Ok(());
+        };
+        for (i, a) in self.0.attempts.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            write!(f, "{comma}{}:{}", keys.key(a.key).fingerprint, a.outcome)?;
+        }
+        Ok(())
     }
 }

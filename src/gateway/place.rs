@@ -26,6 +26,7 @@ pub(super) struct Placed {
 
 impl Gateway {
     /// Chooses the pool (and, for resources bound to a project, the project) of a request.
+    /// `creates`: [`creates_resources`] of `path`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn place(
         &self,
@@ -33,6 +34,7 @@ impl Gateway {
         req: &RequestHeader,
         tenant: Option<&Tenant>,
         path: &str,
+        creates: bool,
         model: &str,
         body: &Bytes,
         peer: Option<std::net::IpAddr>,
@@ -48,7 +50,7 @@ impl Gateway {
             }
         }
         // A batch from a file runs whatever requests the file holds, which keygate does not read.
-        if tenants && creates_resources(path) && names::has_batch_input_file(body) {
+        if tenants && creates && names::has_batch_input_file(body) {
             return Err(GatewayError::new(
                 403,
                 "PERMISSION_DENIED",
@@ -72,7 +74,7 @@ impl Gateway {
             }
         } else if req.method == http::Method::DELETE && !names.is_empty() {
             Learn::Delete(names.clone())
-        } else if is_post && creates_resources(path) {
+        } else if is_post && creates {
             Learn::Create
         } else if tenants && req.method == http::Method::GET && names::is_listing(path) {
             Learn::List

@@ -454,9 +454,7 @@ fn last_usage(window: &[u8]) -> Option<Tokens> {
     let mut end = window.len();
     for _ in 0..MAX_TRIES {
         // The last `"usage` within window[..end].
-        let at = window[..end]
-            .windows(PREFIX.len())
-            .rposition(|w| w == PREFIX)?;
+        let at = memchr::memmem::rfind(&window[..end], PREFIX)?;
         if let Some(tokens) = usage_at(window, at) {
             return Some(tokens);
         }
