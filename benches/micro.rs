@@ -17,7 +17,7 @@
 use chrono::{TimeZone, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use keygate::config::{KeyConfig, PoolConfig, UpstreamConfig};
-use keygate::quota::classify::Penalty;
+use keygate::quota::classify::{Cooling, Penalty};
 use keygate::quota::keys::{KeyId, KeyPool, Pick, Transition};
 use keygate::secret::Secret;
 use std::collections::HashMap;
@@ -39,11 +39,13 @@ fn pool(n: usize) -> KeyPool {
             .map(|i| KeyConfig {
                 secret: Secret::new(format!("made-up-key-{i}")),
                 project: format!("project-{i}"),
+                billing_account: None,
             })
             .collect(),
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,
+        cap_probe: std::time::Duration::from_secs(3600),
     })
 }
 
@@ -82,7 +84,10 @@ fn selection(c: &mut Criterion) {
             let p = pool(n);
             let until = Utc.timestamp_millis_opt(UNTIL as i64).unwrap();
             for k in 0..cooling {
-                let penalty = Penalty::CoolProjectModel { until };
+                let penalty = Penalty::CoolProjectModel {
+                    until,
+                    why: Cooling::Day,
+                };
                 let cool = Transition::Penalise {
                     penalty: &penalty,
                     model: "gemini-2.5-pro",

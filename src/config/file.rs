@@ -183,6 +183,7 @@ pub(super) struct FilePool {
     pub(super) models: Option<Vec<String>>,
     pub(super) proxy: Option<String>,
     pub(super) proxy_auth_env: Option<String>,
+    pub(super) cap_probe_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +198,7 @@ pub(super) enum FileKey {
 pub(super) struct FileKeyFull {
     pub(super) key: String,
     pub(super) project: Option<String>,
+    pub(super) billing_account: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

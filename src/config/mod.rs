@@ -227,6 +227,9 @@ pub struct PoolConfig {
     pub models: Vec<String>,
     /// Outbound proxy its requests go through, if any.
     pub proxy: Option<ProxyConfig>,
+    /// How often one request may test a monthly spend cap (a project's or its billing
+    /// account's) before the month turns.
+    pub cap_probe: Duration,
 }
 
 impl PoolConfig {
@@ -298,6 +301,9 @@ pub struct KeyConfig {
     pub secret: Secret,
     /// The project: keys of one project share its quota. Defaults to the key's fingerprint.
     pub project: String,
+    /// The billing account above the project, whose monthly spending cap stops all of its
+    /// projects. `None`: the project is its own.
+    pub billing_account: Option<String>,
 }
 
 /// A client allowed to use the gateway.

@@ -5,7 +5,7 @@ use super::endpoint::{parse_pinned_addresses, parse_upstream, parse_webhook_url}
 use super::file::*;
 use super::*;
 use crate::secret::{parse_sha256_hex, sha256, Secret};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -439,14 +439,20 @@ pub(super) fn validate_pool(
         ),
     };
 
-    // (key, explicit project) in the order: inline, environment, file.
-    let mut raw: Vec<(String, Option<String>, String)> = Vec::new();
+    // (key, explicit project, explicit billing account, where) in the order: inline,
+    // environment, file.
+    let mut raw: Vec<RawKey> = Vec::new();
     for (j, key) in pool.keys.into_iter().enumerate() {
-        let (k, p) = match key {
-            FileKey::Bare(k) => (k, None),
-            FileKey::Full(f) => (f.key, f.project),
+        let (k, p, b) = match key {
+            FileKey::Bare(k) => (k, None, None),
+            FileKey::Full(f) => (f.key, f.project, f.billing_account),
         };
-        raw.push((k, p, format!("{ctx}.keys[{j}]")));
+        if b.is_some() && p.is_none() {
+            return Err(invalid(format!(
+                "{ctx}.keys[{j}]: a billing_account needs the key's project beside it"
+            )));
+        }
+        raw.push((k, p, b, format!("{ctx}.keys[{j}]")));
     }
     if let Some(var) = &pool.keys_env {
         match env(var) {
@@ -456,11 +462,16 @@ pub(super) fn validate_pool(
                     if item.is_empty() {
                         continue;
                     }
-                    let (k, p) = match item.split_once(':') {
-                        Some((k, p)) => (k.trim().to_string(), Some(p.trim().to_string())),
-                        None => (item.to_string(), None),
-                    };
-                    raw.push((k, p, format!("{ctx}.keys_env ${var}, entry {}", j + 1)));
+                    let place = format!("{ctx}.keys_env ${var}, entry {}", j + 1);
+                    let mut parts = item.split(':').map(|s| s.trim().to_string());
+                    let k = parts.next().unwrap_or_default();
+                    let (p, b) = (parts.next(), parts.next());
+                    if parts.next().is_some() {
+                        return Err(invalid(format!(
+                            "{place}: expected `KEY`, `KEY:project` or `KEY:project:billing_account`"
+                        )));
+                    }
+                    raw.push((k, p, b, place));
                 }
             }
             None => log::warn!("{ctx}.keys_env: environment variable {var} is not set"),
@@ -484,20 +495,23 @@ pub(super) fn validate_pool(
             let mut words = line.split_whitespace();
             let k = words.next().unwrap_or("").to_string();
             let p = words.next().map(str::to_string);
+            let b = words.next().map(str::to_string);
             if words.next().is_some() {
                 return Err(invalid(format!(
-                    "{ctx}.keys_file {} line {}: expected `KEY` or `KEY project`",
+                    "{ctx}.keys_file {} line {}: expected `KEY`, `KEY project` or `KEY project billing_account`",
                     path.display(),
                     n + 1
                 )));
             }
-            raw.push((k, p, format!("{ctx}.keys_file line {}", n + 1)));
+            raw.push((k, p, b, format!("{ctx}.keys_file line {}", n + 1)));
         }
     }
 
     let mut keys = Vec::with_capacity(raw.len());
     let mut seen = HashSet::new();
-    for (key, project, place) in raw {
+    // The billing account each project named first, and where.
+    let mut accounts: HashMap<String, (Option<String>, String)> = HashMap::new();
+    for (key, project, billing_account, place) in raw {
         let key = key.trim().to_string();
         if key.is_empty() {
             return Err(invalid(format!("{place}: empty key")));
@@ -517,7 +531,31 @@ pub(super) fn validate_pool(
             Some(_) => return Err(invalid(format!("{place}: empty project"))),
             None => secret.fingerprint(),
         };
-        keys.push(KeyConfig { secret, project });
+        let billing_account = match billing_account.map(|b| b.trim().to_string()) {
+            Some(b) if b.is_empty() => {
+                return Err(invalid(format!("{place}: empty billing account")))
+            }
+            b => b,
+        };
+        match accounts.get(&project) {
+            Some((first, first_place)) if *first != billing_account => {
+                let name = |b: &Option<String>| b.clone().unwrap_or_else(|| "none".into());
+                return Err(invalid(format!(
+                    "{place}: project {project:?} is on billing account {:?} here and {:?} at {first_place}; a project has one billing account",
+                    name(&billing_account),
+                    name(first)
+                )));
+            }
+            Some(_) => {}
+            None => {
+                accounts.insert(project.clone(), (billing_account.clone(), place.clone()));
+            }
+        }
+        keys.push(KeyConfig {
+            secret,
+            project,
+            billing_account,
+        });
     }
     if keys.is_empty() {
         let mut sources = vec!["keys".to_string()];
@@ -553,8 +591,24 @@ pub(super) fn validate_pool(
             None => Vec::new(),
         },
         proxy,
+        cap_probe: match pool.cap_probe_seconds {
+            Some(0) => {
+                return Err(invalid(format!(
+                    "{ctx}.cap_probe_seconds: must be at least 1"
+                )))
+            }
+            Some(seconds) => Duration::from_secs(seconds),
+            None => DEFAULT_CAP_PROBE,
+        },
     })
 }
+
+/// How often a monthly spend cap is probed unless a pool says otherwise.
+const DEFAULT_CAP_PROBE: Duration = Duration::from_secs(3600);
+
+/// A key as the configuration spells it: the key, its project and billing account if given,
+/// and where it was found (for error messages).
+type RawKey = (String, Option<String>, Option<String>, String);
 
 pub(super) fn tenant_hash(
     tenant: &FileTenant,

@@ -228,7 +228,10 @@ impl Gateway {
                     let verdict = outcome.verdict(Utc::now());
                     let then = plan.answered(project, &outcome, verdict, answer.body.complete);
                     match &then {
-                        Then::Relay => return Ending::Served { key, answer },
+                        Then::Relay => {
+                            self.shared.served(keys, key, job.model);
+                            return Ending::Served { key, answer };
+                        }
                         Then::Answer => {
                             return Ending::Refused {
                                 key,

@@ -3,10 +3,12 @@
 //!
 //! The rules follow Google's documented error shapes (see the README, "How classification
 //! works"). Decisions use structured fields (`status`, `ErrorInfo.reason`, `QuotaFailure`
-//! quota ids, `RetryInfo`), and fall back to the message text only where Google gives nothing
-//! else (location not supported, file permission, unregistered callers).
+//! quota ids and values, `RetryInfo`), and fall back to the message text only where Google
+//! gives nothing else (location not supported, file permission, unregistered callers, the
+//! limits above the project, a detail-less quota refusal); each fallback is a named function
+//! with its source, pinned by a test.
 
-use chrono::{DateTime, Duration as ChronoDuration, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveTime, TimeZone, Utc};
 use chrono_tz::America::Los_Angeles;
 use serde_json::Value;
 use std::time::Duration;
@@ -26,6 +28,13 @@ pub const MAX_CLASSIFY_BODY: usize = 64 * 1024;
 /// Angeles).
 pub const MAX_SHORT_COOLDOWN: Duration = Duration::from_secs(3600);
 
+/// How long a spend-based rate limit holds when Google gives no `retryDelay`: its rolling
+/// window ("about 10 minutes", Gemini API rate-limits page, "Spend-based rate limits", 2026).
+pub const SPEND_WINDOW: Duration = Duration::from_secs(600);
+
+/// How long a detail-less quota refusal cools its (project, model) the first time.
+pub const UNSPECIFIED_COOLDOWN: Duration = Duration::from_secs(60);
+
 /// What an upstream answer says about the key that received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -38,7 +47,25 @@ pub enum Outcome {
     },
     /// A per-day quota ran out: it resets at midnight in Los Angeles.
     QuotaDaily,
-    /// A 429 with no details: Google's shared capacity, not this key's quota.
+    /// The model is not in the project's tier (a quota of `limit: 0`): it will not serve there
+    /// today, whatever `retryDelay` says.
+    TierUnavailable,
+    /// "You exceeded your current quota" with no details: the project's own quota for this
+    /// model, of a window Google does not say.
+    QuotaUnspecified,
+    /// The billing account's monthly spending cap: every project on it stops, for every model,
+    /// until the month turns or the cap is raised.
+    BillingAccountCapped,
+    /// The project's own monthly spend cap: the project stops, for every model, until the
+    /// month turns or the cap is raised.
+    ProjectCapped,
+    /// A spend-based rate limit: the project stops, for every model, for `window`.
+    SpendRateLimited {
+        /// `RetryInfo.retryDelay`, or [`SPEND_WINDOW`] when absent.
+        window: Duration,
+    },
+    /// A 429 that blames nobody's key: Google's shared capacity (no details, "Resource has
+    /// been exhausted"), or no capacity for the model (`MODEL_CAPACITY_EXHAUSTED`).
     SharedCapacity,
     /// 402: the project's prepaid credits are gone.
     BillingExhausted,
@@ -99,6 +126,11 @@ impl Outcome {
             Outcome::Success => "ok",
             Outcome::QuotaShort { .. } => "quota_minute",
             Outcome::QuotaDaily => "quota_day",
+            Outcome::TierUnavailable => "tier_unavailable",
+            Outcome::QuotaUnspecified => "quota_unspecified",
+            Outcome::BillingAccountCapped => "billing_account_cap",
+            Outcome::ProjectCapped => "project_cap",
+            Outcome::SpendRateLimited { .. } => "spend_rate",
             Outcome::SharedCapacity => "shared_capacity",
             Outcome::BillingExhausted => "billing",
             Outcome::KeyDead(r) => r.as_str(),
@@ -115,12 +147,35 @@ impl Outcome {
     pub fn verdict(&self, now: DateTime<Utc>) -> Verdict {
         use Penalty as P;
         use Verdict as V;
+        let after =
+            |d: &Duration| now + ChronoDuration::from_std(*d).unwrap_or(ChronoDuration::MAX);
+        let midnight = next_midnight_los_angeles(now);
+        let month = next_month_los_angeles(now);
         match self {
             Outcome::QuotaShort { cooldown } => V::OtherKey(P::CoolProjectModel {
-                until: now + ChronoDuration::from_std(*cooldown).unwrap_or(ChronoDuration::MAX),
+                until: after(cooldown),
+                why: Cooling::Quota { ceiling: midnight },
+            }),
+            Outcome::QuotaUnspecified => V::OtherKey(P::CoolProjectModel {
+                until: after(&UNSPECIFIED_COOLDOWN),
+                why: Cooling::Quota { ceiling: midnight },
             }),
             Outcome::QuotaDaily => V::OtherKey(P::CoolProjectModel {
-                until: next_midnight_los_angeles(now),
+                until: midnight,
+                why: Cooling::Day,
+            }),
+            Outcome::TierUnavailable => V::OtherKey(P::CoolProjectModel {
+                until: midnight,
+                why: Cooling::Tier,
+            }),
+            Outcome::BillingAccountCapped => V::OtherKey(P::CapBillingAccount { until: month }),
+            Outcome::ProjectCapped => V::OtherKey(P::CapProject {
+                until: month,
+                why: Cap::SpendCap,
+            }),
+            Outcome::SpendRateLimited { window } => V::OtherKey(P::CapProject {
+                until: after(window),
+                why: Cap::SpendRate,
             }),
             Outcome::BillingExhausted => V::OtherKey(P::DisableProject),
             Outcome::KeyDead(reason) => V::OtherKey(P::DisableKey(*reason)),
@@ -153,6 +208,21 @@ pub enum Penalty {
     CoolProjectModel {
         /// When the quota clears.
         until: DateTime<Utc>,
+        /// Which kind of quota it is.
+        why: Cooling,
+    },
+    /// The key's project may not serve any model until `until`.
+    CapProject {
+        /// When the cap ends on its own.
+        until: DateTime<Utc>,
+        /// Which cap it is.
+        why: Cap,
+    },
+    /// No project of the key's billing account may serve any model until `until` (the month
+    /// turns), unless a probe finds the cap raised.
+    CapBillingAccount {
+        /// The first instant of next month in Los Angeles.
+        until: DateTime<Utc>,
     },
     /// Every key of the project is out until an operator acts (billing).
     DisableProject,
@@ -160,6 +230,30 @@ pub enum Penalty {
     DisableKey(DeadReason),
     /// This key may not call this method.
     BlockMethod,
+}
+
+/// Why a (project, model) cools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cooling {
+    /// A quota of Google's stated (or unstated) short window. A repeat soon after it ended
+    /// escalates it (doubling), never past `ceiling`.
+    Quota {
+        /// The longest an escalated cooldown may last: the next midnight in Los Angeles.
+        ceiling: DateTime<Utc>,
+    },
+    /// A per-day quota: until midnight in Los Angeles.
+    Day,
+    /// The model is not in the project's tier: until midnight in Los Angeles.
+    Tier,
+}
+
+/// Why a whole project stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// Its monthly spend cap: until the month turns, probed meanwhile.
+    SpendCap,
+    /// A spend-based rate limit: for its window.
+    SpendRate,
 }
 
 /// Classifies an upstream answer. `body` may be empty (not read) for statuses where
@@ -201,6 +295,7 @@ fn facts_from_prefix(prefix: &[u8]) -> ErrorFacts {
             b"message" if facts.message.is_empty() => facts.message = value.into_owned(),
             b"reason" => facts.reasons.push(value.into_owned()),
             b"quotaId" => facts.quota_ids.push(value.into_owned()),
+            b"quotaValue" => facts.quota_values.push(value.into_owned()),
             b"retryDelay" => facts.retry_delay = parse_retry_delay(&value),
             b"@type" => facts.has_details = true,
             _ => {}
@@ -217,6 +312,8 @@ struct ErrorFacts {
     message: String,
     reasons: Vec<String>,
     quota_ids: Vec<String>,
+    /// `QuotaFailure` violations' `quotaValue`s (the limit), as written.
+    quota_values: Vec<String>,
     retry_delay: Option<Duration>,
     has_details: bool,
 }
@@ -265,6 +362,9 @@ fn parse_error(body: &[u8]) -> ErrorFacts {
             {
                 if let Some(id) = v.get("quotaId").and_then(Value::as_str) {
                     facts.quota_ids.push(id.to_string());
+                }
+                if let Some(limit) = v.get("quotaValue").and_then(Value::as_str) {
+                    facts.quota_values.push(limit.to_string());
                 }
             }
         } else if kind.ends_with("google.rpc.RetryInfo") {
@@ -316,8 +416,39 @@ fn classify_error(status: u16, facts: &ErrorFacts) -> Outcome {
 }
 
 fn classify_429(facts: &ErrorFacts) -> Outcome {
-    if !facts.has_details {
+    let has_reason = |r: &str| facts.reasons.iter().any(|x| x == r);
+    // "No capacity available for model on the server": nobody's key (shared notes, 2026).
+    if has_reason("MODEL_CAPACITY_EXHAUSTED") {
         return Outcome::SharedCapacity;
+    }
+    // Limits above the project carry no structured field of their own in the answers seen so
+    // far: they are told apart by their message, each a named, tested fallback below.
+    if is_billing_account_cap(&facts.message) {
+        return Outcome::BillingAccountCapped;
+    }
+    if is_project_spend_cap(&facts.message) {
+        return Outcome::ProjectCapped;
+    }
+    if is_spend_rate_limit(facts) {
+        return Outcome::SpendRateLimited {
+            window: facts
+                .retry_delay
+                .map_or(SPEND_WINDOW, |d| d.min(MAX_SHORT_COOLDOWN)),
+        };
+    }
+    if is_limit_zero(facts) {
+        return Outcome::TierUnavailable;
+    }
+    if !facts.has_details {
+        // Google's quota message with nothing else: the project's own quota (seen for days on
+        // one (project, model) while its other models serve; shared notes, "Quota 429 with no
+        // details"). Any other detail-less 429 ("Resource has been exhausted (e.g. check
+        // quota).") is shared capacity.
+        return if facts.message.starts_with(QUOTA_MESSAGE) {
+            Outcome::QuotaUnspecified
+        } else {
+            Outcome::SharedCapacity
+        };
     }
     // Several violations may come together: the longest one wins, and a per-day quota is
     // longer than any per-minute one (its short retryDelay is to be ignored).
@@ -332,6 +463,54 @@ fn classify_429(facts: &ErrorFacts) -> Outcome {
         .map(|d| (d + Duration::from_secs(1)).min(MAX_SHORT_COOLDOWN))
         .unwrap_or(Duration::from_secs(60));
     Outcome::QuotaShort { cooldown }
+}
+
+/// How Google's quota refusals begin ("You exceeded your current quota, please check your plan
+/// and billing details. ...").
+const QUOTA_MESSAGE: &str = "You exceeded your current quota";
+
+/// The billing account's monthly spending cap. The only literal capture (shared notes, "Limits
+/// above the project"; also quoted in public write-ups of the 2026 caps): "Your billing account
+/// has exceeded its monthly spending cap. Please go to AI Studio ...".
+fn is_billing_account_cap(message: &str) -> bool {
+    message.contains("billing account has exceeded its monthly spending cap")
+}
+
+/// A project's own spend cap ("Project Spend Caps", Gemini API billing docs, 2026). No literal
+/// answer has been published; Google calls it a "spend cap" on a project in its docs and
+/// e-mails ("Your Gemini API services paused due to spend caps"). Narrow on purpose: the
+/// message must name a spend (or spending) cap and a project, and not the billing account.
+fn is_project_spend_cap(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    (m.contains("spend cap") || m.contains("spending cap"))
+        && m.contains("project")
+        && !m.contains("billing account")
+}
+
+/// A spend-based rate limit (Gemini API rate-limits page, "Spend-based rate limits", 2026:
+/// evaluated over a rolling window of about 10 minutes, answered with 429 RESOURCE_EXHAUSTED).
+/// Recognised by a quota id naming a spend limit, or a message naming a spend-based limit.
+fn is_spend_rate_limit(facts: &ErrorFacts) -> bool {
+    let m = facts.message.to_ascii_lowercase();
+    facts.quota_ids.iter().any(|id| id.contains("Spend"))
+        || m.contains("spend-based")
+        || m.contains("spend based")
+}
+
+/// A quota whose limit is 0: the model is not in the project's tier. Structured first (a
+/// violation's `quotaValue` of "0"); then the message Google writes for it ("Quota exceeded
+/// for metric: ..., limit: 0, model: gemini-2.5-pro", public captures 2025-2026).
+fn is_limit_zero(facts: &ErrorFacts) -> bool {
+    if facts.quota_values.iter().any(|v| v.trim() == "0") {
+        return true;
+    }
+    let m = facts.message.as_str();
+    m.match_indices("limit: 0").any(|(at, found)| {
+        !m[at + found.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit() || c == '.')
+    })
 }
 
 /// Parses a protobuf JSON duration as Google writes it: whole seconds, an optional fraction of
@@ -368,6 +547,20 @@ pub fn next_midnight_los_angeles(now: DateTime<Utc>) -> DateTime<Utc> {
     }
     // Unreachable with a sane tz database; a day later is a safe answer.
     now + ChronoDuration::days(1)
+}
+
+/// The first instant of next month in America/Los_Angeles after `now`, when monthly spend
+/// caps end. Daylight saving time is applied (the month may turn at 07:00 or 08:00 UTC).
+pub fn next_month_los_angeles(now: DateTime<Utc>) -> DateTime<Utc> {
+    let local = now.with_timezone(&Los_Angeles).date_naive();
+    let (year, month) = match local.month() {
+        12 => (local.year() + 1, 1),
+        m => (local.year(), m + 1),
+    };
+    chrono::NaiveDate::from_ymd_opt(year, month, 1)
+        .map(|day| day.and_time(NaiveTime::MIN))
+        .and_then(|naive| Los_Angeles.from_local_datetime(&naive).earliest())
+        .map_or(now + ChronoDuration::days(31), |t| t.with_timezone(&Utc))
 }
 
 #[cfg(test)]

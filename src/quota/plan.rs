@@ -177,9 +177,10 @@ impl Plan {
             Verdict::OtherKey(penalty) => {
                 self.answered = true;
                 match penalty {
-                    Penalty::CoolProjectModel { .. } | Penalty::DisableProject => {
-                        self.avoid.push(project)
-                    }
+                    Penalty::CoolProjectModel { .. }
+                    | Penalty::DisableProject
+                    | Penalty::CapProject { .. }
+                    | Penalty::CapBillingAccount { .. } => self.avoid.push(project),
                     // The key, not its project, is at fault: other projects first, but the
                     // project's other keys remain a fallback.
                     Penalty::DisableKey(_) | Penalty::BlockMethod => self.prefer_not.push(project),

@@ -5,7 +5,7 @@
 //! health table's one door, and turns what changed into log lines, alerts and metrics. A key
 //! already out is not news: nothing is said twice.
 
-use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Transition};
+use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Scope, Transition};
 use crate::runtime::Shared;
 use crate::telemetry::alerts::Event;
 use std::sync::Arc;
@@ -22,6 +22,15 @@ pub enum Cause {
 }
 
 impl Shared {
+    /// Google served a request on `key` for `model`: caps it was under end (a probe found them
+    /// raised) and the model's escalation starts over. Costs a few atomic loads when there is
+    /// nothing to change.
+    pub fn served(&self, keys: &Arc<KeyPool>, key: KeyId, model: &str) {
+        if keys.served_is_news(key, model, crate::quota::keys::now_millis()) {
+            self.change_health(keys, key, Transition::Served { model }, Cause::Answer);
+        }
+    }
+
     /// Applies `transition` to `key` of `keys` and says what changed. If a reload or an admin
     /// change has replaced the pool's table since `keys` was read, the change is made in the
     /// current table too, so it is not lost with the old one.
@@ -51,6 +60,49 @@ impl Shared {
         (!Arc::ptr_eq(&current, keys)).then_some(current)
     }
 
+    /// The log lines and metrics for caps, tier refusals and escalated cooldowns.
+    fn say_limits(&self, keys: &KeyPool, key: KeyId, changed: &Changed) {
+        let pool = keys.name();
+        let project = keys.key(key).project;
+        let project_name = keys.project_name(project);
+        if let Some(cap) = changed.capped {
+            let scope = match (cap.scope(), keys.billing_account_of(project)) {
+                (Scope::BillingAccount, Some(account)) => format!("billing account {account:?}"),
+                (Scope::BillingAccount, None) => {
+                    format!("the billing account of project {project_name:?}")
+                }
+                (Scope::Project, _) => format!("project {project_name:?}"),
+            };
+            log::warn!(
+                "pool {pool}: {scope} hit its {}: its keys stay out for every model until it ends on its own, one probe request a while finds it raised, or an operator clears it",
+                cap.as_str().replace('_', " ")
+            );
+            self.metrics
+                .quota_limit(pool, cap.scope().as_str(), cap.as_str());
+        }
+        for cap in &changed.caps_lifted {
+            log::warn!(
+                "pool {pool}: the {} on project {project_name:?} (or its billing account) is lifted: its keys serve again",
+                cap.as_str().replace('_', " ")
+            );
+            self.metrics.cap_lifted(pool, cap.scope().as_str());
+        }
+        if changed.unavailable {
+            log::warn!(
+                "pool {pool}: a model is not in project {project_name:?}'s tier (quota limit 0): its keys skip that model until midnight in Los Angeles"
+            );
+            self.metrics
+                .quota_limit(pool, "project_model", "unavailable");
+        }
+        if let Some(len) = changed.escalated {
+            log::info!(
+                "pool {pool}: project {project_name:?} was refused again soon after its cooldown ended: cooling it {} s",
+                len.div_ceil(1000)
+            );
+            self.metrics.quota_limit(pool, "project_model", "escalated");
+        }
+    }
+
     /// The log lines, alerts and metrics for a change.
     fn say(&self, keys: &KeyPool, key: KeyId, cause: Cause, changed: &Changed) {
         let pool = keys.name();
@@ -77,6 +129,7 @@ impl Shared {
                 reason,
             });
         }
+        self.say_limits(keys, key, changed);
         if let Some(was) = changed.came_back() {
             if let Cause::KeyCheck = cause {
                 log::warn!(

@@ -35,6 +35,11 @@ const OUTCOMES: &[&str] = &[
     "ok",
     "quota_minute",
     "quota_day",
+    "tier_unavailable",
+    "quota_unspecified",
+    "billing_account_cap",
+    "project_cap",
+    "spend_rate",
     "shared_capacity",
     "billing",
     "key_invalid",
@@ -105,6 +110,10 @@ pub struct Metrics {
     key_disabled: IntCounterVec,
     /// `keygate_key_recovered_total{pool}`.
     key_recovered: IntCounterVec,
+    /// `keygate_quota_limits_total{pool,scope,kind}`.
+    quota_limits: IntCounterVec,
+    /// `keygate_caps_lifted_total{pool,scope}`.
+    caps_lifted: IntCounterVec,
     /// `keygate_keys{pool,state}`.
     keys: IntGaugeVec,
     /// `keygate_pool_next_recovery_seconds{pool}`.
@@ -188,6 +197,22 @@ impl Metrics {
              enabled them), by pool.",
             &["pool"],
         )?;
+        let quota_limits = counter(
+            &registry,
+            "keygate_quota_limits_total",
+            "Limits keygate started to honour, by pool, scope (billing_account, project, \
+             project_model) and kind (monthly_spending_cap, project_spend_cap, \
+             spend_rate_limit, unavailable: a model not in the project's tier, escalated: a \
+             cooldown doubled because the refusal came back soon after it ended).",
+            &["pool", "scope", "kind"],
+        )?;
+        let caps_lifted = counter(
+            &registry,
+            "keygate_caps_lifted_total",
+            "Spend caps that ended before the month turned (a probe request was served, or an \
+             operator cleared them), by pool and scope (billing_account, project).",
+            &["pool", "scope"],
+        )?;
         let keys = IntGaugeVec::new(
             Opts::new(
                 "keygate_keys",
@@ -216,6 +241,8 @@ impl Metrics {
             pool_exhausted,
             key_disabled,
             key_recovered,
+            quota_limits,
+            caps_lifted,
             keys,
             next_recovery,
             models: Mutex::new(HashSet::new()),
@@ -297,6 +324,17 @@ impl Metrics {
     /// A disabled key is back in service.
     pub fn key_recovered(&self, pool: &str) {
         add(&self.key_recovered, &[label(pool)], 1);
+    }
+
+    /// A limit keygate now honours: `scope` is `billing_account`, `project` or
+    /// `project_model`; `kind` says which limit.
+    pub fn quota_limit(&self, pool: &str, scope: &'static str, kind: &'static str) {
+        add(&self.quota_limits, &[label(pool), scope, kind], 1);
+    }
+
+    /// A spend cap on `scope` (`billing_account`, `project`) ended early.
+    pub fn cap_lifted(&self, pool: &str, scope: &'static str) {
+        add(&self.caps_lifted, &[label(pool), scope], 1);
     }
 
     /// The text exposition (Prometheus text format 0.0.4), with the pool gauges set from `pools`

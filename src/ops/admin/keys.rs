@@ -3,7 +3,7 @@
 use super::{error, rfc3339, Admin, Answer, NOT_PERSISTED};
 use crate::config::KeyConfig;
 use crate::ops::keycheck::{check_key, KeyCheck};
-use crate::quota::keys::{KeyId, KeyPool, KeyReport, Millis, Transition};
+use crate::quota::keys::{CapReport, KeyId, KeyPool, KeyReport, Millis, Transition};
 use crate::runtime::health::Cause;
 use crate::runtime::Pool;
 use crate::secret::Secret;
@@ -29,30 +29,47 @@ pub(super) fn key_json(k: &KeyReport, now: Millis) -> Value {
     let cooldowns: Vec<Value> = k
         .cooldowns
         .iter()
-        .map(|(model, until)| {
+        .map(|c| {
             json!({
-                "model": model,
-                "until": rfc3339(*until),
-                "seconds_left": until.saturating_sub(now).div_ceil(1000),
+                "model": c.model,
+                "until": rfc3339(c.until),
+                "seconds_left": c.until.saturating_sub(now).div_ceil(1000),
+                "kind": c.why.as_str(),
+                "escalations": c.escalations,
             })
         })
         .collect();
-    let state = match (k.disabled, k.cooldowns.is_empty()) {
-        (Some(_), _) => "disabled",
-        (None, false) => "cooling",
-        (None, true) => "ok",
+    let state = match (k.disabled, k.capped, k.cooldowns.is_empty()) {
+        (Some(_), _, _) => "disabled",
+        (None, Some(_), _) => "capped",
+        (None, None, false) => "cooling",
+        (None, None, true) => "ok",
     };
     json!({
         "key": k.fingerprint,
         "project": k.project,
+        "billing_account": k.billing_account,
         "state": state,
-        "reason": k.disabled.map(|d| d.as_str()),
+        "reason": k.disabled.map(|d| d.as_str()).or(k.capped.map(|c| c.as_str())),
         "cooldowns": cooldowns,
         "blocked_methods": k.blocked_methods,
         "requests": k.usage.requests.load(Relaxed),
         "prompt_tokens": k.usage.prompt_tokens.load(Relaxed),
         "output_tokens": k.usage.output_tokens.load(Relaxed),
         "total_tokens": k.usage.total_tokens.load(Relaxed),
+    })
+}
+
+/// A cap on a project or billing account, for `/admin/pools`.
+pub(super) fn cap_json(c: &CapReport, now: Millis) -> Value {
+    json!({
+        "scope": c.kind.scope().as_str(),
+        "name": c.name,
+        "state": "capped",
+        "kind": c.kind.as_str(),
+        "until": rfc3339(c.until),
+        "seconds_left": c.until.saturating_sub(now).div_ceil(1000),
+        "next_probe": c.next_probe.map(|t| rfc3339(t.max(now))),
     })
 }
 
@@ -105,9 +122,15 @@ impl Admin {
             );
         }
         let mut configs = old.key_configs();
+        // A key added at run time joins its project's billing account, if the pool knows one.
+        let billing_account = configs
+            .iter()
+            .find(|c| c.project == project)
+            .and_then(|c| c.billing_account.clone());
         configs.push(KeyConfig {
             secret,
             project: project.clone(),
+            billing_account,
         });
         pool.keys.store(Arc::new(old.rebuilt(&configs)));
         log::warn!("admin: added {fingerprint} (project {project}) to pool {pool_name}");

@@ -32,7 +32,7 @@ use crate::telemetry::metrics::PoolGauge;
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use http::{Response, StatusCode};
-use keys::key_json;
+use keys::{cap_json, key_json};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
@@ -183,7 +183,7 @@ impl Admin {
                     .collect();
                 let next = cooling
                     .iter()
-                    .flat_map(|k| k.cooldowns.iter().map(|(_, until)| *until))
+                    .flat_map(|k| k.cooldowns.iter().map(|c| c.until))
                     .min();
                 PoolGauge {
                     pool: pool.name().to_string(),
@@ -247,10 +247,12 @@ impl Admin {
             .map(|pool| {
                 let keys = pool.keys.load();
                 let list: Vec<Value> = keys.report(now).iter().map(|k| key_json(k, now)).collect();
+                let caps: Vec<Value> = keys.caps(now).iter().map(|c| cap_json(c, now)).collect();
                 json!({
                     "name": pool.name(),
                     "upstream": pool.config.upstream.authority(),
                     "models": if pool.config.models.is_empty() { json!(["*"]) } else { json!(pool.config.models) },
+                    "caps": caps,
                     "keys": list,
                 })
             })

@@ -285,7 +285,10 @@ fn verdicts_follow_the_table() {
         }
         .verdict(now),
         Verdict::OtherKey(Penalty::CoolProjectModel {
-            until: now + ChronoDuration::seconds(54)
+            until: now + ChronoDuration::seconds(54),
+            why: Cooling::Quota {
+                ceiling: next_midnight_los_angeles(now)
+            }
         })
     );
     assert_eq!(Outcome::SharedCapacity.verdict(now), Verdict::Transient);
@@ -390,5 +393,204 @@ fn daily_reset_across_fall_back() {
     assert_eq!(
         next_midnight_los_angeles(utc(2026, 11, 1, 9, 30)), // 01:30 PST
         utc(2026, 11, 2, 8, 0)
+    );
+}
+
+/// The billing-account cap as captured (shared notes, "Limits above the project").
+const ACCOUNT_CAP: &str = r#"{"error":{"code":429,"message":"Your billing account has exceeded its monthly spending cap. Please go to AI Studio at https://aistudio.google.com to manage your billing. Learn more at https://ai.google.dev/gemini-api/docs/billing.","status":"RESOURCE_EXHAUSTED"}}"#;
+
+/// A tier without the model: "limit: 0" in the message, no quotaValue, a short RetryInfo.
+const LIMIT_ZERO: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.\n* Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 0, model: gemini-2.5-pro\nPlease retry in 11.767792953s.","status":"RESOURCE_EXHAUSTED","details":[
+ {"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-pro"}}]},
+ {"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"11s"}]}}"#;
+
+#[test]
+fn a_billing_account_cap_stops_the_account_until_the_month_turns() {
+    assert_eq!(
+        classify(429, ACCOUNT_CAP.as_bytes()),
+        Outcome::BillingAccountCapped
+    );
+    // Cut short, and wrapped as the OpenAI-compatible paths do, it reads the same.
+    assert_eq!(
+        classify_prefix(429, &ACCOUNT_CAP.as_bytes()[..140]),
+        Outcome::BillingAccountCapped
+    );
+    let wrapped = format!("[{ACCOUNT_CAP}]");
+    assert_eq!(
+        classify(429, wrapped.as_bytes()),
+        Outcome::BillingAccountCapped
+    );
+    let now = utc(2026, 6, 10, 12, 0);
+    assert_eq!(
+        Outcome::BillingAccountCapped.verdict(now),
+        Verdict::OtherKey(Penalty::CapBillingAccount {
+            until: utc(2026, 7, 1, 7, 0)
+        })
+    );
+}
+
+#[test]
+fn a_project_spend_cap_is_told_by_its_words_only() {
+    let capped = plain(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Your project has exceeded its monthly spend cap. Raise it in AI Studio.",
+    );
+    assert_eq!(classify(429, capped.as_bytes()), Outcome::ProjectCapped);
+    let spending = plain(429, "RESOURCE_EXHAUSTED", "Project spending cap reached.");
+    assert_eq!(classify(429, spending.as_bytes()), Outcome::ProjectCapped);
+    // A spend cap with no project named is not taken for one.
+    let vague = plain(429, "RESOURCE_EXHAUSTED", "A spend cap applies.");
+    assert_eq!(classify(429, vague.as_bytes()), Outcome::SharedCapacity);
+    let now = utc(2026, 12, 20, 12, 0);
+    assert_eq!(
+        Outcome::ProjectCapped.verdict(now),
+        Verdict::OtherKey(Penalty::CapProject {
+            until: utc(2027, 1, 1, 8, 0),
+            why: Cap::SpendCap
+        })
+    );
+}
+
+#[test]
+fn a_spend_based_rate_limit_stops_the_project_for_its_window() {
+    let by_message = plain(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your spend-based rate limit. Try again later.",
+    );
+    assert_eq!(
+        classify(429, by_message.as_bytes()),
+        Outcome::SpendRateLimited {
+            window: SPEND_WINDOW
+        }
+    );
+    let by_quota_id = with_quota(&["GenerateContentSpendPerTenMinutes-Tier1"], Some("120s"));
+    assert_eq!(
+        classify(429, by_quota_id.as_bytes()),
+        Outcome::SpendRateLimited {
+            window: Duration::from_secs(120)
+        }
+    );
+    let now = utc(2026, 6, 10, 12, 0);
+    assert_eq!(
+        Outcome::SpendRateLimited {
+            window: SPEND_WINDOW
+        }
+        .verdict(now),
+        Verdict::OtherKey(Penalty::CapProject {
+            until: now + ChronoDuration::minutes(10),
+            why: Cap::SpendRate
+        })
+    );
+}
+
+#[test]
+fn limit_zero_means_the_model_is_not_in_the_tier_until_midnight() {
+    assert_eq!(
+        classify(429, LIMIT_ZERO.as_bytes()),
+        Outcome::TierUnavailable
+    );
+    // The structured field alone says it too.
+    let zero_value = r#"{"error":{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel","quotaValue":"0"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"9s"}]}}"#;
+    assert_eq!(
+        classify(429, zero_value.as_bytes()),
+        Outcome::TierUnavailable
+    );
+    // A limit of 05 or 0.5 is not 0; a limit of 50 neither.
+    for other in ["limit: 05, model", "limit: 0.5, model", "limit: 50, model"] {
+        let body = with_quota(&["GenerateRequestsPerMinutePerProjectPerModel"], Some("9s"))
+            .replace("\"quota\"", &format!("\"{other}\""));
+        assert!(
+            matches!(classify(429, body.as_bytes()), Outcome::QuotaShort { .. }),
+            "{other}"
+        );
+    }
+    let now = utc(2026, 6, 10, 12, 0);
+    assert_eq!(
+        Outcome::TierUnavailable.verdict(now),
+        Verdict::OtherKey(Penalty::CoolProjectModel {
+            until: next_midnight_los_angeles(now),
+            why: Cooling::Tier
+        })
+    );
+}
+
+#[test]
+fn a_detail_less_quota_refusal_is_the_projects_and_escalates() {
+    let body = plain(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
+    );
+    assert_eq!(classify(429, body.as_bytes()), Outcome::QuotaUnspecified);
+    let now = utc(2026, 6, 10, 12, 0);
+    assert_eq!(
+        Outcome::QuotaUnspecified.verdict(now),
+        Verdict::OtherKey(Penalty::CoolProjectModel {
+            until: now + ChronoDuration::seconds(60),
+            why: Cooling::Quota {
+                ceiling: next_midnight_los_angeles(now)
+            }
+        })
+    );
+    // Google's shared capacity keeps blaming nobody.
+    let shared = plain(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Resource has been exhausted (e.g. check quota).",
+    );
+    assert_eq!(classify(429, shared.as_bytes()), Outcome::SharedCapacity);
+}
+
+#[test]
+fn no_capacity_for_the_model_is_nobodys_key() {
+    let body = r#"{"error":{"code":429,"message":"No capacity available for model gemini-2.5-pro on the server","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"MODEL_CAPACITY_EXHAUSTED","domain":"googleapis.com"},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"30s"}]}}"#;
+    assert_eq!(classify(429, body.as_bytes()), Outcome::SharedCapacity);
+    assert_eq!(
+        classify_prefix(429, &body.as_bytes()[..body.len() - 3]),
+        Outcome::SharedCapacity
+    );
+}
+
+#[test]
+fn the_month_turns_at_midnight_in_los_angeles() {
+    // Winter: 2026-01-31 23:59 PST = 2026-02-01 07:59 UTC; the month turns at 08:00 UTC.
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 2, 1, 7, 59)),
+        utc(2026, 2, 1, 8, 0)
+    );
+    // At the turn itself: the next one.
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 2, 1, 8, 0)),
+        utc(2026, 3, 1, 8, 0)
+    );
+    // Summer (PDT): July turns to August at 07:00 UTC.
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 7, 15, 12, 0)),
+        utc(2026, 8, 1, 7, 0)
+    );
+    // A month whose turn crosses into DST: March 2026 starts in PST (08:00 UTC), April in
+    // PDT (07:00 UTC); so does one crossing back: November starts in PDT, December in PST.
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 2, 20, 0, 0)),
+        utc(2026, 3, 1, 8, 0)
+    );
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 3, 20, 0, 0)),
+        utc(2026, 4, 1, 7, 0)
+    );
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 10, 20, 0, 0)),
+        utc(2026, 11, 1, 7, 0)
+    );
+    assert_eq!(
+        next_month_los_angeles(utc(2026, 11, 20, 0, 0)),
+        utc(2026, 12, 1, 8, 0)
+    );
+    // The year turns: 2026-12-31 20:00 PST = 2027-01-01 04:00 UTC, still December there.
+    assert_eq!(
+        next_month_los_angeles(utc(2027, 1, 1, 4, 0)),
+        utc(2027, 1, 1, 8, 0)
     );
 }

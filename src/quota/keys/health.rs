@@ -2,8 +2,8 @@
 //! [`KeyPool::change`], which says what changed ([`Changed`]). Saying it to operators (logs,
 //! alerts, metrics) is `runtime::health`'s.
 
-use super::{KeyId, KeyPool, Millis, NEVER};
-use crate::quota::classify::{DeadReason, Penalty};
+use super::{CapKind, CoolingKind, KeyId, KeyPool, Millis, NEVER};
+use crate::quota::classify::{Cap, Cooling, DeadReason, Penalty};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -64,10 +64,17 @@ pub enum Transition<'a> {
     /// A key check found the key working: Google's refusal of it is forgotten. An operator's
     /// disable and the project's billing stay.
     Recover,
-    /// The cooldowns of the key's project end, for one model or for every model.
+    /// The cooldowns of the key's project end, for one model or for every model; for every
+    /// model, the caps on its project and billing account end too.
     ClearCooldowns {
         /// Only this model's, if given.
         model: Option<&'a str>,
+    },
+    /// Google served a request on the key for `model`: caps on its project and billing
+    /// account end (a probe found them raised), and the model's escalation starts over.
+    Served {
+        /// The model served.
+        model: &'a str,
     },
 }
 
@@ -83,7 +90,7 @@ impl<'a> Transition<'a> {
 }
 
 /// What a [`Transition`] changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changed {
     /// Why the key was out for every model before, if it was.
     pub before: Option<Disabled>,
@@ -91,6 +98,14 @@ pub struct Changed {
     pub after: Option<Disabled>,
     /// Cooldowns that were running and ended.
     pub cooldowns_ended: usize,
+    /// A cap that started: its project or billing account was serving before.
+    pub capped: Option<CapKind>,
+    /// Caps that held and ended early (a probe's success, an operator).
+    pub caps_lifted: Vec<CapKind>,
+    /// A cooldown that started for a model not in the project's tier.
+    pub unavailable: bool,
+    /// A short-window cooldown that came back soon after it ended, made this long instead.
+    pub escalated: Option<Millis>,
 }
 
 impl Changed {
@@ -141,44 +156,116 @@ impl KeyPool {
     /// The one door for health changes: applies `transition` to `key` and says what changed.
     /// Saying it (logs, alerts, metrics) is the caller's: see `health`.
     pub fn change(&self, key: KeyId, transition: Transition<'_>, now: Millis) -> Changed {
-        let before = self.disabled(key);
-        let mut cooldowns_ended = 0;
+        let mut changed = Changed {
+            before: self.disabled(key),
+            after: None,
+            cooldowns_ended: 0,
+            capped: None,
+            caps_lifted: Vec::new(),
+            unavailable: false,
+            escalated: None,
+        };
         match transition {
             Transition::Penalise {
                 penalty,
                 model,
                 method,
-            } => self.penalise(key, model, method, penalty),
+            } => self.penalise(key, model, method, penalty, now, &mut changed),
             Transition::Disable => self.disable(key),
             Transition::Enable => self.enable(key),
             Transition::Recover => self.revive(key),
             Transition::ClearCooldowns { model } => {
-                cooldowns_ended = self.clear_cooldowns(key, model, now)
+                changed.cooldowns_ended = self.clear_cooldowns(key, model, now);
+                if model.is_none() {
+                    changed.caps_lifted = self.lift_caps(key, now);
+                }
+            }
+            Transition::Served { model } => {
+                changed.caps_lifted = self.lift_caps(key, now);
+                self.forget_escalation(key, model);
             }
         }
-        Changed {
-            before,
-            after: self.disabled(key),
-            cooldowns_ended,
+        changed.after = self.disabled(key);
+        changed
+    }
+
+    /// Whether [`Transition::Served`] would change anything for `key` and `model` at `now`:
+    /// a few atomic loads, so that a success costs nothing more when there is nothing to say.
+    pub fn served_is_news(&self, key: KeyId, model: &str, now: Millis) -> bool {
+        let project = self.keys[key.0 as usize].project;
+        if self.cap_of(project, now).is_some() {
+            return true;
         }
+        let models = self.models.load();
+        models
+            .get(model)
+            .is_some_and(|h| h.last_len[project as usize].load(Relaxed) != 0)
     }
 
     /// Records a key-level failure of `key` on `model` / `method`.
-    fn penalise(&self, key: KeyId, model: &str, method: &str, penalty: &Penalty) {
+    fn penalise(
+        &self,
+        key: KeyId,
+        model: &str,
+        method: &str,
+        penalty: &Penalty,
+        now: Millis,
+        changed: &mut Changed,
+    ) {
         let k = key.0 as usize;
         let project = self.keys[k].project as usize;
+        let millis = |t: &chrono::DateTime<chrono::Utc>| t.timestamp_millis().max(0) as Millis;
         match penalty {
-            Penalty::CoolProjectModel { until } => {
-                let until = until.timestamp_millis().max(0) as Millis;
-                match self.health_for_write(model) {
-                    Some(health) => {
-                        health.cool_until[project].fetch_max(until, Relaxed);
+            Penalty::CoolProjectModel { until, why } => match self.health_for_write(model) {
+                Some(health) => {
+                    let (until, kind) = match why {
+                        Cooling::Quota { ceiling } => {
+                            let until = self.escalate(
+                                &health,
+                                project,
+                                millis(until),
+                                millis(ceiling),
+                                now,
+                            );
+                            if until.1 > 0 {
+                                changed.escalated = Some(until.0.saturating_sub(now));
+                            }
+                            (until.0, CoolingKind::Quota)
+                        }
+                        Cooling::Day => (millis(until), CoolingKind::Day),
+                        Cooling::Tier => {
+                            changed.unavailable = health.cool_until[project].load(Relaxed) <= now
+                                || health.why[project].load(Relaxed)
+                                    != CoolingKind::Unavailable.code();
+                            (millis(until), CoolingKind::Unavailable)
+                        }
+                    };
+                    if health.cool_until[project].fetch_max(until, Relaxed) < until {
+                        health.why[project].store(kind.code(), Relaxed);
                     }
-                    None => log::warn!(
-                        "pool {}: too many models with cooldowns; not recording one for {:?}",
-                        self.name,
-                        model
-                    ),
+                }
+                None => log::warn!(
+                    "pool {}: too many models with cooldowns; not recording one for {:?}",
+                    self.name,
+                    model
+                ),
+            },
+            Penalty::CapProject { until, why } => {
+                let kind = match why {
+                    Cap::SpendCap => CapKind::ProjectSpendCap,
+                    Cap::SpendRate => CapKind::SpendRate,
+                };
+                let held = &self.project_caps[project];
+                if held.set(kind, millis(until), now, self.probe_every) {
+                    changed.capped = Some(kind);
+                }
+            }
+            Penalty::CapBillingAccount { until } => {
+                let account = self.account_of[project] as usize;
+                let held = &self.account_caps[account];
+                let kind = CapKind::AccountSpendCap;
+                if held.set(kind, millis(until), now, self.probe_every) {
+                    changed.capped = Some(kind);
                 }
             }
             Penalty::DisableProject => {
@@ -251,6 +338,68 @@ impl KeyPool {
         }
     }
 
+    /// The end of a short-window cooldown of `project` for a model refused at `now`, Google
+    /// saying `until`, and how many times it has now been doubled. A refusal soon after the
+    /// last cooldown ended ("soon": within that cooldown's length, or a minute) shows Google's
+    /// delay was wrong: the cooldown doubles, never past `ceiling` (the next midnight in Los
+    /// Angeles) unless Google's own delay is longer. A success starts it over. The second value
+    /// is the number of doublings when this refusal doubled it, else 0.
+    fn escalate(
+        &self,
+        health: &super::ModelHealth,
+        project: usize,
+        until: Millis,
+        ceiling: Millis,
+        now: Millis,
+    ) -> (Millis, u8) {
+        const SOON: Millis = 60_000;
+        let stated = until.saturating_sub(now);
+        let last_end = health.cool_until[project].load(Relaxed);
+        let last_len = health.last_len[project].load(Relaxed);
+        if last_end > now {
+            // Still cooling: an answer to a request sent before the cooldown began.
+            health.last_len[project].fetch_max(stated, Relaxed);
+            return (until, 0);
+        }
+        let soon = last_len > 0 && now.saturating_sub(last_end) <= last_len.max(SOON);
+        if !soon {
+            health.last_len[project].store(stated, Relaxed);
+            health.escalations[project].store(0, Relaxed);
+            return (until, 0);
+        }
+        let doubled = last_len
+            .saturating_mul(2)
+            .min(ceiling.saturating_sub(now))
+            .max(stated);
+        health.last_len[project].store(doubled, Relaxed);
+        let level = health.escalations[project].load(Relaxed).saturating_add(1);
+        health.escalations[project].store(level, Relaxed);
+        (now.saturating_add(doubled), level)
+    }
+
+    /// A success on `model`: its escalation on `key`'s project starts over.
+    fn forget_escalation(&self, key: KeyId, model: &str) {
+        let project = self.keys[key.0 as usize].project as usize;
+        if let Some(health) = self.models.load().get(model) {
+            health.last_len[project].store(0, Relaxed);
+            health.escalations[project].store(0, Relaxed);
+        }
+    }
+
+    /// Ends the caps on `key`'s project and billing account; says which held.
+    fn lift_caps(&self, key: KeyId, now: Millis) -> Vec<CapKind> {
+        let project = self.keys[key.0 as usize].project as usize;
+        let account = self.account_of[project] as usize;
+        let lifted: Vec<CapKind> = [&self.project_caps[project], &self.account_caps[account]]
+            .into_iter()
+            .filter_map(|held| held.lift(now))
+            .collect();
+        if !lifted.is_empty() {
+            self.generation.fetch_add(1, Relaxed);
+        }
+        lifted
+    }
+
     /// Ends the cooldowns of `key`'s project, for `model` or for every model. Returns how many
     /// cooldowns were running.
     fn clear_cooldowns(&self, key: KeyId, model: Option<&str>, now: Millis) -> usize {
@@ -263,6 +412,8 @@ impl KeyPool {
             if health.cool_until[project].swap(0, Relaxed) > now {
                 cleared += 1;
             }
+            health.last_len[project].store(0, Relaxed);
+            health.escalations[project].store(0, Relaxed);
         }
         self.generation.fetch_add(1, Relaxed);
         cleared
@@ -272,7 +423,7 @@ impl KeyPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::keys::tests::{cool, picked, pool};
+    use crate::quota::keys::tests::{cool, cooldowns, penalise, picked, pool};
     use crate::quota::keys::{Exhaustion, Pick};
 
     use chrono::{TimeZone, Utc};
@@ -365,7 +516,10 @@ mod tests {
         let until = Utc.timestamp_millis_opt(60_000).unwrap();
         let cool = p.change(
             KeyId(0),
-            refused(&Penalty::CoolProjectModel { until }),
+            refused(&Penalty::CoolProjectModel {
+                until,
+                why: Cooling::Day,
+            }),
             1000,
         );
         assert_eq!((cool.went_out(), cool.came_back()), (None, None));
@@ -395,7 +549,7 @@ mod tests {
         p.enable(KeyId(0));
         assert_eq!(p.disabled(KeyId(0)), None);
         cool(&p, 1, "m", 90_000);
-        assert_eq!(p.report(1000)[1].cooldowns, vec![("m".to_string(), 90_000)]);
+        assert_eq!(cooldowns(&p, 1), vec![("m".to_string(), 90_000)]);
         assert_eq!(p.clear_cooldowns(KeyId(1), Some("m"), 1000), 1);
         assert!(p.report(1000)[1].cooldowns.is_empty());
         let mut both: Vec<u32> = (0..4).filter_map(|_| picked(&p, "m", &[], 1000)).collect();
@@ -407,7 +561,8 @@ mod tests {
     #[test]
     fn dead_keys_and_billing_stay_out() {
         let p = pool(&[("a", "p1"), ("b", "p2"), ("c", "p2")]);
-        p.penalise(
+        penalise(
+            &p,
             KeyId(0),
             "pro",
             "generateContent",
@@ -417,7 +572,13 @@ mod tests {
             p.disabled(KeyId(0)),
             Some(Disabled::Dead(DeadReason::Invalid))
         );
-        p.penalise(KeyId(1), "pro", "generateContent", &Penalty::DisableProject);
+        penalise(
+            &p,
+            KeyId(1),
+            "pro",
+            "generateContent",
+            &Penalty::DisableProject,
+        );
         let far_future = 4_000_000_000_000;
         assert_eq!(
             p.pick("flash", "generateContent", &[], far_future),
@@ -432,7 +593,7 @@ mod tests {
     #[test]
     fn blocked_method_skips_only_that_method() {
         let p = pool(&[("a", "p1"), ("b", "p2")]);
-        p.penalise(KeyId(0), "m", "embedContent", &Penalty::BlockMethod);
+        penalise(&p, KeyId(0), "m", "embedContent", &Penalty::BlockMethod);
         for _ in 0..4 {
             assert_eq!(p.pick("m", "embedContent", &[], 1000), Pick::Key(KeyId(1)));
         }

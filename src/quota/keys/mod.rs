@@ -18,10 +18,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
+mod caps;
 mod health;
+mod rebuild;
+mod report;
 mod saved;
 
+pub use caps::{CapKind, CapReport, Scope};
 pub use health::{Changed, Disabled, Transition};
+pub use report::{Cooldown, CoolingKind, KeyReport};
 pub use saved::{KeyHealth, PoolHealth, ProjectHealth};
 
 /// Milliseconds since the Unix epoch: the health table's clock.
@@ -32,6 +37,9 @@ pub const NEVER: Millis = Millis::MAX;
 
 /// How many models can hold cooldowns at once; keeps memory bounded whatever clients send.
 const MAX_MODELS: usize = 1024;
+
+/// How often a monthly cap is probed unless the pool says otherwise: hourly.
+const DEFAULT_PROBE_EVERY: Millis = 3_600_000;
 
 /// Index of a key within its pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,23 +94,6 @@ pub struct Availability {
     pub next_recovery: Option<Millis>,
 }
 
-/// One key as the admin API shows it.
-#[derive(Debug, Clone)]
-pub struct KeyReport {
-    /// The key's fingerprint.
-    pub fingerprint: String,
-    /// Its project.
-    pub project: String,
-    /// Why it is out for every model, if it is.
-    pub disabled: Option<Disabled>,
-    /// Models its project is cooling for, with the deadline.
-    pub cooldowns: Vec<(String, Millis)>,
-    /// Methods Google refused for this key.
-    pub blocked_methods: Vec<String>,
-    /// What it served.
-    pub usage: Arc<Usage>,
-}
-
 /// The answer of [`KeyPool::pick`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pick {
@@ -144,6 +135,13 @@ struct Eligible {
 #[derive(Debug)]
 struct ModelHealth {
     cool_until: Vec<AtomicU64>,
+    /// The [`CoolingKind`] code of each project's last cooldown.
+    why: Vec<AtomicU8>,
+    /// The length of each project's last short-window cooldown, in ms (0: none since the last
+    /// success): what an escalation doubles.
+    last_len: Vec<AtomicU64>,
+    /// How many times in a row it was doubled.
+    escalations: Vec<AtomicU8>,
     eligible: ArcSwap<Eligible>,
 }
 
@@ -151,6 +149,9 @@ impl ModelHealth {
     fn new(projects: usize) -> Self {
         ModelHealth {
             cool_until: (0..projects).map(|_| AtomicU64::new(0)).collect(),
+            why: (0..projects).map(|_| AtomicU8::new(0)).collect(),
+            last_len: (0..projects).map(|_| AtomicU64::new(0)).collect(),
+            escalations: (0..projects).map(|_| AtomicU8::new(0)).collect(),
             eligible: ArcSwap::from_pointee(Eligible {
                 keys: Vec::new(),
                 projects: Vec::new(),
@@ -172,6 +173,16 @@ pub struct KeyPool {
     key_disabled_until: Vec<AtomicU64>,
     key_reason: Vec<AtomicU8>,
     project_disabled_until: Vec<AtomicU64>,
+    /// Each project's spend cap or spend-based rate limit.
+    project_caps: Vec<caps::Held>,
+    /// Each project's billing account: an index into `accounts`.
+    account_of: Vec<u32>,
+    /// Billing accounts by name; `None` for a project that names none (its own account).
+    accounts: Vec<Option<String>>,
+    /// Each billing account's monthly spending cap.
+    account_caps: Vec<caps::Held>,
+    /// How often a probe may test a monthly cap.
+    probe_every: Millis,
     /// (key, method) pairs Google refused with `API_KEY_SERVICE_BLOCKED`.
     blocked: ArcSwap<Vec<(u32, Box<str>)>>,
     any_blocked: AtomicBool,
@@ -190,7 +201,13 @@ pub struct KeyPool {
 impl KeyPool {
     /// Builds the pool from its validated configuration.
     pub fn new(config: &PoolConfig) -> KeyPool {
-        KeyPool::build(&config.name, &config.keys, |_| None)
+        KeyPool::build(&config.name, &config.keys, |_| None).probing_every(config.cap_probe)
+    }
+
+    /// This pool, probing monthly caps every `every`.
+    pub fn probing_every(mut self, every: std::time::Duration) -> KeyPool {
+        self.probe_every = every.as_millis().clamp(1, Millis::MAX as u128) as Millis;
+        self
     }
 
     fn build(
@@ -201,11 +218,27 @@ impl KeyPool {
         let mut projects: Vec<String> = Vec::new();
         let mut index: HashMap<&str, u32> = HashMap::new();
         let mut keys = Vec::with_capacity(configs.len());
+        let mut accounts: Vec<Option<String>> = Vec::new();
+        let mut account_of: Vec<u32> = Vec::new();
         for k in configs {
             let project = *index.entry(k.project.as_str()).or_insert_with(|| {
                 projects.push(k.project.clone());
                 (projects.len() - 1) as u32
             });
+            if account_of.len() == project as usize {
+                // The project's first key says its billing account (validation made sure the
+                // others agree); a project that names none is its own.
+                let named = k.billing_account.as_ref();
+                let account =
+                    match named.and_then(|b| accounts.iter().position(|a| a.as_ref() == Some(b))) {
+                        Some(a) => a,
+                        None => {
+                            accounts.push(named.cloned());
+                            accounts.len() - 1
+                        }
+                    };
+                account_of.push(account as u32);
+            }
             let fingerprint = k.secret.fingerprint();
             keys.push(PoolKey {
                 usage: usage_of(&fingerprint).unwrap_or_default(),
@@ -220,6 +253,11 @@ impl KeyPool {
             key_disabled_until: keys.iter().map(|_| AtomicU64::new(0)).collect(),
             key_reason: keys.iter().map(|_| AtomicU8::new(0)).collect(),
             project_disabled_until: (0..n_projects).map(|_| AtomicU64::new(0)).collect(),
+            project_caps: (0..n_projects).map(|_| caps::Held::default()).collect(),
+            account_caps: accounts.iter().map(|_| caps::Held::default()).collect(),
+            account_of,
+            accounts,
+            probe_every: DEFAULT_PROBE_EVERY,
             keys,
             projects,
             blocked: ArcSwap::from_pointee(Vec::new()),
@@ -327,6 +365,9 @@ impl KeyPool {
             if self.any_blocked.load(Relaxed) && self.is_blocked(k, method) {
                 continue;
             }
+            if !self.take_probes(project, now) {
+                continue;
+            }
             return Pick::Key(KeyId(k));
         }
         Pick::OnlyTriedProjects
@@ -382,106 +423,6 @@ impl KeyPool {
         usable[usable.len() - count..].to_vec()
     }
 
-    /// Every key with its state, for the admin API.
-    pub fn report(&self, now: Millis) -> Vec<KeyReport> {
-        let models = self.models.load();
-        let blocked = self.blocked.load();
-        self.keys
-            .iter()
-            .enumerate()
-            .map(|(k, key)| {
-                let project = key.project as usize;
-                let mut cooldowns: Vec<(String, Millis)> = models
-                    .iter()
-                    .map(|(m, h)| (m.to_string(), h.cool_until[project].load(Relaxed)))
-                    .filter(|(_, until)| *until > now)
-                    .collect();
-                cooldowns.sort();
-                KeyReport {
-                    fingerprint: key.fingerprint.clone(),
-                    project: self.projects[project].clone(),
-                    disabled: self.disabled(KeyId(k as u32)),
-                    cooldowns,
-                    blocked_methods: blocked
-                        .iter()
-                        .filter(|(kk, _)| *kk as usize == k)
-                        .map(|(_, m)| m.to_string())
-                        .collect(),
-                    usage: key.usage.clone(),
-                }
-            })
-            .collect()
-    }
-
-    /// The keys as configuration entries (secret and project), in pool order.
-    pub fn key_configs(&self) -> Vec<KeyConfig> {
-        self.keys
-            .iter()
-            .map(|k| KeyConfig {
-                secret: k.secret.clone(),
-                project: self.projects[k.project as usize].clone(),
-            })
-            .collect()
-    }
-
-    /// A new pool of `keys` that keeps this pool's health table for the keys and projects the
-    /// two share (cooldowns, disabled keys and projects, blocked methods) and its usage counts.
-    /// This is how keys are added or removed at run time: requests already running finish on
-    /// the old pool.
-    pub fn rebuilt(&self, keys: &[KeyConfig]) -> KeyPool {
-        let old_by_fp: HashMap<&str, usize> = self
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.fingerprint.as_str(), i))
-            .collect();
-        let fresh = KeyPool::build(&self.name, keys, |fp| {
-            old_by_fp.get(fp).map(|&i| self.keys[i].usage.clone())
-        });
-        for (k, key) in fresh.keys.iter().enumerate() {
-            if let Some(&old) = old_by_fp.get(key.fingerprint.as_str()) {
-                fresh.key_disabled_until[k]
-                    .store(self.key_disabled_until[old].load(Relaxed), Relaxed);
-                fresh.key_reason[k].store(self.key_reason[old].load(Relaxed), Relaxed);
-            }
-        }
-        let project_map: Vec<Option<usize>> = fresh
-            .projects
-            .iter()
-            .map(|name| self.projects.iter().position(|p| p == name))
-            .collect();
-        for (new_p, old_p) in project_map.iter().enumerate() {
-            if let Some(old_p) = old_p {
-                fresh.project_disabled_until[new_p]
-                    .store(self.project_disabled_until[*old_p].load(Relaxed), Relaxed);
-            }
-        }
-        let mut models = HashMap::new();
-        for (name, health) in self.models.load().iter() {
-            let copy = ModelHealth::new(fresh.projects.len());
-            for (new_p, old_p) in project_map.iter().enumerate() {
-                if let Some(old_p) = old_p {
-                    copy.cool_until[new_p].store(health.cool_until[*old_p].load(Relaxed), Relaxed);
-                }
-            }
-            models.insert(name.clone(), Arc::new(copy));
-        }
-        fresh.models.store(Arc::new(models));
-        let blocked: Vec<(u32, Box<str>)> = self
-            .blocked
-            .load()
-            .iter()
-            .filter_map(|(old, method)| {
-                let fp = &self.keys[*old as usize].fingerprint;
-                let new = fresh.keys.iter().position(|k| &k.fingerprint == fp)?;
-                Some((new as u32, method.clone()))
-            })
-            .collect();
-        fresh.any_blocked.store(!blocked.is_empty(), Relaxed);
-        fresh.blocked.store(Arc::new(blocked));
-        fresh
-    }
-
     fn health(&self, model: &str) -> Arc<ModelHealth> {
         let models = self.models.load();
         if models.is_empty() {
@@ -521,10 +462,51 @@ impl KeyPool {
     fn out_until(&self, k: u32, health: &ModelHealth) -> Millis {
         let k = k as usize;
         let project = self.keys[k].project as usize;
+        let account = self.account_of[project] as usize;
         self.key_disabled_until[k]
             .load(Relaxed)
             .max(self.project_disabled_until[project].load(Relaxed))
             .max(health.cool_until[project].load(Relaxed))
+            .max(self.project_caps[project].open_at())
+            .max(self.account_caps[account].open_at())
+    }
+
+    /// The billing account `project` names, if it names one.
+    pub fn billing_account_of(&self, project: u32) -> Option<&str> {
+        self.accounts[self.account_of[project as usize] as usize].as_deref()
+    }
+
+    /// The cap stopping `project` (its own, or its billing account's) at `now`, if one does.
+    pub fn cap_of(&self, project: u32, now: Millis) -> Option<CapKind> {
+        let account = self.account_of[project as usize] as usize;
+        self.account_caps[account]
+            .kind(now)
+            .or_else(|| self.project_caps[project as usize].kind(now))
+    }
+
+    /// For a key of `project` that is otherwise usable at `now`: takes the probes its capped
+    /// scopes allow, so that one request and no more tests each cap. False when a cap holds and
+    /// its probe is not this request's to take.
+    fn take_probes(&self, project: u32, now: Millis) -> bool {
+        let account = self.account_of[project as usize] as usize;
+        let (p, a) = (
+            &self.project_caps[project as usize],
+            &self.account_caps[account],
+        );
+        if p.kind(now).is_none() && a.kind(now).is_none() {
+            return true;
+        }
+        if !(p.take_probe(now, self.probe_every) && a.take_probe(now, self.probe_every)) {
+            return false;
+        }
+        log::info!(
+            "pool {}: probing project {} with one request: is its spend cap lifted?",
+            self.name,
+            self.projects[project as usize]
+        );
+        // The snapshots of every model must leave the scope out again until the next probe.
+        self.generation.fetch_add(1, Relaxed);
+        true
     }
 
     fn is_blocked(&self, k: u32, method: &str) -> bool {
@@ -585,5 +567,7 @@ pub fn now_millis() -> Millis {
         .unwrap_or(0)
 }
 
+#[cfg(test)]
+mod limit_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -3,7 +3,7 @@
 
 use super::health::reason_from_code;
 use super::{Disabled, KeyId, KeyPool, Millis, Transition, NEVER};
-use crate::quota::classify::Penalty;
+use crate::quota::classify::{Cooling, Penalty};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// A disable reason in the state file: its label.
@@ -169,7 +169,9 @@ impl KeyPool {
                 else {
                     continue;
                 };
-                applied += apply(key, &Penalty::CoolProjectModel { until }, model, "");
+                // Restored as a short-window quota: its kind is not saved (yet).
+                let why = Cooling::Quota { ceiling: until };
+                applied += apply(key, &Penalty::CoolProjectModel { until, why }, model, "");
             }
         }
         applied
@@ -180,7 +182,7 @@ impl KeyPool {
 mod tests {
     use super::*;
     use crate::quota::classify::DeadReason;
-    use crate::quota::keys::tests::{cool, penalise, pool};
+    use crate::quota::keys::tests::{cool, cooldowns, penalise, pool};
 
     #[test]
     fn health_survives_export_and_import_into_a_fresh_pool() {
@@ -216,10 +218,7 @@ mod tests {
         );
         assert_eq!(fresh.disabled(KeyId(2)), Some(Disabled::Billing));
         fresh.change(KeyId(0), Transition::Enable, 0);
-        assert_eq!(
-            fresh.report(1000)[0].cooldowns,
-            vec![("m".to_string(), 90_000)]
-        );
+        assert_eq!(cooldowns(&fresh, 0), vec![("m".to_string(), 90_000)]);
         assert_eq!(
             fresh.report(1000)[2].blocked_methods,
             vec!["embedContent".to_string()]
@@ -230,10 +229,7 @@ mod tests {
         // A cooldown past the ceiling (an older version's week-long one) is cut to it.
         let clamped = pool(&[("a", "p1")]);
         clamped.import(&back, 1000, 50_000);
-        assert_eq!(
-            clamped.report(1000)[0].cooldowns,
-            vec![("m".to_string(), 50_000)]
-        );
+        assert_eq!(cooldowns(&clamped, 0), vec![("m".to_string(), 50_000)]);
     }
 
     #[test]

@@ -1,10 +1,16 @@
 use super::*;
 use crate::config::{KeyConfig, UpstreamConfig};
-use crate::quota::classify::{DeadReason, Penalty};
+use crate::quota::classify::{Cooling, DeadReason, Penalty};
 use chrono::{TimeZone, Utc};
 
 /// A pool of `(key, project)` pairs in front of a placeholder upstream.
 pub(crate) fn pool(keys: &[(&str, &str)]) -> KeyPool {
+    let keys: Vec<(&str, &str, Option<&str>)> = keys.iter().map(|(k, p)| (*k, *p, None)).collect();
+    pool_with_accounts(&keys)
+}
+
+/// A pool of `(key, project, billing account)` triples in front of a placeholder upstream.
+pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool {
     KeyPool::new(&PoolConfig {
         name: "main".into(),
         upstream: UpstreamConfig {
@@ -15,14 +21,16 @@ pub(crate) fn pool(keys: &[(&str, &str)]) -> KeyPool {
         },
         keys: keys
             .iter()
-            .map(|(k, p)| KeyConfig {
+            .map(|(k, p, b)| KeyConfig {
                 secret: Secret::new(*k),
                 project: p.to_string(),
+                billing_account: b.map(str::to_string),
             })
             .collect(),
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,
+        cap_probe: std::time::Duration::from_secs(3600),
     })
 }
 
@@ -34,6 +42,15 @@ pub(crate) fn penalise(pool: &KeyPool, key: KeyId, model: &str, method: &str, pe
         method,
     };
     pool.change(key, transition, 0);
+}
+
+/// The (model, deadline) of each cooldown of key `k`'s project, as the admin API lists them.
+pub(crate) fn cooldowns(pool: &KeyPool, k: usize) -> Vec<(String, Millis)> {
+    pool.report(1000)[k]
+        .cooldowns
+        .iter()
+        .map(|c| (c.model.clone(), c.until))
+        .collect()
 }
 
 pub(crate) fn picked(pool: &KeyPool, model: &str, tried: &[u32], now: Millis) -> Option<u32> {
@@ -50,7 +67,10 @@ pub(crate) fn cool(pool: &KeyPool, key: u32, model: &str, until_ms: i64) {
         KeyId(key),
         model,
         "generateContent",
-        &Penalty::CoolProjectModel { until },
+        &Penalty::CoolProjectModel {
+            until,
+            why: Cooling::Day,
+        },
     );
 }
 
@@ -170,16 +190,14 @@ fn a_rebuilt_pool_keeps_health_and_usage_of_the_keys_it_keeps() {
     configs.push(KeyConfig {
         secret: Secret::new("d"),
         project: "p4".into(),
+        billing_account: None,
     });
     let q = p.rebuilt(&configs);
     let a = q.find(&Secret::new("a").fingerprint()).unwrap();
     let b = q.find(&Secret::new("b").fingerprint()).unwrap();
     assert_eq!(q.key(a).usage.requests.load(Relaxed), 5);
     assert_eq!(q.disabled(b), Some(Disabled::Dead(DeadReason::Suspended)));
-    assert_eq!(
-        q.report(1000)[a.0 as usize].cooldowns,
-        vec![("m".to_string(), 90_000)]
-    );
+    assert_eq!(cooldowns(&q, a.0 as usize), vec![("m".to_string(), 90_000)]);
     // Only d serves "m" now: a cools, b is dead.
     for _ in 0..3 {
         assert_eq!(

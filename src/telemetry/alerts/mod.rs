@@ -245,6 +245,7 @@ impl Alerts {
             tls_ca_file,
             models: Vec::new(),
             proxy: None,
+            cap_probe: Duration::from_secs(3600),
         };
         let timeouts = Timeouts {
             connect: config.timeout,
