@@ -364,3 +364,62 @@ fn a_bad_tls_file_is_a_config_error_not_a_panic() {
         assert!(e.starts_with("tls: "), "{e}");
     }
 }
+
+#[test]
+fn billing_accounts_in_all_three_spellings() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys"), "file-key-1 proj-f acct-2\n").unwrap();
+    let text = "pools:\n  - name: main\n    upstream: http://127.0.0.1:9\n    cap_probe_seconds: 5\n    keys:\n      - {key: inline-1, project: p1, billing_account: acct-1}\n      - {key: inline-2, project: p2}\n    keys_env: KEYS\n    keys_file: keys\n";
+    let c = Config::parse(text, dir.path(), &|name| {
+        (name == "KEYS").then(|| "env-1:p3:acct-1, env-2:p1:acct-1".to_string())
+    })
+    .unwrap();
+    let got: Vec<(&str, Option<&str>)> = c.pools[0]
+        .keys
+        .iter()
+        .map(|k| (k.project.as_str(), k.billing_account.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("p1", Some("acct-1")),
+            ("p2", None),
+            ("p3", Some("acct-1")),
+            ("p1", Some("acct-1")),
+            ("proj-f", Some("acct-2")),
+        ]
+    );
+    assert_eq!(c.pools[0].cap_probe, Duration::from_secs(5));
+    assert_eq!(
+        parse(MINIMAL).unwrap().pools[0].cap_probe,
+        Duration::from_secs(3600)
+    );
+}
+
+#[test]
+fn a_project_on_two_billing_accounts_is_an_error() {
+    let text = "pools:\n  - name: main\n    upstream: https://x\n    keys:\n      - {key: k1, project: p1, billing_account: acct-1}\n      - {key: k2, project: p1, billing_account: acct-2}\n";
+    let e = parse(text).unwrap_err().to_string();
+    assert!(e.contains("project \"p1\""), "{e}");
+    assert!(e.contains("one billing account"), "{e}");
+    assert!(
+        !e.contains("k1") && !e.contains("k2"),
+        "no key in errors: {e}"
+    );
+    // Naming it on one key and not on another is the same mistake.
+    let half = "pools:\n  - name: main\n    upstream: https://x\n    keys:\n      - {key: k1, project: p1, billing_account: acct-1}\n      - {key: k2, project: p1}\n";
+    assert!(parse(half).is_err());
+    let env_typo = Config::parse(
+        "pools:\n  - name: main\n    upstream: https://x\n    keys_env: KEYS\n",
+        Path::new("."),
+        &|_| Some("k1:p1:acct:extra".to_string()),
+    );
+    assert!(env_typo
+        .unwrap_err()
+        .to_string()
+        .contains("KEY:project:billing_account"));
+    let no_project = "pools:\n  - name: main\n    upstream: https://x\n    keys:\n      - {key: k1, billing_account: acct-1}\n";
+    assert!(parse(no_project).is_err());
+    let zero = "pools:\n  - name: main\n    upstream: https://x\n    keys: [k1]\n    cap_probe_seconds: 0\n";
+    assert!(parse(zero).is_err());
+}

@@ -21,7 +21,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::path::PathBuf;
@@ -61,6 +61,10 @@ struct Quota {
     per_day: Option<u32>,
     used: u32,
     window: Option<Window>,
+    /// The model is not in the project's tier: every request gets a "limit: 0" 429.
+    limit_zero: bool,
+    /// Every request gets the detail-less "You exceeded your current quota" 429.
+    detail_less: bool,
 }
 
 /// A fixed window of `length` that opens at the first request it counts.
@@ -120,6 +124,10 @@ struct State {
     buckets: HashMap<String, Bucket>,
     /// Injected failures, if any.
     faults: Option<Faults>,
+    /// Each project's billing account, for the ones given one.
+    billing: HashMap<String, String>,
+    /// Billing accounts over their monthly spending cap.
+    capped_accounts: HashSet<String>,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` held.
@@ -224,6 +232,15 @@ pub const PER_MINUTE_BODY: &str = r#"{"error":{"code":429,"message":"You exceede
 
 pub const PER_DAY_BODY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"MODEL"},"quotaValue":"100"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"22s"}]}}"#;
 
+/// The billing account's monthly spending cap, as captured (shared notes): no details.
+pub const ACCOUNT_CAP_BODY: &str = r#"{"error":{"code":429,"message":"Your billing account has exceeded its monthly spending cap. Please go to AI Studio at https://aistudio.google.com to manage your billing. Learn more at https://ai.google.dev/gemini-api/docs/billing.","status":"RESOURCE_EXHAUSTED"}}"#;
+
+/// A model not in the project's tier: a quota 429 of "limit: 0" with a short RetryInfo.
+pub const LIMIT_ZERO_BODY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.\n* Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 0, model: MODEL\nPlease retry in 11.767792953s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"MODEL"}}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"11s"}]}}"#;
+
+/// A quota refusal with no details, as seen for days on one (project, model).
+pub const DETAIL_LESS_QUOTA_BODY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, head to: https://ai.dev/usage?tab=rate-limit. ","status":"RESOURCE_EXHAUSTED"}}"#;
+
 pub const INVALID_KEY_BODY: &str = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
 
 pub const UNREGISTERED_BODY: &str = r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.","status":"PERMISSION_DENIED"}}"#;
@@ -306,6 +323,8 @@ impl Mock {
             ws_sessions: 0,
             arrivals: 0,
             buckets: HashMap::new(),
+            billing: HashMap::new(),
+            capped_accounts: HashSet::new(),
             faults: None,
         }));
         let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
@@ -356,6 +375,46 @@ impl Mock {
         let q = s.quotas.entry((project.into(), model.into())).or_default();
         q.per_minute = Some((allowed, delay.into()));
         q.used = 0;
+        self
+    }
+
+    /// `project` is on billing `account`.
+    pub fn billing_account(&self, project: &str, account: &str) -> &Self {
+        let mut s = self.state.lock().unwrap();
+        s.billing.insert(project.into(), account.into());
+        self
+    }
+
+    /// Trips (or, with `capped` false, raises) `account`'s monthly spending cap: every project
+    /// on it answers 429 for every model meanwhile.
+    pub fn cap_account(&self, account: &str, capped: bool) -> &Self {
+        let mut s = self.state.lock().unwrap();
+        if capped {
+            s.capped_accounts.insert(account.into());
+        } else {
+            s.capped_accounts.remove(account);
+        }
+        self
+    }
+
+    /// `model` is not in `project`'s tier: a "limit: 0" 429 every time.
+    pub fn limit_zero(&self, project: &str, model: &str) -> &Self {
+        let mut s = self.state.lock().unwrap();
+        s.quotas
+            .entry((project.into(), model.into()))
+            .or_default()
+            .limit_zero = true;
+        self
+    }
+
+    /// `project` answers every request for `model` with the detail-less quota 429, or (with
+    /// `on` false) stops doing so.
+    pub fn detail_less_quota(&self, project: &str, model: &str, on: bool) -> &Self {
+        let mut s = self.state.lock().unwrap();
+        s.quotas
+            .entry((project.into(), model.into()))
+            .or_default()
+            .detail_less = on;
         self
     }
 
@@ -861,6 +920,20 @@ fn project_of(s: &State, key: Option<&str>) -> Result<String, (u16, String)> {
 
 /// Counts one request of `project` for `model` against its quota, or answers its 429.
 fn spend(s: &mut State, project: &str, model: &str, openai: bool) -> Option<Response<Body>> {
+    if s.billing
+        .get(project)
+        .is_some_and(|account| s.capped_accounts.contains(account))
+    {
+        return Some(json(429, ACCOUNT_CAP_BODY.into(), openai));
+    }
+    if let Some(q) = s.quotas.get(&(project.into(), model.into())) {
+        if q.limit_zero {
+            return Some(json(429, LIMIT_ZERO_BODY.replace("MODEL", model), openai));
+        }
+        if q.detail_less {
+            return Some(json(429, DETAIL_LESS_QUOTA_BODY.into(), openai));
+        }
+    }
     if let Some(b) = s.buckets.get_mut(project) {
         let now = Instant::now();
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * b.rate).min(b.burst);

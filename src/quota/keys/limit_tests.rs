@@ -1,6 +1,6 @@
 //! The limits above the (project, model) and the escalating cooldowns, through the door.
 
-use super::tests::{penalise, picked, pool, pool_with_accounts};
+use super::tests::{picked, pool, pool_with_accounts};
 use super::*;
 use crate::quota::classify::{Cap, Cooling, Penalty};
 use chrono::{DateTime, TimeZone, Utc};
@@ -31,7 +31,9 @@ fn quota(pool: &KeyPool, key: u32, secs: Millis, now: Millis) -> Changed {
 
 /// Which keys serve `model` over `n` picks at `now`, sorted and deduplicated.
 fn serving(pool: &KeyPool, model: &str, n: usize, now: Millis) -> Vec<u32> {
-    let mut seen: Vec<u32> = (0..n).filter_map(|_| picked(pool, model, &[], now)).collect();
+    let mut seen: Vec<u32> = (0..n)
+        .filter_map(|_| picked(pool, model, &[], now))
+        .collect();
     seen.sort();
     seen.dedup();
     seen
@@ -92,7 +94,11 @@ fn a_refused_probe_waits_a_whole_interval_again() {
     assert_eq!(picked(&p, "m", &[1], HOUR), Some(0), "the probe");
     refuse(&p, 0, &cap, HOUR + 100);
     assert_eq!(serving(&p, "m", 8, 2 * HOUR - 1), vec![1]);
-    assert_eq!(picked(&p, "m", &[1], 2 * HOUR + 100), Some(0), "the next probe");
+    assert_eq!(
+        picked(&p, "m", &[1], 2 * HOUR + 100),
+        Some(0),
+        "the next probe"
+    );
 }
 
 #[test]
@@ -185,7 +191,11 @@ fn escalation_stops_at_the_ceiling_but_never_shortens_googles_delay() {
 fn refusals_while_still_cooling_do_not_escalate() {
     let p = pool(&[("a", "p1")]);
     quota(&p, 0, 30, 0);
-    assert_eq!(quota(&p, 0, 30, 5000).escalated, None, "sent before it began");
+    assert_eq!(
+        quota(&p, 0, 30, 5000).escalated,
+        None,
+        "sent before it began"
+    );
 }
 
 #[test]
@@ -220,7 +230,10 @@ fn a_rebuilt_pool_keeps_caps_by_account_and_project_name() {
     let mut configs = p.key_configs();
     configs.reverse();
     let q = p.rebuilt(&configs);
-    let id = |k: &str| q.find(&crate::secret::Secret::new(k).fingerprint()).unwrap();
+    let id = |k: &str| {
+        q.find(&crate::secret::Secret::new(k).fingerprint())
+            .unwrap()
+    };
     assert_eq!(
         q.cap_of(q.key(id("a")).project, 1000),
         Some(CapKind::AccountSpendCap)
