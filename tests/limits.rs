@@ -20,6 +20,14 @@ fn asked(mock: &Mock, key: &str) -> usize {
     mock.keys_seen().iter().filter(|k| *k == key).count()
 }
 
+/// Requests the mock answered with `status` for `key`.
+fn answered(mock: &Mock, key: &str, status: u16) -> usize {
+    mock.seen()
+        .iter()
+        .filter(|s| s.key.as_deref() == Some(key) && s.status == status)
+        .count()
+}
+
 async fn pools(admin: &str) -> Value {
     let (status, body) = common::admin(
         "GET",
@@ -220,27 +228,15 @@ async fn a_lying_retry_delay_backs_off_harder_each_time_and_a_success_resets_it(
 
     // p1 serves again: a success starts the escalation over.
     mock.per_minute_limit("p1", FLASH, 1000, "0.2s");
-    let served_by_p1 = |mock: &Mock| {
-        mock.seen()
-            .iter()
-            .filter(|s| s.key.as_deref() == Some("k1") && s.status == 200)
-            .count()
-    };
     let deadline = Instant::now() + Duration::from_secs(15);
-    while served_by_p1(&mock) == 0 {
+    while answered(&mock, "k1", 200) == 0 {
         assert!(Instant::now() < deadline, "p1 never served again");
         generate(&kg.url(), FLASH, None).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     mock.per_minute_limit("p1", FLASH, 0, "0.2s");
-    let refusals = |mock: &Mock| {
-        mock.seen()
-            .iter()
-            .filter(|s| s.key.as_deref() == Some("k1") && s.status == 429)
-            .count()
-    };
-    let before = refusals(&mock);
-    while refusals(&mock) == before {
+    let before = answered(&mock, "k1", 429);
+    while answered(&mock, "k1", 429) == before {
         assert!(Instant::now() < deadline, "p1 never refused again");
         generate(&kg.url(), FLASH, None).await;
     }

@@ -555,42 +555,22 @@ fn no_capacity_for_the_model_is_nobodys_key() {
 
 #[test]
 fn the_month_turns_at_midnight_in_los_angeles() {
-    // Winter: 2026-01-31 23:59 PST = 2026-02-01 07:59 UTC; the month turns at 08:00 UTC.
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 2, 1, 7, 59)),
-        utc(2026, 2, 1, 8, 0)
-    );
-    // At the turn itself: the next one.
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 2, 1, 8, 0)),
-        utc(2026, 3, 1, 8, 0)
-    );
-    // Summer (PDT): July turns to August at 07:00 UTC.
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 7, 15, 12, 0)),
-        utc(2026, 8, 1, 7, 0)
-    );
-    // A month whose turn crosses into DST: March 2026 starts in PST (08:00 UTC), April in
-    // PDT (07:00 UTC); so does one crossing back: November starts in PDT, December in PST.
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 2, 20, 0, 0)),
-        utc(2026, 3, 1, 8, 0)
-    );
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 3, 20, 0, 0)),
-        utc(2026, 4, 1, 7, 0)
-    );
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 10, 20, 0, 0)),
-        utc(2026, 11, 1, 7, 0)
-    );
-    assert_eq!(
-        next_month_los_angeles(utc(2026, 11, 20, 0, 0)),
-        utc(2026, 12, 1, 8, 0)
-    );
-    // The year turns: 2026-12-31 20:00 PST = 2027-01-01 04:00 UTC, still December there.
-    assert_eq!(
-        next_month_los_angeles(utc(2027, 1, 1, 4, 0)),
-        utc(2027, 1, 1, 8, 0)
-    );
+    // (now, the next turn), in UTC. The month turns at 08:00 UTC in PST, 07:00 in PDT.
+    let cases = [
+        // 2026-01-31 23:59 PST: one minute before the turn.
+        (utc(2026, 2, 1, 7, 59), utc(2026, 2, 1, 8, 0)),
+        // At the turn itself: the next one.
+        (utc(2026, 2, 1, 8, 0), utc(2026, 3, 1, 8, 0)),
+        (utc(2026, 7, 15, 12, 0), utc(2026, 8, 1, 7, 0)),
+        // Months whose turns straddle a DST change (March 8, November 1).
+        (utc(2026, 2, 20, 0, 0), utc(2026, 3, 1, 8, 0)),
+        (utc(2026, 3, 20, 0, 0), utc(2026, 4, 1, 7, 0)),
+        (utc(2026, 10, 20, 0, 0), utc(2026, 11, 1, 7, 0)),
+        (utc(2026, 11, 20, 0, 0), utc(2026, 12, 1, 8, 0)),
+        // 2026-12-31 20:00 PST is already 2027 in UTC, still December there.
+        (utc(2027, 1, 1, 4, 0), utc(2027, 1, 1, 8, 0)),
+    ];
+    for (now, turn) in cases {
+        assert_eq!(next_month_los_angeles(now), turn, "from {now}");
+    }
 }
