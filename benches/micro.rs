@@ -44,6 +44,7 @@ fn pool(n: usize) -> KeyPool {
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,
+        fair_share: None,
     })
 }
 

@@ -183,6 +183,9 @@ pub(super) struct FilePool {
     pub(super) models: Option<Vec<String>>,
     pub(super) proxy: Option<String>,
     pub(super) proxy_auth_env: Option<String>,
+    #[serde(default)]
+    pub(super) fair_share: bool,
+    pub(super) fair_share_active_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

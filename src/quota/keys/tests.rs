@@ -23,6 +23,7 @@ pub(crate) fn pool(keys: &[(&str, &str)]) -> KeyPool {
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,
+        fair_share: None,
     })
 }
 

@@ -245,6 +245,7 @@ impl Alerts {
             tls_ca_file,
             models: Vec::new(),
             proxy: None,
+            fair_share: None,
         };
         let timeouts = Timeouts {
             connect: config.timeout,
