@@ -46,6 +46,7 @@ fn pool(n: usize) -> KeyPool {
         models: Vec::new(),
         proxy: None,
         cap_probe: std::time::Duration::from_secs(3600),
+        fair_share: None,
     })
 }
 

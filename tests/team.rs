@@ -495,7 +495,7 @@ async fn a_flooding_tenant_does_not_starve_a_quiet_one() {
             .per_minute_window(p, model, 3, Duration::from_secs(2));
     }
     let yaml = format!(
-        "{}{}",
+        "{}    fair_share: true\n{}",
         pool_yaml(&mock.url(), &keys),
         tenants_yaml(&[("loud", ""), ("quiet", "")])
     );
@@ -548,6 +548,115 @@ async fn a_flooding_tenant_does_not_starve_a_quiet_one() {
             .as_u64()
             .unwrap()
             > 0,
+        "{tenants}"
+    );
+    assert_eq!(
+        tenants["tenants"][1]["refused"]["fair_share"], 0,
+        "{tenants}"
+    );
+}
+
+/// Three projects, each allowed `QUOTA_PER_PROJECT` requests of flash before a 429 that cools it
+/// for a minute (longer than any of these tests), shared by a `heavy` and a `quiet` tenant.
+const QUOTA_PER_PROJECT: usize = 4;
+const QUOTA_KEYS: [(&str, &str); 3] = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+const QUOTA_UNITS: usize = QUOTA_PER_PROJECT * QUOTA_KEYS.len();
+
+async fn two_tenants_on_a_quota(pool_extra: &str) -> (Mock, Keygate, String) {
+    let mock = Mock::start().await;
+    for (k, p) in QUOTA_KEYS {
+        mock.key(k, p)
+            .per_minute_limit(p, FLASH, QUOTA_PER_PROJECT as u32, "60s");
+    }
+    let yaml = format!(
+        "{}{pool_extra}{}",
+        pool_yaml(&mock.url(), &QUOTA_KEYS),
+        tenants_yaml(&[("heavy", ""), ("quiet", "")])
+    );
+    let (kg, admin_url) = start_with_admin(&yaml);
+    (mock, kg, admin_url)
+}
+
+const FLASH: &str = "gemini-2.5-flash";
+const FAIR_SHARE_REFUSAL: &str = "kept for the other tenants";
+const POOL_EXHAUSTED: &str = "every key of pool 'main' are out of quota";
+
+/// Sends the heavy tenant's requests one by one until one is refused (at most `QUOTA_UNITS`
+/// + 1); returns how many were served and the refusal's status and body.
+async fn heavy_until_refused(kg: &Keygate) -> (usize, u16, String) {
+    for served in 0..=QUOTA_UNITS {
+        let (status, _, body) = generate(&kg.url(), FLASH, Some("tok-heavy")).await;
+        if status != 200 {
+            return (served, status, body);
+        }
+    }
+    panic!("more requests served than the quota holds");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_two_tenants_and_fair_share_off_every_unit_of_quota_is_served() {
+    let (_mock, kg, admin_url) = two_tenants_on_a_quota("").await;
+    // The quiet tenant used the pool, less than the heavy one will: with fair share on, it
+    // would keep a project from the heavy tenant.
+    assert_eq!(generate(&kg.url(), FLASH, Some("tok-quiet")).await.0, 200);
+    let (served, status, body) = heavy_until_refused(&kg).await;
+    assert_eq!(
+        served,
+        QUOTA_UNITS - 1,
+        "a 429 before the quota was spent: {body}"
+    );
+    assert_eq!(status, 429);
+    assert!(body.contains(POOL_EXHAUSTED), "{body}");
+    let tenants = admin_get(&admin_url, "/admin/tenants").await;
+    for t in 0..2 {
+        assert_eq!(
+            tenants["tenants"][t]["refused"]["fair_share"], 0,
+            "{tenants}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_fair_share_on_a_tenant_idle_past_its_window_leaves_every_unit_to_the_others() {
+    // A tenant counts as active for 2 s after its last request here (60 s by default).
+    let active = Duration::from_secs(2);
+    let (_mock, kg, admin_url) =
+        two_tenants_on_a_quota("    fair_share: true\n    fair_share_active_seconds: 2\n").await;
+    let quiet_sent = Instant::now();
+    assert_eq!(generate(&kg.url(), FLASH, Some("tok-quiet")).await.0, 200);
+
+    // While the quiet tenant is active, the heavy one is held off the last project.
+    let (mut served, mut status, mut body) = heavy_until_refused(&kg).await;
+    if !body.contains(FAIR_SHARE_REFUSAL) {
+        // The request that found the other projects spent gets Google's own 429; the next
+        // one is refused outright.
+        let (more, s, b) = heavy_until_refused(&kg).await;
+        (served, status, body) = (served + more, s, b);
+    }
+    assert!(
+        quiet_sent.elapsed() < active,
+        "too slow to test the active window: {:?}",
+        quiet_sent.elapsed()
+    );
+    assert_eq!(status, 429);
+    assert!(body.contains(FAIR_SHARE_REFUSAL), "{body}");
+    assert!(served < QUOTA_UNITS - 1, "nothing was held back");
+
+    // Idle for longer than the window, the quiet tenant holds nothing back any more: the
+    // heavy tenant gets every unit left, and a 429 only once the pool is spent.
+    tokio::time::sleep((active + Duration::from_millis(500)).saturating_sub(quiet_sent.elapsed()))
+        .await;
+    let (more, status, body) = heavy_until_refused(&kg).await;
+    assert_eq!(
+        served + more,
+        QUOTA_UNITS - 1,
+        "a 429 before the quota was spent: {body}"
+    );
+    assert_eq!(status, 429);
+    assert!(body.contains(POOL_EXHAUSTED), "{body}");
+    let tenants = admin_get(&admin_url, "/admin/tenants").await;
+    assert_eq!(
+        tenants["tenants"][0]["refused"]["fair_share"], 1,
         "{tenants}"
     );
     assert_eq!(

@@ -184,6 +184,9 @@ pub(super) struct FilePool {
     pub(super) proxy: Option<String>,
     pub(super) proxy_auth_env: Option<String>,
     pub(super) cap_probe_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) fair_share: bool,
+    pub(super) fair_share_active_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
 /// Longest `client_limits.header_timeout_seconds` accepted.
 pub const MAX_HEADER_TIMEOUT_SECONDS: u64 = 30;
 
+/// How long after its last request a tenant counts as active on a fair-share pool, unless
+/// `fair_share_active_seconds` says otherwise: Google's quotas are per minute.
+pub const DEFAULT_FAIR_SHARE_ACTIVE: Duration = Duration::from_secs(60);
+
 /// What can go wrong loading a configuration. Messages name the file, the field or the pool,
 /// never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +234,9 @@ pub struct PoolConfig {
     /// How often one request may test a monthly spend cap (a project's or its billing
     /// account's) before the month turns.
     pub cap_probe: Duration,
+    /// Fair share between tenants, if turned on: how long after its last request a tenant
+    /// still counts as active (projects are kept only for active tenants).
+    pub fair_share: Option<Duration>,
 }
 
 impl PoolConfig {

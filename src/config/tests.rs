@@ -284,6 +284,35 @@ fn model_globs() {
     assert!(glob_match("a*b*c", "axxbyybzc"));
 }
 
+#[test]
+fn fair_share_is_off_unless_a_pool_turns_it_on() {
+    assert_eq!(parse(MINIMAL).unwrap().pools[0].fair_share, None);
+    let on = parse(&format!("{MINIMAL}    fair_share: true\n")).unwrap();
+    assert_eq!(on.pools[0].fair_share, Some(Duration::from_secs(60)));
+    let short = parse(&format!(
+        "{MINIMAL}    fair_share: true\n    fair_share_active_seconds: 5\n"
+    ))
+    .unwrap();
+    assert_eq!(short.pools[0].fair_share, Some(Duration::from_secs(5)));
+    for (extra, why) in [
+        (
+            "    fair_share_active_seconds: 5\n",
+            "pools[0].fair_share_active_seconds: set without fair_share: true",
+        ),
+        (
+            "    fair_share: true\n    fair_share_active_seconds: 0\n",
+            "pools[0].fair_share_active_seconds: must be 1 to 3600",
+        ),
+        (
+            "    fair_share: true\n    fair_share_active_seconds: 3601\n",
+            "must be 1 to 3600",
+        ),
+    ] {
+        let e = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+        assert!(e.contains(why), "{extra}: {e}");
+    }
+}
+
 const TWO_POOLS: &str = "pools:\n  - name: pro\n    upstream: https://example.com\n    keys: [k1]\n    models: [\"gemini-2.5-pro*\"]\n  - name: flash\n    upstream: https://example.com\n    keys: [k2]\n";
 
 #[test]

@@ -571,6 +571,21 @@ pub(super) fn validate_pool(
             sources.join(", ")
         )));
     }
+    let fair_share = match (pool.fair_share, pool.fair_share_active_seconds) {
+        (false, Some(_)) => {
+            return Err(invalid(format!(
+                "{ctx}.fair_share_active_seconds: set without fair_share: true"
+            )))
+        }
+        (false, None) => None,
+        (true, None) => Some(DEFAULT_FAIR_SHARE_ACTIVE),
+        (true, Some(secs @ 1..=3600)) => Some(Duration::from_secs(secs)),
+        (true, Some(_)) => {
+            return Err(invalid(format!(
+                "{ctx}.fair_share_active_seconds: must be 1 to 3600"
+            )))
+        }
+    };
     Ok(PoolConfig {
         name: pool.name,
         upstream,
@@ -600,6 +615,7 @@ pub(super) fn validate_pool(
             Some(seconds) => Duration::from_secs(seconds),
             None => DEFAULT_CAP_PROBE,
         },
+        fair_share,
     })
 }
 

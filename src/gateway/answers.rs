@@ -271,7 +271,7 @@ pub(super) fn fair_share_error(
         code: 429,
         status: "RESOURCE_EXHAUSTED",
         message: format!(
-            "keygate: tenant '{tenant}' used pool '{}' more than other tenants in the last minute, and the projects it may use are out of quota for model '{model}'; the {reserved} project(s) left are kept for the other tenants. Retry in {secs} s.",
+            "keygate: tenant '{tenant}' used pool '{}' more than other active tenants in the last minute, and the projects it may use are out of quota for model '{model}'; the {reserved} project(s) left are kept for the other tenants. Retry in {secs} s.",
             pool.name()
         ),
         retry_after: Some(secs),

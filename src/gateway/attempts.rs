@@ -189,8 +189,8 @@ impl Gateway {
             let project = keys.key(key).project;
             // The fair-share count is of requests the pool took, not of refused ones.
             if plan.attempts() == 1 {
-                if let Some(t) = &ctx.tenant {
-                    job.pool.fair.record(&t.name, now);
+                if let (Some(t), Some(fair)) = (&ctx.tenant, &job.pool.fair) {
+                    fair.record(&t.name, now);
                 }
             }
             let sent = Instant::now();

@@ -305,14 +305,13 @@ impl ProxyHttp for Gateway {
             return respond(session, ctx, Some(api), &e).await;
         }
 
-        // A tenant that used the pool more than others lately leaves some projects to them.
+        // With fair share on, a tenant that used the pool more than other active tenants lately
+        // leaves some projects to them. Every request makes its tenant active, served or not.
         let mut reserved = Vec::new();
-        if let Some(t) = &tenant {
-            if project.is_none() && rt.tenants.list().len() > 1 {
-                let lighter = placed.pool.fair.lighter_than(&t.name, now);
-                if lighter > 0 {
-                    reserved = keys.reserved_projects(&model, lighter, now);
-                }
+        if let (Some(t), Some(fair)) = (&tenant, &placed.pool.fair) {
+            let lighter = fair.arrive(&t.name, now);
+            if project.is_none() && lighter > 0 {
+                reserved = keys.reserved_projects(&model, lighter, now);
             }
         }
 

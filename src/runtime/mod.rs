@@ -11,7 +11,7 @@ pub mod health;
 
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::quota::affinity::{Affinity, Uploads};
-use crate::quota::keys::KeyPool;
+use crate::quota::keys::{KeyPool, Millis};
 use crate::telemetry::alerts::{Alerts, Event};
 use crate::telemetry::metrics::Metrics;
 use crate::tenants::{FairShare, Tenant, Tenants};
@@ -39,8 +39,8 @@ pub struct Pool {
     pub keys: ArcSwap<KeyPool>,
     /// Addresses and connections.
     pub upstream: Arc<Upstream>,
-    /// Who used the pool lately.
-    pub fair: FairShare,
+    /// Who used the pool lately; `None` when fair share is off for this pool.
+    pub fair: Option<FairShare>,
 }
 
 impl Pool {
@@ -142,7 +142,15 @@ impl Runtime {
                     config: p.clone(),
                     keys: ArcSwap::from_pointee(keys),
                     upstream,
-                    fair: previous.map(|q| q.fair.clone()).unwrap_or_default(),
+                    fair: p.fair_share.map(|active| {
+                        let active = active.as_millis() as Millis;
+                        match previous.and_then(|q| q.fair.as_ref()) {
+                            Some(f) => f.carried_over(active, |name| {
+                                config.tenants.iter().any(|t| t.name == name)
+                            }),
+                            None => FairShare::new(active),
+                        }
+                    }),
                 })
             })
             .collect();

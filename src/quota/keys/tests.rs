@@ -31,6 +31,7 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
         models: Vec::new(),
         proxy: None,
         cap_probe: std::time::Duration::from_secs(3600),
+        fair_share: None,
     })
 }
 

@@ -246,6 +246,7 @@ impl Alerts {
             models: Vec::new(),
             proxy: None,
             cap_probe: Duration::from_secs(3600),
+            fair_share: None,
         };
         let timeouts = Timeouts {
             connect: config.timeout,
