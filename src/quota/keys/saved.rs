@@ -2,8 +2,8 @@
 //! never a key. Loading goes through the door like any other change.
 
 use super::health::reason_from_code;
-use super::{Disabled, KeyId, KeyPool, Millis, Transition, NEVER};
-use crate::quota::classify::{Cooling, Penalty};
+use super::{CoolingKind, Disabled, KeyId, KeyPool, Millis, Transition, NEVER};
+use crate::quota::classify::{Cap, Cooling, Penalty};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// A disable reason in the state file: its label.
@@ -37,6 +37,22 @@ pub struct PoolHealth {
     pub keys: Vec<KeyHealth>,
     /// Projects out of credit or cooling.
     pub projects: Vec<ProjectHealth>,
+    /// Spend caps holding on projects and billing accounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caps: Vec<SavedCap>,
+}
+
+/// A spend cap as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedCap {
+    /// `billing_account` or `project`.
+    pub scope: String,
+    /// The billing account's name (a project's own account: the project's), or the project's.
+    pub name: String,
+    /// Its label (`monthly_spending_cap`, `project_spend_cap`, `spend_rate_limit`).
+    pub kind: String,
+    /// When it ends on its own.
+    pub until: Millis,
 }
 
 /// One key's saved state.
@@ -64,6 +80,9 @@ pub struct ProjectHealth {
     /// (model, deadline) pairs.
     #[serde(default)]
     pub cooldowns: Vec<(String, Millis)>,
+    /// The models among `cooldowns` that are not in the project's tier.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<String>,
 }
 
 impl KeyPool {
@@ -82,10 +101,21 @@ impl KeyPool {
                     .filter(|(_, until)| *until > now)
                     .collect();
                 cooldowns.sort();
+                let mut unavailable: Vec<String> = models
+                    .iter()
+                    .filter(|(_, h)| {
+                        h.cool_until[p].load(Relaxed) > now
+                            && CoolingKind::from_code(h.why[p].load(Relaxed))
+                                == CoolingKind::Unavailable
+                    })
+                    .map(|(m, _)| m.to_string())
+                    .collect();
+                unavailable.sort();
                 ProjectHealth {
                     project: name.clone(),
                     billing_disabled: self.project_disabled_until[p].load(Relaxed) == NEVER,
                     cooldowns,
+                    unavailable,
                 }
             })
             .filter(|p| p.billing_disabled || !p.cooldowns.is_empty())
@@ -111,7 +141,21 @@ impl KeyPool {
                 })
             })
             .collect();
-        PoolHealth { keys, projects }
+        let caps = self
+            .caps(now)
+            .into_iter()
+            .map(|c| SavedCap {
+                scope: c.kind.scope().as_str().to_string(),
+                name: c.name,
+                kind: c.kind.as_str().to_string(),
+                until: c.until,
+            })
+            .collect();
+        PoolHealth {
+            keys,
+            projects,
+            caps,
+        }
     }
 
     /// Applies a saved health table: entries for keys and projects this pool no longer has, and
@@ -162,20 +206,70 @@ impl KeyPool {
             }
             for (model, until) in &p.cooldowns {
                 let until = (*until).min(ceiling);
-                let Some(until) = i64::try_from(until)
-                    .ok()
-                    .and_then(chrono::DateTime::from_timestamp_millis)
-                    .filter(|_| until > now)
-                else {
+                let Some(until) = at(until).filter(|_| until > now) else {
                     continue;
                 };
-                // Restored as a short-window quota: its kind is not saved (yet).
-                let why = Cooling::Quota { ceiling: until };
+                let why = if p.unavailable.contains(model) {
+                    Cooling::Tier
+                } else {
+                    Cooling::Quota { ceiling: until }
+                };
                 applied += apply(key, &Penalty::CoolProjectModel { until, why }, model, "");
             }
         }
+        for cap in &saved.caps {
+            // A month at most: no cap of Google's lasts longer.
+            let until = cap.until.min(now.saturating_add(MAX_CAP));
+            let (Some(key), Some(until)) = (self.key_under(cap), at(until).filter(|_| until > now))
+            else {
+                continue;
+            };
+            let penalty = match (cap.scope.as_str(), cap.kind.as_str()) {
+                ("billing_account", _) => Penalty::CapBillingAccount { until },
+                ("project", "spend_rate_limit") => Penalty::CapProject {
+                    until,
+                    why: Cap::SpendRate,
+                },
+                ("project", _) => Penalty::CapProject {
+                    until,
+                    why: Cap::SpendCap,
+                },
+                _ => continue,
+            };
+            applied += apply(key, &penalty, "", "");
+        }
         applied
     }
+
+    /// A key under the scope `cap` names: of the project, or of a project of the account.
+    fn key_under(&self, cap: &SavedCap) -> Option<KeyId> {
+        let project = match cap.scope.as_str() {
+            "project" => self.project_index(&cap.name)?,
+            _ => match self
+                .accounts
+                .iter()
+                .position(|a| a.as_deref() == Some(&cap.name))
+            {
+                Some(a) => self.account_of.iter().position(|&x| x as usize == a)? as u32,
+                // A project's own account is saved under the project's name.
+                None => self
+                    .project_index(&cap.name)
+                    .filter(|&p| self.billing_account_of(p).is_none())?,
+            },
+        };
+        let first = self.keys.iter().position(|k| k.project == project)?;
+        Some(KeyId(first as u32))
+    }
+}
+
+/// The longest a restored spend cap may last.
+const MAX_CAP: Millis = 32 * 24 * 3_600_000;
+
+/// `ms` as a time, if it is one.
+fn at(ms: Millis) -> Option<chrono::DateTime<chrono::Utc>> {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
 }
 
 #[cfg(test)]
@@ -259,5 +353,72 @@ mod tests {
         assert_eq!(p.import(&saved, 1000, NEVER), 0);
         assert_eq!(p.disabled(KeyId(0)), None);
         assert_eq!(p.disabled(KeyId(1)), None);
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    use super::*;
+    use crate::quota::keys::tests::pool_with_accounts;
+    use crate::quota::keys::CapKind;
+    use chrono::TimeZone;
+
+    #[test]
+    fn caps_and_tier_cooldowns_survive_a_restart() {
+        let keys = [
+            ("a", "p1", Some("acct-1")),
+            ("b", "p2", Some("acct-1")),
+            ("c", "p3", None),
+            ("d", "p4", None),
+        ];
+        let p = pool_with_accounts(&keys);
+        let at = |ms: i64| chrono::Utc.timestamp_millis_opt(ms).unwrap();
+        let refuse = |key: u32, penalty: &Penalty, model: &str| {
+            p.change(KeyId(key), Transition::penalise(penalty, model, "m"), 0);
+        };
+        refuse(
+            0,
+            &Penalty::CapBillingAccount {
+                until: at(9_000_000),
+            },
+            "",
+        );
+        let spend_rate = Penalty::CapProject {
+            until: at(600_000),
+            why: Cap::SpendRate,
+        };
+        refuse(2, &spend_rate, "");
+        refuse(
+            3,
+            &Penalty::CapBillingAccount {
+                until: at(9_000_000),
+            },
+            "",
+        );
+        let tier = Penalty::CoolProjectModel {
+            until: at(5_000_000),
+            why: Cooling::Tier,
+        };
+        refuse(2, &tier, "pro");
+        let text = serde_json::to_string(&p.export(1000)).unwrap();
+        let back: PoolHealth = serde_json::from_str(&text).unwrap();
+        let fresh = pool_with_accounts(&keys);
+        fresh.import(&back, 1000, NEVER);
+        assert_eq!(fresh.cap_of(0, 1000), Some(CapKind::AccountSpendCap));
+        assert_eq!(fresh.cap_of(1, 1000), Some(CapKind::AccountSpendCap));
+        assert_eq!(fresh.cap_of(2, 1000), Some(CapKind::SpendRate));
+        assert_eq!(fresh.cap_of(3, 1000), Some(CapKind::AccountSpendCap));
+        assert_eq!(fresh.caps(1000).len(), 3);
+        let pro = &fresh.report(1000)[2].cooldowns[0];
+        assert_eq!(
+            (pro.model.as_str(), pro.why),
+            ("pro", CoolingKind::Unavailable)
+        );
+        // A state file of an older version (no caps, no unavailable list) still loads.
+        let old: PoolHealth = serde_json::from_str(
+            r#"{"keys":[],"projects":[{"project":"p1","cooldowns":[["m",90000]]}]}"#,
+        )
+        .unwrap();
+        assert!(old.caps.is_empty() && old.projects[0].unavailable.is_empty());
     }
 }
