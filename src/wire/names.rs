@@ -41,16 +41,20 @@ pub enum Kind {
     Operation,
     /// `fileSearchStores/{id}`: documents for the File Search tool.
     FileSearchStore,
+    /// `interactions/{id}`: a turn of the Interactions API, whose conversation state Google
+    /// keeps for follow-ups (`previous_interaction_id`).
+    Interaction,
 }
 
 /// Collection words and their kinds.
-const COLLECTIONS: [(&str, Kind); 6] = [
+const COLLECTIONS: [(&str, Kind); 7] = [
     ("files", Kind::File),
     ("cachedContents", Kind::CachedContent),
     ("tunedModels", Kind::TunedModel),
     ("batches", Kind::Batch),
     ("operations", Kind::Operation),
     ("fileSearchStores", Kind::FileSearchStore),
+    ("interactions", Kind::Interaction),
 ];
 
 /// Body fields whose values Google reads as resource references, compared without case and
@@ -106,6 +110,10 @@ impl Kind {
             // memory one never used again can hold; past that, requests for it are routed like
             // any other.
             Kind::TunedModel | Kind::FileSearchStore => 30 * DAY,
+            // A stored interaction stays until deleted or until Google's retention ends, which
+            // gemini-api.md does not give; a conversation is picked up again after days or
+            // weeks, so 60 days, each follow-up being an interaction of its own.
+            Kind::Interaction => 60 * DAY,
         })
     }
 }
@@ -202,6 +210,25 @@ fn push_reference(value: &str, out: &mut Found) {
     }
 }
 
+/// Adds the interaction a `previous_interaction_id` names. Google's ids are bare (`v1_Ch...`);
+/// a value that holds a `/` is read as a reference field is (`interactions/abc`, a URL), any
+/// other is cut like an id in a path: at the first byte an id cannot hold, one byte past the
+/// longest id (so an overlong one matches nothing bound and is refused with tenants).
+fn push_interaction_id(value: &str, out: &mut Found) {
+    for reading in readings(value) {
+        let id = reading.trim();
+        if id.contains('/') {
+            push_reference(id, out);
+            continue;
+        }
+        let len = id.bytes().take_while(|b| is_id_byte(*b)).count();
+        let id = &id[..len.min(MAX_ID_LEN + 1)];
+        if !id.is_empty() {
+            out.push(format!("interactions/{id}"));
+        }
+    }
+}
+
 /// Whether a value is a URL of the Gemini API itself.
 fn is_api_url(value: &str) -> bool {
     readings(value).iter().any(|v| {
@@ -228,10 +255,11 @@ pub fn names_in_path(path: &str) -> Vec<String> {
 }
 
 /// Resource names a request body refers to: the values of reference fields (`fileUri`,
-/// `cachedContent`, `model`, `fileName`, ... in any case, with or without `_`) outside opaque
-/// fields (function arguments and results, schemas), and any string that is a URL of the Gemini
-/// API (`https://generativelanguage.googleapis.com/v1beta/files/abc`). At most [`MAX_NAMES`] + 1
-/// distinct names (one more than the limit says there were too many).
+/// `cachedContent`, `model`, `fileName`, ... in any case, with or without `_`; an interaction's
+/// media `uri` under its `input`) outside opaque fields (function arguments and results, schemas), the interaction a follow-up
+/// continues (`previous_interaction_id`: `abc` → `interactions/abc`), and any string that is a
+/// URL of the Gemini API (`https://generativelanguage.googleapis.com/v1beta/files/abc`). At most
+/// [`MAX_NAMES`] + 1 distinct names (one more than the limit says there were too many).
 pub fn names_in_body(body: &[u8]) -> Vec<String> {
     let mut out = Found::default();
     json_strings::walk_marking(body, opaque, |v| {
@@ -239,9 +267,16 @@ pub fn names_in_body(body: &[u8]) -> Vec<String> {
             return true;
         }
         let text = v.string.decoded();
+        if matches!(v.path, [.., key] if is_field(key, &["previousinteractionid"])) {
+            push_interaction_id(&String::from_utf8_lossy(&text), &mut out);
+            return !out.full();
+        }
         // An OpenAI-style image part's `image_url.url` may hold a file's name too.
         let reference = match v.path {
             [.., parent, key] if is_field(parent, &["imageurl"]) && is_field(key, &["url"]) => true,
+            // The Interactions API's media parts: `"input": [{"type": "image", "uri": ...}]`.
+            // Only there: elsewhere a `uri` may be anything (a batch request's own metadata).
+            [first, .., key] if is_field(key, &["uri"]) => is_field(first, &["input"]),
             [.., key] => is_field(key, &REFERENCE_FIELDS),
             [] => false,
         };
@@ -319,6 +354,80 @@ pub fn names_in_answer(answer: &[u8]) -> Vec<String> {
         !out.full()
     });
     out.list
+}
+
+/// The interaction an answer to `POST .../interactions` creates: a JSON answer's top-level
+/// `id`, or in a stream (server-sent events, `stream`) the `interaction.id` of its lifecycle
+/// events (`{"event_type": "interaction.created", "interaction": {"id": ...}}`). Only there:
+/// steps and outputs carry ids of their own (a function call's), and the request's own words
+/// may come back under `input`. An id cut off by the end of `answer` is no id.
+pub fn created_interaction(answer: &[u8], stream: bool) -> Option<String> {
+    let want: &[&[u8]] = if stream {
+        &[b"interaction", b"id"]
+    } else {
+        &[b"id"]
+    };
+    let mut found = None;
+    json_strings::walk(answer, |v| {
+        let at = v.path.len() == want.len() && want.iter().zip(v.path).all(|(w, k)| k == w);
+        let closed = v.string.span.len() >= v.string.raw.len() + 2;
+        if at && closed {
+            let id = String::from_utf8_lossy(&v.string.decoded()).into_owned();
+            if valid_id(&id) {
+                found = Some(format!("interactions/{id}"));
+            }
+        }
+        found.is_none()
+    });
+    found
+}
+
+/// Reads a growing answer for the interaction it creates ([`created_interaction`]) and says
+/// its name once. A stream is read event by event as each completes: its first event names
+/// the interaction, and a client may name it (to resume the stream, or follow up in the
+/// background) long before the stream ends. A JSON answer is read once it is whole.
+#[derive(Debug)]
+pub struct InteractionWatch {
+    stream: bool,
+    /// Bytes of the answer already read (whole events).
+    read: usize,
+    done: bool,
+}
+
+impl InteractionWatch {
+    /// A watch over an answer that is a stream of server-sent events (`stream`) or one JSON
+    /// text.
+    pub fn new(stream: bool) -> InteractionWatch {
+        InteractionWatch {
+            stream,
+            read: 0,
+            done: false,
+        }
+    }
+
+    /// The interaction's name, the first time `prefix` shows it. `prefix` is the answer's
+    /// first bytes as far as they are kept, growing from call to call; `complete`: the answer
+    /// has ended (what is left is read, then the watch is over). Each byte is read once.
+    pub fn read(&mut self, prefix: &[u8], complete: bool) -> Option<String> {
+        if self.done || self.read > prefix.len() {
+            return None;
+        }
+        let rest = &prefix[self.read..];
+        let end = if complete {
+            rest.len()
+        } else if self.stream {
+            // Up to the blank line that ends the last whole event.
+            let lf = memchr::memmem::rfind(rest, b"\n\n").map(|i| i + 2);
+            let crlf = memchr::memmem::rfind(rest, b"\n\r\n").map(|i| i + 3);
+            lf.max(crlf)?
+        } else {
+            return None;
+        };
+        let found = created_interaction(&rest[..end], self.stream);
+        self.read += end;
+        self.done = complete || found.is_some();
+        found
+    }
 }
 
 /// Whether a key holds content Google passes along unread ([`OPAQUE_FIELDS`]).

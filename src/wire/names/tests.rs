@@ -257,3 +257,168 @@ fn listings_are_filtered() {
     assert!(filter_listing(b"[1]", |_| true).is_none());
     assert!(filter_listing(b"not json", |_| true).is_none());
 }
+
+#[test]
+fn interactions_in_paths_and_bodies() {
+    assert_eq!(
+        kind_of("interactions/v1_ChdAb-c.9"),
+        Some(Kind::Interaction)
+    );
+    assert_eq!(Kind::Interaction.ttl(), Duration::from_secs(60 * 24 * 3600));
+    for (path, want) in [
+        ("/v1beta/interactions/v1_abc", &["interactions/v1_abc"][..]),
+        (
+            "/v1beta/interactions/v1_abc/cancel",
+            &["interactions/v1_abc"],
+        ),
+        (
+            "/v1beta/interactions/v1_abc:cancel",
+            &["interactions/v1_abc"],
+        ),
+        (
+            "/v1beta/Interactions/v1_abc?stream=true",
+            &["interactions/v1_abc"],
+        ),
+        ("/v1beta/interactions", &[]),
+    ] {
+        assert_eq!(names_in_path(path), names(want), "{path}");
+    }
+    assert!(is_listing("/v1beta/interactions"));
+
+    // A follow-up names its parent by its bare id, in either spelling of the field.
+    for (body, want) in [
+        (
+            &br#"{"model":"gemini-2.5-flash","input":"and then?","previous_interaction_id":"v1_abc"}"#[..],
+            "interactions/v1_abc",
+        ),
+        (br#"{"previousInteractionId":"v1_def"}"#, "interactions/v1_def"),
+        (br#"{"previous_interaction_id":"v1\u005fesc"}"#, "interactions/v1_esc"),
+        (br#"{"previous_interaction_id":" v1_trim "}"#, "interactions/v1_trim"),
+        // A full name, or a URL, is read as a reference.
+        (br#"{"previous_interaction_id":"interactions/v1_full"}"#, "interactions/v1_full"),
+        (
+            br#"{"previous_interaction_id":"https://generativelanguage.googleapis.com/v1beta/interactions/v1_url"}"#,
+            "interactions/v1_url",
+        ),
+        // An id is cut where an id cannot go on, as in a path.
+        (br#"{"previous_interaction_id":"v1_cut?x=1"}"#, "interactions/v1_cut"),
+        // Media by reference in an interaction's input.
+        (
+            br#"{"model":"m","input":[{"type":"text","text":"what is this?"},{"type":"image","uri":"files/img1","mime_type":"image/png"}]}"#,
+            "files/img1",
+        ),
+        (br#"{"model":"m","cached_content":"cachedContents/c9"}"#, "cachedContents/c9"),
+    ] {
+        assert_eq!(
+            names_in_body(body),
+            names(&[want]),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let turns = br#"{"input":[{"role":"user","content":[{"type":"video","uri":"files/v1"}]}]}"#;
+    assert_eq!(names_in_body(turns), names(&["files/v1"]));
+    let both =
+        br#"{"previous_interaction_id":"v1_p","input":[{"type":"document","uri":"files/d1"}]}"#;
+    assert_eq!(
+        names_in_body(both),
+        names(&["interactions/v1_p", "files/d1"])
+    );
+    // An overlong id is kept one byte too long: it can match nothing bound.
+    let long = format!(r#"{{"previous_interaction_id":"{}"}}"#, "a".repeat(1000));
+    let found = names_in_body(long.as_bytes());
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].len(), "interactions/".len() + MAX_ID_LEN + 1);
+    assert_eq!(kind_of(&found[0]), None);
+    // Not a reference: a function's arguments, text, an empty value, a `uri` outside an
+    // interaction's input (a batch request's metadata is the client's own).
+    for body in [
+        &br#"{"functionCall":{"name":"resume","args":{"previous_interaction_id":"v1_x"}}}"#[..],
+        br#"{"batch":{"inputConfig":{"requests":{"requests":[{"metadata":{"uri":"files/m1"}}]}}}}"#,
+        br#"{"uri":"files/top"}"#,
+        br#"{"input":"my previous_interaction_id was v1_x"}"#,
+        br#"{"previous_interaction_id":""}"#,
+    ] {
+        assert!(
+            names_in_body(body).is_empty(),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+#[test]
+fn the_interaction_an_answer_creates() {
+    let answer = br#"{"id":"v1_new","status":"completed","model":"gemini-2.5-flash","previous_interaction_id":"v1_old","outputs":[{"type":"function_call","id":"call_1","name":"f","arguments":{"id":"said"}}],"input":[{"id":"echoed"}]}"#;
+    assert_eq!(
+        created_interaction(answer, false).as_deref(),
+        Some("interactions/v1_new")
+    );
+    // Outputs before the id do not count, wherever the id comes.
+    let late = br#"{"outputs":[{"type":"function_call","id":"call_1"}],"id":"v1_late"}"#;
+    assert_eq!(
+        created_interaction(late, false).as_deref(),
+        Some("interactions/v1_late")
+    );
+    for no in [
+        &br#"{"outputs":[{"id":"call_1"}],"status":"completed"}"#[..],
+        br#"{"id":"v1 with spaces"}"#,
+        br#"{"id":"v1_cut"#,
+        b"not json",
+        b"",
+    ] {
+        assert_eq!(
+            created_interaction(no, false),
+            None,
+            "{}",
+            String::from_utf8_lossy(no)
+        );
+    }
+    // A stream names it in its lifecycle events; steps' ids are theirs.
+    let events = b"event: interaction.created\ndata: {\"event_type\":\"interaction.created\",\"interaction\":{\"id\":\"v1_s\",\"status\":\"in_progress\"}}\n\n";
+    assert_eq!(
+        created_interaction(events, true).as_deref(),
+        Some("interactions/v1_s")
+    );
+    let step =
+        b"data: {\"event_type\":\"step.start\",\"id\":\"x\",\"step\":{\"id\":\"call_2\"}}\n\n";
+    assert_eq!(created_interaction(step, true), None);
+}
+
+#[test]
+fn a_stream_names_its_interaction_as_soon_as_the_event_is_whole() {
+    let first = b"event: interaction.created\r\ndata: {\"event_type\":\"interaction.created\",\"interaction\":{\"id\":\"v1_";
+    let rest = b"str\",\"status\":\"in_progress\"}}\r\n\r\ndata: {\"event_type\":\"step.delta\",\"delta\":{\"type\":\"text\",\"text\":\"hi\"}}\r\n\r\n";
+    let mut watch = InteractionWatch::new(true);
+    let mut prefix = first.to_vec();
+    assert_eq!(watch.read(&prefix, false), None);
+    prefix.extend_from_slice(rest);
+    assert_eq!(
+        watch.read(&prefix, false).as_deref(),
+        Some("interactions/v1_str")
+    );
+    // Said once.
+    assert_eq!(watch.read(&prefix, false), None);
+    assert_eq!(watch.read(&prefix, true), None);
+
+    // A JSON answer is read once it is whole (an object cut short could mislead the path).
+    let mut watch = InteractionWatch::new(false);
+    let answer = br#"{"id":"v1_json","outputs":[]}"#;
+    assert_eq!(watch.read(&answer[..10], false), None);
+    assert_eq!(watch.read(answer, false), None);
+    assert_eq!(
+        watch.read(answer, true).as_deref(),
+        Some("interactions/v1_json")
+    );
+    // The end of a stream reads what no blank line closed; an id cut off there is none.
+    let mut watch = InteractionWatch::new(true);
+    let cut = b"data: {\"interaction\":{\"id\":\"v1_cu";
+    assert_eq!(watch.read(cut, false), None);
+    assert_eq!(watch.read(cut, true), None);
+    let mut watch = InteractionWatch::new(true);
+    let unterminated = b"data: {\"interaction\":{\"id\":\"v1_end\"}}";
+    assert_eq!(
+        watch.read(unterminated, true).as_deref(),
+        Some("interactions/v1_end")
+    );
+}
