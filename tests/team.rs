@@ -897,3 +897,68 @@ async fn an_unknown_interaction_is_forwarded_once_and_bound_where_it_answered() 
     }
     assert!(found);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interaction_belongs_to_the_tenant_that_started_it() {
+    let (mock, kg) = three_project_team().await;
+    let id = start_interaction(&kg, Some("tok-alice")).await;
+    let owner = mock.owner_of(&format!("interactions/{id}")).unwrap();
+    let path = format!("/v1beta/interactions/{id}");
+    let before = mock.seen().len();
+    // Bob can neither continue, read, cancel nor delete it; nothing reaches Google for him.
+    let follow_up = interaction_body(Some(&id), false);
+    for (method, path, body) in [
+        ("POST", "/v1beta/interactions", follow_up.as_str()),
+        ("GET", path.as_str(), ""),
+        ("DELETE", path.as_str(), ""),
+        ("POST", &format!("{path}/cancel"), ""),
+    ] {
+        let (status, answer) = call(&kg, method, path, Some("tok-bob"), body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert!(answer.contains("belongs to another tenant"), "{answer}");
+    }
+    assert_eq!(mock.seen().len(), before);
+    // Alice's follow-ups go to her interaction's project, streamed or not.
+    for stream in [false, true, false] {
+        let body = interaction_body(Some(&id), stream);
+        let (status, answer) = call(
+            &kg,
+            "POST",
+            "/v1beta/interactions",
+            Some("tok-alice"),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains(&format!("hello from {owner}")), "{answer}");
+    }
+    let (status, _) = call(&kg, "GET", &path, Some("tok-alice"), "").await;
+    assert_eq!(status, 200);
+    assert!(mock.seen()[before..].iter().all(|s| s.status == 200));
+    // One keygate never saw is refused for a tenant, never searched for across projects; so is
+    // an interaction with an agent keygate does not track.
+    let premade = mock.make_interaction("p2");
+    let before = mock.seen().len();
+    let body = interaction_body(Some(&premade), false);
+    let (status, answer) = call(
+        &kg,
+        "POST",
+        "/v1beta/interactions",
+        Some("tok-alice"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("not known to keygate"), "{answer}");
+    let agent = r#"{"agent":"deep-research-pro-preview-12-2025","input":"hi"}"#;
+    let (status, answer) = call(
+        &kg,
+        "POST",
+        "/v1beta/interactions",
+        Some("tok-alice"),
+        agent,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(mock.seen().len(), before);
+}
