@@ -247,3 +247,33 @@ async fn google_genai_sdk_opens_a_live_session_through_keygate_over_tls() {
         .iter()
         .all(|s| !format!("{:?}{:?}", s.headers, s.query).contains("sdk-tenant-token")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn google_genai_sdk_holds_an_interactions_conversation_across_a_multi_project_pool() {
+    let Some(python) = python() else { return };
+    // Two projects: an interaction's state is kept in the project that made it, so every
+    // follow-up must go there whatever key rotation would pick next.
+    let mock = Mock::start().await;
+    let keys = [("sdk-key-1", "p1"), ("sdk-key-2", "p2")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let yaml = with_tenant(&pool_yaml(&mock.url(), &keys), "sdk", "sdk-tenant-token");
+    let kg = Keygate::start(&yaml);
+    // The first turn goes to whichever project rotation picks: any project's hello will do;
+    // then every request must reach the same key.
+    let out = run_script_with(
+        &python,
+        "genai_interactions.py",
+        &kg,
+        &[("EXPECT_TEXT", "hello from")],
+    )
+    .await;
+    assert!(out.contains("interactions ok"), "{out}");
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
+    let first_key = seen[0].key.clone();
+    assert!(seen.iter().all(|s| s.key == first_key), "{seen:?}");
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
+}

@@ -1000,8 +1000,9 @@ async fn a_429_too_large_to_read_whole_is_classified_on_its_prefix() {
 async fn with_tenants_only_endpoints_keygate_can_police_are_forwarded() {
     let (mock, kg) = split_pools().await;
     let bob = [("x-goog-api-key", "tok-bob")];
-    // The Interactions API names its model in the body; File Search stores, generated files and
-    // the like are resources keygate does not track: none may reach Google for a tenant.
+    // An interaction is routed by the model in its body, which bob's pools do not serve, and
+    // one keygate never saw is refused; File Search stores, generated files and the like are
+    // resources keygate does not track: none may reach Google for a tenant.
     for (method, path, body) in [
         (
             "POST",

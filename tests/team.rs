@@ -869,3 +869,205 @@ async fn upload_ids_are_keygates_own_and_bound_to_the_tenant() {
         "secret-k3",
     ]);
 }
+
+/// Sends `method` to `path` of keygate (as `token`'s tenant, if any) with a JSON `body` (none
+/// when empty): the status and the answer's text.
+async fn call(
+    kg: &Keygate,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut req = client().request(method.parse().unwrap(), format!("{}{path}", kg.url()));
+    if let Some(t) = token {
+        req = req.header("x-goog-api-key", t);
+    }
+    if !body.is_empty() {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// The body of a new interaction; a follow-up of `previous` when given.
+fn interaction_body(previous: Option<&str>, stream: bool) -> String {
+    let mut body = serde_json::json!({"model": "gemini-2.5-flash", "input": "hi"});
+    if let Some(p) = previous {
+        body["previous_interaction_id"] = p.into();
+    }
+    if stream {
+        body["stream"] = true.into();
+    }
+    body.to_string()
+}
+
+/// Starts an interaction through keygate as `token`'s tenant (if any): its id.
+async fn start_interaction(kg: &Keygate, token: Option<&str>) -> String {
+    let body = interaction_body(None, false);
+    let (status, answer) = call(kg, "POST", "/v1beta/interactions", token, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    answer["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interaction_follow_ups_reach_the_project_that_holds_the_conversation() {
+    let keys = [("secret-k1", "p1"), ("secret-k2", "p2")];
+    let mock = Mock::start().await;
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let kg = Keygate::start(&pool_yaml(&mock.url(), &keys));
+    let mut id = start_interaction(&kg, None).await;
+    let owner = mock.owner_of(&format!("interactions/{id}")).unwrap();
+    let hello = format!("hello from {owner}");
+    let before = mock.seen().len();
+    for turn in 0..6 {
+        // Each follow-up is an interaction of its own, in the same project: the next one
+        // continues it (streamed every other turn).
+        let body = interaction_body(Some(&id), turn % 2 == 1);
+        let (status, answer) = call(&kg, "POST", "/v1beta/interactions", None, &body).await;
+        assert_eq!(status, 200, "turn {turn}: {answer}");
+        assert!(answer.contains(&hello), "turn {turn}: {answer}");
+        let (status, read) =
+            call(&kg, "GET", &format!("/v1beta/interactions/{id}"), None, "").await;
+        assert_eq!(status, 200, "turn {turn}: {read}");
+        id = match answer.strip_prefix('{') {
+            Some(_) => serde_json::from_str::<Value>(&answer).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            None => answer
+                .split("\"id\":\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap()
+                .to_string(),
+        };
+        assert_eq!(
+            mock.owner_of(&format!("interactions/{id}")),
+            Some(owner.clone())
+        );
+    }
+    // Every request went to the owner's key: Google never had to say "not found".
+    let seen = &mock.seen()[before..];
+    assert_eq!(seen.len(), 12);
+    assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
+    let owner_key = keys.iter().find(|(_, p)| *p == owner).unwrap().0;
+    assert!(seen.iter().all(|s| s.key.as_deref() == Some(owner_key)));
+    // Deleting it forgets it; other requests keep rotating over both projects.
+    let path = format!("/v1beta/interactions/{id}");
+    assert_eq!(call(&kg, "DELETE", &path, None, "").await.0, 200);
+    let before = mock.seen().len();
+    for _ in 0..4 {
+        generate(&kg.url(), "gemini-2.5-flash", None).await;
+    }
+    let mut used: Vec<String> = mock.keys_seen()[before..].to_vec();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 2, "{used:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_interaction_is_forwarded_once_and_bound_where_it_answered() {
+    let keys = [("secret-k1", "p1"), ("secret-k2", "p2")];
+    let mock = Mock::start().await;
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let kg = Keygate::start(&pool_yaml(&mock.url(), &keys));
+    // No project holds it: Google's 404 comes back after one try, no project is searched.
+    let before = mock.seen().len();
+    let body = interaction_body(Some("v1_nowhere"), false);
+    let (status, answer) = call(&kg, "POST", "/v1beta/interactions", None, &body).await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(mock.seen().len(), before + 1);
+    let (status, _) = call(&kg, "GET", "/v1beta/interactions/v1_nowhere", None, "").await;
+    assert_eq!(status, 404);
+    assert_eq!(mock.seen().len(), before + 2);
+    // One made outside keygate, in p2: each request goes out once; once p2 has answered, it
+    // is bound there and the rest go to p2 only.
+    let premade = mock.make_interaction("p2");
+    let path = format!("/v1beta/interactions/{premade}");
+    let mut found = false;
+    for _ in 0..6 {
+        let before = mock.seen().len();
+        let (status, answer) = call(&kg, "GET", &path, None, "").await;
+        assert_eq!(mock.seen().len(), before + 1, "{answer}");
+        assert!(
+            status == 200 || (status == 404 && !found),
+            "{status} {answer}"
+        );
+        found |= status == 200;
+    }
+    assert!(found);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interaction_belongs_to_the_tenant_that_started_it() {
+    let (mock, kg) = three_project_team().await;
+    let id = start_interaction(&kg, Some("tok-alice")).await;
+    let owner = mock.owner_of(&format!("interactions/{id}")).unwrap();
+    let path = format!("/v1beta/interactions/{id}");
+    let before = mock.seen().len();
+    // Bob can neither continue, read, cancel nor delete it; nothing reaches Google for him.
+    let follow_up = interaction_body(Some(&id), false);
+    for (method, path, body) in [
+        ("POST", "/v1beta/interactions", follow_up.as_str()),
+        ("GET", path.as_str(), ""),
+        ("DELETE", path.as_str(), ""),
+        ("POST", &format!("{path}/cancel"), ""),
+    ] {
+        let (status, answer) = call(&kg, method, path, Some("tok-bob"), body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert!(answer.contains("belongs to another tenant"), "{answer}");
+    }
+    assert_eq!(mock.seen().len(), before);
+    // Alice's follow-ups go to her interaction's project, streamed or not.
+    for stream in [false, true, false] {
+        let body = interaction_body(Some(&id), stream);
+        let (status, answer) = call(
+            &kg,
+            "POST",
+            "/v1beta/interactions",
+            Some("tok-alice"),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains(&format!("hello from {owner}")), "{answer}");
+    }
+    let (status, _) = call(&kg, "GET", &path, Some("tok-alice"), "").await;
+    assert_eq!(status, 200);
+    assert!(mock.seen()[before..].iter().all(|s| s.status == 200));
+    // One keygate never saw is refused for a tenant, never searched for across projects; so is
+    // an interaction with an agent keygate does not track.
+    let premade = mock.make_interaction("p2");
+    let before = mock.seen().len();
+    let body = interaction_body(Some(&premade), false);
+    let (status, answer) = call(
+        &kg,
+        "POST",
+        "/v1beta/interactions",
+        Some("tok-alice"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("not known to keygate"), "{answer}");
+    let agent = r#"{"agent":"deep-research-pro-preview-12-2025","input":"hi"}"#;
+    let (status, answer) = call(
+        &kg,
+        "POST",
+        "/v1beta/interactions",
+        Some("tok-alice"),
+        agent,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(mock.seen().len(), before);
+}

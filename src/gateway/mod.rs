@@ -95,6 +95,9 @@ enum Learn {
     /// A request that may create resources (caches, batches, operations...): the answer names
     /// them.
     Create,
+    /// A new interaction (a first turn or a follow-up, `POST .../interactions`): the answer
+    /// names it (a JSON answer's `id`, a stream's first event).
+    Interaction,
     /// A successful DELETE of these resources.
     Delete(Vec<String>),
     /// A listing of project-bound resources, shown to a tenant: only its own entries stay.

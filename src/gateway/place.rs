@@ -74,6 +74,8 @@ impl Gateway {
             }
         } else if req.method == http::Method::DELETE && !names.is_empty() {
             Learn::Delete(names.clone())
+        } else if is_post && creates && creates_interaction(path) {
+            Learn::Interaction
         } else if is_post && creates {
             Learn::Create
         } else if tenants && req.method == http::Method::GET && names::is_listing(path) {
@@ -272,9 +274,17 @@ pub(super) fn creates_resources(path: &str) -> bool {
         ":batchGenerateContent",
         ":asyncBatchEmbedContent",
         ":predictLongRunning",
+        "/interactions",
     ]
     .iter()
     .any(|p| path.contains(p))
+}
+
+/// Whether `path` is the Interactions API's collection, where a POST starts an interaction
+/// (a first turn, or a follow-up naming its parent in `previous_interaction_id`).
+pub(super) fn creates_interaction(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    path.trim_end_matches('/').ends_with("/interactions")
 }
 
 /// `scheme://host[:port]` as the client reached keygate (`tls`: keygate's own listener speaks

@@ -8,7 +8,7 @@ use super::{Ctx, Gateway, Job, Learn};
 use crate::gateway::guard;
 use crate::logging::printable;
 use crate::quota::classify::Outcome;
-use crate::quota::keys::{now_millis, KeyId};
+use crate::quota::keys::{now_millis, KeyId, Millis};
 use crate::tenants::Tenant;
 use crate::upstream::exchange::{decoded_body, read_up_to, Answer};
 use crate::wire::error::GatewayError;
@@ -62,7 +62,9 @@ impl Gateway {
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let keep_head = match job.learn {
-            Learn::Create | Learn::UploadContinue { .. } | Learn::Read if success => {
+            Learn::Create | Learn::Interaction | Learn::UploadContinue { .. } | Learn::Read
+                if success =>
+            {
                 CREATED_ANSWER_LIMIT
             }
             _ => 0,
@@ -72,6 +74,16 @@ impl Gateway {
         let counts_tokens = counts_tokens(job.method);
         let mut tap =
             (success && (counts_tokens || keep_head > 0)).then(|| BodyTap::new(gzip, keep_head));
+        // A new interaction is bound as soon as its answer names it, from the answer's start.
+        let mut watch = None;
+        if success && matches!(job.learn, Learn::Interaction) {
+            let stream = header
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            watch = Some(names::InteractionWatch::new(stream));
+            tap = tap.map(BodyTap::keeping_prefix);
+        }
         let upload_final = header
             .headers
             .get("x-goog-upload-status")
@@ -93,10 +105,12 @@ impl Gateway {
         let pre_read = std::mem::take(&mut body.read);
         let last_pre_read = pre_read.len();
         for (i, chunk) in pre_read.into_iter().enumerate() {
+            let last = i + 1 == last_pre_read && body.http.is_none();
             if let Some(tap) = tap.as_mut() {
                 tap.feed(&chunk);
+                self.watch_interaction(ctx, job, key, watch.as_mut(), tap, last);
             }
-            if i + 1 == last_pre_read && body.http.is_none() {
+            if last {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
                 recorded = true;
             }
@@ -118,8 +132,11 @@ impl Gateway {
             let chunk = chunk?;
             body.complete = chunk.is_none() || http.response_done();
             self.park(job, &mut body).await;
-            if let (Some(tap), Some(chunk)) = (tap.as_mut(), chunk.as_ref()) {
-                tap.feed(chunk);
+            if let Some(tap) = tap.as_mut() {
+                if let Some(chunk) = chunk.as_ref() {
+                    tap.feed(chunk);
+                }
+                self.watch_interaction(ctx, job, key, watch.as_mut(), tap, body.complete);
             }
             if body.complete && !recorded {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
@@ -135,6 +152,9 @@ impl Gateway {
             }
         }
         if !recorded {
+            if let Some(tap) = tap.as_ref() {
+                self.watch_interaction(ctx, job, key, watch.as_mut(), tap, true);
+            }
             self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
         }
         session.write_response_body(None, true).await?;
@@ -291,16 +311,7 @@ impl Gateway {
     ) {
         let now = now_millis();
         let table = &self.shared.affinity;
-        let owner = || self.owner(job, key, ctx.tenant.as_deref());
-        let bind = |name: &str| {
-            if !table.bind_new(name, owner(), now) {
-                log::warn!(
-                    "{} is already bound to another tenant or project; an answer of project {} named it too (kept the first owner)",
-                    printable(name),
-                    printable(&owner().project)
-                );
-            }
-        };
+        let bind = |name: &str| self.bind_created(ctx, job, key, name, now);
         match &job.learn {
             Learn::Create | Learn::UploadContinue { .. } => {
                 for name in tap.head().map(names::created_names).unwrap_or_default() {
@@ -321,7 +332,8 @@ impl Gateway {
                     table.forget(name);
                 }
             }
-            Learn::Nothing | Learn::UploadStart { .. } | Learn::List => {}
+            // Bound as the answer went by (`watch_interaction`).
+            Learn::Interaction | Learn::Nothing | Learn::UploadStart { .. } | Learn::List => {}
         }
         if let Learn::UploadContinue { id } = &job.learn {
             if upload_final {
@@ -335,6 +347,41 @@ impl Gateway {
             for name in &job.unbound {
                 bind(name);
             }
+        }
+    }
+
+    /// Binds what an answer says was made to the owner of `key`: its pool and project, and the
+    /// tenant that asked. A live binding is never taken over.
+    fn bind_created(&self, ctx: &Ctx, job: &Job<'_>, key: KeyId, name: &str, now: Millis) {
+        let owner = self.owner(job, key, ctx.tenant.as_deref());
+        let project = owner.project.clone();
+        if !self.shared.affinity.bind_new(name, owner, now) {
+            log::warn!(
+                "{} is already bound to another tenant or project; an answer of project {} named it too (kept the first owner)",
+                printable(name),
+                printable(&project)
+            );
+        }
+    }
+
+    /// Reads the answer to a new interaction as it arrives, and binds the interaction the moment
+    /// the answer names it: a client may name it (to resume a stream, or to follow up on a
+    /// background run) before the answer ends, or after hanging up mid-stream. `complete`: the
+    /// body has ended.
+    fn watch_interaction(
+        &self,
+        ctx: &Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        watch: Option<&mut names::InteractionWatch>,
+        tap: &BodyTap,
+        complete: bool,
+    ) {
+        let Some(watch) = watch else {
+            return;
+        };
+        if let Some(name) = watch.read(tap.prefix(), complete) {
+            self.bind_created(ctx, job, key, &name, now_millis());
         }
     }
 }

@@ -2,7 +2,8 @@
 //! resumable uploads keygate handed out really go.
 //!
 //! A file uploaded with a key of project A is visible only to keys of project A; the same holds
-//! for `cachedContents/...`, `tunedModels/...`, `batches/...` and `operations/...`. A gateway that
+//! for `cachedContents/...`, `tunedModels/...`, `batches/...`, `operations/...` and
+//! `interactions/...` (the Interactions API's conversation state). A gateway that
 //! rotates keys must therefore remember, for each such resource, the pool and project whose key
 //! created it (and the tenant that asked), and send every later request naming it to that project.
 //! [`Affinity`] is that table; [`crate::wire::names`] finds the names in requests and answers.

@@ -2,7 +2,7 @@
 //! keep tenants apart on), and the query, headers, body and Live sessions it reads the way
 //! Google will. Pure functions, each answering "refused, and why?".
 //!
-//! Google's API grows (File Search stores, the Interactions API, generated files...), and each new
+//! Google's API grows (File Search stores, generated files, managed agents...), and each new
 //! kind of resource is one keygate would have to recognise, bind and filter to keep one tenant out
 //! of another's. So with tenants the rule is deny by default: the endpoints below, whose models and
 //! resources keygate reads, go through; anything else gets 403 until keygate learns it. Without
@@ -77,6 +77,11 @@ fn tenant_may_call(method: &Method, path: &str) -> bool {
         ["batches", b] => post && call(b).as_deref() == Some("cancel"),
         ["operations"] => read,
         ["operations", op] => operation(method, op),
+        // A new interaction or a follow-up; one interaction read, deleted or cancelled.
+        ["interactions"] => post,
+        ["interactions", i] if plain(i) => read || delete,
+        ["interactions", i] => post && call(i).as_deref() == Some("cancel"),
+        ["interactions", _, "cancel"] => post,
         _ => false,
     }
 }
@@ -128,6 +133,16 @@ pub fn refusal_of_body(
     query: Option<&str>,
     body: &[u8],
 ) -> Option<GatewayError> {
+    if let Some(why) = (*method == Method::POST)
+        .then(|| interaction_refusal(path, body))
+        .flatten()
+    {
+        return Some(GatewayError::new(
+            403,
+            "PERMISSION_DENIED",
+            format!("keygate: {why}"),
+        ));
+    }
     let why = request::strict_json(body).err().or_else(|| {
         (*method == Method::PATCH)
             .then(|| tenant_update_refusal(path, query, body))
@@ -195,6 +210,34 @@ fn tenant_may_open_live(path: &str) -> bool {
     })
 }
 
+/// Fields of a new interaction that name what keygate does not track (compared without case
+/// and `_`): an agent to run (managed agents belong to a project) and an environment (a
+/// sandbox, or the id of one a project keeps). A tenant's interaction names its model, which
+/// routes it like any generation.
+const UNTRACKED_INTERACTION_FIELDS: [&str; 2] = ["agent", "environment"];
+
+/// Why a tenant's new interaction (a POST to the canonical `path` `.../interactions`) is
+/// refused, if it is: it names an agent or an environment ([`UNTRACKED_INTERACTION_FIELDS`]).
+fn interaction_refusal(path: &str, body: &[u8]) -> Option<String> {
+    if !path.trim_end_matches('/').ends_with("/interactions") {
+        return None;
+    }
+    let top: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    let untracked = |field: &str| {
+        let norm: String = field
+            .chars()
+            .filter(|c| *c != '_')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        UNTRACKED_INTERACTION_FIELDS.contains(&norm.as_str())
+    };
+    let field = top.keys().find(|k| untracked(k))?;
+    Some(format!(
+        "interactions with '{}' are not forwarded for tenants: keygate does not track agents or environments; name a model",
+        printable(field)
+    ))
+}
+
 /// The fields a tenant may change in a resource with PATCH, by collection (compared without
 /// case and `_`). Others could move the resource to another model (`model`) or feed it what
 /// keygate does not read (`inputConfig`).
@@ -251,7 +294,7 @@ fn tenant_update_refusal(path: &str, query: Option<&str>, body: &[u8]) -> Option
 /// each with the values it may have (`None`: any). Others could change what Google reads
 /// (`cachedContent=...` is a request field), or the shape of the answer keygate reads
 /// (`alt=proto`, `fields`, `$.xgafv`, `callback`).
-const QUERY_PARAMETERS: [(&str, Option<&[&str]>); 8] = [
+const QUERY_PARAMETERS: [(&str, Option<&[&str]>); 11] = [
     ("alt", Some(&["sse", "json", "media"])),
     ("pageSize", None),
     ("pageToken", None),
@@ -260,6 +303,10 @@ const QUERY_PARAMETERS: [(&str, Option<&[&str]>); 8] = [
     ("tunedModelId", None),
     ("upload_id", None),
     ("upload_protocol", Some(&["resumable"])),
+    // Reading an interaction: as a stream, resumed after an event, with its input.
+    ("stream", Some(&["true", "false"])),
+    ("last_event_id", None),
+    ("include_input", Some(&["true", "false"])),
 ];
 
 /// Why a tenant's query (as forwarded) is refused, if it is: a parameter not in
@@ -334,6 +381,11 @@ mod tests {
             ("POST", "/v1beta/openai/embeddings"),
             ("GET", "/v1beta/openai/models"),
             ("GET", "/v1beta/openai/models/models/gemini-2.5-flash"),
+            ("POST", "/v1beta/interactions"),
+            ("GET", "/v1beta/interactions/abc"),
+            ("DELETE", "/v1beta/interactions/abc"),
+            ("POST", "/v1beta/interactions/abc/cancel"),
+            ("POST", "/v1beta/interactions/abc:cancel"),
         ];
         for (method, path) in allowed {
             assert!(
@@ -342,8 +394,9 @@ mod tests {
             );
         }
         let refused = [
-            ("POST", "/v1beta/interactions"),
-            ("GET", "/v1beta/interactions/abc"),
+            ("GET", "/v1beta/interactions"),
+            ("PATCH", "/v1beta/interactions/abc"),
+            ("POST", "/v1beta/interactions/abc"),
             ("GET", "/v1beta/fileSearchStores"),
             ("POST", "/v1beta/fileSearchStores/s1:importFile"),
             ("GET", "/v1beta/generatedFiles"),
@@ -378,6 +431,7 @@ mod tests {
             Some("upload_id=u1&upload_protocol=resumable"),
             Some("alt=media"),
             Some("updateMask=ttl"),
+            Some("stream=true&last_event_id=ev-7&include_input=false"),
         ] {
             assert_eq!(tenant_query_refusal(ok), None, "{ok:?}");
         }
@@ -394,6 +448,8 @@ mod tests {
             ("fields=name", "not forwarded"),
             ("$.xgafv=1", "not forwarded"),
             ("callback=f", "not forwarded"),
+            ("stream=yes", "may not be 'yes'"),
+            ("previous_interaction_id=x", "not forwarded"),
         ] {
             let got = tenant_query_refusal(Some(bad)).unwrap_or_default();
             assert!(got.contains(why), "{bad}: {got}");
@@ -457,6 +513,35 @@ mod tests {
     }
 
     #[test]
+    fn a_tenants_interaction_names_a_model_not_an_agent() {
+        let post = Method::POST;
+        let path = "/v1beta/interactions";
+        let refusal = |body: &str| refusal_of_body(&post, path, None, body.as_bytes());
+        assert!(refusal(r#"{"model":"gemini-2.5-flash","input":"hi"}"#).is_none());
+        let follow_up =
+            r#"{"model":"gemini-2.5-flash","input":"and?","previous_interaction_id":"v1_abc"}"#;
+        assert!(refusal(follow_up).is_none());
+        for body in [
+            r#"{"agent":"deep-research-pro-preview-12-2025","input":"hi"}"#,
+            r#"{"model":"gemini-2.5-flash","environment":"env-1","input":"hi"}"#,
+            r#"{"model":"gemini-2.5-flash","Environment":{"sources":[]}}"#,
+        ] {
+            let e = refusal(body).unwrap();
+            assert_eq!(e.code, 403, "{body}");
+            assert!(
+                e.message.contains("not forwarded for tenants"),
+                "{body}: {}",
+                e.message
+            );
+        }
+        // Only a new interaction is read so: elsewhere `agent` is no field keygate refuses.
+        let cancel = "/v1beta/interactions/abc/cancel";
+        assert!(refusal_of_body(&post, cancel, None, br#"{"agent":"x"}"#).is_none());
+        // Not strict JSON is refused as for any request.
+        assert_eq!(refusal("{'model': 'x'}").map(|e| e.code), Some(400));
+    }
+
+    #[test]
     fn only_the_gemini_live_service_is_open_to_tenants() {
         assert!(tenant_may_open_live(
             "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
@@ -502,7 +587,7 @@ mod tests {
                 None,
                 false
             ),
-            Some(403)
+            None
         );
         assert_eq!(
             code(

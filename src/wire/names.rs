@@ -41,16 +41,20 @@ pub enum Kind {
     Operation,
     /// `fileSearchStores/{id}`: documents for the File Search tool.
     FileSearchStore,
+    /// `interactions/{id}`: a turn of the Interactions API, whose conversation state Google
+    /// keeps for follow-ups (`previous_interaction_id`).
+    Interaction,
 }
 
 /// Collection words and their kinds.
-const COLLECTIONS: [(&str, Kind); 6] = [
+const COLLECTIONS: [(&str, Kind); 7] = [
     ("files", Kind::File),
     ("cachedContents", Kind::CachedContent),
     ("tunedModels", Kind::TunedModel),
     ("batches", Kind::Batch),
     ("operations", Kind::Operation),
     ("fileSearchStores", Kind::FileSearchStore),
+    ("interactions", Kind::Interaction),
 ];
 
 /// Body fields whose values Google reads as resource references, compared without case and
@@ -106,6 +110,10 @@ impl Kind {
             // memory one never used again can hold; past that, requests for it are routed like
             // any other.
             Kind::TunedModel | Kind::FileSearchStore => 30 * DAY,
+            // A stored interaction stays until deleted or until Google's retention ends, which
+            // gemini-api.md does not give; a conversation is picked up again after days or
+            // weeks, so 60 days, each follow-up being an interaction of its own.
+            Kind::Interaction => 60 * DAY,
         })
     }
 }
@@ -202,6 +210,25 @@ fn push_reference(value: &str, out: &mut Found) {
     }
 }
 
+/// Adds the interaction a `previous_interaction_id` names. Google's ids are bare (`v1_Ch...`);
+/// a value that holds a `/` is read as a reference field is (`interactions/abc`, a URL), any
+/// other is cut like an id in a path: at the first byte an id cannot hold, one byte past the
+/// longest id (so an overlong one matches nothing bound and is refused with tenants).
+fn push_interaction_id(value: &str, out: &mut Found) {
+    for reading in readings(value) {
+        let id = reading.trim();
+        if id.contains('/') {
+            push_reference(id, out);
+            continue;
+        }
+        let len = id.bytes().take_while(|b| is_id_byte(*b)).count();
+        let id = &id[..len.min(MAX_ID_LEN + 1)];
+        if !id.is_empty() {
+            out.push(format!("interactions/{id}"));
+        }
+    }
+}
+
 /// Whether a value is a URL of the Gemini API itself.
 fn is_api_url(value: &str) -> bool {
     readings(value).iter().any(|v| {
@@ -228,10 +255,11 @@ pub fn names_in_path(path: &str) -> Vec<String> {
 }
 
 /// Resource names a request body refers to: the values of reference fields (`fileUri`,
-/// `cachedContent`, `model`, `fileName`, ... in any case, with or without `_`) outside opaque
-/// fields (function arguments and results, schemas), and any string that is a URL of the Gemini
-/// API (`https://generativelanguage.googleapis.com/v1beta/files/abc`). At most [`MAX_NAMES`] + 1
-/// distinct names (one more than the limit says there were too many).
+/// `cachedContent`, `model`, `fileName`, ... in any case, with or without `_`; an interaction's
+/// media `uri` under its `input`) outside opaque fields (function arguments and results, schemas), the interaction a follow-up
+/// continues (`previous_interaction_id`: `abc` → `interactions/abc`), and any string that is a
+/// URL of the Gemini API (`https://generativelanguage.googleapis.com/v1beta/files/abc`). At most
+/// [`MAX_NAMES`] + 1 distinct names (one more than the limit says there were too many).
 pub fn names_in_body(body: &[u8]) -> Vec<String> {
     let mut out = Found::default();
     json_strings::walk_marking(body, opaque, |v| {
@@ -239,9 +267,16 @@ pub fn names_in_body(body: &[u8]) -> Vec<String> {
             return true;
         }
         let text = v.string.decoded();
+        if matches!(v.path, [.., key] if is_field(key, &["previousinteractionid"])) {
+            push_interaction_id(&String::from_utf8_lossy(&text), &mut out);
+            return !out.full();
+        }
         // An OpenAI-style image part's `image_url.url` may hold a file's name too.
         let reference = match v.path {
             [.., parent, key] if is_field(parent, &["imageurl"]) && is_field(key, &["url"]) => true,
+            // The Interactions API's media parts: `"input": [{"type": "image", "uri": ...}]`.
+            // Only there: elsewhere a `uri` may be anything (a batch request's own metadata).
+            [first, .., key] if is_field(key, &["uri"]) => is_field(first, &["input"]),
             [.., key] => is_field(key, &REFERENCE_FIELDS),
             [] => false,
         };
@@ -319,6 +354,80 @@ pub fn names_in_answer(answer: &[u8]) -> Vec<String> {
         !out.full()
     });
     out.list
+}
+
+/// The interaction an answer to `POST .../interactions` creates: a JSON answer's top-level
+/// `id`, or in a stream (server-sent events, `stream`) the `interaction.id` of its lifecycle
+/// events (`{"event_type": "interaction.created", "interaction": {"id": ...}}`). Only there:
+/// steps and outputs carry ids of their own (a function call's), and the request's own words
+/// may come back under `input`. An id cut off by the end of `answer` is no id.
+pub fn created_interaction(answer: &[u8], stream: bool) -> Option<String> {
+    let want: &[&[u8]] = if stream {
+        &[b"interaction", b"id"]
+    } else {
+        &[b"id"]
+    };
+    let mut found = None;
+    json_strings::walk(answer, |v| {
+        let at = v.path.len() == want.len() && want.iter().zip(v.path).all(|(w, k)| k == w);
+        let closed = v.string.span.len() >= v.string.raw.len() + 2;
+        if at && closed {
+            let id = String::from_utf8_lossy(&v.string.decoded()).into_owned();
+            if valid_id(&id) {
+                found = Some(format!("interactions/{id}"));
+            }
+        }
+        found.is_none()
+    });
+    found
+}
+
+/// Reads a growing answer for the interaction it creates ([`created_interaction`]) and says
+/// its name once. A stream is read event by event as each completes: its first event names
+/// the interaction, and a client may name it (to resume the stream, or follow up in the
+/// background) long before the stream ends. A JSON answer is read once it is whole.
+#[derive(Debug)]
+pub struct InteractionWatch {
+    stream: bool,
+    /// Bytes of the answer already read (whole events).
+    read: usize,
+    done: bool,
+}
+
+impl InteractionWatch {
+    /// A watch over an answer that is a stream of server-sent events (`stream`) or one JSON
+    /// text.
+    pub fn new(stream: bool) -> InteractionWatch {
+        InteractionWatch {
+            stream,
+            read: 0,
+            done: false,
+        }
+    }
+
+    /// The interaction's name, the first time `prefix` shows it. `prefix` is the answer's
+    /// first bytes as far as they are kept, growing from call to call; `complete`: the answer
+    /// has ended (what is left is read, then the watch is over). Each byte is read once.
+    pub fn read(&mut self, prefix: &[u8], complete: bool) -> Option<String> {
+        if self.done || self.read > prefix.len() {
+            return None;
+        }
+        let rest = &prefix[self.read..];
+        let end = if complete {
+            rest.len()
+        } else if self.stream {
+            // Up to the blank line that ends the last whole event.
+            let lf = memchr::memmem::rfind(rest, b"\n\n").map(|i| i + 2);
+            let crlf = memchr::memmem::rfind(rest, b"\n\r\n").map(|i| i + 3);
+            lf.max(crlf)?
+        } else {
+            return None;
+        };
+        let found = created_interaction(&rest[..end], self.stream);
+        self.read += end;
+        self.done = complete || found.is_some();
+        found
+    }
 }
 
 /// Whether a key holds content Google passes along unread ([`OPAQUE_FIELDS`]).
@@ -416,264 +525,4 @@ pub fn filter_listing(answer: &[u8], keep: impl Fn(&str) -> bool) -> Option<Vec<
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn names(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn kinds_and_ttls() {
-        assert_eq!(kind_of("files/abc"), Some(Kind::File));
-        assert_eq!(kind_of("cachedContents/x-1"), Some(Kind::CachedContent));
-        assert_eq!(kind_of("tunedModels/t.1"), Some(Kind::TunedModel));
-        assert_eq!(kind_of("batches/b_1"), Some(Kind::Batch));
-        assert_eq!(kind_of("operations/op"), Some(Kind::Operation));
-        assert_eq!(kind_of("fileSearchStores/s"), Some(Kind::FileSearchStore));
-        assert_eq!(kind_of("models/gemini"), None);
-        assert_eq!(kind_of("Files/abc"), None);
-        assert_eq!(kind_of("files/"), None);
-        assert_eq!(kind_of("files"), None);
-        assert_eq!(kind_of("files/a/b"), None);
-        assert_eq!(kind_of("files/a b"), None);
-        assert_eq!(
-            kind_of(&format!("files/{}", "a".repeat(MAX_ID_LEN + 1))),
-            None
-        );
-        assert_eq!(Kind::File.ttl(), Duration::from_secs(48 * 3600));
-        assert_eq!(Kind::TunedModel.ttl(), Duration::from_secs(30 * 24 * 3600));
-        for kind in [Kind::CachedContent, Kind::Batch, Kind::Operation] {
-            assert_eq!(kind.ttl(), Duration::from_secs(7 * 24 * 3600));
-        }
-    }
-
-    #[test]
-    fn path_forms() {
-        let cases: [(&str, &[&str]); 16] = [
-            ("/v1beta/files/abc", &["files/abc"]),
-            ("/v1/files/abc:download", &["files/abc"]),
-            ("/v1beta/cachedContents/xyz", &["cachedContents/xyz"]),
-            (
-                "/v1beta/tunedModels/my-model:generateContent",
-                &["tunedModels/my-model"],
-            ),
-            ("/v1beta/batches/b1:cancel", &["batches/b1"]),
-            ("/v1beta/operations/op1", &["operations/op1"]),
-            ("/v1alpha/operations/op1?key=k", &["operations/op1"]),
-            (
-                "/v1beta/models/veo-2.0-generate-001/operations/op1",
-                &["operations/op1"],
-            ),
-            (
-                "/v1beta/tunedModels/t1/operations/o2",
-                &["tunedModels/t1", "operations/o2"],
-            ),
-            ("/upload/v1beta/files/abc", &["files/abc"]),
-            ("/v1beta/Files/abc", &["files/abc"]),
-            ("/v1beta/files/abc%20x", &["files/abc"]),
-            ("/v1beta/files", &[]),
-            ("/upload/v1beta/files", &[]),
-            ("/v1beta/models/gemini-2.0-flash:generateContent", &[]),
-            ("/v1beta/files/:download", &[]),
-        ];
-        for (path, want) in cases {
-            assert_eq!(names_in_path(path), names(want), "{path}");
-        }
-        assert!(names_in_path("").is_empty());
-    }
-
-    #[test]
-    fn body_reference_fields_in_every_spelling() {
-        let body = br#"{"contents":[{"parts":[
-            {"fileData":{"mimeType":"image/png","fileUri":"https://generativelanguage.googleapis.com/v1beta/files/abc"}},
-            {"file_data":{"file_uri":"http://127.0.0.1:8080/v1/files/def-2"}},
-            {"fileData":{"fileUri":"files\u002fghi_3"}},
-            {"fileData":{"fileUri":"\u0066iles/jkl"}},
-            {"fileData":{"fileUri":"https://h/v1beta/x/../files/mno"}},
-            {"fileData":{"fileUri":"https://h/v1beta/files/%70qr"}},
-            {"fileData":{"f\u0069leUri":" FILES/stu "}}]}],
-            "cachedContent":"cachedContents/xyz","model":"tunedModels/t1"}"#;
-        assert_eq!(
-            names_in_body(body),
-            names(&[
-                "files/abc",
-                "files/def-2",
-                "files/ghi_3",
-                "files/jkl",
-                "files/mno",
-                "files/pqr",
-                "files/stu",
-                "cachedContents/xyz",
-                "tunedModels/t1"
-            ])
-        );
-        let batch = br#"{"batch":{"inputConfig":{"fileName":"files/in1"}}}"#;
-        assert_eq!(names_in_body(batch), names(&["files/in1"]));
-        let escaped =
-            br#"{"fileUri":"https:\/\/generativelanguage.googleapis.com\/v1beta\/files\/esc1"}"#;
-        assert_eq!(names_in_body(escaped), names(&["files/esc1"]));
-        let lenient = br#"{'fileUri': 'files/single'}"#;
-        assert_eq!(names_in_body(lenient), names(&["files/single"]));
-    }
-
-    #[test]
-    fn mentions_outside_reference_fields_are_not_references() {
-        for body in [
-            &br#"{"functionCall":{"name":"read","args":{"fileName":"files/config.json"}}}"#[..],
-            br#"{"functionResponse":{"name":"ls","response":{"fileUri":"files/x"}}}"#,
-            br#"{"tools":[{"functionDeclarations":[{"parameters":{"properties":{"model":{"type":"string"}}}}]}]}"#,
-            br#"{"text":"https://api.stripe.com/v1/files/file_123"}"#,
-            br#"{"text":"https://github.com/org/repo/blob/v1.2.0/files/setup.py"}"#,
-            br#"{"model":"models/gemini-2.5-flash"}"#,
-            &br#"{"text":"see files/x and cachedContents/y"}"#[..],
-            br#"{"functionCall":{"name":"read","args":{"path":"files/config.json"}}}"#,
-            br#"{"text":"import x from \"./files/utils\""}"#,
-            br#"{"text":"https://github.com/org/repo/tree/main/files/x"}"#,
-            br#"{"profiles/x": "tiles/y"}"#,
-            b"files/abc",
-            b"",
-        ] {
-            assert!(
-                names_in_body(body).is_empty(),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        // Inside a reference field, a name counts wherever it sits in the value.
-        for (body, want) in [
-            (
-                &br#"{"fileName":"static/files/logo.png"}"#[..],
-                "files/logo.png",
-            ),
-            (br#"{"fileUri":"projects/p/files/pf1"}"#, "files/pf1"),
-            (br#"{"fileUri":"x/files/xf1"}"#, "files/xf1"),
-            (
-                br#"{"fileUri":"//generativelanguage.googleapis.com/v1beta/files/h1"}"#,
-                "files/h1",
-            ),
-            (
-                br#"{"fileUri":"generativelanguage.googleapis.com/v1beta/files/h2"}"#,
-                "files/h2",
-            ),
-            (br#"{"model":"models/tunedModels/tm1"}"#, "tunedModels/tm1"),
-            (br#"{"file":{"file_id":"files/oa1"}}"#, "files/oa1"),
-            (br#"{"image_url":{"url":"files/oa2"}}"#, "files/oa2"),
-        ] {
-            assert_eq!(
-                names_in_body(body),
-                names(&[want]),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        // A name before a dot segment counts too: a reader may not resolve it.
-        let dotted = br#"{"fileUri":"files/victim/../mine"}"#;
-        assert_eq!(
-            names_in_body(dotted),
-            names(&["files/mine", "files/victim"])
-        );
-        // A Gemini API URL counts wherever it is.
-        let url = br#"{"text":"https://generativelanguage.googleapis.com/v1beta/files/u1"}"#;
-        assert_eq!(names_in_body(url), names(&["files/u1"]));
-        // A function's result may carry media by reference: that is read.
-        let parts =
-            br#"{"functionResponse":{"name":"f","parts":[{"fileData":{"fileUri":"files/fr1"}}]}}"#;
-        assert_eq!(names_in_body(parts), names(&["files/fr1"]));
-        let stores =
-            br#"{"tools":[{"fileSearch":{"fileSearchStoreNames":["fileSearchStores/s1"]}}]}"#;
-        assert_eq!(names_in_body(stores), names(&["fileSearchStores/s1"]));
-    }
-
-    #[test]
-    fn names_chosen_at_creation_and_made_along_the_way() {
-        let upload = br#"{"file":{"name":"files/report-2026","displayName":"r"}}"#;
-        assert_eq!(chosen_names(upload), names(&["files/report-2026"]));
-        assert!(chosen_names(br#"{"file":{"displayName":"files/x"}}"#).is_empty());
-        let video = br#"{"name":"models/veo/operations/op1","done":true,"response":{"generatedVideos":[{"video":{"uri":"https://generativelanguage.googleapis.com/v1beta/files/viwx:download?alt=media"}}]}}"#;
-        assert!(names_in_answer(video).contains(&"files/viwx".to_string()));
-        assert!(has_batch_input_file(
-            br#"{"batch":{"input_config":{"file_name":"files/in"}}}"#
-        ));
-        assert!(!has_batch_input_file(
-            br#"{"batch":{"inputConfig":{"requests":{"requests":[]}}}}"#
-        ));
-        let batch = br#"{"name":"batches/b1","output":{"responsesFile":"files/batch-out"},"displayName":"files/echoed","metadata":{"prompt":"files/smuggled"}}"#;
-        assert_eq!(names_in_answer(batch), names(&["files/batch-out"]));
-        let veo = br#"{"done":true,"response":{"generateVideoResponse":{"generatedSamples":[{"video":{"uri":"https://generativelanguage.googleapis.com/v1beta/files/v2:download?alt=media"}}]}}}"#;
-        assert_eq!(names_in_answer(veo), names(&["files/v2"]));
-        let wrapped = br#"{"name":"batches/b2","metadata":{"output":{"responsesFile":"files/out2"}},"response":{"responsesFile":"files/out2"}}"#;
-        assert_eq!(names_in_answer(wrapped), names(&["files/out2"]));
-        // What a request wrote comes back in its answer: never read as something Google made.
-        let echoed = br#"{"name":"batches/b3","metadata":{"output":{"inlinedResponses":{"inlinedResponses":[{"metadata":{"uri":"files/smuggled"},"response":{"candidates":[{"content":{"parts":[{"text":"https://generativelanguage.googleapis.com/v1beta/files/said"}]}}]}}]}}}}"#;
-        assert!(names_in_answer(echoed).is_empty());
-    }
-
-    #[test]
-    fn body_dedup_caps_and_long_ids() {
-        let body: String = (0..150)
-            .map(|i| format!(r#"{{"fileUri":"files/f{i}"}},{{"fileUri":"files/f{i}"}},"#))
-            .collect();
-        let found = names_in_body(body.as_bytes());
-        assert_eq!(found.len(), MAX_NAMES + 1);
-        assert_eq!(found[0], "files/f0");
-        let long = format!(r#"{{"fileUri":"files/{}"}}"#, "a".repeat(1000));
-        let found = names_in_body(long.as_bytes());
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].len(), "files/".len() + MAX_ID_LEN + 1);
-        assert_eq!(kind_of(&found[0]), None);
-    }
-
-    #[test]
-    fn body_large_with_name_at_end() {
-        let mut body = Vec::with_capacity(5 << 20);
-        body.extend_from_slice(br#"{"inlineData":{"data":""#);
-        let filler = b"QUJDs/ab+/files/+9Xfiles";
-        while body.len() < (5 << 20) {
-            body.extend_from_slice(filler);
-        }
-        body.extend_from_slice(br#""}},{"fileData":{"fileUri":"files/last1"}}"#);
-        assert_eq!(names_in_body(&body), names(&["files/last1"]));
-    }
-
-    #[test]
-    fn created_names_shapes() {
-        let cache = br#"{"name":"cachedContents/abc123","model":"models/gemini-2.0-flash","expireTime":"x"}"#;
-        assert_eq!(created_names(cache), names(&["cachedContents/abc123"]));
-        let batch = br#"{"name":"batches/b42","metadata":{"@type":"type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"}}"#;
-        assert_eq!(created_names(batch), names(&["batches/b42"]));
-        let op = br#"{"name":"models/veo-2.0-generate-001/operations/op9"}"#;
-        assert_eq!(created_names(op), names(&["operations/op9"]));
-        let tuning = br#"{"name":"tunedModels/t7/operations/o1","metadata":{"totalSteps":10,"tunedModel":"tunedModels/t7"}}"#;
-        assert_eq!(
-            created_names(tuning),
-            names(&["tunedModels/t7", "operations/o1"])
-        );
-        let upload = br#"{"file":{"name":"files/up1","mimeType":"video/mp4","sizeBytes":"12"}}"#;
-        assert_eq!(created_names(upload), names(&["files/up1"]));
-        assert!(created_names(b"not json").is_empty());
-        assert!(created_names(br#"{"name":"files/x""#).is_empty());
-        assert!(created_names(br#"{"name":"models/gemini-2.0-flash"}"#).is_empty());
-        assert!(created_names(br#"{"name":42}"#).is_empty());
-        assert!(created_names(br#"["files/x"]"#).is_empty());
-        assert!(created_names(b"").is_empty());
-        let deep = "[".repeat(100_000);
-        assert!(created_names(deep.as_bytes()).is_empty());
-    }
-
-    #[test]
-    fn listings_are_filtered() {
-        assert!(is_listing("/v1beta/files"));
-        assert!(is_listing("/v1beta/files/"));
-        assert!(is_listing("/v1beta/models/veo/operations?pageSize=3"));
-        assert!(!is_listing("/v1beta/files/abc"));
-        assert!(!is_listing("/v1beta/models"));
-        let answer = br#"{"files":[{"name":"files/a"},{"name":"files/b"},{"mimeType":"x"}],"nextPageToken":"t"}"#;
-        let kept = filter_listing(answer, |n| n == "files/a").unwrap();
-        let kept: serde_json::Value = serde_json::from_slice(&kept).unwrap();
-        assert_eq!(kept["files"], serde_json::json!([{"name": "files/a"}]));
-        assert_eq!(kept["nextPageToken"], "t");
-        assert!(filter_listing(b"[1]", |_| true).is_none());
-        assert!(filter_listing(b"not json", |_| true).is_none());
-    }
-}
+mod tests;

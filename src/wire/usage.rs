@@ -69,9 +69,23 @@ impl BodyTap {
                 keep_head,
                 head: Vec::new(),
                 head_overflow: false,
+                keep_prefix: false,
                 tail: Vec::new(),
             },
         }
+    }
+
+    /// Keeps the first `keep_head` decoded bytes even when the body is longer (see
+    /// [`BodyTap::prefix`]), instead of letting them go: for what an answer says at its start.
+    pub fn keeping_prefix(mut self) -> BodyTap {
+        self.seen.keep_prefix = true;
+        self
+    }
+
+    /// The first decoded bytes seen so far, up to `keep_head`: the whole body or its start (see
+    /// [`BodyTap::keeping_prefix`]; without it, empty once the body outgrew `keep_head`).
+    pub fn prefix(&self) -> &[u8] {
+        &self.seen.head
     }
 
     /// Feeds the next raw (possibly gzipped) chunk. Cheap: O(chunk) work, no allocation growth
@@ -117,8 +131,11 @@ struct Seen {
     keep_head: usize,
     /// The body's first decoded bytes, while they fit in `keep_head`.
     head: Vec<u8>,
-    /// The body outgrew `keep_head`: `head` was released and stays empty.
+    /// The body outgrew `keep_head`: `head` was released and stays empty, or with
+    /// `keep_prefix` holds the first `keep_head` bytes.
     head_overflow: bool,
+    /// Whether `head` keeps the body's first bytes when the body outgrows it.
+    keep_prefix: bool,
     /// The last decoded bytes: at least the last [`TAIL`] of them (or all, if fewer), at most
     /// [`TAIL_BUF`].
     tail: Vec<u8>,
@@ -135,10 +152,16 @@ impl Seen {
         if self.keep_head == 0 || self.head_overflow || data.is_empty() {
             return;
         }
-        if data.len() > self.keep_head - self.head.len() {
-            // Too big to keep whole: a partial head is of no use, so free it now.
+        let room = self.keep_head - self.head.len();
+        if data.len() > room {
             self.head_overflow = true;
-            self.head = Vec::new();
+            if self.keep_prefix {
+                grow_within(&mut self.head, room, self.keep_head);
+                self.head.extend_from_slice(&data[..room]);
+            } else {
+                // Too big to keep whole: a partial head is of no use, so free it now.
+                self.head = Vec::new();
+            }
             return;
         }
         grow_within(&mut self.head, data.len(), self.keep_head);

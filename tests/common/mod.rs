@@ -5,7 +5,8 @@
 //! per-model quotas answered with Google's real 429 bodies (per minute and per day), invalid and
 //! suspended keys, client errors, slow SSE streams, and the OpenAI-compatible endpoints. Files
 //! (resumable upload) and cached contents belong to the project whose key created them, and
-//! other projects get Google's 403 for them. The Live API's WebSocket is an echo session of the
+//! other projects get Google's 403 for them; interactions (the Interactions API) belong to theirs
+//! too, and another project's key gets a 404 for one. The Live API's WebSocket is an echo session of the
 //! key's project. It records every request it receives, so tests can assert what reached
 //! "Google".
 //!
@@ -115,6 +116,7 @@ struct State {
     resources: HashMap<String, (String, serde_json::Value)>,
     files_made: usize,
     caches_made: usize,
+    interactions_made: usize,
     /// Live API upgrades answered with 101.
     ws_sessions: usize,
     /// Requests whose header arrived (counted before any answer is decided, so a request whose
@@ -320,6 +322,7 @@ impl Mock {
             resources: HashMap::new(),
             files_made: 0,
             caches_made: 0,
+            interactions_made: 0,
             ws_sessions: 0,
             arrivals: 0,
             buckets: HashMap::new(),
@@ -529,6 +532,17 @@ impl Mock {
         });
         s.resources.insert(name.clone(), (project.into(), file));
         name
+    }
+
+    /// An interaction that already exists in `project` (made outside keygate); its id.
+    pub fn make_interaction(&self, project: &str) -> String {
+        let mut s = self.state.lock().unwrap();
+        s.interactions_made += 1;
+        let id = format!("v1_premade{}", s.interactions_made);
+        let interaction = serde_json::json!({"id": id, "status": "completed"});
+        s.resources
+            .insert(format!("interactions/{id}"), (project.into(), interaction));
+        id
     }
 
     /// SSE answers send `events` events, `gap` apart.
@@ -1441,6 +1455,25 @@ fn resource(
             s.resources.insert(name, (project.into(), cache));
             Some(json(200, answer, false))
         }
+        [ver, "interactions"] if ver.starts_with("v1") && method == http::Method::POST => {
+            Some(new_interaction(s, project, &request))
+        }
+        [ver, "interactions", id]
+            if ver.starts_with("v1")
+                && (method == http::Method::GET || method == http::Method::DELETE) =>
+        {
+            let name = format!("interactions/{id}");
+            Some(match s.resources.get(&name).filter(|(p, _)| p == project) {
+                None => json(404, interaction_not_found(id), false),
+                Some((_, interaction)) if method == http::Method::GET => {
+                    json(200, interaction.to_string(), false)
+                }
+                Some(_) => {
+                    s.resources.remove(&name);
+                    json(200, "{}".into(), false)
+                }
+            })
+        }
         [ver, kind @ ("files" | "cachedContents")]
             if ver.starts_with("v1") && method == http::Method::GET =>
         {
@@ -1479,6 +1512,60 @@ fn resource(
         }
         _ => None,
     }
+}
+
+/// Google's answer for an interaction the key's project does not hold.
+fn interaction_not_found(id: &str) -> String {
+    format!(
+        r#"{{"error":{{"code":404,"message":"Interaction {id} not found.","status":"NOT_FOUND"}}}}"#
+    )
+}
+
+/// `POST /{ver}/interactions`: a new interaction of `project`, answering "hello from
+/// {project}"; a follow-up whose `previous_interaction_id` the project does not hold gets 404.
+/// With `"stream": true` the answer is server-sent events, the first naming the interaction.
+fn new_interaction(s: &mut State, project: &str, request: &serde_json::Value) -> Response<Body> {
+    let previous = request["previous_interaction_id"].as_str();
+    if let Some(prev) = previous {
+        let name = format!("interactions/{prev}");
+        if s.resources.get(&name).is_none_or(|(p, _)| p != project) {
+            return json(404, interaction_not_found(prev), false);
+        }
+    }
+    s.interactions_made += 1;
+    let id = format!("v1_mockint{}", s.interactions_made);
+    let text = format!("hello from {project}");
+    let interaction = serde_json::json!({
+        "id": id,
+        "status": "completed",
+        "model": request["model"],
+        "previous_interaction_id": previous,
+        "outputs": [{"type": "text", "text": text}],
+        "usage": {"total_input_tokens": 3, "total_output_tokens": 4, "total_tokens": 7},
+    });
+    s.resources.insert(
+        format!("interactions/{id}"),
+        (project.into(), interaction.clone()),
+    );
+    if request["stream"].as_bool() != Some(true) {
+        return json(200, interaction.to_string(), false);
+    }
+    let event = |kind: &str, data: serde_json::Value| format!("event: {kind}\ndata: {data}\n\n");
+    let chunks = vec![
+        event(
+            "interaction.created",
+            serde_json::json!({"event_type": "interaction.created", "interaction": {"id": id, "status": "in_progress"}}),
+        ),
+        event(
+            "step.delta",
+            serde_json::json!({"event_type": "step.delta", "index": 0, "delta": {"type": "text", "text": text}}),
+        ),
+        event(
+            "interaction.completed",
+            serde_json::json!({"event_type": "interaction.completed", "interaction": interaction}),
+        ),
+    ];
+    sse(chunks, s.sse_gap, s.sse_abort_after)
 }
 
 // ---------------------------------------------------------------------------------------------

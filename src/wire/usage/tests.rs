@@ -484,3 +484,29 @@ fn gives_up_after_max_tries() {
     );
     assert_eq!(tap_whole(nulls(MAX_TRIES).as_bytes()).tokens(), None);
 }
+
+#[test]
+fn a_kept_prefix_is_the_start_of_a_longer_body() {
+    let body = GEMINI_JSON.as_bytes();
+    for size in [1, 7, 10, body.len()] {
+        let mut tap = BodyTap::new(false, 20).keeping_prefix();
+        for piece in body.chunks(size) {
+            tap.feed(piece);
+            assert!(tap.held() <= 20 + TAIL_BUF);
+        }
+        assert_eq!(tap.prefix(), &body[..20], "{size}-byte chunks");
+        assert_eq!(tap.head(), None, "a prefix is no whole head");
+    }
+    let mut whole = BodyTap::new(false, body.len()).keeping_prefix();
+    whole.feed(body);
+    assert_eq!(whole.prefix(), body);
+    assert_eq!(whole.head(), Some(body));
+    // Gzipped: the decoded start.
+    let mut tap = BodyTap::new(true, 20).keeping_prefix();
+    for piece in gzip(body).chunks(7) {
+        tap.feed(piece);
+    }
+    assert_eq!(tap.prefix(), &body[..20]);
+    // Without it, a body that outgrew the head leaves nothing.
+    assert!(tap_in_pieces(body, false, 20, 7).prefix().is_empty());
+}
