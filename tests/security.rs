@@ -298,6 +298,8 @@ async fn a_suspended_key_bound_to_a_resource_is_not_relayed() {
 async fn a_suspended_key_met_by_a_heavy_tenant_is_not_relayed() {
     let keys = [("secret-ka", "p1"), ("secret-kb", "p2")];
     let (mock, yaml) = team(&keys, &["heavy", "light"]).await;
+    // Fair share keeps the heavy tenant off a project, so it meets the suspended key.
+    let yaml = yaml.replace("    keys:\n", "    fair_share: true\n    keys:\n");
     let kg = Keygate::start(&yaml);
     for token in ["tok-heavy", "tok-heavy", "tok-heavy", "tok-light"] {
         let (status, _, _) = generate(&kg.url(), "gemini-2.5-flash", Some(token)).await;
