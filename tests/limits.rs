@@ -81,7 +81,7 @@ async fn a_capped_billing_account_is_asked_once_per_probe_while_others_serve() {
         .billing_account("p3", "acct-b")
         .cap_account("acct-a", true);
     let yaml = format!(
-        "pools:\n  - name: main\n    upstream: \"{}\"\n    cap_probe_seconds: 2\n    keys:\n      - {{key: k1, project: p1, billing_account: acct-a}}\n      - {{key: k2, project: p2, billing_account: acct-a}}\n      - {{key: k3, project: p3, billing_account: acct-b}}\n",
+        "pools:\n  - name: main\n    upstream: \"{}\"\n    cap_probe_seconds: 3\n    keys:\n      - {{key: k1, project: p1, billing_account: acct-a}}\n      - {{key: k2, project: p2, billing_account: acct-a}}\n      - {{key: k3, project: p3, billing_account: acct-b}}\n",
         mock.url()
     );
     let (kg, admin) = start_with_admin(&yaml);
@@ -106,14 +106,14 @@ async fn a_capped_billing_account_is_asked_once_per_probe_while_others_serve() {
     assert_eq!(key_view(&view, "k3")["state"], "ok");
 
     // After a probe interval, one request (no more) tests the cap, and is still served.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let before = capped();
     all_served(&kg, FLASH, 10).await;
     assert_eq!(capped(), before + 1, "one probe");
 
     // The owner raises the cap: the next probe is served, and the account serves again.
     mock.cap_account("acct-a", false);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     all_served(&kg, FLASH, 12).await;
     assert!(asked(&mock, "k1") >= 2 && asked(&mock, "k2") >= 2, "lifted");
     let view = pools(&admin).await;
@@ -153,16 +153,14 @@ async fn a_model_missing_from_a_tier_is_asked_once_a_day() {
         .seen()
         .iter()
         .any(|s| s.key.as_deref() == Some("k1") && s.path.contains(FLASH) && s.status == 200));
-    if pro_on_k1 == 1 {
-        let cooldown = key_view(&pools(&admin).await, "k1")["cooldowns"][0].clone();
-        assert_eq!(cooldown["model"], PRO);
-        assert_eq!(cooldown["kind"], "unavailable");
-        // Until midnight in Los Angeles, not the 11 s Google said.
-        assert!(
-            cooldown["seconds_left"].as_u64().unwrap() > 60,
-            "{cooldown}"
-        );
-    }
+    let cooldown = key_view(&pools(&admin).await, "k1")["cooldowns"][0].clone();
+    assert_eq!(cooldown["model"], PRO);
+    assert_eq!(cooldown["kind"], "unavailable");
+    // Until midnight in Los Angeles, not the 11 s Google said.
+    let midnight = keygate::quota::classify::next_midnight_los_angeles(chrono::Utc::now());
+    let until = chrono::DateTime::parse_from_rfc3339(cooldown["until"].as_str().unwrap()).unwrap();
+    let off = (until.timestamp() - midnight.timestamp()).abs();
+    assert!(off <= 60, "{cooldown} against {midnight}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -211,20 +209,19 @@ async fn a_lying_retry_delay_backs_off_harder_each_time_and_a_success_resets_it(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Taken at its word, 1.2 s cooldowns would ask p1 five times or more in 6 s; doubling
-    // (1.2, 2.4, 4.8 s) asks it at most four times, each gap at least about twice the last.
+    // (1.2, 2.4, 4.8 s) asks it at most four times, each gap longer than the last.
     assert!((2..=4).contains(&times.len()), "{times:?}");
     let gaps: Vec<f64> = times
         .windows(2)
         .map(|w| (w[1] - w[0]).as_secs_f64())
         .collect();
     for pair in gaps.windows(2) {
-        assert!(pair[1] >= 1.5 * pair[0], "gaps {gaps:?}");
+        assert!(pair[1] > 1.2 * pair[0], "gaps {gaps:?}");
     }
+    // The admin API says so: every repeat doubled it.
     let view = pools(&admin).await;
-    let escalations = key_view(&view, "k1")["cooldowns"][0]["escalations"]
-        .as_u64()
-        .unwrap();
-    assert!(escalations >= 1, "{view}");
+    let cooldown = &key_view(&view, "k1")["cooldowns"][0];
+    assert_eq!(cooldown["escalations"], times.len() as u64 - 1, "{view}");
 
     // p1 serves again: a success starts the escalation over.
     mock.per_minute_limit("p1", FLASH, 1000, "0.2s");

@@ -537,11 +537,25 @@ pub(super) fn validate_pool(
             }
             b => b,
         };
+        for (what, name) in [
+            ("project", Some(&project)),
+            ("billing account", billing_account.as_ref()),
+        ] {
+            if name.is_some_and(|n| looks_like_a_key(n) || seen.contains(n.as_str())) {
+                // Not echoed: it may be a key pasted one place too far.
+                return Err(invalid(format!(
+                    "{place}: the {what} name looks like an API key; a key's line is `KEY`, `KEY project` or `KEY project billing_account`"
+                )));
+            }
+        }
         match accounts.get(&project) {
             Some((first, first_place)) if *first != billing_account => {
-                let name = |b: &Option<String>| b.clone().unwrap_or_else(|| "none".into());
+                let name = |b: &Option<String>| match b {
+                    Some(b) => format!("billing account {b:?}"),
+                    None => "no billing account".into(),
+                };
                 return Err(invalid(format!(
-                    "{place}: project {project:?} is on billing account {:?} here and {:?} at {first_place}; a project has one billing account",
+                    "{place}: project {project:?} is on {} here and on {} at {first_place}; a project has one billing account",
                     name(&billing_account),
                     name(first)
                 )));
@@ -617,6 +631,11 @@ pub(super) fn validate_pool(
         },
         fair_share,
     })
+}
+
+/// Whether `name` has the shape of a Google API key (`AIza` and 35 more characters).
+fn looks_like_a_key(name: &str) -> bool {
+    name.len() == 39 && name.starts_with("AIza")
 }
 
 /// How often a monthly spend cap is probed unless a pool says otherwise.

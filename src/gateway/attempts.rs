@@ -229,7 +229,7 @@ impl Gateway {
                     let then = plan.answered(project, &outcome, verdict, answer.body.complete);
                     match &then {
                         Then::Relay => {
-                            self.shared.served(keys, key, job.model);
+                            self.shared.served(keys, key, job.model, now);
                             return Ending::Served { key, answer };
                         }
                         Then::Answer => {

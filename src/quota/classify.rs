@@ -269,8 +269,8 @@ pub fn classify(status: u16, body: &[u8]) -> Outcome {
 }
 
 /// Classifies an answer of which only the first bytes were read (its body was larger than
-/// [`MAX_CLASSIFY_BODY`]): the same rules, on the facts found in the cut JSON. A 429 that shows
-/// no detail in its prefix is taken for shared capacity (retried elsewhere, nobody blamed).
+/// [`MAX_CLASSIFY_BODY`]): the same rules, on the facts found in the cut JSON (a 429 that shows
+/// no detail in its prefix is read as a detail-less one).
 pub fn classify_prefix(status: u16, prefix: &[u8]) -> Outcome {
     match status {
         400 | 401 | 403 | 429 => classify_error(status, &facts_from_prefix(prefix)),
@@ -349,11 +349,12 @@ fn parse_error(body: &[u8]) -> ErrorFacts {
     facts.has_details = !details.is_empty();
     for detail in details {
         let kind = detail.get("@type").and_then(Value::as_str).unwrap_or("");
-        if kind.ends_with("google.rpc.ErrorInfo") {
-            if let Some(reason) = detail.get("reason").and_then(Value::as_str) {
-                facts.reasons.push(reason.to_string());
-            }
-        } else if kind.ends_with("google.rpc.QuotaFailure") {
+        // A reason counts wherever it is: an ErrorInfo's, or a bare `{"reason": ...}` detail
+        // (the capacity refusal is captured that way).
+        if let Some(reason) = detail.get("reason").and_then(Value::as_str) {
+            facts.reasons.push(reason.to_string());
+        }
+        if kind.ends_with("google.rpc.QuotaFailure") {
             for v in detail
                 .get("violations")
                 .and_then(Value::as_array)
@@ -423,16 +424,21 @@ fn classify_429(facts: &ErrorFacts) -> Outcome {
     }
     // Limits above the project carry no structured field of their own in the answers seen so
     // far: they are told apart by their message, each a named, tested fallback below.
-    if is_billing_account_cap(&facts.message) {
+    let words = without_links(&facts.message);
+    // A quota id naming a spend limit is structured: it wins over any message.
+    let spend_quota = facts.quota_ids.iter().any(|id| id.contains("Spend"));
+    if !spend_quota && is_billing_account_cap(&words) {
         return Outcome::BillingAccountCapped;
     }
-    if is_project_spend_cap(&facts.message) {
+    if !spend_quota && is_project_spend_cap(&words) {
         return Outcome::ProjectCapped;
     }
-    if is_spend_rate_limit(facts) {
+    if spend_quota || is_spend_rate_limit(&words) {
         return Outcome::SpendRateLimited {
+            // A window of under a second would not stop the project at all.
             window: facts
                 .retry_delay
+                .filter(|d| *d >= Duration::from_secs(1))
                 .map_or(SPEND_WINDOW, |d| d.min(MAX_SHORT_COOLDOWN)),
         };
     }
@@ -488,21 +494,30 @@ fn is_project_spend_cap(message: &str) -> bool {
 }
 
 /// A spend-based rate limit (Gemini API rate-limits page, "Spend-based rate limits", 2026:
-/// evaluated over a rolling window of about 10 minutes, answered with 429 RESOURCE_EXHAUSTED).
-/// Recognised by a quota id naming a spend limit, or a message naming a spend-based limit.
-fn is_spend_rate_limit(facts: &ErrorFacts) -> bool {
-    let m = facts.message.to_ascii_lowercase();
-    facts.quota_ids.iter().any(|id| id.contains("Spend"))
-        || m.contains("spend-based")
-        || m.contains("spend based")
+/// evaluated over a rolling window of about 10 minutes, answered with 429 RESOURCE_EXHAUSTED),
+/// by its message when no quota id names it.
+fn is_spend_rate_limit(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("spend-based") || m.contains("spend based")
+}
+
+/// `message` without its links: a URL (`.../rate-limits#spend-based-rate-limits`) must not
+/// make an ordinary refusal read as something else.
+fn without_links(message: &str) -> String {
+    message
+        .split_whitespace()
+        .filter(|w| !w.contains("://"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A quota whose limit is 0: the model is not in the project's tier. Structured first (a
 /// violation's `quotaValue` of "0"); then the message Google writes for it ("Quota exceeded
 /// for metric: ..., limit: 0, model: gemini-2.5-pro", public captures 2025-2026).
 fn is_limit_zero(facts: &ErrorFacts) -> bool {
-    if facts.quota_values.iter().any(|v| v.trim() == "0") {
-        return true;
+    // The structured limit, when Google gives one, decides.
+    if !facts.quota_values.is_empty() {
+        return facts.quota_values.iter().any(|v| v.trim() == "0");
     }
     let m = facts.message.as_str();
     m.match_indices("limit: 0").any(|(at, found)| {

@@ -5,7 +5,7 @@
 //! health table's one door, and turns what changed into log lines, alerts and metrics. A key
 //! already out is not news: nothing is said twice.
 
-use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Scope, Transition};
+use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Millis, Scope, Transition};
 use crate::runtime::Shared;
 use crate::telemetry::alerts::Event;
 use std::sync::Arc;
@@ -22,12 +22,13 @@ pub enum Cause {
 }
 
 impl Shared {
-    /// Google served a request on `key` for `model`: caps it was under end (a probe found them
-    /// raised) and the model's escalation starts over. Costs a few atomic loads when there is
+    /// Google served a request on `key` for `model`, sent at `sent`: a cap it was the probe of
+    /// ends, and the model's escalation starts over. Costs a few atomic loads when there is
     /// nothing to change.
-    pub fn served(&self, keys: &Arc<KeyPool>, key: KeyId, model: &str) {
+    pub fn served(&self, keys: &Arc<KeyPool>, key: KeyId, model: &str, sent: Millis) {
         if keys.served_is_news(key, model, crate::quota::keys::now_millis()) {
-            self.change_health(keys, key, Transition::Served { model }, Cause::Answer);
+            let served = Transition::Served { model, sent };
+            self.change_health(keys, key, served, Cause::Answer);
         }
     }
 

@@ -574,3 +574,50 @@ fn the_month_turns_at_midnight_in_los_angeles() {
         assert_eq!(next_month_los_angeles(now), turn, "from {now}");
     }
 }
+
+#[test]
+fn structured_fields_win_over_the_message() {
+    // The capacity refusal as captured: a bare reason, no @type, with a RetryInfo.
+    let capacity = r#"{"error":{"code":429,"message":"No capacity available for model gemini-2.5-pro on the server","status":"RESOURCE_EXHAUSTED","details":[{"reason":"MODEL_CAPACITY_EXHAUSTED"},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"30s"}]}}"#;
+    assert_eq!(classify(429, capacity.as_bytes()), Outcome::SharedCapacity);
+    // A quotaValue of 250 decides, whatever the message says of "limit: 0".
+    let stated = r#"{"error":{"code":429,"message":"see limit: 0 docs","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel","quotaValue":"250"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"9s"}]}}"#;
+    assert!(matches!(
+        classify(429, stated.as_bytes()),
+        Outcome::QuotaShort { .. }
+    ));
+    // A spend quota id decides over words about a project spend cap.
+    let spend = with_quota(&["GenerateContentSpendPerTenMinutes"], Some("120s"))
+        .replace("\"quota\"", "\"Your project spend cap ...\"");
+    assert!(matches!(
+        classify(429, spend.as_bytes()),
+        Outcome::SpendRateLimited { .. }
+    ));
+}
+
+#[test]
+fn a_spend_window_is_never_shorter_than_a_second_and_links_say_nothing() {
+    let zero = plain(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Spend-based rate limit exceeded.",
+    )
+    .replace(
+        "}}",
+        r#","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0s"}]}}"#,
+    );
+    assert_eq!(
+        classify(429, zero.as_bytes()),
+        Outcome::SpendRateLimited {
+            window: SPEND_WINDOW
+        }
+    );
+    let linked = with_quota(&["GenerateRequestsPerMinutePerProjectPerModel"], Some("9s")).replace(
+        "\"quota\"",
+        "\"Quota exceeded. See https://ai.google.dev/gemini-api/docs/rate-limits#spend-based-rate-limits\"",
+    );
+    assert!(matches!(
+        classify(429, linked.as_bytes()),
+        Outcome::QuotaShort { .. }
+    ));
+}

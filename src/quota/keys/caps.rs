@@ -6,7 +6,7 @@
 //! spend-based rate limit ends with its window and is not probed.
 
 use super::Millis;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Where a cap holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +82,30 @@ impl CapKind {
 /// One scope's cap, if it holds one.
 #[derive(Debug, Default)]
 pub(super) struct Held {
-    /// When it ends on its own; in the past when there is none.
-    until: AtomicU64,
-    /// Its [`CapKind`] code.
-    kind: AtomicU8,
+    /// The cap's [`CapKind`] code in the top 4 bits and when it ends on its own in the other
+    /// 60, in one word so that no reader sees the kind of one cap with the end of another.
+    /// Zero (or an end in the past): no cap.
+    cap: AtomicU64,
+    /// When the cap was last set (a refusal, or a probe refused again): a success on a request
+    /// sent before it says nothing about the cap.
+    set_at: AtomicU64,
     /// When the next probe may go (probed caps).
     probe_at: AtomicU64,
+}
+
+/// The bits of [`Held::cap`] that hold the end.
+const UNTIL_BITS: u32 = 60;
+const UNTIL_MASK: u64 = (1 << UNTIL_BITS) - 1;
+
+fn pack(kind: CapKind, until: Millis) -> u64 {
+    (u64::from(kind.code()) << UNTIL_BITS) | until.min(UNTIL_MASK)
+}
+
+fn unpack(word: u64) -> (Option<CapKind>, Millis) {
+    (
+        CapKind::from_code((word >> UNTIL_BITS) as u8),
+        word & UNTIL_MASK,
+    )
 }
 
 /// A cap as the admin API shows it.
@@ -106,14 +124,15 @@ pub struct CapReport {
 impl Held {
     /// Its cap at `now`, if one holds.
     pub(super) fn kind(&self, now: Millis) -> Option<CapKind> {
-        if self.until.load(Relaxed) <= now {
-            return None;
+        match unpack(self.cap.load(Relaxed)) {
+            (kind, until) if until > now => kind,
+            _ => None,
         }
-        CapKind::from_code(self.kind.load(Relaxed))
     }
 
-    /// Records a cap of `kind` until `until`; the first probe may go `probe_every` from now.
-    /// Says whether the scope was serving before (the cap is news).
+    /// Records a cap of `kind` until `until` (the later end wins, with its kind); the first
+    /// probe may go `probe_every` from now. Says whether the scope was serving before (the cap
+    /// is news).
     pub(super) fn set(
         &self,
         kind: CapKind,
@@ -122,10 +141,11 @@ impl Held {
         probe_every: Millis,
     ) -> bool {
         let was_capped = self.kind(now).is_some();
-        if self.until.load(Relaxed) < until {
-            self.kind.store(kind.code(), Relaxed);
-            self.until.store(until, Relaxed);
-        }
+        let _ = self.cap.fetch_update(Relaxed, Relaxed, |word| {
+            let (_, current) = unpack(word);
+            (current < until).then(|| pack(kind, until))
+        });
+        self.set_at.fetch_max(now, Relaxed);
         if kind.probed() {
             self.probe_at
                 .fetch_max(now.saturating_add(probe_every), Relaxed);
@@ -136,34 +156,58 @@ impl Held {
     /// When keys under this scope may next be tried: never before the cap ends, except for a
     /// probe when one is due.
     pub(super) fn open_at(&self) -> Millis {
-        let until = self.until.load(Relaxed);
-        match CapKind::from_code(self.kind.load(Relaxed)) {
-            Some(kind) if kind.probed() => until.min(self.probe_at.load(Relaxed)),
-            _ => until,
+        match unpack(self.cap.load(Relaxed)) {
+            (Some(kind), until) if kind.probed() => until.min(self.probe_at.load(Relaxed)),
+            (_, until) => until,
         }
     }
 
-    /// Takes the probe that is due at `now`, so that no other request takes it; true when the
-    /// scope holds no cap (nothing to take) or this caller took it.
-    pub(super) fn take_probe(&self, now: Millis, probe_every: Millis) -> bool {
+    /// Takes the probe that is due at `now`, so that no other request takes it: `Some(due)`
+    /// with the time it was due (to give it back with [`Held::give_back`]) when this caller
+    /// took it, `Some(0)` when the scope holds no cap (nothing to take), `None` when the cap
+    /// holds and the probe is not this caller's.
+    pub(super) fn take_probe(&self, now: Millis, probe_every: Millis) -> Option<Millis> {
         let Some(kind) = self.kind(now) else {
-            return true;
+            return Some(0);
         };
         if !kind.probed() {
-            return false;
+            return None;
         }
         let due = self.probe_at.load(Relaxed);
-        due <= now
+        (due <= now
             && self
                 .probe_at
                 .compare_exchange(due, now.saturating_add(probe_every), Relaxed, Relaxed)
-                .is_ok()
+                .is_ok())
+        .then_some(due)
     }
 
-    /// Ends the cap at once; says which one held.
+    /// Gives back a probe taken with [`Held::take_probe`] and not used.
+    pub(super) fn give_back(&self, due: Millis) {
+        if due > 0 {
+            self.probe_at.fetch_min(due, Relaxed);
+        }
+    }
+
+    /// A request sent at `sent` was served: a probed cap set before it was sent ends (that
+    /// request was its probe). A spend-based rate limit runs its window whatever succeeds.
+    /// Says which cap ended.
+    pub(super) fn served(&self, sent: Millis, now: Millis) -> Option<CapKind> {
+        let word = self.cap.load(Relaxed);
+        let kind = self.kind(now).filter(|k| k.probed())?;
+        if sent < self.set_at.load(Relaxed) {
+            return None;
+        }
+        self.cap
+            .compare_exchange(word, 0, Relaxed, Relaxed)
+            .is_ok()
+            .then_some(kind)
+    }
+
+    /// An operator ends the cap at once; says which one held.
     pub(super) fn lift(&self, now: Millis) -> Option<CapKind> {
         let kind = self.kind(now)?;
-        self.until.store(0, Relaxed);
+        self.cap.store(0, Relaxed);
         Some(kind)
     }
 
@@ -173,21 +217,30 @@ impl Held {
         Some(CapReport {
             kind,
             name: name.to_string(),
-            until: self.until.load(Relaxed),
+            until: unpack(self.cap.load(Relaxed)).1,
             next_probe: kind.probed().then(|| self.probe_at.load(Relaxed)),
         })
     }
 
     /// A copy, for a pool rebuilt with other keys.
     pub(super) fn copy_from(&self, other: &Held) {
-        self.until.store(other.until.load(Relaxed), Relaxed);
-        self.kind.store(other.kind.load(Relaxed), Relaxed);
+        self.cap.store(other.cap.load(Relaxed), Relaxed);
+        self.set_at.store(other.set_at.load(Relaxed), Relaxed);
         self.probe_at.store(other.probe_at.load(Relaxed), Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_later_end_wins_with_its_own_kind() {
+        let held = Held::default();
+        held.set(CapKind::ProjectSpendCap, 100 * HOUR, 0, HOUR);
+        held.set(CapKind::SpendRate, 600_000, 0, HOUR);
+        assert_eq!(held.kind(1000), Some(CapKind::ProjectSpendCap));
+        assert_eq!(held.report("p", 1000).map(|r| r.until), Some(100 * HOUR));
+    }
+
     use super::*;
 
     const HOUR: Millis = 3_600_000;
@@ -197,15 +250,31 @@ mod tests {
         let held = Held::default();
         assert!(held.set(CapKind::AccountSpendCap, 100 * HOUR, 0, HOUR));
         assert_eq!(held.open_at(), HOUR, "the first probe waits one interval");
-        assert!(!held.take_probe(HOUR - 1, HOUR));
-        assert!(held.take_probe(HOUR, HOUR), "the probe is due");
-        assert!(!held.take_probe(HOUR, HOUR), "only one request takes it");
+        assert_eq!(held.take_probe(HOUR - 1, HOUR), None);
+        assert_eq!(held.take_probe(HOUR, HOUR), Some(HOUR), "the probe is due");
+        assert_eq!(
+            held.take_probe(HOUR, HOUR),
+            None,
+            "only one request takes it"
+        );
         assert_eq!(held.open_at(), 2 * HOUR);
+        // Given back unused, it is due again.
+        held.give_back(HOUR);
+        assert_eq!(held.take_probe(HOUR, HOUR), Some(HOUR));
         // The probe is refused again: the same cap, nothing new to say.
-        assert!(!held.set(CapKind::AccountSpendCap, 100 * HOUR, HOUR, HOUR));
-        assert_eq!(held.lift(HOUR + 5), Some(CapKind::AccountSpendCap));
-        assert_eq!(held.kind(HOUR + 5), None);
-        assert!(held.take_probe(HOUR + 5, HOUR), "no cap: nothing to take");
+        assert!(!held.set(CapKind::AccountSpendCap, 100 * HOUR, HOUR + 10, HOUR));
+        // A success of a request sent before that refusal says nothing; the next probe's does.
+        assert_eq!(held.served(HOUR + 5, HOUR + 20), None);
+        assert_eq!(
+            held.served(HOUR + 10, HOUR + 20),
+            Some(CapKind::AccountSpendCap)
+        );
+        assert_eq!(held.kind(HOUR + 20), None);
+        assert_eq!(
+            held.take_probe(HOUR + 20, HOUR),
+            Some(0),
+            "no cap: nothing to take"
+        );
     }
 
     #[test]
@@ -213,7 +282,12 @@ mod tests {
         let held = Held::default();
         held.set(CapKind::SpendRate, 600_000, 0, 1000);
         assert_eq!(held.open_at(), 600_000);
-        assert!(!held.take_probe(2000, 1000));
+        assert_eq!(held.take_probe(2000, 1000), None);
+        assert_eq!(
+            held.served(5000, 5000),
+            None,
+            "a success does not end its window"
+        );
         assert_eq!(held.kind(600_000), None, "over at its end");
     }
 

@@ -70,11 +70,14 @@ pub enum Transition<'a> {
         /// Only this model's, if given.
         model: Option<&'a str>,
     },
-    /// Google served a request on the key for `model`: caps on its project and billing
-    /// account end (a probe found them raised), and the model's escalation starts over.
+    /// Google served a request on the key for `model`, sent at `sent`: a probed cap on its
+    /// project or billing account set before that ends (the request was its probe), and the
+    /// model's escalation starts over unless a refusal came after the request was sent.
     Served {
         /// The model served.
         model: &'a str,
+        /// When the request was sent.
+        sent: Millis,
     },
 }
 
@@ -180,9 +183,12 @@ impl KeyPool {
                     changed.caps_lifted = self.lift_caps(key, now);
                 }
             }
-            Transition::Served { model } => {
-                changed.caps_lifted = self.lift_caps(key, now);
-                self.forget_escalation(key, model);
+            Transition::Served { model, sent } => {
+                changed.caps_lifted = self.probe_served(key, sent, now);
+                let project = self.keys[key.0 as usize].project as usize;
+                if let Some(health) = self.models.load().get(model) {
+                    health.quota[project].served(sent);
+                }
             }
         }
         changed.after = self.disabled(key);
@@ -199,7 +205,7 @@ impl KeyPool {
         let models = self.models.load();
         models
             .get(model)
-            .is_some_and(|h| h.last_len[project as usize].load(Relaxed) != 0)
+            .is_some_and(|h| h.quota[project as usize].remembers())
     }
 
     /// Records a key-level failure of `key` on `model` / `method`.
@@ -220,17 +226,13 @@ impl KeyPool {
                 Some(health) => {
                     let (until, kind) = match why {
                         Cooling::Quota { ceiling } => {
-                            let until = self.escalate(
-                                &health,
-                                project,
-                                millis(until),
-                                millis(ceiling),
-                                now,
-                            );
-                            if until.1 > 0 {
-                                changed.escalated = Some(until.0.saturating_sub(now));
+                            let memory = &health.quota[project];
+                            let (end, doubled) =
+                                memory.refused(millis(until), millis(ceiling), now);
+                            if doubled > 0 {
+                                changed.escalated = Some(end.saturating_sub(now));
                             }
-                            (until.0, CoolingKind::Quota)
+                            (end, CoolingKind::Quota)
                         }
                         Cooling::Day => (millis(until), CoolingKind::Day),
                         Cooling::Tier => {
@@ -338,52 +340,19 @@ impl KeyPool {
         }
     }
 
-    /// The end of a short-window cooldown of `project` for a model refused at `now`, Google
-    /// saying `until`, and how many times it has now been doubled. A refusal soon after the
-    /// last cooldown ended ("soon": within that cooldown's length, or a minute) shows Google's
-    /// delay was wrong: the cooldown doubles, never past `ceiling` (the next midnight in Los
-    /// Angeles) unless Google's own delay is longer. A success starts it over. The second value
-    /// is the number of doublings when this refusal doubled it, else 0.
-    fn escalate(
-        &self,
-        health: &super::ModelHealth,
-        project: usize,
-        until: Millis,
-        ceiling: Millis,
-        now: Millis,
-    ) -> (Millis, u8) {
-        const SOON: Millis = 60_000;
-        let stated = until.saturating_sub(now);
-        let last_end = health.cool_until[project].load(Relaxed);
-        let last_len = health.last_len[project].load(Relaxed);
-        if last_end > now {
-            // Still cooling: an answer to a request sent before the cooldown began.
-            health.last_len[project].fetch_max(stated, Relaxed);
-            return (until, 0);
-        }
-        let soon = last_len > 0 && now.saturating_sub(last_end) <= last_len.max(SOON);
-        if !soon {
-            health.last_len[project].store(stated, Relaxed);
-            health.escalations[project].store(0, Relaxed);
-            return (until, 0);
-        }
-        let doubled = last_len
-            .saturating_mul(2)
-            .min(ceiling.saturating_sub(now))
-            .max(stated);
-        health.last_len[project].store(doubled, Relaxed);
-        let level = health.escalations[project].load(Relaxed).saturating_add(1);
-        health.escalations[project].store(level, Relaxed);
-        (now.saturating_add(doubled), level)
-    }
-
-    /// A success on `model`: its escalation on `key`'s project starts over.
-    fn forget_escalation(&self, key: KeyId, model: &str) {
+    /// A request on `key` sent at `sent` was served: the probed caps on its project and
+    /// billing account set before then end. Says which ended.
+    fn probe_served(&self, key: KeyId, sent: Millis, now: Millis) -> Vec<CapKind> {
         let project = self.keys[key.0 as usize].project as usize;
-        if let Some(health) = self.models.load().get(model) {
-            health.last_len[project].store(0, Relaxed);
-            health.escalations[project].store(0, Relaxed);
+        let account = self.account_of[project] as usize;
+        let lifted: Vec<CapKind> = [&self.project_caps[project], &self.account_caps[account]]
+            .into_iter()
+            .filter_map(|held| held.served(sent, now))
+            .collect();
+        if !lifted.is_empty() {
+            self.generation.fetch_add(1, Relaxed);
         }
+        lifted
     }
 
     /// Ends the caps on `key`'s project and billing account; says which held.
@@ -412,8 +381,7 @@ impl KeyPool {
             if health.cool_until[project].swap(0, Relaxed) > now {
                 cleared += 1;
             }
-            health.last_len[project].store(0, Relaxed);
-            health.escalations[project].store(0, Relaxed);
+            health.quota[project].forget();
         }
         self.generation.fetch_add(1, Relaxed);
         cleared

@@ -79,7 +79,10 @@ fn one_probe_per_interval_and_its_success_lifts_the_cap() {
     assert_eq!(probes.len(), 1, "{picks:?}");
     assert_eq!(serving(&p, "m", 8, HOUR + 1000), vec![2]);
     // The probe was served: the cap is lifted, and said so once.
-    let served = Transition::Served { model: "m" };
+    let served = Transition::Served {
+        model: "m",
+        sent: HOUR,
+    };
     let lifted = p.change(KeyId(probes[0]), served, HOUR + 2000);
     assert_eq!(lifted.caps_lifted, vec![CapKind::AccountSpendCap]);
     assert!(!p.served_is_news(KeyId(0), "m", HOUR + 2000));
@@ -150,7 +153,18 @@ fn a_refusal_soon_after_a_cooldown_doubles_it_and_a_success_resets_it() {
     assert_eq!((report.why, report.escalations), (CoolingKind::Quota, 2));
     // A success starts it over.
     assert!(p.served_is_news(KeyId(0), "m", 300 * s));
-    p.change(KeyId(0), Transition::Served { model: "m" }, 300 * s);
+    // A straggler sent before the last refusal does not; a request sent after it does.
+    let straggler = Transition::Served {
+        model: "m",
+        sent: 100 * s,
+    };
+    p.change(KeyId(0), straggler, 300 * s);
+    assert!(p.served_is_news(KeyId(0), "m", 300 * s));
+    let served = Transition::Served {
+        model: "m",
+        sent: 300 * s,
+    };
+    p.change(KeyId(0), served, 300 * s);
     assert_eq!(quota(&p, 0, 39, 301 * s).escalated, None);
     assert_eq!(picked(&p, "m", &[1], 340 * s), Some(0));
 }
@@ -182,9 +196,14 @@ fn escalation_stops_at_the_ceiling_but_never_shortens_googles_delay() {
     // Doubling would give 6,000 s; midnight is 4,000 s away.
     let second = refuse_until(3000, 3001 * s, 3001 * s + 4000 * s);
     assert_eq!(second.escalated, Some(4000 * s));
+    // That was midnight: the next day starts over.
+    assert_eq!(
+        refuse_until(30, 7002 * s, 7002 * s + 24 * HOUR).escalated,
+        None
+    );
     // Google's own delay beyond the ceiling stands.
-    let third = refuse_until(9000, 7002 * s, 7002 * s + 10 * s);
-    assert_eq!(third.escalated, Some(9000 * s));
+    let late = refuse_until(9000, 7033 * s, 7033 * s + 10 * s);
+    assert_eq!(late.escalated, Some(9000 * s));
 }
 
 #[test]
@@ -243,4 +262,61 @@ fn a_rebuilt_pool_keeps_caps_by_account_and_project_name() {
         Some(CapKind::ProjectSpendCap)
     );
     assert_eq!(q.cap_of(q.key(id("c")).project, 1000), None);
+}
+
+#[test]
+fn a_success_of_a_request_sent_before_the_cap_does_not_lift_it() {
+    let p = pool_with_accounts(&[("a", "p1", Some("acct-1")), ("b", "p2", None)]);
+    refuse(
+        &p,
+        0,
+        &Penalty::CapBillingAccount { until: at(MONTH) },
+        5000,
+    );
+    // A long request sent at 1 s, before the refusal, is served at 9 s.
+    let straggler = Transition::Served {
+        model: "m",
+        sent: 1000,
+    };
+    assert!(p.change(KeyId(0), straggler, 9000).caps_lifted.is_empty());
+    assert_eq!(p.cap_of(0, 9000), Some(CapKind::AccountSpendCap));
+    // A spend-based rate limit is not lifted by any success: it runs its window.
+    let window = Penalty::CapProject {
+        until: at(600_000),
+        why: Cap::SpendRate,
+    };
+    refuse(&p, 1, &window, 10_000);
+    let served = Transition::Served {
+        model: "m",
+        sent: 20_000,
+    };
+    assert!(p.change(KeyId(1), served, 30_000).caps_lifted.is_empty());
+    assert_eq!(p.cap_of(1, 30_000), Some(CapKind::SpendRate));
+}
+
+#[test]
+fn many_requests_at_the_probe_instant_send_one_probe_and_no_503() {
+    let p = std::sync::Arc::new(pool_with_accounts(&[
+        ("a", "p1", Some("acct-1")),
+        ("b", "p2", Some("acct-1")),
+        ("c", "p3", Some("acct-1")),
+    ]));
+    refuse(&p, 0, &Penalty::CapBillingAccount { until: at(MONTH) }, 0);
+    let picks: Vec<Pick> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let p = p.clone();
+                scope.spawn(move || p.pick("m", "generateContent", &[], HOUR))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let probes = picks.iter().filter(|x| matches!(x, Pick::Key(_))).count();
+    assert_eq!(probes, 1, "{picks:?}");
+    assert!(
+        picks
+            .iter()
+            .all(|x| matches!(x, Pick::Key(_) | Pick::Exhausted(_))),
+        "{picks:?}"
+    );
 }

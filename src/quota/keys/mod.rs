@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::
 use std::sync::{Arc, Mutex};
 
 mod caps;
+mod escalation;
 mod health;
 mod rebuild;
 mod report;
@@ -137,11 +138,8 @@ struct ModelHealth {
     cool_until: Vec<AtomicU64>,
     /// The [`CoolingKind`] code of each project's last cooldown.
     why: Vec<AtomicU8>,
-    /// The length of each project's last short-window cooldown, in ms (0: none since the last
-    /// success): what an escalation doubles.
-    last_len: Vec<AtomicU64>,
-    /// How many times in a row it was doubled.
-    escalations: Vec<AtomicU8>,
+    /// Each project's memory of its short-window refusals, for escalation.
+    quota: Vec<escalation::QuotaMemory>,
     eligible: ArcSwap<Eligible>,
 }
 
@@ -150,8 +148,9 @@ impl ModelHealth {
         ModelHealth {
             cool_until: (0..projects).map(|_| AtomicU64::new(0)).collect(),
             why: (0..projects).map(|_| AtomicU8::new(0)).collect(),
-            last_len: (0..projects).map(|_| AtomicU64::new(0)).collect(),
-            escalations: (0..projects).map(|_| AtomicU8::new(0)).collect(),
+            quota: (0..projects)
+                .map(|_| escalation::QuotaMemory::default())
+                .collect(),
             eligible: ArcSwap::from_pointee(Eligible {
                 keys: Vec::new(),
                 projects: Vec::new(),
@@ -300,13 +299,13 @@ impl KeyPool {
     /// The next key, round-robin, that can serve `model` and `method` at `now`, skipping keys
     /// of the projects in `tried`.
     pub fn pick(&self, model: &str, method: &str, tried: &[u32], now: Millis) -> Pick {
-        self.pick_where(model, method, tried, None, now)
+        self.pick_where(model, method, tried, None, now, false)
     }
 
     /// Like [`KeyPool::pick`], but only keys of `project`: for resources Google bound to it.
     /// When none of them can serve, the answer says when the project is back.
     pub fn pick_in_project(&self, model: &str, method: &str, project: u32, now: Millis) -> Pick {
-        match self.pick_where(model, method, &[], Some(project), now) {
+        match self.pick_where(model, method, &[], Some(project), now, false) {
             Pick::OnlyTriedProjects | Pick::Exhausted(_) => {
                 let health = self.health(model);
                 let mut ex = Exhaustion {
@@ -340,6 +339,7 @@ impl KeyPool {
         tried: &[u32],
         only: Option<u32>,
         now: Millis,
+        retried: bool,
     ) -> Pick {
         let health = self.health(model);
         let snapshot = self.snapshot(&health, now);
@@ -352,6 +352,7 @@ impl KeyPool {
             });
         }
         let start = self.next.fetch_add(1, Relaxed);
+        let mut lost_probe = false;
         for i in 0..n {
             let k = snapshot.keys[(start.wrapping_add(i)) % n];
             let project = self.keys[k as usize].project;
@@ -366,9 +367,17 @@ impl KeyPool {
                 continue;
             }
             if !self.take_probes(project, now) {
+                lost_probe = true;
                 continue;
             }
             return Pick::Key(KeyId(k));
+        }
+        // Another request took the probe this snapshot still offered: the snapshots are stale
+        // (the taker may not have said so yet), and a second look sees the scope out and says
+        // when it is back.
+        if lost_probe && !retried {
+            self.generation.fetch_add(1, Relaxed);
+            return self.pick_where(model, method, tried, only, now, true);
         }
         Pick::OnlyTriedProjects
     }
@@ -496,7 +505,12 @@ impl KeyPool {
         if p.kind(now).is_none() && a.kind(now).is_none() {
             return true;
         }
-        if !(p.take_probe(now, self.probe_every) && a.take_probe(now, self.probe_every)) {
+        let Some(project_due) = p.take_probe(now, self.probe_every) else {
+            return false;
+        };
+        if a.take_probe(now, self.probe_every).is_none() {
+            // The account's probe went to another project of it: this one is not used.
+            p.give_back(project_due);
             return false;
         }
         log::info!(

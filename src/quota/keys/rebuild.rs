@@ -81,8 +81,7 @@ impl KeyPool {
                     let old_p = *old_p;
                     copy.cool_until[new_p].store(health.cool_until[old_p].load(Relaxed), Relaxed);
                     copy.why[new_p].store(health.why[old_p].load(Relaxed), Relaxed);
-                    copy.last_len[new_p].store(health.last_len[old_p].load(Relaxed), Relaxed);
-                    copy.escalations[new_p].store(health.escalations[old_p].load(Relaxed), Relaxed);
+                    copy.quota[new_p].copy_from(&health.quota[old_p]);
                 }
             }
             models.insert(name.clone(), Arc::new(copy));

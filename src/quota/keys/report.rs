@@ -93,7 +93,7 @@ impl KeyPool {
                         model: m.to_string(),
                         until: h.cool_until[project].load(Relaxed),
                         why: CoolingKind::from_code(h.why[project].load(Relaxed)),
-                        escalations: h.escalations[project].load(Relaxed),
+                        escalations: h.quota[project].escalations(),
                     })
                     .filter(|c| c.until > now)
                     .collect();

@@ -83,6 +83,9 @@ pub struct ProjectHealth {
     /// The models among `cooldowns` that are not in the project's tier.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unavailable: Vec<String>,
+    /// The models among `cooldowns` out of their per-day quota.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_day: Vec<String>,
 }
 
 impl KeyPool {
@@ -101,21 +104,24 @@ impl KeyPool {
                     .filter(|(_, until)| *until > now)
                     .collect();
                 cooldowns.sort();
-                let mut unavailable: Vec<String> = models
-                    .iter()
-                    .filter(|(_, h)| {
-                        h.cool_until[p].load(Relaxed) > now
-                            && CoolingKind::from_code(h.why[p].load(Relaxed))
-                                == CoolingKind::Unavailable
-                    })
-                    .map(|(m, _)| m.to_string())
-                    .collect();
-                unavailable.sort();
+                let of_kind = |kind: CoolingKind| {
+                    let mut names: Vec<String> = models
+                        .iter()
+                        .filter(|(_, h)| {
+                            h.cool_until[p].load(Relaxed) > now
+                                && CoolingKind::from_code(h.why[p].load(Relaxed)) == kind
+                        })
+                        .map(|(m, _)| m.to_string())
+                        .collect();
+                    names.sort();
+                    names
+                };
                 ProjectHealth {
                     project: name.clone(),
                     billing_disabled: self.project_disabled_until[p].load(Relaxed) == NEVER,
                     cooldowns,
-                    unavailable,
+                    unavailable: of_kind(CoolingKind::Unavailable),
+                    quota_day: of_kind(CoolingKind::Day),
                 }
             })
             .filter(|p| p.billing_disabled || !p.cooldowns.is_empty())
@@ -211,6 +217,8 @@ impl KeyPool {
                 };
                 let why = if p.unavailable.contains(model) {
                     Cooling::Tier
+                } else if p.quota_day.contains(model) {
+                    Cooling::Day
                 } else {
                     Cooling::Quota { ceiling: until }
                 };
@@ -400,6 +408,11 @@ mod limits {
             why: Cooling::Tier,
         };
         refuse(2, &tier, "pro");
+        let day = Penalty::CoolProjectModel {
+            until: at(5_000_000),
+            why: Cooling::Day,
+        };
+        refuse(3, &day, "flash");
         let text = serde_json::to_string(&p.export(1000)).unwrap();
         let back: PoolHealth = serde_json::from_str(&text).unwrap();
         let fresh = pool_with_accounts(&keys);
@@ -413,6 +426,11 @@ mod limits {
         assert_eq!(
             (pro.model.as_str(), pro.why),
             ("pro", CoolingKind::Unavailable)
+        );
+        let flash = &fresh.report(1000)[3].cooldowns[0];
+        assert_eq!(
+            (flash.model.as_str(), flash.why),
+            ("flash", CoolingKind::Day)
         );
         // A state file of an older version (no caps, no unavailable list) still loads.
         let old: PoolHealth = serde_json::from_str(
