@@ -245,3 +245,24 @@ async fn a_lying_retry_delay_backs_off_harder_each_time_and_a_success_resets_it(
         "{cooldown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detail_less_refusal_repeated_after_its_minute_cools_twice_as_long() {
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .detail_less_quota("p1", FLASH, true);
+    let (kg, admin) = start_with_admin(&pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]));
+    all_served(&kg, FLASH, 2).await;
+    assert_eq!(answered(&mock, "k1", 429), 1);
+    let first = key_view(&pools(&admin).await, "k1")["cooldowns"][0].clone();
+    assert_eq!(first["escalations"], 0, "{first}");
+    // The minute passes; p1 is asked again, refuses again, and cools two minutes.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    all_served(&kg, FLASH, 4).await;
+    assert_eq!(answered(&mock, "k1", 429), 2);
+    let second = key_view(&pools(&admin).await, "k1")["cooldowns"][0].clone();
+    assert_eq!(second["escalations"], 1, "{second}");
+    let left = second["seconds_left"].as_u64().unwrap();
+    assert!((110..=120).contains(&left), "{second}");
+}
