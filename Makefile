@@ -35,11 +35,15 @@ bench-deps:
 	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx-light; }
 	@command -v oha >/dev/null 2>&1 || cargo install oha --locked --version 1.16.0
 
-# The metrics test checks keygate's /metrics with Prometheus' own linter, promtool.
+# The metrics test checks keygate's /metrics with Prometheus' own linter, promtool; the fleet
+# tests start their own redis-server (Debian's package, with redis-cli) on a free port.
 test-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 		echo "promtool is missing (the metrics test runs it); installing Debian's prometheus package"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "redis-server is missing (the fleet tests run it); installing Debian's redis-server package"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server; }
 
 deps:
 	@command -v cmake >/dev/null 2>&1 || { \

@@ -14,12 +14,14 @@
 //! - `telemetry`: Prometheus metrics and webhook alerts;
 //! - `runtime`: what the gateway and the admin API share; health changes made known;
 //! - `gateway`: the Pingora hooks and the one attempt loop, for requests and Live sessions;
+//! - `fleet`: several instances as one, through Redis;
 //! - `ops`: the admin API, key checks, the state file, signals and reload.
 
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
 // across an await, unsafe code denied but for the one allowed in upstream/mod.rs).
 
 pub mod config;
+pub(crate) mod fleet;
 pub(crate) mod gateway;
 pub mod logging;
 pub(crate) mod ops;
@@ -149,6 +151,15 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     }
     if let Some(alerts) = &shared.alerts {
         server.add_service(background_service("alerts", alerts.service()));
+    }
+    if let Some(redis) = &config.redis {
+        let link = fleet::Fleet::new(redis)?;
+        let _ = shared.fleet.set(link.clone());
+        log::info!("health shared through redis at {}", link.url());
+        server.add_service(background_service(
+            "redis",
+            fleet::FleetService::new(link, shared.clone()),
+        ));
     }
     if let Some(path) = &config.state_file {
         let keeper = ops::state::StateKeeper::new(shared.clone(), path.clone());

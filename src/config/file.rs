@@ -39,6 +39,18 @@ pub(super) struct FileConfig {
     pub(super) trusted_proxies: Vec<String>,
     #[serde(default)]
     pub(super) client_limits: FileClientLimits,
+    pub(super) redis: Option<FileRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRedis {
+    pub(super) url: String,
+    pub(super) username: Option<String>,
+    pub(super) password_env: Option<String>,
+    pub(super) tls_ca_file: Option<PathBuf>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

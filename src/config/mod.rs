@@ -6,6 +6,7 @@
 
 pub mod endpoint;
 mod file;
+mod redis;
 mod validate;
 
 use crate::secret::Secret;
@@ -100,6 +101,44 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// What a client connection may take.
     pub client_limits: ClientLimits,
+    /// Where several instances share their state, if anywhere.
+    pub redis: Option<RedisConfig>,
+}
+
+/// The `redis:` section: where several instances share their state.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `rediss://`: TLS to Redis.
+    pub tls: bool,
+    /// Its host name or address.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The database number.
+    pub db: i64,
+    /// The ACL user, if any.
+    pub username: Option<String>,
+    /// The password, from the environment.
+    pub password: Option<Secret>,
+    /// CA bundle to verify a `rediss://` server with instead of the system roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// What every key keygate writes starts with.
+    pub key_prefix: String,
+    /// The longest one Redis call may take.
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    /// `redis[s]://host:port/db`, for logs: no credentials.
+    pub fn display_url(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}/{}", self.port, self.db)
+    }
 }
 
 /// Request headers a browser may send by default (`cors.allowed_headers`): what the Gemini and OpenAI SDKs send from a browser.

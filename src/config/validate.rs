@@ -189,6 +189,10 @@ pub(super) fn validated(
             })
             .collect::<Result<_, _>>()?,
         client_limits: validate_client_limits(&file.client_limits)?,
+        redis: file
+            .redis
+            .map(|r| super::redis::validate_redis(r, base, env))
+            .transpose()?,
     })
 }
 

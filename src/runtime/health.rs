@@ -5,10 +5,18 @@
 //! health table's one door, and turns what changed into log lines, alerts and metrics. A key
 //! already out is not news: nothing is said twice.
 
-use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Millis, Scope, Transition};
+use crate::quota::keys::{Changed, Disabled, KeyId, KeyPool, Millis, News, Scope, Transition};
 use crate::runtime::Shared;
 use crate::telemetry::alerts::Event;
 use std::sync::Arc;
+
+/// Where the health changes of this instance are told to the others (the `redis:` section).
+pub trait Announce: Send + Sync {
+    /// Tells the other instances what changed in `pool`; never waits.
+    fn announce(&self, pool: &str, news: Vec<News>);
+    /// Whether the shared store answers now.
+    fn is_up(&self) -> bool;
+}
 
 /// Who changed a key's health.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +52,9 @@ impl Shared {
     ) -> Changed {
         let now = crate::quota::keys::now_millis();
         let changed = keys.change(key, transition, now);
+        if let Some(fleet) = self.fleet.get() {
+            fleet.announce(keys.name(), keys.news(key, &transition, now));
+        }
         if let Some(current) = self.current_table(keys) {
             if let Some(id) = current.find(&keys.key(key).fingerprint) {
                 current.change(id, transition, now);
@@ -144,5 +155,20 @@ impl Shared {
                 key: fp.clone(),
             });
         }
+    }
+}
+
+impl Shared {
+    /// Applies what another instance says changed in the pool named `pool`, through the door,
+    /// without telling anyone again (no log line at warn, no alert: that instance said it).
+    /// Returns how many pieces of news this instance could use.
+    pub fn learn(&self, pool: &str, news: &[News]) -> usize {
+        let rt = self.runtime.load();
+        let Some(pool) = rt.pools.iter().find(|p| p.name() == pool) else {
+            return 0;
+        };
+        let keys = pool.keys.load_full();
+        let now = crate::quota::keys::now_millis();
+        news.iter().filter(|n| keys.learn(n, now)).count()
     }
 }

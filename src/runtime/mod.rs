@@ -94,6 +94,8 @@ pub struct Shared {
     pub alerts: Option<Alerts>,
     /// The memory all request bodies may hold together.
     pub body_budget: Arc<BodyBudget>,
+    /// Where health changes are told to the other instances, when several share their state.
+    pub fleet: std::sync::OnceLock<Arc<dyn health::Announce>>,
 }
 
 /// Where a request goes.
@@ -218,6 +220,7 @@ impl Shared {
             metrics,
             alerts,
             body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 }

@@ -122,6 +122,9 @@ pub struct Metrics {
     models: Mutex<HashSet<String>>,
     /// Serializes `render`, so that two scrapes never interleave resetting and setting gauges.
     render_lock: Mutex<()>,
+    /// `keygate_redis_up`, registered once a `redis:` section shares the state.
+    redis_up: prometheus::IntGauge,
+    redis_registered: std::sync::Once,
 }
 
 impl Metrics {
@@ -247,6 +250,11 @@ impl Metrics {
             next_recovery,
             models: Mutex::new(HashSet::new()),
             render_lock: Mutex::new(()),
+            redis_up: prometheus::IntGauge::new(
+                "keygate_redis_up",
+                "1 while the Redis that shares state between instances answers, else 0.",
+            )?,
+            redis_registered: std::sync::Once::new(),
         })
     }
 
@@ -330,6 +338,15 @@ impl Metrics {
     /// `project_model`; `kind` says which limit.
     pub fn quota_limit(&self, pool: &str, scope: &'static str, kind: &'static str) {
         add(&self.quota_limits, &[label(pool), scope, kind], 1);
+    }
+
+    /// Whether the shared store (Redis) answers: `keygate_redis_up`, 1 or 0. The gauge is
+    /// registered at the first call: only instances with a `redis:` section have it.
+    pub fn redis_up(&self, up: bool) {
+        self.redis_registered.call_once(|| {
+            let _ = self.registry.register(Box::new(self.redis_up.clone()));
+        });
+        self.redis_up.set(i64::from(up));
     }
 
     /// A spend cap on `scope` (`billing_account`, `project`) ended early.

@@ -10,12 +10,16 @@
 //! key's project. It records every request it receives, so tests can assert what reached
 //! "Google".
 //!
-//! `net` adds a local HTTP CONNECT proxy, a SOCKS5 server and a WebSocket client helper.
+//! `net` adds a local HTTP CONNECT proxy, a SOCKS5 server and a WebSocket client helper;
+//! `redis` a real Redis server.
 
 #![allow(dead_code)]
 
 mod net;
 pub use net::*;
+mod redis;
+#[allow(unused_imports)] // only the fleet tests start a Redis
+pub use redis::*;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};

@@ -195,6 +195,9 @@ impl Admin {
                 }
             })
             .collect();
+        if let Some(fleet) = self.shared.fleet.get() {
+            self.shared.metrics.redis_up(fleet.is_up());
+        }
         self.shared.metrics.render(&gauges)
     }
 
@@ -216,10 +219,19 @@ impl Admin {
             }
             usable_keys += usable;
         }
+        // Redis down is a warning, not a problem: the instance serves from its own table.
+        let redis = self
+            .shared
+            .fleet
+            .get()
+            .map(|f| if f.is_up() { "up" } else { "down" });
+        if redis == Some("down") {
+            problems.push("redis: down; serving from this instance's own table".into());
+        }
         if usable_keys > 0 && rt.pools.iter().all(|p| p.upstream.is_resolved()) {
             Answer(
                 StatusCode::OK,
-                json!({ "status": "ready", "enabled_keys": usable_keys, "warnings": problems }),
+                json!({ "status": "ready", "enabled_keys": usable_keys, "warnings": problems, "redis": redis }),
             )
         } else {
             Answer(
@@ -260,6 +272,9 @@ impl Admin {
         json!({
             "pools": pools,
             "affinity_entries": self.shared.affinity.len(),
+            // Whether health is shared with other instances (a `redis:` section), and whether
+            // the store answers now.
+            "health_shared": self.shared.fleet.get().map(|f| json!({ "through": "redis", "up": f.is_up() })),
         })
     }
 

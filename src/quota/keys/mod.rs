@@ -21,12 +21,14 @@ use std::sync::{Arc, Mutex};
 mod caps;
 mod escalation;
 mod health;
+mod news;
 mod rebuild;
 mod report;
 mod saved;
 
 pub use caps::{CapKind, CapReport, Scope};
 pub use health::{Changed, Disabled, Transition};
+pub use news::News;
 pub use report::{Cooldown, CoolingKind, KeyReport};
 pub use saved::{KeyHealth, PoolHealth, ProjectHealth};
 

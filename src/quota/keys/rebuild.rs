@@ -101,4 +101,16 @@ impl KeyPool {
         fresh.blocked.store(Arc::new(blocked));
         fresh
     }
+
+    /// The same keys with an empty health table (usage counts kept): what a cold start takes
+    /// when the shared store already holds the fleet's health.
+    pub fn without_health(&self) -> KeyPool {
+        let usage: HashMap<&str, Arc<super::Usage>> = self
+            .keys
+            .iter()
+            .map(|k| (k.fingerprint.as_str(), k.usage.clone()))
+            .collect();
+        KeyPool::build(&self.name, &self.key_configs(), |fp| usage.get(fp).cloned())
+            .probing_every(std::time::Duration::from_millis(self.probe_every))
+    }
 }

@@ -251,20 +251,31 @@ impl KeyPool {
 
     /// A key under the scope `cap` names: of the project, or of a project of the account.
     fn key_under(&self, cap: &SavedCap) -> Option<KeyId> {
-        let project = match cap.scope.as_str() {
-            "project" => self.project_index(&cap.name)?,
+        self.key_in_scope(&cap.scope, &cap.name)
+    }
+
+    /// The first key of the project named `name` (`scope` "project"), or of a project of the
+    /// billing account named `name` (`scope` "billing_account"; a project's own account goes by
+    /// the project's name).
+    pub(super) fn key_in_scope(&self, scope: &str, name: &str) -> Option<KeyId> {
+        let project = match scope {
+            "project" => self.project_index(name)?,
             _ => match self
                 .accounts
                 .iter()
-                .position(|a| a.as_deref() == Some(&cap.name))
+                .position(|a| a.as_deref() == Some(name))
             {
                 Some(a) => self.account_of.iter().position(|&x| x as usize == a)? as u32,
-                // A project's own account is saved under the project's name.
                 None => self
-                    .project_index(&cap.name)
+                    .project_index(name)
                     .filter(|&p| self.billing_account_of(p).is_none())?,
             },
         };
+        self.first_key_of(project)
+    }
+
+    /// The first key of `project`: the door takes a key, and a project's state is set through it.
+    pub(super) fn first_key_of(&self, project: u32) -> Option<KeyId> {
         let first = self.keys.iter().position(|k| k.project == project)?;
         Some(KeyId(first as u32))
     }

@@ -1,0 +1,497 @@
+//! Several keygate instances as one, through Redis (the `redis:` section).
+//!
+//! The hot path stays local: picking a key reads only this instance's table. Every health
+//! change made here goes through the door as before, and is then told to the others: published
+//! on a channel (they learn it within milliseconds) and written as an entry (see
+//! [`store`]) that an instance starting, or coming back after an outage, loads. Telling never
+//! waits: changes queue for a background writer, and a request never waits on Redis.
+//!
+//! Redis down, slow or wiped: every call has a short timeout; the instance goes on with its own
+//! table, logs the loss once, and reports it (`/readyz`, `keygate_redis_up`). When Redis
+//! answers again, the instance writes back what it learnt meanwhile (the later deadline wins)
+//! and loads what the others wrote.
+
+mod store;
+
+use crate::config::RedisConfig;
+use crate::quota::keys::{now_millis, News};
+use crate::runtime::health::Announce;
+use crate::runtime::Shared;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::{Names, Write};
+use tokio::sync::{mpsc, Notify};
+
+/// Changes waiting for the writer; past this, they are dropped and a full write-back follows.
+const QUEUE: usize = 4096;
+
+/// How long a (re)connection attempt may take, and the wait between two attempts.
+const RECONNECT: Duration = Duration::from_secs(1);
+
+/// A change told to the other instances.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Envelope {
+    /// The instance that made it.
+    from: String,
+    /// The pool it is in.
+    pool: String,
+    /// What changed.
+    news: Vec<News>,
+}
+
+/// This instance's link to the fleet.
+pub struct Fleet {
+    config: RedisConfig,
+    /// This instance, in the envelopes it sends.
+    id: String,
+    client: redis::Client,
+    connection: Mutex<Option<ConnectionManager>>,
+    up: AtomicBool,
+    /// Changes were lost on the way (queue full, Redis down): write everything back.
+    behind: AtomicBool,
+    /// Wakes the keeper for a write-back and load.
+    resync: Notify,
+    queue: mpsc::Sender<Envelope>,
+    queued: Mutex<Option<mpsc::Receiver<Envelope>>>,
+}
+
+impl Fleet {
+    /// The link for `config`; nothing is connected until the service runs.
+    pub fn new(config: &RedisConfig) -> Result<Arc<Fleet>, String> {
+        let info = redis::ConnectionInfo {
+            addr: if config.tls {
+                redis::ConnectionAddr::TcpTls {
+                    host: config.host.clone(),
+                    port: config.port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                redis::ConnectionAddr::Tcp(config.host.clone(), config.port)
+            },
+            redis: redis::RedisConnectionInfo {
+                db: config.db,
+                username: config.username.clone(),
+                password: config.password.as_ref().map(|p| p.expose().to_string()),
+                ..Default::default()
+            },
+        };
+        let client = match &config.tls_ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("redis.tls_ca_file {}: {}", path.display(), e.kind()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(info, certs)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| format!("redis: {e}"))?;
+        let (queue, queued) = mpsc::channel(QUEUE);
+        Ok(Arc::new(Fleet {
+            config: config.clone(),
+            id: instance_id(),
+            client,
+            connection: Mutex::new(None),
+            up: AtomicBool::new(false),
+            behind: AtomicBool::new(true),
+            resync: Notify::new(),
+            queue,
+            queued: Mutex::new(Some(queued)),
+        }))
+    }
+
+    /// Where Redis is, for logs (no credentials).
+    pub fn url(&self) -> String {
+        self.config.display_url()
+    }
+
+    fn channel(&self) -> String {
+        format!("{}news", self.config.key_prefix)
+    }
+
+    /// The marker saying the store holds the fleet's health (absent: new or wiped).
+    fn marker(&self) -> String {
+        format!("{}live", self.config.key_prefix)
+    }
+
+    /// The connection, made if there is none yet.
+    async fn connection(&self) -> Option<ConnectionManager> {
+        if let Some(c) = self.lock().clone() {
+            return Some(c);
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(RECONNECT)
+            .set_response_timeout(self.config.timeout)
+            .set_number_of_retries(1);
+        let made = tokio::time::timeout(
+            RECONNECT * 2,
+            self.client.get_connection_manager_with_config(config),
+        )
+        .await;
+        match made {
+            Ok(Ok(c)) => {
+                *self.lock() = Some(c.clone());
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
+        self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Redis answered.
+    fn went_up(&self) {
+        if !self.up.swap(true, Relaxed) {
+            log::warn!(
+                "redis at {}: connected; health is shared with the other instances",
+                self.url()
+            );
+            self.resync.notify_one();
+        }
+    }
+
+    /// Redis did not answer (in time).
+    fn went_down(&self, why: &str) {
+        self.behind.store(true, Relaxed);
+        if self.up.swap(false, Relaxed) {
+            log::warn!(
+                "redis at {}: {why}; keygate goes on with its own table and writes back what it learns when Redis answers again",
+                self.url()
+            );
+        }
+    }
+}
+
+impl Announce for Fleet {
+    fn announce(&self, pool: &str, news: Vec<News>) {
+        if news.is_empty() {
+            return;
+        }
+        let envelope = Envelope {
+            from: self.id.clone(),
+            pool: pool.to_string(),
+            news,
+        };
+        if self.queue.try_send(envelope).is_err() {
+            self.behind.store(true, Relaxed);
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+}
+
+/// A name for this instance: its process id and start time, in hex.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{:x}", std::process::id(), nanos)
+}
+
+/// The background service that keeps this instance in the fleet: the writer, the listener and
+/// the keeper (reconnecting, writing back, loading).
+pub struct FleetService {
+    fleet: Arc<Fleet>,
+    shared: Arc<Shared>,
+}
+
+impl FleetService {
+    /// The service for `fleet`, serving `shared`.
+    pub fn new(fleet: Arc<Fleet>, shared: Arc<Shared>) -> FleetService {
+        FleetService { fleet, shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let queued = self
+            .fleet
+            .queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(queued) = queued else {
+            return;
+        };
+        tokio::select! {
+            _ = writer(&self.fleet, &self.shared, queued) => {}
+            _ = listener(&self.fleet, &self.shared) => {}
+            _ = keeper(&self.fleet, &self.shared) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Publishes and stores each change made here, in order.
+async fn writer(fleet: &Fleet, shared: &Shared, mut queued: mpsc::Receiver<Envelope>) {
+    while let Some(envelope) = queued.recv().await {
+        if !fleet.is_up() {
+            fleet.behind.store(true, Relaxed);
+            continue;
+        }
+        let Some(mut c) = fleet.connection().await else {
+            fleet.went_down("cannot connect");
+            continue;
+        };
+        let mut writes = Vec::new();
+        let names = Names::new(&fleet.config.key_prefix, &envelope.pool);
+        for news in &envelope.news {
+            writes.extend(names.writes(&envelope.pool, news));
+            writes.extend(after(shared, &names, &envelope.pool, news));
+        }
+        let message = serde_json::to_string(&envelope).unwrap_or_default();
+        let done = async {
+            apply(&mut c, &writes).await?;
+            c.publish::<_, _, ()>(fleet.channel(), message).await
+        };
+        match tokio::time::timeout(fleet.config.timeout * 4, done).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fleet.went_down(&format!("write failed ({})", e.kind_label())),
+            Err(_) => fleet.went_down("write timed out"),
+        }
+    }
+}
+
+/// Deletions that depend on this instance's table once a change is applied: a key recovered
+/// (its entry goes unless an operator disabled it) or a probe served (a cap's entry goes once
+/// the cap is gone).
+fn after(shared: &Shared, names: &Names<'_>, pool: &str, news: &News) -> Vec<Write> {
+    let rt = shared.runtime.load();
+    let Some(p) = rt.pools.iter().find(|p| p.name() == pool) else {
+        return Vec::new();
+    };
+    let keys = p.keys.load();
+    let now = now_millis();
+    let mut writes = Vec::new();
+    match news {
+        News::Recovered { key } if keys.find(key).is_some_and(|id| keys.disabled(id).is_none()) => {
+            writes.push(names.delete_key(key));
+        }
+        News::Served {
+            project, account, ..
+        } => {
+            let caps = keys.caps(now);
+            for (scope, name) in [("project", project), ("billing_account", account)] {
+                if !caps
+                    .iter()
+                    .any(|c| c.kind.scope().as_str() == scope && &c.name == name)
+                {
+                    writes.push(names.delete_cap(scope, name));
+                }
+            }
+        }
+        _ => {}
+    }
+    writes
+}
+
+/// Carries out `writes` on `c`.
+async fn apply(c: &mut ConnectionManager, writes: &[Write]) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    let mut matching = Vec::new();
+    for w in writes {
+        match w {
+            Write::Lengthen {
+                name,
+                value,
+                ttl_ms,
+            } => {
+                if *ttl_ms > 0 {
+                    pipe.cmd("EVAL")
+                        .arg(store::LENGTHEN)
+                        .arg(1)
+                        .arg(name)
+                        .arg(value)
+                        .arg(*ttl_ms)
+                        .ignore();
+                }
+            }
+            Write::Put { name, value } => {
+                pipe.cmd("SET").arg(name).arg(value).ignore();
+            }
+            Write::Delete { name } => {
+                pipe.cmd("DEL").arg(name).ignore();
+            }
+            Write::DeleteMatching { pattern } => matching.push(pattern.clone()),
+        }
+    }
+    pipe.query_async::<()>(c).await?;
+    for pattern in matching {
+        for name in scan(c, &pattern).await? {
+            c.del::<_, ()>(name).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every entry name matching `pattern`.
+async fn scan(c: &mut ConnectionManager, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let mut names = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(c)
+            .await?;
+        names.extend(batch);
+        if next == 0 {
+            return Ok(names);
+        }
+        cursor = next;
+    }
+}
+
+/// Applies the changes other instances publish.
+async fn listener(fleet: &Fleet, shared: &Shared) {
+    use futures_util::StreamExt;
+    loop {
+        let subscribed = async {
+            let mut pubsub = fleet.client.get_async_pubsub().await?;
+            pubsub.subscribe(fleet.channel()).await?;
+            redis::RedisResult::Ok(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(RECONNECT * 2, subscribed).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                tokio::time::sleep(RECONNECT).await;
+                continue;
+            }
+        };
+        // Subscribed: whatever was missed before is in the store.
+        fleet.resync.notify_one();
+        let mut messages = pubsub.into_on_message();
+        while let Some(message) = messages.next().await {
+            let Ok(text) = message.get_payload::<String>() else {
+                continue;
+            };
+            match serde_json::from_str::<Envelope>(&text) {
+                Ok(e) if e.from == fleet.id => {}
+                Ok(e) => {
+                    let used = shared.learn(&e.pool, &e.news);
+                    log::debug!(
+                        "pool {}: learnt {used} of {} changes from instance {}",
+                        e.pool,
+                        e.news.len(),
+                        e.from
+                    );
+                }
+                Err(_) => log::warn!(
+                    "redis channel {}: a message keygate does not understand; ignored",
+                    fleet.channel()
+                ),
+            }
+        }
+        fleet.went_down("the subscription ended");
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+/// Watches the link: reconnects, and after each (re)connection writes back this instance's
+/// table and loads the others'.
+async fn keeper(fleet: &Fleet, shared: &Shared) {
+    let mut first = true;
+    loop {
+        let ping = async {
+            let mut c = fleet.connection().await?;
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
+            pong.ok().map(|_| c)
+        };
+        match tokio::time::timeout(RECONNECT * 2, ping).await {
+            Ok(Some(mut c)) => {
+                fleet.went_up();
+                if fleet.behind.swap(false, Relaxed) {
+                    match sync(fleet, shared, &mut c, first).await {
+                        Ok(()) => first = false,
+                        Err(e) => fleet.went_down(&format!("sync failed ({})", e.kind_label())),
+                    }
+                }
+            }
+            _ => fleet.went_down("cannot connect"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT) => {}
+            _ = fleet.resync.notified() => fleet.behind.store(true, Relaxed),
+        }
+    }
+}
+
+/// Writes this instance's table back to the store (unless this is a cold start and the store
+/// holds the fleet's health already: then the store wins) and loads what is there.
+async fn sync(
+    fleet: &Fleet,
+    shared: &Shared,
+    c: &mut ConnectionManager,
+    cold_start: bool,
+) -> redis::RedisResult<()> {
+    let marker: bool = c.exists(fleet.marker()).await?;
+    let rt = shared.runtime.load();
+    for pool in &rt.pools {
+        let names = Names::new(&fleet.config.key_prefix, pool.name());
+        if cold_start && marker {
+            // The fleet's health wins over this instance's state file.
+            pool.keys.store(Arc::new(pool.keys.load().without_health()));
+        } else {
+            let news = pool.keys.load().all_news(now_millis());
+            let writes: Vec<Write> = news
+                .iter()
+                .flat_map(|n| names.writes(pool.name(), n))
+                .collect();
+            apply(c, &writes).await?;
+        }
+        let mut learnt = Vec::new();
+        for name in scan(c, &names.all()).await? {
+            let (value, ttl): (Option<String>, i64) = redis::pipe()
+                .get(&name)
+                .cmd("PTTL")
+                .arg(&name)
+                .query_async(c)
+                .await?;
+            let ttl = (ttl >= 0).then_some(ttl as u64);
+            match value.as_deref().and_then(|v| store::read(v, ttl)) {
+                Some(entry) if entry.pool == pool.name() => learnt.push(entry.news),
+                Some(_) => {}
+                None if value.is_some() => {
+                    log::warn!("redis entry {name}: not one keygate understands; ignored")
+                }
+                None => {}
+            }
+        }
+        let used = shared.learn(pool.name(), &learnt);
+        log::info!(
+            "pool {}: loaded {used} shared health entries from redis",
+            pool.name()
+        );
+    }
+    c.set::<_, _, ()>(fleet.marker(), "1").await?;
+    Ok(())
+}
+
+/// The short name of a Redis error's kind, for log lines (never its text: it may echo a value).
+trait KindLabel {
+    fn kind_label(&self) -> String;
+}
+
+impl KindLabel for redis::RedisError {
+    fn kind_label(&self) -> String {
+        format!("{:?}", self.kind())
+    }
+}

@@ -1,0 +1,280 @@
+//! Several keygate instances as one through a real `redis-server`: what one learns, the others
+//! know; Redis killed, restarted empty or gone for a while costs no request.
+
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const FLASH: &str = "gemini-2.5-flash";
+
+/// Requests the mock got with `key`.
+fn asked(mock: &Mock, key: &str) -> usize {
+    mock.keys_seen().iter().filter(|k| *k == key).count()
+}
+
+/// A keygate with an admin listener, sharing its health through `redis`.
+fn instance(mock: &Mock, keys: &[(&str, &str)], redis: &RedisServer) -> (Keygate, String) {
+    let yaml = format!("{}{}", pool_yaml(&mock.url(), keys), redis.yaml());
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    (kg, admin)
+}
+
+/// Waits until the instance at `admin` says its health is shared and Redis answers.
+fn wait_shared(admin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = raw_http(
+            admin.trim_start_matches("http://").parse().unwrap(),
+            b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
+        let up = serde_json::from_str::<Value>(json).is_ok_and(|v| v["redis"] == "up");
+        if status == 200 && up {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never shared: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn readyz(admin: &str) -> Value {
+    let resp = client()
+        .get(format!("{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    resp.json().await.unwrap()
+}
+
+async fn all_served(kg: &Keygate, n: usize) {
+    for i in 0..n {
+        let (status, _, body) = generate(&kg.url(), FLASH, None).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+}
+
+/// Sends requests to `kg` until the mock has refused `key` once.
+async fn until_refused(mock: &Mock, kg: &Keygate, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mock
+        .seen()
+        .iter()
+        .any(|s| s.key.as_deref() == Some(key) && s.status == 429)
+    {
+        assert!(Instant::now() < deadline, "{key} never refused");
+        let (status, _, body) = generate(&kg.url(), FLASH, None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cooldown_learnt_on_one_instance_keeps_the_other_off_the_project() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "50s");
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    let (a, _) = instance(&mock, &keys, &redis);
+    let (b, _) = instance(&mock, &keys, &redis);
+    until_refused(&mock, &a, "k1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = asked(&mock, "k1");
+    all_served(&b, 10).await;
+    assert_eq!(
+        asked(&mock, "k1"),
+        before,
+        "B asked the cooling project again"
+    );
+    // Nothing in Redis names a key.
+    for (name, value) in redis.dump() {
+        assert!(
+            !name.contains("k1") && !value.contains("\"k1\""),
+            "{name} {value}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_disable_on_one_instance_reaches_the_other_within_a_second() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    let (_a, admin_a) = instance(&mock, &keys, &redis);
+    let (b, _) = instance(&mock, &keys, &redis);
+    let fp = keygate::secret::fingerprint(b"k1");
+    let hex = fp.trim_start_matches("key#");
+    let (status, body) = admin(
+        "POST",
+        &format!("{admin_a}/admin/pools/main/keys/{hex}/disable"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = asked(&mock, "k1");
+    all_served(&b, 10).await;
+    assert_eq!(asked(&mock, "k1"), before, "B still uses the disabled key");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_under_load_fails_no_request_and_holds_none_up() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    let (a, admin_a) = instance(&mock, &keys, &redis);
+    let (b, _) = instance(&mock, &keys, &redis);
+    let mut load = Vec::new();
+    for kg in [a.url(), b.url()] {
+        for _ in 0..4 {
+            let url = kg.clone();
+            load.push(tokio::spawn(async move {
+                let mut slowest = Duration::ZERO;
+                let mut failed = 0;
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(3) {
+                    let sent = Instant::now();
+                    let (status, _, _) = generate(&url, FLASH, None).await;
+                    slowest = slowest.max(sent.elapsed());
+                    failed += usize::from(status != 200);
+                }
+                (failed, slowest)
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.kill();
+    for task in load {
+        let (failed, slowest) = task.await.unwrap();
+        assert_eq!(failed, 0);
+        assert!(
+            slowest < Duration::from_secs(2),
+            "a request took {slowest:?}"
+        );
+    }
+    // Still ready, and says Redis is down.
+    let ready = readyz(&admin_a).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["redis"], "down", "{ready}");
+    assert!(a.logs().contains("keygate goes on with its own table"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_redis_restarts_empty_sharing_resumes_and_what_was_learnt_holds() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .key("k3", "p3")
+        .per_minute_limit("p1", FLASH, 0, "50s");
+    let keys = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+    let (a, admin_a) = instance(&mock, &keys, &redis);
+    let (b, admin_b) = instance(&mock, &keys, &redis);
+    until_refused(&mock, &a, "k1").await;
+    redis.kill();
+    let redis = RedisServer::start_on(port);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // What A learnt before is back in the new Redis (written back on reconnecting).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        redis
+            .cli(&["--scan", "--pattern", "keygate:h:*"])
+            .lines()
+            .count()
+            >= 1,
+        "nothing written back"
+    );
+    // And a change made now on A reaches B again.
+    mock.per_minute_limit("p2", FLASH, 0, "50s");
+    until_refused(&mock, &a, "k2").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = (asked(&mock, "k1"), asked(&mock, "k2"));
+    all_served(&b, 10).await;
+    assert_eq!((asked(&mock, "k1"), asked(&mock, "k2")), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_restarted_without_a_state_file_remember_what_the_fleet_learnt() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "50s");
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    {
+        let (a, _) = instance(&mock, &keys, &redis);
+        let (_b, _) = instance(&mock, &keys, &redis);
+        until_refused(&mock, &a, "k1").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = asked(&mock, "k1");
+    let (a2, _) = instance(&mock, &keys, &redis);
+    let (b2, _) = instance(&mock, &keys, &redis);
+    all_served(&a2, 6).await;
+    all_served(&b2, 6).await;
+    assert_eq!(
+        asked(&mock, "k1"),
+        before,
+        "a restarted instance asked the cooling project"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_key_or_token_travels_through_redis() {
+    let redis = RedisServer::start();
+    let monitor = tempfile::NamedTempFile::new().unwrap();
+    let mut watch = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "MONITOR"])
+        .stdout(monitor.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mock = Mock::start().await;
+    mock.key("secret-key-1", "p1")
+        .key("secret-key-2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "50s")
+        .suspended_key("secret-key-3");
+    let keys = [
+        ("secret-key-1", "p1"),
+        ("secret-key-2", "p2"),
+        ("secret-key-3", "p3"),
+    ];
+    let yaml = with_tenant(
+        &format!("{}{}", pool_yaml(&mock.url(), &keys), redis.yaml()),
+        "alice",
+        "secret-token-alice",
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    for _ in 0..8 {
+        generate(&kg.url(), FLASH, Some("secret-token-alice")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let traffic = std::fs::read_to_string(monitor.path()).unwrap();
+    assert!(traffic.contains("PUBLISH"), "nothing was told: {traffic}");
+    let stored: Vec<String> = redis.dump().into_iter().map(|(n, v)| n + &v).collect();
+    for secret in [
+        "secret-key-1",
+        "secret-key-2",
+        "secret-key-3",
+        "secret-token-alice",
+    ] {
+        assert!(!traffic.contains(secret), "{secret} in redis traffic");
+        assert!(
+            !stored.iter().any(|e| e.contains(secret)),
+            "{secret} in redis"
+        );
+    }
+}
