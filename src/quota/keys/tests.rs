@@ -18,6 +18,8 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
             host: "127.0.0.1".into(),
             port: 1,
             addresses: Vec::new(),
+            base_path: String::new(),
+            headers: Vec::new(),
         },
         keys: keys
             .iter()
@@ -27,6 +29,7 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
                 billing_account: b.map(str::to_string),
             })
             .collect(),
+        key_variables: None,
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,
