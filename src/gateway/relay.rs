@@ -267,6 +267,9 @@ impl Gateway {
         else {
             return Ok(());
         };
+        // A relay may hand out the URL under its own path: keygate adds that path itself.
+        let base_path = &job.pool.upstream.config().base_path;
+        let google_url = crate::wire::request::without_base(&google_url, base_path).to_string();
         let session = affinity::UploadSession {
             owner: self.owner(job, key, tenant),
             key_fingerprint: job.keys.key(key).fingerprint.clone(),

@@ -124,7 +124,11 @@ impl Runtime {
             .map(|p| {
                 let previous = old.and_then(|o| o.pools.iter().find(|q| q.name() == p.name));
                 let keys = match previous {
-                    Some(q) => q.keys.load().rebuilt(&p.keys),
+                    Some(q) => q
+                        .keys
+                        .load()
+                        .rebuilt(&p.keys)
+                        .scrubbing(crate::quota::keys::header_secrets(p)),
                     None => KeyPool::new(p),
                 };
                 let same_upstream = previous.filter(|q| {

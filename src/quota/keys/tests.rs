@@ -226,3 +226,28 @@ fn reserved_projects_are_the_last_usable_ones() {
     assert_eq!(p.reserved_projects("m", 9, 1000), vec![0, 1, 2]);
     assert_eq!(p.availability("m", 1000).usable_projects, 3);
 }
+
+#[test]
+fn upstream_header_values_are_scrubbed_like_keys_and_survive_a_rebuild() {
+    let text = "pools:\n  - name: relay\n    upstream: https://relay.test/base\n    keys: [made-up-pool-key-1]\n    upstream_headers: {cf-aig-authorization: {env: T}}\n";
+    let env = |name: &str| (name == "T").then(|| "Bearer made-up-relay-token".to_string());
+    let config = crate::config::Config::parse(text, std::path::Path::new("."), &env).unwrap();
+    let pool = KeyPool::new(&config.pools[0]);
+    let echo = br#"{"error":{"message":"bad token made-up-relay-token for made-up-pool-key-1"}}"#;
+    let clean =
+        |pool: &KeyPool| String::from_utf8(pool.scrubber().body(echo).into_owned()).unwrap();
+    let text = clean(&pool);
+    assert!(!text.contains("made-up"), "{text}");
+    assert!(
+        text.contains("[upstream header cf-aig-authorization]"),
+        "{text}"
+    );
+    assert_eq!(
+        pool.scrubber()
+            .header(b"Bearer made-up-relay-token")
+            .as_deref(),
+        Some(&b"[upstream header cf-aig-authorization]"[..])
+    );
+    let rebuilt = pool.rebuilt(&pool.key_configs());
+    assert!(!clean(&rebuilt).contains("made-up"));
+}
