@@ -73,6 +73,8 @@ pub struct Runtime {
     pub public_url: Option<String>,
     /// Proxies whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Model aliases: the name a client sends, the model it stands for.
+    pub model_aliases: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything the proxy and the admin API share.
@@ -169,6 +171,7 @@ impl Runtime {
             client_limits: config.client_limits,
             public_url: config.public_url.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            model_aliases: config.model_aliases.clone(),
         }
     }
 
@@ -185,6 +188,15 @@ impl Runtime {
             Some((i, _)) => Route::Pool(i),
             None => Route::NoPool,
         }
+    }
+
+    /// The aliases `tenant` may use (those whose model one of its pools serves), in name order.
+    pub fn aliases_for(&self, tenant: Option<&Tenant>) -> Vec<(&str, &str)> {
+        self.model_aliases
+            .iter()
+            .filter(|(_, target)| matches!(self.route(tenant, target), Route::Pool(_)))
+            .map(|(alias, target)| (alias.as_str(), target.as_str()))
+            .collect()
     }
 
     /// The index of the pool named `name`.
