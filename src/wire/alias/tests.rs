@@ -142,3 +142,41 @@ fn listings_get_the_aliases_saying_what_they_stand_for() {
     assert_eq!(add_to_listing(b"[1]", &aliases), None);
     assert_eq!(add_to_listing(br#"{"other":[]}"#, &aliases), None);
 }
+
+proptest::proptest! {
+    /// Whatever else a body holds, its rewrite is the same JSON with the top-level `model`
+    /// naming the real model, and nothing else changed.
+    #[test]
+    fn the_rewrite_changes_the_top_level_model_only(
+        before in proptest::collection::vec(("[a-z\\\\\"]{1,8}", "\\PC{0,12}"), 0..4),
+        after in proptest::collection::vec(("[a-z\\\\\"]{1,8}", "\\PC{0,12}"), 0..4),
+        nested_model in proptest::bool::ANY,
+        prefix in proptest::bool::ANY,
+    ) {
+        let mut text = String::from("{");
+        for (k, v) in &before {
+            text.push_str(&format!("{}:{},", json!(format!("x{k}")), json!(v)));
+        }
+        if nested_model {
+            text.push_str(r#""inner":{"model":"gemini-pro-chat"},"#);
+        }
+        let named = if prefix { "models/gemini-pro-chat" } else { "gemini-pro-chat" };
+        text.push_str(&format!(r#""model" : "{named}""#));
+        for (k, v) in &after {
+            text.push_str(&format!(",{}:{}", json!(format!("y{k}")), json!(v)));
+        }
+        text.push('}');
+        let out = rewrite_body_model(text.as_bytes(), "gemini-pro-chat", "gemini-2.5-pro").unwrap();
+        let mut want: Value = serde_json::from_str(&text).unwrap();
+        let real = if prefix { "models/gemini-2.5-pro" } else { "gemini-2.5-pro" };
+        want["model"] = json!(real);
+        let got: Value = serde_json::from_slice(&out).unwrap();
+        proptest::prop_assert_eq!(got, want);
+        // Byte for byte, only the model's string differs.
+        let text_out = String::from_utf8(out).unwrap();
+        proptest::prop_assert_eq!(
+            text_out,
+            text.replace(&format!(r#""model" : "{named}""#), &format!(r#""model" : "{real}""#))
+        );
+    }
+}
