@@ -34,6 +34,8 @@ fn pool(n: usize) -> KeyPool {
             host: "127.0.0.1".into(),
             port: 1,
             addresses: Vec::new(),
+            base_path: String::new(),
+            headers: Vec::new(),
         },
         keys: (0..n)
             .map(|i| KeyConfig {
@@ -42,6 +44,7 @@ fn pool(n: usize) -> KeyPool {
                 billing_account: None,
             })
             .collect(),
+        key_variables: None,
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,

@@ -32,6 +32,11 @@ fn python() -> Option<PathBuf> {
 /// A mock where project p1 is out of per-minute quota for flash and p2 serves, behind keygate
 /// with one tenant.
 async fn setup() -> (Mock, Keygate) {
+    setup_with("").await
+}
+
+/// [`setup`], with `extra` added to the configuration.
+async fn setup_with(extra: &str) -> (Mock, Keygate) {
     let mock = Mock::start().await;
     mock.key("sdk-key-1", "p1").key("sdk-key-2", "p2");
     mock.per_minute_limit("p1", "gemini-2.5-flash", 0, "40s");
@@ -40,7 +45,7 @@ async fn setup() -> (Mock, Keygate) {
         "sdk",
         "sdk-tenant-token",
     );
-    let kg = Keygate::start(&yaml);
+    let kg = Keygate::start(&format!("{yaml}{extra}"));
     (mock, kg)
 }
 
@@ -276,4 +281,97 @@ async fn google_genai_sdk_holds_an_interactions_conversation_across_a_multi_proj
     let first_key = seen[0].key.clone();
     assert!(seen.iter().all(|s| s.key == first_key), "{seen:?}");
     kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_sdk_asks_for_a_model_alias_that_google_sees_as_the_real_model() {
+    let Some(python) = python() else { return };
+    let (mock, kg) = setup_with("model_aliases:\n  gemini-flash-chat: gemini-2.5-flash\n").await;
+    let out = run_script_with(
+        &python,
+        "openai_e2e.py",
+        &kg,
+        &[
+            ("OPENAI_BASE_PATH", "/v1"),
+            ("MODEL", "gemini-flash-chat"),
+            ("LIST_MODELS", "1"),
+            ("EXPECT_LISTED", "models/gemini-flash-chat"),
+        ],
+    )
+    .await;
+    assert!(out.contains("openai ok"), "{out}");
+    let seen = mock.seen();
+    // p1's 429 cooled gemini-2.5-flash, the real model: one refusal in all.
+    assert_eq!(
+        seen.iter().filter(|s| s.status == 429).count(),
+        1,
+        "{seen:?}"
+    );
+    let chats: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path == "/v1beta/openai/chat/completions")
+        .collect();
+    assert_eq!(chats.len(), 3, "{seen:?}");
+    for s in &seen {
+        let text = format!("{} {}", s.path, String::from_utf8_lossy(&s.body));
+        assert!(!text.contains("gemini-flash-chat"), "{text}");
+    }
+    for s in chats {
+        let body: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(body["model"], "gemini-2.5-flash");
+    }
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-1", "sdk-key-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn google_genai_sdk_generates_streams_and_uploads_through_a_relay_with_a_base_path() {
+    let Some(python) = python() else { return };
+    // A relay in front of the mock, like Cloudflare's AI Gateway: a base path and a token of
+    // its own on every request.
+    let base = "/v1/acct/gw/google-ai-studio";
+    let mock = Mock::start().await;
+    mock.serve_under(base)
+        .relay_auth("cf-aig-authorization", "Bearer sdk-relay-token");
+    mock.key("sdk-key-1", "p1").key("sdk-key-2", "p2");
+    let yaml = with_tenant(
+        &format!(
+            "{}    upstream_headers: {{cf-aig-authorization: {{env: CF_AIG_TOKEN}}}}\n",
+            pool_yaml(
+                &format!("{}{base}", mock.url()),
+                &[("sdk-key-1", "p1"), ("sdk-key-2", "p2")]
+            )
+        ),
+        "sdk",
+        "sdk-tenant-token",
+    );
+    let kg = Keygate::start_with_env(&yaml, &[("CF_AIG_TOKEN", "Bearer sdk-relay-token")]);
+    // The resumable upload, and a generation that uses the file on its own project.
+    let out = run_script(&python, "genai_files.py", &kg).await;
+    let file = out
+        .lines()
+        .find_map(|l| l.strip_prefix("file "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let owner = mock.owner_of(file).unwrap();
+    assert!(out.contains(&format!("reply hello from {owner}")), "{out}");
+    // Generation and streaming, p1's quota refusal retried on p2 through the relay.
+    mock.per_minute_limit("p1", "gemini-2.5-flash", 0, "40s");
+    let out = run_script(&python, "genai_e2e.py", &kg).await;
+    assert!(out.contains("genai ok"), "{out}");
+    let seen = mock.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.query.as_deref().is_some_and(|q| q.contains("upload_id="))),
+        "{seen:?}"
+    );
+    for s in &seen {
+        assert!(s.full_path.starts_with(&format!("{base}/")), "{s:?}");
+        assert_eq!(s.headers["cf-aig-authorization"], "Bearer sdk-relay-token");
+        assert!(s.status == 200 || s.status == 429, "{s:?}");
+    }
+    kg.assert_logs_clean(&[
+        "sdk-tenant-token",
+        "sdk-key-1",
+        "sdk-key-2",
+        "sdk-relay-token",
+    ]);
 }

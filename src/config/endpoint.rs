@@ -1,13 +1,16 @@
-//! Where keygate connects to, as the configuration names it: upstreams (`http(s)://host[:port]`,
-//! with pinned addresses), outbound proxies (`http://` or `socks5://`) and webhook URLs. One
-//! parser for the three, so they accept and refuse the same spellings.
+//! Where keygate connects to, as the configuration names it: upstreams
+//! (`http(s)://host[:port][/base/path]`, with pinned addresses and headers of their own),
+//! outbound proxies (`http://` or `socks5://`) and webhook URLs. One parser for the three, so
+//! they accept and refuse the same spellings.
 
 use super::UpstreamConfig;
 use crate::secret::Secret;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// Parses `http(s)://host[:port]` (no path, no credentials).
+/// Parses `http(s)://host[:port][/base/path]` (no query, no credentials). A base path (a relay
+/// such as Cloudflare's AI Gateway) is kept without its trailing slash; every outbound path is
+/// appended to it.
 ///
 /// By hand rather than with `http::Uri`, which is lenient where a config file must not be: it
 /// reads `host:99999` and `host:` as "no port" (so the default port, silently), drops a
@@ -20,10 +23,14 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
     } else {
         return Err("must start with http:// or https://".into());
     };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
-        return Err("must be scheme://host[:port] with no path, query or credentials".into());
+    let (rest, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if rest.contains(['?', '#', '@']) || path.contains(['?', '#']) {
+        return Err(
+            "must be scheme://host[:port][/base/path] with no query, fragment or credentials"
+                .into(),
+        );
     }
+    let base_path = base_path(path)?;
     let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
         let (h, after) = inner.split_once(']').ok_or("unclosed [ in IPv6 address")?;
         let port = match after.strip_prefix(':') {
@@ -51,7 +58,100 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
         host,
         port,
         addresses: Vec::new(),
+        base_path,
+        headers: Vec::new(),
     })
+}
+
+/// Checks an upstream's base path (`/v1/ACCOUNT/GATEWAY/google-ai-studio`, or empty): plain
+/// segments only, so the path keygate sends is the one it decided on; returned without its
+/// trailing slash.
+fn base_path(path: &str) -> Result<String, String> {
+    let path = path.trim_end_matches('/');
+    for segment in path.split('/').skip(1) {
+        let plain = segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b));
+        if segment.is_empty() || segment == "." || segment == ".." || !plain {
+            return Err(format!(
+                "the base path {path:?} may hold only plain segments (no //, . or .., %-escapes, spaces)"
+            ));
+        }
+    }
+    let last = path.rsplit('/').next().unwrap_or_default();
+    if matches!(
+        last,
+        "v1" | "v1beta" | "v1alpha" | "upload" | "openai" | "models"
+    ) {
+        return Err(format!(
+            "the client's path (/v1beta/models/...) is appended to the base path {path:?}: leave \
+             the API's own path out (https://generativelanguage.googleapis.com, not .../{last})"
+        ));
+    }
+    Ok(path.to_string())
+}
+
+/// Headers a pool may not set with `upstream_headers`: keygate sets the key and the host itself,
+/// and the rest belong to the connection or the message framing.
+const RESERVED_HEADERS: [&str; 11] = [
+    "x-goog-api-key",
+    "authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+];
+
+/// A pool's `upstream_headers`: lower-case names, values read from the environment (never
+/// written in the file, never echoed in an error).
+pub(super) fn upstream_headers(
+    headers: &std::collections::BTreeMap<String, super::file::FileEnvValue>,
+    ctx: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, Secret)>, super::ConfigError> {
+    use super::file::FileEnvValue;
+    use super::validate::invalid;
+    let mut out: Vec<(String, Secret)> = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let lower = name.trim().to_ascii_lowercase();
+        let ctx = format!("{ctx}.upstream_headers.{lower}");
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            return Err(invalid(format!("{ctx}: not a header name")));
+        }
+        if RESERVED_HEADERS.contains(&lower.as_str()) {
+            return Err(invalid(format!(
+                "{ctx}: keygate sets this header itself (x-goog-api-key, authorization and host carry the pool key and the upstream; the others the connection)"
+            )));
+        }
+        if out.iter().any(|(n, _)| *n == lower) {
+            return Err(invalid(format!("{ctx}: given twice")));
+        }
+        let FileEnvValue::Env(var) = value else {
+            return Err(invalid(format!(
+                "{ctx}: write {{env: VARIABLE}}: a header's value comes from the environment, never from the file"
+            )));
+        };
+        let Some(text) = env(&var.env) else {
+            return Err(invalid(format!(
+                "{ctx}: environment variable {} is not set",
+                var.env
+            )));
+        };
+        let text = text.trim();
+        if text.is_empty() || http::HeaderValue::from_str(text).is_err() {
+            return Err(invalid(format!(
+                "{ctx}: ${} must hold a header value (visible ASCII and spaces)",
+                var.env
+            )));
+        }
+        out.push((lower, Secret::new(text)));
+    }
+    Ok(out)
 }
 
 /// Most addresses one upstream may pin.

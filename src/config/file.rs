@@ -4,6 +4,7 @@
 
 use super::{DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_BUFFERED_BYTES};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +40,8 @@ pub(super) struct FileConfig {
     pub(super) trusted_proxies: Vec<String>,
     #[serde(default)]
     pub(super) client_limits: FileClientLimits,
+    #[serde(default)]
+    pub(super) model_aliases: BTreeMap<String, String>,
     pub(super) redis: Option<FileRedis>,
 }
 
@@ -190,6 +193,7 @@ pub(super) struct FilePool {
     #[serde(default)]
     pub(super) keys: Vec<FileKey>,
     pub(super) keys_env: Option<String>,
+    pub(super) keys_env_prefix: Option<String>,
     pub(super) keys_file: Option<PathBuf>,
     pub(super) tls_ca_file: Option<PathBuf>,
     pub(super) models: Option<Vec<String>>,
@@ -199,6 +203,23 @@ pub(super) struct FilePool {
     #[serde(default)]
     pub(super) fair_share: bool,
     pub(super) fair_share_active_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) upstream_headers: BTreeMap<String, FileEnvValue>,
+}
+
+/// A value that must come from the environment (`{env: VARIABLE}`); anything else is taken only
+/// to be refused with a clear message.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum FileEnvValue {
+    Env(FileEnvRef),
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileEnvRef {
+    pub(super) env: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,15 +4,17 @@
 //! Loading never panics and never echoes a key or a token: every error message goes through
 //! [`redact`] before it reaches the user.
 
+mod aliases;
 pub mod endpoint;
 mod file;
+mod keys;
 mod redis;
 mod validate;
 
 use crate::secret::Secret;
 use endpoint::redacted_url;
 pub use endpoint::{parse_upstream, ProxyConfig, ProxyKind};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -101,6 +103,9 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// What a client connection may take.
     pub client_limits: ClientLimits,
+    /// Names clients may send for models (`gemini-pro-chat`), each with the model it stands for
+    /// (`gemini-2.5-pro`), both without `models/`: resolved before routing.
+    pub model_aliases: BTreeMap<String, String>,
     /// Where several instances share their state, if anywhere.
     pub redis: Option<RedisConfig>,
 }
@@ -264,6 +269,8 @@ pub struct PoolConfig {
     pub upstream: UpstreamConfig,
     /// Its keys, deduplicated, in file order.
     pub keys: Vec<KeyConfig>,
+    /// What `keys_env_prefix` found, if the pool has one.
+    pub key_variables: Option<KeyVariables>,
     /// CA bundle to verify the upstream with instead of the system roots.
     pub tls_ca_file: Option<PathBuf>,
     /// Model globs this pool serves; empty means every model.
@@ -283,6 +290,17 @@ impl PoolConfig {
     pub fn serves(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|g| glob_match(g, model))
     }
+}
+
+/// What a pool's `keys_env_prefix` found: counts only, for `--check` (never a value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVariables {
+    /// The prefix (`GOOGLE_AI_STUDIO_KEY_CHAT`).
+    pub prefix: String,
+    /// Variables set: the bare one and the numbered ones.
+    pub variables: usize,
+    /// Keys read from them (before duplicates were dropped).
+    pub keys: usize,
 }
 
 /// Matches `text` against a glob where `*` stands for any run of characters (and `?` for one).
@@ -309,7 +327,7 @@ pub fn glob_match(glob: &str, text: &str) -> bool {
     g[gi..].iter().all(|&c| c == b'*')
 }
 
-/// A parsed `http(s)://host[:port]` upstream.
+/// A parsed `http(s)://host[:port][/base/path]` upstream, with the headers sent to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// `https` or not.
@@ -321,6 +339,13 @@ pub struct UpstreamConfig {
     /// Addresses pinned in the config (`upstream_addresses`, like curl's `--resolve`): used
     /// instead of looking the host up. Empty: the host is an IP literal or is looked up.
     pub addresses: Vec<SocketAddr>,
+    /// The path the upstream lives under (a relay such as Cloudflare's AI Gateway:
+    /// `/v1/ACCOUNT/GATEWAY/google-ai-studio`), without a trailing slash; empty for Google
+    /// itself. Every outbound path is appended to it.
+    pub base_path: String,
+    /// Extra headers sent with every request to this upstream (`upstream_headers`), lower-case
+    /// names; the values come from the environment and never print.
+    pub headers: Vec<(String, Secret)>,
 }
 
 impl UpstreamConfig {
@@ -337,6 +362,24 @@ impl UpstreamConfig {
         } else {
             format!("{host}:{}", self.port)
         }
+    }
+
+    /// `scheme://host[:port]/…` (the base path, which may name an account, left out): how
+    /// keygate's own answers name the upstream.
+    pub fn label(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        let tail = if self.base_path.is_empty() {
+            ""
+        } else {
+            "/…"
+        };
+        format!("{scheme}://{}{tail}", self.authority())
+    }
+
+    /// Whether the upstream is a relay in front of Google (a base path or headers of its own):
+    /// its own refusals (401, 429) are then told apart from Google's.
+    pub fn is_relay(&self) -> bool {
+        !self.base_path.is_empty() || !self.headers.is_empty()
     }
 }
 
@@ -376,15 +419,31 @@ impl Config {
             reason: e.kind().to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base, &|name| std::env::var(name).ok())
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .collect();
+        Config::parse_with_names(&text, base, &|name| std::env::var(name).ok(), &names)
     }
 
     /// Parses and validates YAML text. `base` resolves relative `keys_file` paths; `env` looks
     /// up environment variables (a parameter so tests need not touch the real environment).
+    /// `env` has no list of names here: a `keys_env_prefix` finds only its bare variable (see
+    /// [`Config::parse_with_names`]).
     pub fn parse(
         text: &str,
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Config::parse_with_names(text, base, env, &[])
+    }
+
+    /// [`Config::parse`], with the names of the environment's variables (`env_names`), among
+    /// which `keys_env_prefix` finds its numbered variables.
+    pub fn parse_with_names(
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        env_names: &[String],
     ) -> Result<Config, ConfigError> {
         let de = serde_yaml::Deserializer::from_str(text);
         let file: file::FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -402,7 +461,7 @@ impl Config {
                 ConfigError::Parse(format!("{path}: {inner}"))
             }
         })?;
-        validate::validated(file, base, env)
+        validate::validated(file, base, env, env_names)
     }
 
     /// One line saying what this configuration serves, without any secret.
@@ -412,12 +471,20 @@ impl Config {
             .iter()
             .map(|p| {
                 let projects: HashSet<&str> = p.keys.iter().map(|k| k.project.as_str()).collect();
+                let found = match &p.key_variables {
+                    Some(v) => format!(
+                        "; keys_env_prefix {}: {} keys in {} variables",
+                        v.prefix, v.keys, v.variables
+                    ),
+                    None => String::new(),
+                };
                 format!(
-                    "{} ({} keys in {} projects -> {})",
+                    "{} ({} keys in {} projects -> {}{}{found})",
                     p.name,
                     p.keys.len(),
                     projects.len(),
-                    p.upstream.authority()
+                    p.upstream.authority(),
+                    p.upstream.base_path
                 )
             })
             .collect();
@@ -430,12 +497,16 @@ impl Config {
             Some(a) => format!("; admin API on {}", a.listen),
             None => String::new(),
         };
+        let aliases = match self.model_aliases.len() {
+            0 => String::new(),
+            n => format!("; {n} model alias(es)"),
+        };
         let state = match &self.state_file {
             Some(p) => format!("; state file {}", p.display()),
             None => String::new(),
         };
         format!(
-            "config OK: listen {}, {} pool(s): {}; {}{admin}{state}",
+            "config OK: listen {}, {} pool(s): {}; {}{aliases}{admin}{state}",
             self.listen,
             self.pools.len(),
             pools.join(", "),

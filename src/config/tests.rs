@@ -238,6 +238,8 @@ fn parses_upstreams() {
             host: "generativelanguage.googleapis.com".into(),
             port: 443,
             addresses: Vec::new(),
+            base_path: String::new(),
+            headers: Vec::new(),
         }
     );
     let u = parse_upstream("http://127.0.0.1:8081/").unwrap();
@@ -249,8 +251,11 @@ fn parses_upstreams() {
     assert_eq!(v6.host, "::1");
     assert_eq!(v6.authority(), "[::1]:9000");
     assert!(parse_upstream("ftp://x").is_err());
-    assert!(parse_upstream("https://x/v1beta").is_err());
+    // The API's own path is the client's to send, not the upstream's.
+    let e = parse_upstream("https://x/v1beta").unwrap_err();
+    assert!(e.contains("leave the API's own path out"), "{e}");
     assert!(parse_upstream("https://user:pw@x").is_err());
+    assert!(parse_upstream("https://user@x/base").is_err());
     // What http::Uri would let through as "no port".
     assert!(parse_upstream("https://x:99999").is_err());
     assert!(parse_upstream("https://x:").is_err());
@@ -528,5 +533,189 @@ fn the_redis_section_is_checked() {
         let e = parse(&with(section)).unwrap_err().to_string();
         assert!(e.contains(why), "{section}: {e}");
         assert!(!e.contains("made-up-pass"), "{e}");
+    }
+}
+
+#[test]
+fn an_upstream_may_live_under_a_base_path() {
+    let cf = "https://gateway.ai.cloudflare.com/v1/acct-1/gw_2/google-ai-studio/";
+    let u = parse_upstream(cf).unwrap();
+    assert_eq!(u.authority(), "gateway.ai.cloudflare.com");
+    assert_eq!(u.base_path, "/v1/acct-1/gw_2/google-ai-studio");
+    assert_eq!(u.label(), "https://gateway.ai.cloudflare.com/…");
+    assert!(u.is_relay());
+    let plain = parse_upstream("http://127.0.0.1:9/").unwrap();
+    assert_eq!(plain.base_path, "");
+    assert!(!plain.is_relay());
+    assert_eq!(plain.label(), "http://127.0.0.1:9");
+    for bad in [
+        "https://x/a//b",
+        "https://x/a/../b",
+        "https://x/./b",
+        "https://x/a%2Fb",
+        "https://x/a b",
+        "https://x/a?b=1",
+        "https://x/a#f",
+        "https://x/relay/v1beta",
+        "https://x/relay/upload",
+    ] {
+        assert!(parse_upstream(bad).is_err(), "{bad}");
+    }
+    let c = parse(&MINIMAL.replace("https://example.com", cf)).unwrap();
+    assert!(c
+        .summary()
+        .contains("gateway.ai.cloudflare.com/v1/acct-1/gw_2/google-ai-studio"));
+}
+
+#[test]
+fn upstream_headers_come_from_the_environment_only() {
+    let with = |headers: &str| format!("{MINIMAL}    upstream_headers: {headers}\n");
+    let env = |name: &str| match name {
+        "CF_AIG_TOKEN" => Some("Bearer made-up-relay-token".to_string()),
+        "BAD" => Some("line\nbreak".to_string()),
+        _ => None,
+    };
+    let c = Config::parse(
+        &with("{Cf-Aig-Authorization: {env: CF_AIG_TOKEN}}"),
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    let headers = &c.pools[0].upstream.headers;
+    assert_eq!(headers.len(), 1);
+    assert_eq!(headers[0].0, "cf-aig-authorization");
+    assert_eq!(headers[0].1.expose(), "Bearer made-up-relay-token");
+    assert!(c.pools[0].upstream.is_relay());
+    assert!(!format!("{c:?}").contains("made-up-relay-token"));
+    for (headers, why) in [
+        (
+            "{cf-aig-authorization: \"Bearer inline-secret-value\"}",
+            "from the environment",
+        ),
+        ("{cf-aig-authorization: {env: NOPE}}", "NOPE is not set"),
+        (
+            "{x-goog-api-key: {env: CF_AIG_TOKEN}}",
+            "sets this header itself",
+        ),
+        (
+            "{Authorization: {env: CF_AIG_TOKEN}}",
+            "sets this header itself",
+        ),
+        ("{host: {env: CF_AIG_TOKEN}}", "sets this header itself"),
+        (
+            "{content-length: {env: CF_AIG_TOKEN}}",
+            "sets this header itself",
+        ),
+        ("{\"bad name\": {env: CF_AIG_TOKEN}}", "not a header name"),
+        ("{x-a: {env: BAD}}", "must hold a header value"),
+        (
+            "{x-a: {env: CF_AIG_TOKEN}, X-A: {env: CF_AIG_TOKEN}}",
+            "twice",
+        ),
+        (
+            "{x-a: {env: CF_AIG_TOKEN, value: v}}",
+            "from the environment",
+        ),
+    ] {
+        let e = Config::parse(&with(headers), Path::new("."), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstream_headers") && e.contains(why),
+            "{headers}: {e}"
+        );
+        assert!(
+            !e.contains("inline-secret-value") && !e.contains("made-up-relay-token"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn numbered_key_variables_load_with_gaps() {
+    let text = "pools:\n  - name: chat\n    upstream: https://x\n    keys_env_prefix: GOOGLE_AI_STUDIO_KEY_CHAT\n";
+    let vars: Vec<(&str, &str)> = vec![
+        ("GOOGLE_AI_STUDIO_KEY_CHAT", "bare-key-0:p0"),
+        (
+            "GOOGLE_AI_STUDIO_KEY_CHAT_1",
+            "one-key-1:p1, one-key-2:p2:acct",
+        ),
+        ("GOOGLE_AI_STUDIO_KEY_CHAT_07", "seven-key"),
+        ("GOOGLE_AI_STUDIO_KEY_CHAT_3", "three-key:p3"),
+        ("GOOGLE_AI_STUDIO_KEY_CHAT_OLD", "old-key-ignored"),
+        ("GOOGLE_AI_STUDIO_KEY_CHATTY_1", "other-key-ignored"),
+    ];
+    let names: Vec<String> = vars.iter().map(|(n, _)| n.to_string()).collect();
+    let env = |name: &str| {
+        vars.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let c = Config::parse_with_names(text, Path::new("."), &env, &names).unwrap();
+    let got: Vec<&str> = c.pools[0].keys.iter().map(|k| k.secret.expose()).collect();
+    assert_eq!(
+        got,
+        [
+            "bare-key-0",
+            "one-key-1",
+            "one-key-2",
+            "three-key",
+            "seven-key"
+        ]
+    );
+    assert_eq!(c.pools[0].keys[2].billing_account.as_deref(), Some("acct"));
+    let summary = c.summary();
+    assert!(
+        summary.contains("keys_env_prefix GOOGLE_AI_STUDIO_KEY_CHAT: 5 keys in 4 variables"),
+        "{summary}"
+    );
+    assert!(!summary.contains("one-key"), "{summary}");
+    // Without the names, only the bare variable is read.
+    let bare = Config::parse(text, Path::new("."), &env).unwrap();
+    assert_eq!(bare.pools[0].keys.len(), 1);
+    // Nothing found: the error names the prefix; a trailing _ is refused.
+    let e = parse(text).unwrap_err().to_string();
+    assert!(
+        e.contains("keys_env_prefix ($GOOGLE_AI_STUDIO_KEY_CHAT"),
+        "{e}"
+    );
+    let e = parse(&text.replace("CHAT\n", "CHAT_\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trailing _"), "{e}");
+    // A bad entry names its variable, not its value.
+    let bad = |name: &str| (name == "GOOGLE_AI_STUDIO_KEY_CHAT_2").then(|| "k:p:b:extra".into());
+    let names = vec!["GOOGLE_AI_STUDIO_KEY_CHAT_2".to_string()];
+    let e = Config::parse_with_names(text, Path::new("."), &bad, &names)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("$GOOGLE_AI_STUDIO_KEY_CHAT_2, entry 1"), "{e}");
+}
+
+#[test]
+fn model_aliases_must_name_a_served_model() {
+    let pools = "pools:\n  - name: pro\n    upstream: https://x\n    keys: [k1]\n    models: [\"gemini-2.5-pro*\"]\n";
+    let c = parse(&format!(
+        "{pools}model_aliases:\n  gemini-pro-chat: gemini-2.5-pro\n  models/pro-fix: models/gemini-2.5-pro-preview\n"
+    ))
+    .unwrap();
+    assert_eq!(c.model_aliases["gemini-pro-chat"], "gemini-2.5-pro");
+    assert_eq!(c.model_aliases["pro-fix"], "gemini-2.5-pro-preview");
+    assert!(c.summary().contains("2 model alias(es)"));
+    for (aliases, why) in [
+        ("{gemini-image: gemini-2.5-flash-image}", "no pool serves"),
+        ("{a: gemini-2.5-pro, b: a}", "itself an alias"),
+        ("{gemini-2.5-pro: gemini-2.5-pro}", "stand for itself"),
+        ("{\"gemini/pro\": gemini-2.5-pro}", "letters, digits"),
+        ("{x: \"gemini-2.5-pro:generateContent\"}", "letters, digits"),
+        ("{x: \"\"}", "letters, digits"),
+    ] {
+        let e = parse(&format!("{pools}model_aliases: {aliases}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model_aliases.") && e.contains(why),
+            "{aliases}: {e}"
+        );
     }
 }

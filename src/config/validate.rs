@@ -1,11 +1,14 @@
 //! From the file as written to the validated configuration: every value checked, every error
 //! naming the field and what would be right, never a secret.
 
-use super::endpoint::{parse_pinned_addresses, parse_upstream, parse_webhook_url};
+use super::endpoint::{
+    parse_pinned_addresses, parse_upstream, parse_webhook_url, upstream_headers,
+};
 use super::file::*;
 use super::*;
+use super::{aliases, keys};
 use crate::secret::{parse_sha256_hex, sha256, Secret};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +21,7 @@ pub(super) fn validated(
     file: FileConfig,
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    env_names: &[String],
 ) -> Result<Config, ConfigError> {
     let listen: SocketAddr = file.listen.parse().map_err(|_| {
         invalid(format!(
@@ -61,7 +65,7 @@ pub(super) fn validated(
                 pool.name
             )));
         }
-        pools.push(validate_pool(pool, &ctx, base, env)?);
+        pools.push(validate_pool(pool, &ctx, base, env, env_names)?);
     }
 
     let mut tenants = Vec::with_capacity(file.tenants.len());
@@ -124,6 +128,8 @@ pub(super) fn validated(
             max_concurrent: tenant.max_concurrent,
         });
     }
+
+    let model_aliases = aliases::validated(&file.model_aliases, &pools)?;
 
     let admin = match file.admin {
         Some(admin) => Some(validate_admin(admin, listen, base, env)?),
@@ -193,6 +199,7 @@ pub(super) fn validated(
             .redis
             .map(|r| super::redis::validate_redis(r, base, env))
             .transpose()?,
+        model_aliases,
     })
 }
 
@@ -397,13 +404,15 @@ pub(super) fn validate_admin(
 }
 
 pub(super) fn validate_pool(
-    pool: FilePool,
+    mut pool: FilePool,
     ctx: &str,
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    names: &[String],
 ) -> Result<PoolConfig, ConfigError> {
     let mut upstream =
         parse_upstream(&pool.upstream).map_err(|why| invalid(format!("{ctx}.upstream: {why}")))?;
+    upstream.headers = upstream_headers(&pool.upstream_headers, ctx, env)?;
     if let Some(pinned) = &pool.upstream_addresses {
         if pool.proxy.is_some() {
             return Err(invalid(format!(
@@ -443,152 +452,7 @@ pub(super) fn validate_pool(
         ),
     };
 
-    // (key, explicit project, explicit billing account, where) in the order: inline,
-    // environment, file.
-    let mut raw: Vec<RawKey> = Vec::new();
-    for (j, key) in pool.keys.into_iter().enumerate() {
-        let (k, p, b) = match key {
-            FileKey::Bare(k) => (k, None, None),
-            FileKey::Full(f) => (f.key, f.project, f.billing_account),
-        };
-        if b.is_some() && p.is_none() {
-            return Err(invalid(format!(
-                "{ctx}.keys[{j}]: a billing_account needs the key's project beside it"
-            )));
-        }
-        raw.push((k, p, b, format!("{ctx}.keys[{j}]")));
-    }
-    if let Some(var) = &pool.keys_env {
-        match env(var) {
-            Some(value) => {
-                for (j, item) in value.split(',').enumerate() {
-                    let item = item.trim();
-                    if item.is_empty() {
-                        continue;
-                    }
-                    let place = format!("{ctx}.keys_env ${var}, entry {}", j + 1);
-                    let mut parts = item.split(':').map(|s| s.trim().to_string());
-                    let k = parts.next().unwrap_or_default();
-                    let (p, b) = (parts.next(), parts.next());
-                    if parts.next().is_some() {
-                        return Err(invalid(format!(
-                            "{place}: expected `KEY`, `KEY:project` or `KEY:project:billing_account`"
-                        )));
-                    }
-                    raw.push((k, p, b, place));
-                }
-            }
-            None => log::warn!("{ctx}.keys_env: environment variable {var} is not set"),
-        }
-    }
-    if let Some(file) = &pool.keys_file {
-        let path = if file.is_absolute() {
-            file.clone()
-        } else {
-            base.join(file)
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
-            path: format!("{ctx}.keys_file {}", path.display()),
-            reason: e.kind().to_string(),
-        })?;
-        for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let mut words = line.split_whitespace();
-            let k = words.next().unwrap_or("").to_string();
-            let p = words.next().map(str::to_string);
-            let b = words.next().map(str::to_string);
-            if words.next().is_some() {
-                return Err(invalid(format!(
-                    "{ctx}.keys_file {} line {}: expected `KEY`, `KEY project` or `KEY project billing_account`",
-                    path.display(),
-                    n + 1
-                )));
-            }
-            raw.push((k, p, b, format!("{ctx}.keys_file line {}", n + 1)));
-        }
-    }
-
-    let mut keys = Vec::with_capacity(raw.len());
-    let mut seen = HashSet::new();
-    // The billing account each project named first, and where.
-    let mut accounts: HashMap<String, (Option<String>, String)> = HashMap::new();
-    for (key, project, billing_account, place) in raw {
-        let key = key.trim().to_string();
-        if key.is_empty() {
-            return Err(invalid(format!("{place}: empty key")));
-        }
-        if !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(invalid(format!(
-                "{place}: a key may hold only visible ASCII characters"
-            )));
-        }
-        let secret = Secret::new(key);
-        if !seen.insert(secret.expose().to_string()) {
-            log::warn!("{place}: {secret} is listed twice; using it once");
-            continue;
-        }
-        let project = match project.map(|p| p.trim().to_string()) {
-            Some(p) if !p.is_empty() => p,
-            Some(_) => return Err(invalid(format!("{place}: empty project"))),
-            None => secret.fingerprint(),
-        };
-        let billing_account = match billing_account.map(|b| b.trim().to_string()) {
-            Some(b) if b.is_empty() => {
-                return Err(invalid(format!("{place}: empty billing account")))
-            }
-            b => b,
-        };
-        for (what, name) in [
-            ("project", Some(&project)),
-            ("billing account", billing_account.as_ref()),
-        ] {
-            if name.is_some_and(|n| looks_like_a_key(n) || seen.contains(n.as_str())) {
-                // Not echoed: it may be a key pasted one place too far.
-                return Err(invalid(format!(
-                    "{place}: the {what} name looks like an API key; a key's line is `KEY`, `KEY project` or `KEY project billing_account`"
-                )));
-            }
-        }
-        match accounts.get(&project) {
-            Some((first, first_place)) if *first != billing_account => {
-                let name = |b: &Option<String>| match b {
-                    Some(b) => format!("billing account {b:?}"),
-                    None => "no billing account".into(),
-                };
-                return Err(invalid(format!(
-                    "{place}: project {project:?} is on {} here and on {} at {first_place}; a project has one billing account",
-                    name(&billing_account),
-                    name(first)
-                )));
-            }
-            Some(_) => {}
-            None => {
-                accounts.insert(project.clone(), (billing_account.clone(), place.clone()));
-            }
-        }
-        keys.push(KeyConfig {
-            secret,
-            project,
-            billing_account,
-        });
-    }
-    if keys.is_empty() {
-        let mut sources = vec!["keys".to_string()];
-        if let Some(var) = &pool.keys_env {
-            sources.push(format!("keys_env (${var})"));
-        }
-        if pool.keys_file.is_some() {
-            sources.push("keys_file".into());
-        }
-        return Err(invalid(format!(
-            "{ctx}: pool {:?} has no keys; looked in {}",
-            pool.name,
-            sources.join(", ")
-        )));
-    }
+    let (keys, key_variables) = keys::pool_keys(&mut pool, ctx, base, env, names)?;
     let fair_share = match (pool.fair_share, pool.fair_share_active_seconds) {
         (false, Some(_)) => {
             return Err(invalid(format!(
@@ -608,6 +472,7 @@ pub(super) fn validate_pool(
         name: pool.name,
         upstream,
         keys,
+        key_variables,
         tls_ca_file: pool
             .tls_ca_file
             .map(|p| if p.is_absolute() { p } else { base.join(p) }),
@@ -637,17 +502,8 @@ pub(super) fn validate_pool(
     })
 }
 
-/// Whether `name` has the shape of a Google API key (`AIza` and 35 more characters).
-fn looks_like_a_key(name: &str) -> bool {
-    name.len() == 39 && name.starts_with("AIza")
-}
-
 /// How often a monthly spend cap is probed unless a pool says otherwise.
 const DEFAULT_CAP_PROBE: Duration = Duration::from_secs(3600);
-
-/// A key as the configuration spells it: the key, its project and billing account if given,
-/// and where it was found (for error messages).
-type RawKey = (String, Option<String>, Option<String>, String);
 
 pub(super) fn tenant_hash(
     tenant: &FileTenant,

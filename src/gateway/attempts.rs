@@ -4,7 +4,9 @@
 use super::answers::{exhausted_error, fair_share_error};
 use super::client::unless_client_gone;
 use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
-use crate::quota::classify::{classify, classify_prefix, Outcome, MAX_CLASSIFY_BODY};
+use crate::quota::classify::{
+    classify, classify_prefix, classify_relayed, Outcome, MAX_CLASSIFY_BODY,
+};
 use crate::quota::keys::{now_millis, KeyId, KeyPool, Transition};
 use crate::quota::plan::{Next, Plan, Then};
 use crate::runtime::health::Cause;
@@ -116,15 +118,33 @@ pub(super) fn is_timeout(e: &Error) -> bool {
 }
 
 /// What Google's answer means. An error body over the read limit is judged by its start.
-pub(super) fn classify_answer(answer: &Answer) -> Outcome {
+/// `relay`: the upstream is a relay in front of Google, whose own refusals are told apart.
+pub(super) fn classify_answer(answer: &Answer, relay: bool) -> Outcome {
     let status = answer.header.status.as_u16();
+    let complete = answer.body.complete;
     if status < 400 {
         classify(status, &[])
-    } else if answer.body.complete {
+    } else if relay {
+        classify_relayed(status, &decoded_body(answer, MAX_CLASSIFY_BODY), complete)
+    } else if complete {
         classify(status, &decoded_body(answer, MAX_CLASSIFY_BODY))
     } else {
         classify_prefix(status, &decoded_body(answer, MAX_CLASSIFY_BODY))
     }
+}
+
+/// The answer when the relay in front of Google refused a request itself (its own 401 or
+/// 429): no key was at fault, and none would do better.
+pub(super) fn relay_refused_error(pool: &Pool, status: u16) -> GatewayError {
+    GatewayError::new(
+        502,
+        "UNAVAILABLE",
+        format!(
+            "keygate: the upstream of pool '{}' ({}) refused the request itself with {status}, not Google; no key was blamed (check the pool's upstream_headers)",
+            pool.name(),
+            pool.upstream.config().label()
+        ),
+    )
 }
 
 impl Gateway {
@@ -218,7 +238,7 @@ impl Gateway {
                 }
                 Ok(mut answer) => {
                     let latency = Some(sent.elapsed());
-                    let outcome = classify_answer(&answer);
+                    let outcome = classify_answer(&answer, job.pool.upstream.config().is_relay());
                     ctx.attempts.push(AttemptLog {
                         key,
                         outcome: outcome.label(),
@@ -243,6 +263,10 @@ impl Gateway {
                             let change = Transition::penalise(penalty, job.model, job.method);
                             self.shared.change_health(keys, key, change, Cause::Answer);
                         }
+                        Then::NotGoogle => {
+                            let status = answer.header.status.as_u16();
+                            return Ending::Failed(relay_refused_error(&job.pool, status));
+                        }
                         Then::Wait(_) | Then::Again | Then::Fail => {}
                     }
                     // Read whole: its connection goes back to the pool before any wait.
@@ -260,7 +284,12 @@ impl Gateway {
                         return Ending::ClientGone;
                     }
                 }
-                Then::Relay | Then::Answer | Then::Penalise(_) | Then::Again | Then::Fail => {}
+                Then::Relay
+                | Then::Answer
+                | Then::Penalise(_)
+                | Then::Again
+                | Then::Fail
+                | Then::NotGoogle => {}
             }
         }
 
@@ -350,11 +379,7 @@ impl Gateway {
             peer,
             reused,
         } = connect(upstream, timeouts.connect, false).await?;
-        let target = request::Target {
-            authority: upstream.authority(),
-            tls: upstream.tls(),
-            h2: matches!(http, ClientSession::H2(_)),
-        };
+        let target = upstream.target(matches!(http, ClientSession::H2(_)));
         let req = request::upstream_request(
             &job.outgoing,
             &job.forward,

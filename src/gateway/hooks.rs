@@ -12,7 +12,7 @@ use crate::quota::keys::now_millis;
 use crate::tenants::Auth;
 use crate::wire::error::GatewayError;
 use crate::wire::request::{self, Api};
-use crate::{quota::affinity, tenants::endpoints, wire::cors, wire::path};
+use crate::{quota::affinity, tenants::endpoints, wire::alias, wire::cors, wire::path};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::proxy::{ProxyHttp, Session};
@@ -237,6 +237,21 @@ impl ProxyHttp for Gateway {
                 return respond(session, ctx, Some(api), &e).await;
             }
         };
+        // A model alias is the model it stands for from here on: routed, limited, cooled and
+        // counted as that, and forwarded naming it (the path, the body's `model`).
+        let (model, path, path_and_query, body) =
+            match alias::resolve(&rt.model_aliases, api, &path, &model, &body) {
+                Ok(None) => (model, path, path_and_query, body),
+                Ok(Some(resolved)) => {
+                    let forwarded = request::with_query(&resolved.path, query.forwarded.as_deref());
+                    let body = resolved.body.map_or(body, Bytes::from);
+                    (resolved.model, resolved.path, forwarded, body)
+                }
+                Err(why) => {
+                    let e = GatewayError::new(400, "INVALID_ARGUMENT", format!("keygate: {why}"));
+                    return respond(session, ctx, Some(api), &e).await;
+                }
+            };
         ctx.model = model.clone();
         // An OpenAI-style batch names its models inside an uploaded file, which keygate does not
         // read: a tenant held to some pools may not start one.

@@ -151,11 +151,7 @@ impl Gateway {
         let upstream = &job.pool.upstream;
         let timeouts = job.rt.timeouts;
         let mut http = connect(upstream, timeouts.connect, true).await?.http;
-        let target = request::Target {
-            authority: upstream.authority(),
-            tls: upstream.tls(),
-            h2: false,
-        };
+        let target = upstream.target(false);
         let exchange_error = |error| SendError::Exchange {
             error,
             reused: false,

@@ -102,6 +102,8 @@ enum Learn {
     Delete(Vec<String>),
     /// A listing of project-bound resources, shown to a tenant: only its own entries stay.
     List,
+    /// The first page of a model listing: the model aliases are added to it.
+    Models,
     /// A read of a known resource (an operation, a batch): files its answer names (a generated
     /// video, a batch's results) belong to the same owner.
     Read,

@@ -8,7 +8,7 @@ use crate::runtime::{Pool, Route, Runtime};
 use crate::tenants::Tenant;
 use crate::wire::error::GatewayError;
 use crate::wire::request;
-use crate::{quota::affinity, wire::names};
+use crate::{quota::affinity, wire::alias, wire::names};
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use std::sync::Arc;
@@ -82,6 +82,12 @@ impl Gateway {
             Learn::List
         } else if req.method == http::Method::GET && !names.is_empty() {
             Learn::Read
+        } else if req.method == http::Method::GET
+            && !rt.model_aliases.is_empty()
+            && alias::is_model_listing(path)
+            && query_value(req, "pageToken").is_none()
+        {
+            Learn::Models
         } else {
             Learn::Nothing
         };

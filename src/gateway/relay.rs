@@ -13,7 +13,7 @@ use crate::tenants::Tenant;
 use crate::upstream::exchange::{decoded_body, read_up_to, Answer};
 use crate::wire::error::GatewayError;
 use crate::wire::usage::BodyTap;
-use crate::{quota::affinity, wire::names};
+use crate::{quota::affinity, wire::alias, wire::names};
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
@@ -42,6 +42,9 @@ impl Gateway {
     ) -> pingora::Result<bool> {
         if matches!(job.learn, Learn::List) {
             return self.relay_listing(session, ctx, job, key, answer).await;
+        }
+        if matches!(job.learn, Learn::Models) && answer.header.status.is_success() {
+            return self.relay_models(session, ctx, job, key, answer).await;
         }
         let Answer {
             mut header,
@@ -223,6 +226,47 @@ impl Gateway {
         Ok(true)
     }
 
+    /// Relays the first page of a model listing with the model aliases the tenant may use
+    /// added, each naming the model it stands for. An answer keygate cannot read as a listing
+    /// goes to the client as it came.
+    pub(super) async fn relay_models(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        job: &Job<'_>,
+        key: KeyId,
+        mut answer: Answer,
+    ) -> pingora::Result<bool> {
+        let found = unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT)).await;
+        if found.is_none() {
+            return Ok(client_gone(session, ctx));
+        }
+        if !answer.body.complete {
+            let e = GatewayError::new(
+                502,
+                "UNAVAILABLE",
+                "keygate: this model listing is larger than 8 MiB; ask for fewer entries with pageSize",
+            );
+            return respond(session, ctx, Some(job.forward.api), &e).await;
+        }
+        let aliases = job.rt.aliases_for(ctx.tenant.as_deref());
+        let listed = alias::add_to_listing(&decoded_body(&answer, LISTING_LIMIT), &aliases);
+        self.park(job, &mut answer.body).await;
+        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        let mut header = answer.header;
+        let body = match listed {
+            Some(body) => {
+                header.remove_header(&header::CONTENT_ENCODING);
+                Bytes::from(body)
+            }
+            None => Bytes::from(answer.body.read.concat()),
+        };
+        scrub_headers(&mut header, job.keys.scrubber())?;
+        ctx.served = true;
+        write_whole(session, ctx, header, body, false).await?;
+        Ok(true)
+    }
+
     /// Counts a relayed answer for its key and tenant, and records what it taught.
     pub(super) fn record_answer(
         &self,
@@ -267,6 +311,9 @@ impl Gateway {
         else {
             return Ok(());
         };
+        // A relay may hand out the URL under its own path: keygate adds that path itself.
+        let base_path = &job.pool.upstream.config().base_path;
+        let google_url = crate::wire::request::without_base(&google_url, base_path).to_string();
         let session = affinity::UploadSession {
             owner: self.owner(job, key, tenant),
             key_fingerprint: job.keys.key(key).fingerprint.clone(),
@@ -333,7 +380,11 @@ impl Gateway {
                 }
             }
             // Bound as the answer went by (`watch_interaction`).
-            Learn::Interaction | Learn::Nothing | Learn::UploadStart { .. } | Learn::List => {}
+            Learn::Interaction
+            | Learn::Nothing
+            | Learn::UploadStart { .. }
+            | Learn::List
+            | Learn::Models => {}
         }
         if let Learn::UploadContinue { id } = &job.learn {
             if upload_final {

@@ -53,7 +53,7 @@ pub async fn check_key(
     let result = fetch(&pool.upstream, keys.key(key).secret.expose(), timeouts).await;
     let check = match result {
         Err(label) => KeyCheck::Inconclusive(label),
-        Ok((status, body)) => match classify(status, &body) {
+        Ok((status, body)) => match classify_relayed_if(pool, status, &body) {
             Outcome::Success => KeyCheck::Alive,
             Outcome::KeyDead(reason) => KeyCheck::Dead(reason),
             other => KeyCheck::Inconclusive(other.label()),
@@ -77,6 +77,15 @@ pub async fn check_key(
     check
 }
 
+/// What the key check's answer means; through a relay, its own refusals blame no key.
+fn classify_relayed_if(pool: &Pool, status: u16, body: &[u8]) -> Outcome {
+    if pool.upstream.config().is_relay() {
+        classify::classify_relayed(status, body, true)
+    } else {
+        classify(status, body)
+    }
+}
+
 /// GETs the key check path with `key`; the status and the (decoded, bounded) body.
 pub(crate) async fn fetch(
     upstream: &Upstream,
@@ -93,11 +102,7 @@ pub(crate) async fn fetch(
         path_and_query: KEY_CHECK_PATH,
         body_len: 0,
     };
-    let target = request::Target {
-        authority: upstream.authority(),
-        tls: upstream.tls(),
-        h2: matches!(http, ClientSession::H2(_)),
-    };
+    let target = upstream.target(matches!(http, ClientSession::H2(_)));
     let req = request::upstream_request(
         &request::Outgoing::from_client(&client),
         &forward,

@@ -83,6 +83,10 @@ pub enum Outcome {
     ClientError,
     /// 500/502/503/504: Google's side; retry with backoff without blaming the key.
     ServerError,
+    /// A relay in front of Google (Cloudflare's AI Gateway, a corporate relay) refused the
+    /// request itself: its own 401 or 429, not Google's. No key is to blame, and no other key
+    /// would do better.
+    RelayRefused,
 }
 
 /// Why a key was taken out of service.
@@ -140,6 +144,7 @@ impl Outcome {
             Outcome::ResourceOfOtherProject => "other_project",
             Outcome::ClientError => "client_error",
             Outcome::ServerError => "server_error",
+            Outcome::RelayRefused => "relay_refused",
         }
     }
 
@@ -181,6 +186,7 @@ impl Outcome {
             Outcome::KeyDead(reason) => V::OtherKey(P::DisableKey(*reason)),
             Outcome::MethodBlocked => V::OtherKey(P::BlockMethod),
             Outcome::SharedCapacity | Outcome::ServerError => V::Transient,
+            Outcome::RelayRefused => V::NotGoogle,
             Outcome::Success
             | Outcome::LocationUnsupported
             | Outcome::NoKeyReachedGoogle
@@ -199,6 +205,8 @@ pub enum Verdict {
     OtherKey(Penalty),
     /// Nobody's fault: back off and retry (bounded), without blaming the key.
     Transient,
+    /// The relay in front of Google refused: answer keygate's own 502, blaming no key.
+    NotGoogle,
 }
 
 /// How the health table records a key-level failure.
@@ -265,6 +273,30 @@ pub fn classify(status: u16, body: &[u8]) -> Outcome {
         402 => Outcome::BillingExhausted,
         400 | 401 | 403 | 429 => classify_error(status, &parse_error(body)),
         _ => Outcome::ClientError,
+    }
+}
+
+/// Classifies an answer that came through a relay in front of Google (an upstream with a base
+/// path or headers of its own; `complete`: the whole body was read, else its start). A 401 or
+/// 429 whose body is not Google's error object (`{"error":{..., "status": "..."}}`, or that
+/// wrapped in an array on the OpenAI-compatible paths) is the relay's own refusal: Cloudflare's
+/// AI Gateway writes `{"success":false,"error":[{"code":2009,"message":"Unauthorized"}]}`, a
+/// proxy an HTML page. Everything else is classified as Google's.
+pub fn classify_relayed(status: u16, body: &[u8], complete: bool) -> Outcome {
+    if matches!(status, 401 | 429) {
+        let facts = if complete {
+            parse_error(body)
+        } else {
+            facts_from_prefix(body)
+        };
+        if facts.status.is_empty() {
+            return Outcome::RelayRefused;
+        }
+    }
+    if complete {
+        classify(status, body)
+    } else {
+        classify_prefix(status, body)
     }
 }
 

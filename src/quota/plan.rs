@@ -74,6 +74,9 @@ pub enum Then {
     Again,
     /// The attempt got no answer and no retry is left: answer with that failure.
     Fail,
+    /// The relay in front of Google refused the request itself: answer so (502), trying no
+    /// other key.
+    NotGoogle,
 }
 
 impl Plan {
@@ -187,6 +190,7 @@ impl Plan {
                 }
                 Then::Penalise(penalty)
             }
+            Verdict::NotGoogle => Then::NotGoogle,
             Verdict::Transient if self.transient_left == 0 || !complete => Then::Answer,
             Verdict::Transient => {
                 self.answered = true;
@@ -300,6 +304,18 @@ mod tests {
         let mut other = Plan::new(policy(2, 5), None, Vec::new(), true);
         let key = tried(other.next(&keys, MODEL, METHOD, NOW + 1_000));
         assert_ne!(keys.key(key).project, keys.key(first).project);
+    }
+
+    #[test]
+    fn a_relay_s_own_refusal_ends_the_attempts_blaming_no_key() {
+        let keys = pool(&[("a", "p1"), ("b", "p2")]);
+        let mut plan = plan(policy(2, 5));
+        let key = tried(plan.next(&keys, MODEL, METHOD, NOW));
+        assert_eq!(
+            answer(&mut plan, &keys, key, Outcome::RelayRefused, NOW),
+            Then::NotGoogle
+        );
+        assert_eq!(keys.availability(MODEL, NOW).usable_projects, 2);
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Runtime {
     pub public_url: Option<String>,
     /// Proxies whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Model aliases: the name a client sends, the model it stands for.
+    pub model_aliases: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything the proxy and the admin API share.
@@ -126,7 +128,12 @@ impl Runtime {
             .map(|p| {
                 let previous = old.and_then(|o| o.pools.iter().find(|q| q.name() == p.name));
                 let keys = match previous {
-                    Some(q) => q.keys.load().rebuilt(&p.keys).probing_every(p.cap_probe),
+                    Some(q) => q
+                        .keys
+                        .load()
+                        .rebuilt(&p.keys)
+                        .probing_every(p.cap_probe)
+                        .scrubbing(crate::quota::keys::header_secrets(p)),
                     None => KeyPool::new(p),
                 };
                 let same_upstream = previous.filter(|q| {
@@ -167,6 +174,7 @@ impl Runtime {
             client_limits: config.client_limits,
             public_url: config.public_url.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            model_aliases: config.model_aliases.clone(),
         }
     }
 
@@ -183,6 +191,15 @@ impl Runtime {
             Some((i, _)) => Route::Pool(i),
             None => Route::NoPool,
         }
+    }
+
+    /// The aliases `tenant` may use (those whose model one of its pools serves), in name order.
+    pub fn aliases_for(&self, tenant: Option<&Tenant>) -> Vec<(&str, &str)> {
+        self.model_aliases
+            .iter()
+            .filter(|(_, target)| matches!(self.route(tenant, target), Route::Pool(_)))
+            .map(|(alias, target)| (alias.as_str(), target.as_str()))
+            .collect()
     }
 
     /// The index of the pool named `name`.

@@ -43,6 +43,8 @@ pub struct Upstream {
     proxy: Option<Arc<ProxyConnect>>,
     timeouts: Timeouts,
     authority: String,
+    /// The upstream's own headers (`upstream_headers`), ready to send; marked sensitive.
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
     route: Route,
     /// The peer of each address seen so far (an address's peer is built once).
     peers: ArcSwap<HashMap<SocketAddr, Arc<HttpPeer>>>,
@@ -100,8 +102,19 @@ impl Upstream {
             };
             Route::Direct(Box::new(addresses))
         };
+        let headers = config
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+                let mut value = http::HeaderValue::from_str(value.expose()).ok()?;
+                value.set_sensitive(true);
+                Some((name, value))
+            })
+            .collect();
         let upstream = Upstream {
             authority,
+            headers,
             config: config.clone(),
             proxy,
             timeouts,
@@ -123,6 +136,23 @@ impl Upstream {
     /// Whether requests use TLS.
     pub fn tls(&self) -> bool {
         self.config.tls
+    }
+
+    /// Where a request on a connection (`h2`: speaking HTTP/2) goes: the authority, the base
+    /// path and the upstream's own headers.
+    pub fn target(&self, h2: bool) -> crate::wire::request::Target<'_> {
+        crate::wire::request::Target {
+            authority: &self.authority,
+            tls: self.config.tls,
+            h2,
+            base_path: &self.config.base_path,
+            headers: &self.headers,
+        }
+    }
+
+    /// The upstream as configured.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
     }
 
     /// Whether the host is a name that must be looked up (not when a proxy does it, nor when

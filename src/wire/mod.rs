@@ -1,7 +1,9 @@
 //! Requests and answers as text: paths and queries as keygate and Google both read them, JSON
-//! strings, resource names, the upstream request, CORS, token usage, keys scrubbed from
-//! answers, and keygate's own Gemini-shaped errors. Knows nothing of keys or tenants.
+//! strings, resource names, the upstream request, model aliases, CORS, token usage, keys
+//! scrubbed from answers, and keygate's own Gemini-shaped errors. Knows nothing of keys or
+//! tenants.
 
+pub mod alias;
 pub mod cors;
 pub mod error;
 pub mod json_strings;

@@ -393,6 +393,15 @@ pub fn with_query(path: &str, query: Option<&str>) -> String {
     }
 }
 
+/// `path_and_query` without the upstream's base path when it starts with it (an upload URL a
+/// relay hands out under its own path): keygate adds the base path to every request it sends.
+pub fn without_base<'a>(path_and_query: &'a str, base_path: &str) -> &'a str {
+    match path_and_query.strip_prefix(base_path) {
+        Some(rest) if !base_path.is_empty() && rest.starts_with('/') => rest,
+        _ => path_and_query,
+    }
+}
+
 /// What is forwarded, the same for every attempt.
 #[derive(Debug, Clone, Copy)]
 pub struct Forward<'a> {
@@ -413,6 +422,12 @@ pub struct Target<'a> {
     pub tls: bool,
     /// Whether the connection speaks HTTP/2.
     pub h2: bool,
+    /// The path the upstream lives under (a relay's), without a trailing slash; empty for
+    /// Google itself. The forwarded path is appended to it.
+    pub base_path: &'a str,
+    /// Headers of the upstream's own (`upstream_headers`): set on every request, in place of
+    /// any the client sent under the same name.
+    pub headers: &'a [(HeaderName, http::HeaderValue)],
 }
 
 /// What every attempt of a request sends from the client's request: its method and the
@@ -464,23 +479,33 @@ impl Outgoing {
 }
 
 /// One attempt's upstream request: the client's method and headers ([`Outgoing`]), the
-/// forwarded path, the pool key (as `x-goog-api-key`, or `Authorization: Bearer` for the
-/// OpenAI-compatible API) and the target for HTTP/1.1 (`Host`) or HTTP/2 (absolute URI, no
-/// `Host`). Built afresh per attempt: cheaper than building once and cloning, since most
-/// requests need a single attempt.
+/// forwarded path (under the target's base path), the pool key (as `x-goog-api-key`, or
+/// `Authorization: Bearer` for the OpenAI-compatible API), the upstream's own headers and the
+/// target for HTTP/1.1 (`Host`) or HTTP/2 (absolute URI, no `Host`). Built afresh per attempt:
+/// cheaper than building once and cloning, since most requests need a single attempt.
 pub fn upstream_request(
     out: &Outgoing,
     fwd: &Forward<'_>,
     key: &str,
     target: &Target<'_>,
 ) -> pingora::Result<RequestHeader> {
+    let based;
+    let path_and_query = if target.base_path.is_empty() {
+        fwd.path_and_query
+    } else {
+        based = format!("{}{}", target.base_path, fwd.path_and_query);
+        &based
+    };
     let mut req = RequestHeader::build(
         out.method.clone(),
-        fwd.path_and_query.as_bytes(),
-        Some(out.headers.len() + 4),
+        path_and_query.as_bytes(),
+        Some(out.headers.len() + target.headers.len() + 4),
     )?;
     for (name, value) in &out.headers {
         req.append_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in target.headers {
+        req.insert_header(name.clone(), value.clone())?;
     }
     let method_has_body = !matches!(out.method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS");
     if fwd.body_len > 0 || method_has_body {
@@ -499,7 +524,7 @@ pub fn upstream_request(
         let uri = http::Uri::builder()
             .scheme(if target.tls { "https" } else { "http" })
             .authority(target.authority)
-            .path_and_query(fwd.path_and_query)
+            .path_and_query(path_and_query)
             .build()
             .map_err(|e| {
                 pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream uri", e)

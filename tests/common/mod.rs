@@ -40,7 +40,10 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: String,
+    /// The path as Google reads it (under a relay's base path, what follows it).
     pub path: String,
+    /// The path as it arrived, a relay's base path included.
+    pub full_path: String,
     pub query: Option<String>,
     pub headers: http::HeaderMap,
     pub body: Bytes,
@@ -134,6 +137,14 @@ struct State {
     billing: HashMap<String, String>,
     /// Billing accounts over their monthly spending cap.
     capped_accounts: HashSet<String>,
+    /// The path this mock serves under, like a relay in front of Google (Cloudflare's AI
+    /// Gateway: `/v1/ACCOUNT/GATEWAY/google-ai-studio`); empty for Google itself.
+    base_path: String,
+    /// The header (name, value) the relay wants on every request; without it, the relay's own
+    /// 401 (Cloudflare's body, not Google's).
+    relay_auth: Option<(String, String)>,
+    /// Answer every request with the relay's own 429 (its rate limit, not Google's).
+    relay_limited: bool,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` held.
@@ -267,6 +278,15 @@ pub const CACHE_DENIED_BODY: &str = r#"{"error":{"code":403,"message":"CachedCon
 
 pub const MODELS_BODY: &str = r#"{"models":[{"name":"models/gemini-2.5-flash","version":"001","displayName":"Gemini 2.5 Flash","supportedGenerationMethods":["generateContent","countTokens","createCachedContent"]},{"name":"models/gemini-2.5-pro","version":"2.5","displayName":"Gemini 2.5 Pro","supportedGenerationMethods":["generateContent","countTokens","createCachedContent"]}]}"#;
 
+/// Cloudflare AI Gateway's own refusal of a request without its token: not Google's shape.
+pub const RELAY_UNAUTHORIZED_BODY: &str = r#"{"success":false,"result":[],"messages":[],"error":[{"code":2009,"message":"Unauthorized"}]}"#;
+
+/// Cloudflare AI Gateway's own rate limit.
+pub const RELAY_LIMITED_BODY: &str = r#"{"success":false,"result":[],"messages":[],"error":[{"code":2003,"message":"Rate limited"}]}"#;
+
+/// Google's OpenAI-compatible model listing.
+pub const OPENAI_MODELS_BODY: &str = r#"{"object":"list","data":[{"id":"models/gemini-2.5-flash","object":"model","owned_by":"google"},{"id":"models/gemini-2.5-pro","object":"model","owned_by":"google"}]}"#;
+
 pub const OVERLOADED_BODY: &str = r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
 
 impl Mock {
@@ -333,6 +353,9 @@ impl Mock {
             billing: HashMap::new(),
             capped_accounts: HashSet::new(),
             faults: None,
+            base_path: String::new(),
+            relay_auth: None,
+            relay_limited: false,
         }));
         let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
         // Where `localhost` also means ::1, answer there too (best effort).
@@ -344,6 +367,25 @@ impl Mock {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Serves only under `base_path`, like a relay in front of Google: requests elsewhere get
+    /// the relay's 404, and upload URLs are handed out under the base path.
+    pub fn serve_under(&self, base_path: &str) -> &Self {
+        self.state.lock().unwrap().base_path = base_path.trim_end_matches('/').to_string();
+        self
+    }
+
+    /// The relay wants header `name: value` on every request; without it, its own 401.
+    pub fn relay_auth(&self, name: &str, value: &str) -> &Self {
+        self.state.lock().unwrap().relay_auth = Some((name.into(), value.into()));
+        self
+    }
+
+    /// The relay answers every request with its own 429 (`on`), or stops doing so.
+    pub fn relay_limited(&self, on: bool) -> &Self {
+        self.state.lock().unwrap().relay_limited = on;
+        self
     }
 
     /// A valid key of `project`.
@@ -700,7 +742,12 @@ async fn handle(
         }
         Fault::None => {}
     }
-    let upgrade = is_live_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    // A relay in front of Google: its base path comes off (or it knows no such route), and it
+    // may refuse the request itself before Google sees it.
+    let full_path = req.uri().path().to_string();
+    let (relayed, refusal) = relay(&state.lock().unwrap(), &full_path, req.headers());
+    let upgrade = (refusal.is_none() && is_live_upgrade(&req, &relayed))
+        .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -721,7 +768,7 @@ async fn handle(
             .map(str::to_string),
     });
     // Google reads the path decoded: %-escapes and dot segments resolved.
-    let path = google_path(parts.uri.path());
+    let path = google_path(&relayed);
     let query = parts.uri.query().map(str::to_string);
     let slow = key
         .as_deref()
@@ -733,9 +780,10 @@ async fn handle(
     if !delay.is_zero() && !path.contains("streamGenerateContent") {
         tokio::time::sleep(delay).await;
     }
-    let response = match upgrade {
-        Some(on) => live(&state, &parts, key.as_deref(), on),
-        None => decide(&state, &parts, &path, key.as_deref(), &body),
+    let response = match (refusal, upgrade) {
+        (Some(refusal), _) => refusal,
+        (None, Some(on)) => live(&state, &parts, key.as_deref(), on),
+        (None, None) => decide(&state, &parts, &path, key.as_deref(), &body),
     };
     // Like Google, compress error answers for clients that accept gzip.
     let accepts_gzip = parts
@@ -750,6 +798,7 @@ async fn handle(
     state.lock().unwrap().seen.push(Seen {
         method: parts.method.to_string(),
         path,
+        full_path,
         query,
         headers: parts.headers,
         body,
@@ -759,6 +808,32 @@ async fn handle(
         version: parts.version,
     });
     Ok(response)
+}
+
+/// What a relay in front of Google (if the mock is one) makes of a request to `path`: the path
+/// Google sees, and the relay's own refusal (no route outside its base path, a missing or wrong
+/// token of its own, its rate limit), if any.
+fn relay(s: &State, path: &str, headers: &http::HeaderMap) -> (String, Option<Response<Body>>) {
+    let inner = match path.strip_prefix(s.base_path.as_str()) {
+        _ if s.base_path.is_empty() => path,
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => {
+            let refusal = full(404, "text/plain", "relay: no route for this path");
+            return (path.to_string(), Some(refusal));
+        }
+    };
+    let authorised = s
+        .relay_auth
+        .as_ref()
+        .is_none_or(|(name, value)| header_str(headers, name) == Some(value.as_str()));
+    let refusal = if !authorised {
+        Some(full(401, "application/json", RELAY_UNAUTHORIZED_BODY))
+    } else if s.relay_limited {
+        Some(full(429, "application/json", RELAY_LIMITED_BODY))
+    } else {
+        None
+    };
+    (inner.to_string(), refusal)
 }
 
 async fn gzipped(response: Response<Body>) -> Response<Body> {
@@ -872,6 +947,9 @@ fn decide(
                 ),
                 false,
             );
+        }
+        if parts.method == http::Method::GET && path.ends_with("/openai/models") {
+            return json(200, OPENAI_MODELS_BODY.into(), false);
         }
         return json(200, r#"{"object":"list","data":[]}"#.into(), false);
     }
@@ -1002,8 +1080,7 @@ fn spend(s: &mut State, project: &str, model: &str, openai: bool) -> Option<Resp
 
 /// `GET /ws/google.ai.generativelanguage.{v1,v1beta,v1alpha}.GenerativeService.BidiGenerateContent`
 /// with `Upgrade: websocket` (google-genai 3.4.0 uses `v1`).
-fn is_live_upgrade(req: &Request<Incoming>) -> bool {
-    let path = req.uri().path();
+fn is_live_upgrade(req: &Request<Incoming>, path: &str) -> bool {
     let live = ["v1", "v1beta", "v1alpha"].map(|v| {
         format!("/ws/google.ai.generativelanguage.{v}.GenerativeService.BidiGenerateContent")
     });
@@ -1379,9 +1456,10 @@ fn resource(
                     data: Vec::new(),
                 },
             );
+            // Under a relay, the upload URL is the relay's (as one that rewrites it would).
             let url = format!(
-                "{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
-                s.base
+                "{}{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
+                s.base, s.base_path
             );
             let mut r = upload_reply(200, String::new(), "active");
             r.headers_mut()

@@ -621,3 +621,58 @@ fn a_spend_window_is_never_shorter_than_a_second_and_links_say_nothing() {
         Outcome::QuotaShort { .. }
     ));
 }
+
+#[test]
+fn a_relay_s_own_refusal_is_told_from_google_s() {
+    // Cloudflare's AI Gateway, a proxy's HTML page, an empty body: the relay's, not Google's.
+    let cloudflare =
+        br#"{"success":false,"result":[],"messages":[],"error":[{"code":2009,"message":"Unauthorized"}]}"#;
+    for status in [401, 429] {
+        for body in [&cloudflare[..], b"<html>429 Too Many Requests</html>", b""] {
+            assert_eq!(
+                classify_relayed(status, body, true),
+                Outcome::RelayRefused,
+                "{status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            classify_relayed(status, cloudflare, false),
+            Outcome::RelayRefused
+        );
+    }
+    assert_eq!(
+        Outcome::RelayRefused.verdict(Utc::now()),
+        Verdict::NotGoogle
+    );
+    // Google's answers through the relay keep their meaning, array-wrapped or cut short.
+    assert!(matches!(
+        classify_relayed(429, PER_MINUTE.as_bytes(), true),
+        Outcome::QuotaShort { .. }
+    ));
+    let wrapped = format!("[{PER_MINUTE}]");
+    assert!(matches!(
+        classify_relayed(429, wrapped.as_bytes(), true),
+        Outcome::QuotaShort { .. }
+    ));
+    assert_eq!(
+        classify_relayed(429, &PER_MINUTE.as_bytes()[..300], false),
+        classify_prefix(429, &PER_MINUTE.as_bytes()[..300])
+    );
+    let google_401 = plain(
+        401,
+        "UNAUTHENTICATED",
+        "Request had invalid authentication credentials.",
+    );
+    assert_eq!(
+        classify_relayed(401, google_401.as_bytes(), true),
+        Outcome::ClientError
+    );
+    // Other statuses are never the relay's refusal; without a relay nothing changes.
+    assert_eq!(
+        classify_relayed(403, cloudflare, true),
+        Outcome::ClientError
+    );
+    assert_eq!(classify_relayed(503, b"", true), Outcome::ServerError);
+    assert_eq!(classify(429, cloudflare), Outcome::SharedCapacity);
+}

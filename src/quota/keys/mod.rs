@@ -44,6 +44,25 @@ const MAX_MODELS: usize = 1024;
 /// How often a monthly cap is probed unless the pool says otherwise: hourly.
 const DEFAULT_PROBE_EVERY: Millis = 3_600_000;
 
+/// The values of a pool's `upstream_headers`, each with what replaces it in an answer
+/// (`[upstream header NAME]`): the whole value, and the credential of a `Bearer TOKEN` (or any
+/// `SCHEME CREDENTIAL`) value alone, which a relay's error could quote.
+pub fn header_secrets(config: &PoolConfig) -> Vec<(Secret, String)> {
+    let mut out = Vec::new();
+    for (name, value) in &config.upstream.headers {
+        let replacement = format!("[upstream header {name}]");
+        let whole = value.expose();
+        if let Some((_, credential)) = whole.split_once(' ') {
+            let credential = credential.trim();
+            if !credential.is_empty() {
+                out.push((Secret::new(credential), replacement.clone()));
+            }
+        }
+        out.push((Secret::new(whole), replacement));
+    }
+    out
+}
+
 /// Index of a key within its pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyId(pub u32);
@@ -195,14 +214,27 @@ pub struct KeyPool {
     next: AtomicUsize,
     /// Serialises snapshot rebuilds and map inserts. Held only for synchronous work.
     write: Mutex<()>,
-    /// Finds these keys in answers; built on first use (an error answer to relay).
+    /// Other secrets answers must not show, each with what replaces it: the values of the
+    /// upstream's own headers (`upstream_headers`).
+    others: Vec<(Secret, String)>,
+    /// Finds these keys (and `others`) in answers; built on first use (an error answer to
+    /// relay).
     scrubber: std::sync::OnceLock<Scrubber>,
 }
 
 impl KeyPool {
     /// Builds the pool from its validated configuration.
     pub fn new(config: &PoolConfig) -> KeyPool {
-        KeyPool::build(&config.name, &config.keys, |_| None).probing_every(config.cap_probe)
+        KeyPool::build(&config.name, &config.keys, |_| None)
+            .probing_every(config.cap_probe)
+            .scrubbing(header_secrets(config))
+    }
+
+    /// This pool, scrubbing `others` from answers too (each secret with its replacement).
+    pub fn scrubbing(mut self, others: Vec<(Secret, String)>) -> KeyPool {
+        self.others = others;
+        self.scrubber = std::sync::OnceLock::new();
+        self
     }
 
     /// This pool, probing monthly caps every `every`.
@@ -268,17 +300,20 @@ impl KeyPool {
             generation: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             write: Mutex::new(()),
+            others: Vec::new(),
             scrubber: std::sync::OnceLock::new(),
         }
     }
 
-    /// What replaces this pool's keys with their fingerprints in answers.
+    /// What replaces this pool's keys with their fingerprints in answers (and the upstream's
+    /// header values with their names).
     pub fn scrubber(&self) -> &Scrubber {
         self.scrubber.get_or_init(|| {
             Scrubber::new(
                 self.keys
                     .iter()
-                    .map(|k| (k.secret.expose(), k.fingerprint.as_str())),
+                    .map(|k| (k.secret.expose(), k.fingerprint.as_str()))
+                    .chain(self.others.iter().map(|(s, r)| (s.expose(), r.as_str()))),
             )
         })
     }

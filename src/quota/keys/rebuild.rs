@@ -35,7 +35,8 @@ impl KeyPool {
         let fresh = KeyPool::build(&self.name, keys, |fp| {
             old_by_fp.get(fp).map(|&i| self.keys[i].usage.clone())
         })
-        .probing_every(std::time::Duration::from_millis(self.probe_every));
+        .probing_every(std::time::Duration::from_millis(self.probe_every))
+        .scrubbing(self.others.clone());
         for (k, key) in fresh.keys.iter().enumerate() {
             if let Some(&old) = old_by_fp.get(key.fingerprint.as_str()) {
                 fresh.key_disabled_until[k]

@@ -18,6 +18,8 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
             host: "127.0.0.1".into(),
             port: 1,
             addresses: Vec::new(),
+            base_path: String::new(),
+            headers: Vec::new(),
         },
         keys: keys
             .iter()
@@ -27,6 +29,7 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
                 billing_account: b.map(str::to_string),
             })
             .collect(),
+        key_variables: None,
         tls_ca_file: None,
         models: Vec::new(),
         proxy: None,
@@ -222,4 +225,29 @@ fn reserved_projects_are_the_last_usable_ones() {
     assert_eq!(p.reserved_projects("m", 2, 1000), vec![1, 2]);
     assert_eq!(p.reserved_projects("m", 9, 1000), vec![0, 1, 2]);
     assert_eq!(p.availability("m", 1000).usable_projects, 3);
+}
+
+#[test]
+fn upstream_header_values_are_scrubbed_like_keys_and_survive_a_rebuild() {
+    let text = "pools:\n  - name: relay\n    upstream: https://relay.test/base\n    keys: [made-up-pool-key-1]\n    upstream_headers: {cf-aig-authorization: {env: T}}\n";
+    let env = |name: &str| (name == "T").then(|| "Bearer made-up-relay-token".to_string());
+    let config = crate::config::Config::parse(text, std::path::Path::new("."), &env).unwrap();
+    let pool = KeyPool::new(&config.pools[0]);
+    let echo = br#"{"error":{"message":"bad token made-up-relay-token for made-up-pool-key-1"}}"#;
+    let clean =
+        |pool: &KeyPool| String::from_utf8(pool.scrubber().body(echo).into_owned()).unwrap();
+    let text = clean(&pool);
+    assert!(!text.contains("made-up"), "{text}");
+    assert!(
+        text.contains("[upstream header cf-aig-authorization]"),
+        "{text}"
+    );
+    assert_eq!(
+        pool.scrubber()
+            .header(b"Bearer made-up-relay-token")
+            .as_deref(),
+        Some(&b"[upstream header cf-aig-authorization]"[..])
+    );
+    let rebuilt = pool.rebuilt(&pool.key_configs());
+    assert!(!clean(&rebuilt).contains("made-up"));
 }

@@ -242,6 +242,7 @@ impl Alerts {
             name: "alerts".into(),
             upstream: target.upstream,
             keys: Vec::new(),
+            key_variables: None,
             tls_ca_file,
             models: Vec::new(),
             proxy: None,

@@ -263,6 +263,8 @@ fn upstream_request_carries_no_client_credential_or_hop_header() {
         authority: "upstream.test",
         tls: true,
         h2: false,
+        base_path: "",
+        headers: &[],
     };
     let req = upstream_request(&Outgoing::from_client(&client), &fwd, "POOLKEY", &h1).unwrap();
     let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
@@ -298,4 +300,64 @@ fn upstream_request_carries_no_client_credential_or_hop_header() {
         req.uri.to_string(),
         "https://upstream.test/v1beta/openai/chat/completions"
     );
+}
+
+#[test]
+fn a_relay_gets_its_base_path_and_its_own_headers() {
+    let client = req(
+        "POST",
+        "/v1beta/models/gemini-2.5-pro:generateContent?alt=sse",
+        &[
+            ("x-goog-api-key", "tenant-token"),
+            ("cf-aig-authorization", "Bearer the-client-s-own"),
+        ],
+    );
+    let fwd = Forward {
+        api: Api::Gemini,
+        path_and_query: "/v1beta/models/gemini-2.5-pro:generateContent?alt=sse",
+        body_len: 2,
+    };
+    let headers = [(
+        HeaderName::from_static("cf-aig-authorization"),
+        http::HeaderValue::from_static("Bearer relay-token"),
+    )];
+    let relay = Target {
+        authority: "gateway.ai.cloudflare.com",
+        tls: true,
+        h2: false,
+        base_path: "/v1/acct/gw/google-ai-studio",
+        headers: &headers,
+    };
+    let out = Outgoing::from_client(&client);
+    let r = upstream_request(&out, &fwd, "POOLKEY", &relay).unwrap();
+    assert_eq!(
+        r.uri.to_string(),
+        "/v1/acct/gw/google-ai-studio/v1beta/models/gemini-2.5-pro:generateContent?alt=sse"
+    );
+    // The pool's header replaces the client's of the same name; the key is the pool's.
+    let sent: Vec<_> = r.headers.get_all("cf-aig-authorization").iter().collect();
+    assert_eq!(sent, ["Bearer relay-token"]);
+    assert_eq!(r.headers["x-goog-api-key"], "POOLKEY");
+    assert_eq!(r.headers["host"], "gateway.ai.cloudflare.com");
+    let r = upstream_request(&out, &fwd, "POOLKEY", &Target { h2: true, ..relay }).unwrap();
+    assert_eq!(
+        r.uri.to_string(),
+        "https://gateway.ai.cloudflare.com/v1/acct/gw/google-ai-studio/v1beta/models/gemini-2.5-pro:generateContent?alt=sse"
+    );
+}
+
+#[test]
+fn an_upload_url_under_the_relay_s_path_loses_it() {
+    let base = "/v1/acct/gw/google-ai-studio";
+    let relayed = "/v1/acct/gw/google-ai-studio/upload/v1beta/files?upload_id=x";
+    assert_eq!(
+        without_base(relayed, base),
+        "/upload/v1beta/files?upload_id=x"
+    );
+    // Google's own URL (a relay that leaves it as it is) is kept; so is a mere lookalike.
+    let google = "/upload/v1beta/files?upload_id=x";
+    assert_eq!(without_base(google, base), google);
+    let lookalike = "/v1/acct/gw/google-ai-studio2/upload/v1beta/files?upload_id=x";
+    assert_eq!(without_base(lookalike, base), lookalike);
+    assert_eq!(without_base(google, ""), google);
 }

@@ -1,0 +1,312 @@
+//! A pool's keys from their four sources (inline, `keys_env`, `keys_env_prefix`, `keys_file`):
+//! read, checked and deduplicated, every error naming where the key was found, never the key.
+
+use super::file::{FileKey, FilePool};
+use super::validate::invalid;
+use super::{ConfigError, KeyConfig, KeyVariables};
+use crate::secret::Secret;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// A key as the configuration spells it: the key, its project and billing account if given,
+/// and where it was found (for error messages).
+type RawKey = (String, Option<String>, Option<String>, String);
+
+/// The keys of `pool` (its `keys` are taken), in the order: inline, `keys_env`,
+/// `keys_env_prefix` (the bare variable, then `_1`, `_2`... by number), `keys_file`; and what
+/// the prefix found. `names` are the environment's variable names.
+pub(super) fn pool_keys(
+    pool: &mut FilePool,
+    ctx: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    names: &[String],
+) -> Result<(Vec<KeyConfig>, Option<KeyVariables>), ConfigError> {
+    let mut raw: Vec<RawKey> = Vec::new();
+    for (j, key) in std::mem::take(&mut pool.keys).into_iter().enumerate() {
+        let (k, p, b) = match key {
+            FileKey::Bare(k) => (k, None, None),
+            FileKey::Full(f) => (f.key, f.project, f.billing_account),
+        };
+        if b.is_some() && p.is_none() {
+            return Err(invalid(format!(
+                "{ctx}.keys[{j}]: a billing_account needs the key's project beside it"
+            )));
+        }
+        raw.push((k, p, b, format!("{ctx}.keys[{j}]")));
+    }
+    if let Some(var) = &pool.keys_env {
+        match env(var) {
+            Some(value) => raw.extend(env_keys(&value, &format!("{ctx}.keys_env ${var}"))?),
+            None => log::warn!("{ctx}.keys_env: environment variable {var} is not set"),
+        }
+    }
+    let mut found = None;
+    if let Some(prefix) = &pool.keys_env_prefix {
+        if prefix.is_empty() || prefix.ends_with('_') || prefix.contains('=') {
+            return Err(invalid(format!(
+                "{ctx}.keys_env_prefix: write the variable's name without a trailing _ (GOOGLE_AI_STUDIO_KEY_CHAT reads it and GOOGLE_AI_STUDIO_KEY_CHAT_1, _2, ...)"
+            )));
+        }
+        let before = raw.len();
+        let mut variables = 0;
+        for var in numbered_variables(prefix, names) {
+            let Some(value) = env(&var) else { continue };
+            variables += 1;
+            raw.extend(env_keys(&value, &format!("{ctx}.keys_env_prefix ${var}"))?);
+        }
+        if variables == 0 {
+            log::warn!("{ctx}.keys_env_prefix: no variable {prefix} or {prefix}_<number> is set");
+        }
+        found = Some(KeyVariables {
+            prefix: prefix.clone(),
+            variables,
+            keys: raw.len() - before,
+        });
+    }
+    if let Some(file) = &pool.keys_file {
+        raw.extend(file_keys(ctx, &resolve(base, file))?);
+    }
+    let keys = assemble(raw)?;
+    if keys.is_empty() {
+        let mut sources = vec!["keys".to_string()];
+        if let Some(var) = &pool.keys_env {
+            sources.push(format!("keys_env (${var})"));
+        }
+        if let Some(prefix) = &pool.keys_env_prefix {
+            sources.push(format!("keys_env_prefix (${prefix}, ${prefix}_1, ...)"));
+        }
+        if pool.keys_file.is_some() {
+            sources.push("keys_file".into());
+        }
+        return Err(invalid(format!(
+            "{ctx}: pool {:?} has no keys; looked in {}",
+            pool.name,
+            sources.join(", ")
+        )));
+    }
+    Ok((keys, found))
+}
+
+fn resolve(base: &Path, file: &Path) -> std::path::PathBuf {
+    if file.is_absolute() {
+        file.to_path_buf()
+    } else {
+        base.join(file)
+    }
+}
+
+/// The variables `keys_env_prefix: PREFIX` reads, among `names`: `PREFIX` itself, then every
+/// `PREFIX_<decimal digits>` in the order of their numbers (gaps and leading zeros allowed;
+/// `_01` and `_1` are two variables, both read). Anything else after the prefix (`PREFIX_OLD`,
+/// `PREFIX_1A`) is not a key variable.
+pub(super) fn numbered_variables(prefix: &str, names: &[String]) -> Vec<String> {
+    let mut numbered: Vec<(u128, &str, &String)> = names
+        .iter()
+        .filter_map(|name| {
+            let digits = name.strip_prefix(prefix)?.strip_prefix('_')?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            // Past 38 digits the order is by text alone: no one numbers keys that far.
+            let number = digits.parse::<u128>().unwrap_or(u128::MAX);
+            Some((number, digits, name))
+        })
+        .collect();
+    numbered.sort();
+    numbered.dedup_by(|a, b| a.2 == b.2);
+    std::iter::once(prefix.to_string())
+        .chain(numbered.into_iter().map(|(_, _, name)| name.clone()))
+        .collect()
+}
+
+/// The keys of one environment variable's value: comma-separated, each `KEY`, `KEY:project` or
+/// `KEY:project:billing_account`; `place` names the variable in errors.
+pub(super) fn env_keys(value: &str, place: &str) -> Result<Vec<RawKey>, ConfigError> {
+    let mut out = Vec::new();
+    for (j, item) in value.split(',').enumerate() {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let place = format!("{place}, entry {}", j + 1);
+        let mut parts = item.split(':').map(|s| s.trim().to_string());
+        let k = parts.next().unwrap_or_default();
+        let (p, b) = (parts.next(), parts.next());
+        if parts.next().is_some() {
+            return Err(invalid(format!(
+                "{place}: expected `KEY`, `KEY:project` or `KEY:project:billing_account`"
+            )));
+        }
+        out.push((k, p, b, place));
+    }
+    Ok(out)
+}
+
+/// The keys of a `keys_file`: one `KEY`, `KEY project` or `KEY project billing_account` per
+/// line, `#` starting a comment.
+fn file_keys(ctx: &str, path: &Path) -> Result<Vec<RawKey>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: format!("{ctx}.keys_file {}", path.display()),
+        reason: e.kind().to_string(),
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let k = words.next().unwrap_or("").to_string();
+        let p = words.next().map(str::to_string);
+        let b = words.next().map(str::to_string);
+        if words.next().is_some() {
+            return Err(invalid(format!(
+                "{ctx}.keys_file {} line {}: expected `KEY`, `KEY project` or `KEY project billing_account`",
+                path.display(),
+                n + 1
+            )));
+        }
+        out.push((k, p, b, format!("{ctx}.keys_file line {}", n + 1)));
+    }
+    Ok(out)
+}
+
+/// Checks the keys and builds their configuration: a key listed twice is used once, a key
+/// without a project is its own (named by its fingerprint), and a project names one billing
+/// account.
+fn assemble(raw: Vec<RawKey>) -> Result<Vec<KeyConfig>, ConfigError> {
+    let mut keys = Vec::with_capacity(raw.len());
+    let mut seen = HashSet::new();
+    // The billing account each project named first, and where.
+    let mut accounts: HashMap<String, (Option<String>, String)> = HashMap::new();
+    for (key, project, billing_account, place) in raw {
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            return Err(invalid(format!("{place}: empty key")));
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(format!(
+                "{place}: a key may hold only visible ASCII characters"
+            )));
+        }
+        let secret = Secret::new(key);
+        if !seen.insert(secret.expose().to_string()) {
+            log::warn!("{place}: {secret} is listed twice; using it once");
+            continue;
+        }
+        let project = match project.map(|p| p.trim().to_string()) {
+            Some(p) if !p.is_empty() => p,
+            Some(_) => return Err(invalid(format!("{place}: empty project"))),
+            None => secret.fingerprint(),
+        };
+        let billing_account = match billing_account.map(|b| b.trim().to_string()) {
+            Some(b) if b.is_empty() => {
+                return Err(invalid(format!("{place}: empty billing account")))
+            }
+            b => b,
+        };
+        for (what, name) in [
+            ("project", Some(&project)),
+            ("billing account", billing_account.as_ref()),
+        ] {
+            if name.is_some_and(|n| looks_like_a_key(n) || seen.contains(n.as_str())) {
+                // Not echoed: it may be a key pasted one place too far.
+                return Err(invalid(format!(
+                    "{place}: the {what} name looks like an API key; a key's line is `KEY`, `KEY project` or `KEY project billing_account`"
+                )));
+            }
+        }
+        match accounts.get(&project) {
+            Some((first, first_place)) if *first != billing_account => {
+                let name = |b: &Option<String>| match b {
+                    Some(b) => format!("billing account {b:?}"),
+                    None => "no billing account".into(),
+                };
+                return Err(invalid(format!(
+                    "{place}: project {project:?} is on {} here and on {} at {first_place}; a project has one billing account",
+                    name(&billing_account),
+                    name(first)
+                )));
+            }
+            Some(_) => {}
+            None => {
+                accounts.insert(project.clone(), (billing_account.clone(), place.clone()));
+            }
+        }
+        keys.push(KeyConfig {
+            secret,
+            project,
+            billing_account,
+        });
+    }
+    Ok(keys)
+}
+
+/// Whether `name` has the shape of a Google API key (`AIza` and 35 more characters).
+fn looks_like_a_key(name: &str) -> bool {
+    name.len() == 39 && name.starts_with("AIza")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn numbered_variables_in_order_with_gaps_and_leading_zeros() {
+        let env = names(&[
+            "K_CHAT_10",
+            "K_CHAT_2",
+            "K_CHAT",
+            "K_CHAT_02",
+            "K_CHAT_OLD",
+            "K_CHAT_1A",
+            "K_CHAT_",
+            "K_CHATTY_1",
+            "K_CHAT_X_1",
+            "K_1",
+            "PATH",
+        ]);
+        assert_eq!(
+            numbered_variables("K_CHAT", &env),
+            ["K_CHAT", "K_CHAT_02", "K_CHAT_2", "K_CHAT_10"]
+        );
+        // The bare variable is always asked for, set or not.
+        assert_eq!(numbered_variables("NONE", &env), ["NONE"]);
+        // A number too long for u128 sorts last, not a panic.
+        let long = format!("K_{}", "9".repeat(60));
+        assert_eq!(
+            numbered_variables("K", &names(&[&long, "K_3"])),
+            ["K".to_string(), "K_3".to_string(), long]
+        );
+    }
+
+    #[test]
+    fn env_values_take_keys_env_spelling() {
+        let got = env_keys(" a , b:p1,, c:p2:acct ", "$V").unwrap();
+        let short: Vec<_> = got
+            .iter()
+            .map(|(k, p, b, _)| (k.as_str(), p.as_deref(), b.as_deref()))
+            .collect();
+        assert_eq!(
+            short,
+            [
+                ("a", None, None),
+                ("b", Some("p1"), None),
+                ("c", Some("p2"), Some("acct"))
+            ]
+        );
+        assert_eq!(got[1].3, "$V, entry 2");
+        let e = env_keys("made-up-key:p:b:extra", "$V")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("$V, entry 1") && !e.contains("made-up-key"),
+            "{e}"
+        );
+    }
+}
