@@ -99,3 +99,65 @@ pub(super) fn validate_redis(
         timeout,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+    use std::path::Path;
+    use std::time::Duration;
+
+    const MINIMAL: &str =
+        "pools:\n  - name: main\n    upstream: https://example.com\n    keys: [k1]\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("."), &|_| None)
+    }
+
+    #[test]
+    fn the_redis_section_is_checked() {
+        let with = |section: &str| format!("{MINIMAL}redis:\n{section}");
+        let ok = Config::parse(
+            &with("  url: \"rediss://redis.internal:6380/2\"\n  username: keygate\n  password_env: RP\n  key_prefix: \"team-a:\"\n"),
+            Path::new("/etc/keygate"),
+            &|v| (v == "RP").then(|| "made-up-redis-password".into()),
+        )
+        .unwrap();
+        let r = ok.redis.unwrap();
+        assert_eq!(r.display_url(), "rediss://redis.internal:6380/2");
+        assert_eq!(
+            (r.username.as_deref(), r.key_prefix.as_str()),
+            (Some("keygate"), "team-a:")
+        );
+        assert_eq!(r.timeout, Duration::from_millis(100));
+        let d = parse(&with("  url: \"redis://127.0.0.1\"\n"))
+            .unwrap()
+            .redis
+            .unwrap();
+        assert_eq!((d.port, d.db, d.key_prefix.as_str()), (6379, 0, "keygate:"));
+        assert!(
+            parse(MINIMAL).unwrap().redis.is_none(),
+            "no section: no sharing"
+        );
+        for (section, why) in [
+            (
+                "  url: \"redis://user:made-up-pass@h:6379\"\n",
+                "credentials in the URL",
+            ),
+            ("  url: \"http://h\"\n", "expected redis://"),
+            ("  url: \"redis://h:0\"\n", "bad port"),
+            ("  url: \"redis://h/x\"\n", "database"),
+            (
+                "  url: \"redis://h\"\n  password_env: NOPE\n",
+                "NOPE is not set",
+            ),
+            ("  url: \"redis://h\"\n  tls_ca_file: ca.pem\n", "rediss://"),
+            ("  url: \"redis://h\"\n  key_prefix: \"a*\"\n", "glob"),
+            ("  url: \"redis://h\"\n  timeout_ms: 5000\n", "timeout_ms"),
+            ("  url: \"redis://h\"\n  colour: blue\n", "colour"),
+        ] {
+            let e = parse(&with(section)).unwrap_err().to_string();
+            assert!(e.contains(why), "{section}: {e}");
+            assert!(!e.contains("made-up-pass"), "{e}");
+        }
+    }
+}
