@@ -278,3 +278,23 @@ async fn no_key_or_token_travels_through_redis() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_with_other_pools_under_one_prefix_are_told() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let (_a, _) = instance(&mock, &[("k1", "p1")], &redis);
+    let other = format!(
+        "pools:\n  - name: other\n    upstream: \"{}\"\n    keys: [k1]\n{}",
+        mock.url(),
+        redis.yaml()
+    );
+    let (b, admin_b) = start_with_admin(&other);
+    wait_shared(&admin_b);
+    let logs = b.wait_for_log("serves the pools [main], this one [other]");
+    assert!(
+        logs.contains("give each fleet its own redis.key_prefix"),
+        "{logs}"
+    );
+}

@@ -444,6 +444,20 @@ async fn sync(
 ) -> redis::RedisResult<()> {
     let marker: bool = c.exists(fleet.marker()).await?;
     let rt = shared.runtime.load();
+    // Instances sharing a prefix must serve the same pools: say so when they do not.
+    let ours: Vec<&str> = rt.pools.iter().map(|p| p.name()).collect();
+    let ours = ours.join(",");
+    let pools_key = format!("{}pools", fleet.config.key_prefix);
+    let theirs: Option<String> = c.get(&pools_key).await?;
+    match theirs {
+        Some(theirs) if theirs != ours => log::warn!(
+            "redis at {}: another instance with key prefix {:?} serves the pools [{theirs}], this one [{ours}]; only pools of the same name share their health (give each fleet its own redis.key_prefix)",
+            fleet.url(),
+            fleet.config.key_prefix
+        ),
+        Some(_) => {}
+        None => c.set::<_, _, ()>(&pools_key, &ours).await?,
+    }
     for pool in &rt.pools {
         let names = Names::new(&fleet.config.key_prefix, pool.name());
         if cold_start && marker {
