@@ -298,3 +298,28 @@ async fn instances_with_other_pools_under_one_prefix_are_told() {
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_served_request_makes_no_redis_round_trip() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let (kg, _) = instance(&mock, &[("k1", "p1"), ("k2", "p2")], &redis);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let monitor = tempfile::NamedTempFile::new().unwrap();
+    let mut watch = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "MONITOR"])
+        .stdout(monitor.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    all_served(&kg, 30).await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let traffic = std::fs::read_to_string(monitor.path()).unwrap();
+    let commands: Vec<&str> = traffic
+        .lines()
+        .filter(|l| l.contains('"') && !l.contains("\"PING\""))
+        .collect();
+    assert!(commands.is_empty(), "{commands:?}");
+}
