@@ -484,7 +484,11 @@ impl Config {
                     p.keys.len(),
                     projects.len(),
                     p.upstream.authority(),
-                    p.upstream.base_path
+                    if p.upstream.base_path.is_empty() {
+                        ""
+                    } else {
+                        "/…"
+                    }
                 )
             })
             .collect();

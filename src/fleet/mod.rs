@@ -31,6 +31,9 @@ use tokio::sync::{mpsc, Notify};
 /// Changes waiting for the writer; past this, they are dropped and a full write-back follows.
 const QUEUE: usize = 4096;
 
+/// The largest message read from the channel: a change is a few hundred bytes.
+const MAX_MESSAGE: usize = 64 * 1024;
+
 /// How long a (re)connection attempt may take, and the wait between two attempts.
 const RECONNECT: Duration = Duration::from_secs(1);
 
@@ -53,8 +56,16 @@ pub struct Fleet {
     client: redis::Client,
     connection: Mutex<Option<ConnectionManager>>,
     up: AtomicBool,
-    /// Changes were lost on the way (queue full, Redis down): write everything back.
+    /// A write-back and load is due (connected anew, subscription renewed).
     behind: AtomicBool,
+    /// Changes made while Redis did not answer, in order, to replay before loading: so that an
+    /// enable or a clear made meanwhile is not undone by the entries it deleted.
+    journal: Mutex<std::collections::VecDeque<Envelope>>,
+    /// The journal overflowed or the queue was full: a change is lost, write everything back.
+    lost: AtomicBool,
+    /// A health change was made here since start: a cold start may no longer let the store's
+    /// health replace this instance's.
+    changed_here: AtomicBool,
     /// Wakes the keeper for a write-back and load.
     resync: Notify,
     queue: mpsc::Sender<Envelope>,
@@ -103,6 +114,9 @@ impl Fleet {
             connection: Mutex::new(None),
             up: AtomicBool::new(false),
             behind: AtomicBool::new(true),
+            journal: Mutex::new(std::collections::VecDeque::new()),
+            lost: AtomicBool::new(false),
+            changed_here: AtomicBool::new(false),
             resync: Notify::new(),
             queue,
             queued: Mutex::new(Some(queued)),
@@ -150,14 +164,13 @@ impl Fleet {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Redis answered.
+    /// Redis answered, and this instance's table and the store's are in step.
     fn went_up(&self) {
         if !self.up.swap(true, Relaxed) {
             log::warn!(
                 "redis at {}: connected; health is shared with the other instances",
                 self.url()
             );
-            self.resync.notify_one();
         }
     }
 
@@ -183,7 +196,9 @@ impl Announce for Fleet {
             pool: pool.to_string(),
             news,
         };
+        self.changed_here.store(true, Relaxed);
         if self.queue.try_send(envelope).is_err() {
+            self.lost.store(true, Relaxed);
             self.behind.store(true, Relaxed);
         }
     }
@@ -241,11 +256,12 @@ impl BackgroundService for FleetService {
 async fn writer(fleet: &Fleet, shared: &Shared, mut queued: mpsc::Receiver<Envelope>) {
     while let Some(envelope) = queued.recv().await {
         if !fleet.is_up() {
-            fleet.behind.store(true, Relaxed);
+            fleet.keep(envelope);
             continue;
         }
         let Some(mut c) = fleet.connection().await else {
             fleet.went_down("cannot connect");
+            fleet.keep(envelope);
             continue;
         };
         let mut writes = Vec::new();
@@ -254,16 +270,50 @@ async fn writer(fleet: &Fleet, shared: &Shared, mut queued: mpsc::Receiver<Envel
             writes.extend(names.writes(&envelope.pool, news));
             writes.extend(after(shared, &names, &envelope.pool, news));
         }
-        let message = serde_json::to_string(&envelope).unwrap_or_default();
-        let done = async {
-            apply(&mut c, &writes).await?;
-            c.publish::<_, _, ()>(fleet.channel(), message).await
-        };
-        match tokio::time::timeout(fleet.config.timeout * 4, done).await {
+        match tokio::time::timeout(
+            fleet.config.timeout * 4,
+            send(fleet, &mut c, &envelope, &writes),
+        )
+        .await
+        {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => fleet.went_down(&format!("write failed ({})", e.kind_label())),
-            Err(_) => fleet.went_down("write timed out"),
+            Ok(Err(e)) => {
+                fleet.went_down(&format!("write failed ({})", e.kind_label()));
+                fleet.keep(envelope);
+            }
+            Err(_) => {
+                fleet.went_down("write timed out");
+                fleet.keep(envelope);
+            }
         }
+    }
+}
+
+/// Stores `writes` and publishes `envelope`.
+async fn send(
+    fleet: &Fleet,
+    c: &mut ConnectionManager,
+    envelope: &Envelope,
+    writes: &[Write],
+) -> redis::RedisResult<()> {
+    apply(c, writes).await?;
+    let message = serde_json::to_string(envelope).unwrap_or_default();
+    c.publish::<_, _, ()>(fleet.channel(), message).await
+}
+
+/// Most changes kept while Redis does not answer; past it, a full write-back replaces them.
+const JOURNAL: usize = 4096;
+
+impl Fleet {
+    /// Keeps a change Redis did not take, for the replay when it answers again.
+    fn keep(&self, envelope: Envelope) {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if journal.len() >= JOURNAL {
+            self.lost.store(true, Relaxed);
+        } else {
+            journal.push_back(envelope);
+        }
+        self.behind.store(true, Relaxed);
     }
 }
 
@@ -383,6 +433,9 @@ async fn listener(fleet: &Fleet, shared: &Shared) {
             let Ok(text) = message.get_payload::<String>() else {
                 continue;
             };
+            if text.len() > MAX_MESSAGE {
+                continue;
+            }
             match serde_json::from_str::<Envelope>(&text) {
                 Ok(e) if e.from == fleet.id => {}
                 Ok(e) => {
@@ -417,12 +470,16 @@ async fn keeper(fleet: &Fleet, shared: &Shared) {
         };
         match tokio::time::timeout(RECONNECT * 2, ping).await {
             Ok(Some(mut c)) => {
-                fleet.went_up();
                 if fleet.behind.swap(false, Relaxed) {
                     match sync(fleet, shared, &mut c, first).await {
-                        Ok(()) => first = false,
+                        Ok(()) => {
+                            first = false;
+                            fleet.went_up();
+                        }
                         Err(e) => fleet.went_down(&format!("sync failed ({})", e.kind_label())),
                     }
+                } else {
+                    fleet.went_up();
                 }
             }
             _ => fleet.went_down("cannot connect"),
@@ -458,15 +515,42 @@ async fn sync(
         Some(_) => {}
         None => c.set::<_, _, ()>(&pools_key, &ours).await?,
     }
+    // What was changed here while Redis did not answer goes first, in order: an enable or a
+    // clear then deletes the entries that would otherwise be loaded back.
+    let journal: Vec<Envelope> =
+        std::mem::take(&mut *fleet.journal.lock().unwrap_or_else(|e| e.into_inner())).into();
+    for envelope in &journal {
+        let names = Names::new(&fleet.config.key_prefix, &envelope.pool);
+        let writes: Vec<Write> = envelope
+            .news
+            .iter()
+            .flat_map(|n| {
+                let mut w = names.writes(&envelope.pool, n);
+                w.extend(after(shared, &names, &envelope.pool, n));
+                w
+            })
+            .collect();
+        send(fleet, c, envelope, &writes).await?;
+    }
+    // Everything is written back when the store is new or wiped, or a change was lost;
+    // otherwise only what ends on its own (cooldowns, caps: the later deadline wins), so that a
+    // key another instance enabled is not disabled again by this one's old view of it.
+    let everything = !marker || fleet.lost.swap(false, Relaxed);
+    // At a cold start the store's health wins over the state file's, unless this instance has
+    // changed its health since it started (it served while Redis was away).
+    let store_wins = cold_start && marker && !fleet.changed_here.load(Relaxed);
     for pool in &rt.pools {
         let names = Names::new(&fleet.config.key_prefix, pool.name());
-        if cold_start && marker {
-            // The fleet's health wins over this instance's state file.
-            pool.keys.store(Arc::new(pool.keys.load().without_health()));
+        if store_wins {
+            let old = pool.keys.load_full();
+            let fresh = Arc::new(old.without_health());
+            // An admin change that replaced the table meanwhile keeps it.
+            let _ = pool.keys.compare_and_swap(&old, fresh);
         } else {
             let news = pool.keys.load().all_news(now_millis());
             let writes: Vec<Write> = news
                 .iter()
+                .filter(|n| everything || matches!(n, News::Cooled { .. } | News::Capped { .. }))
                 .flat_map(|n| names.writes(pool.name(), n))
                 .collect();
             apply(c, &writes).await?;
@@ -488,6 +572,12 @@ async fn sync(
                 }
                 None => {}
             }
+        }
+        if !everything {
+            // The store wins for lasting states: what it no longer holds was undone elsewhere
+            // (this instance's own changes were replayed above).
+            let stale = pool.keys.load().stale_against(&learnt, now_millis());
+            shared.learn(pool.name(), &stale);
         }
         let used = shared.learn(pool.name(), &learnt);
         log::info!(

@@ -277,13 +277,15 @@ pub fn classify(status: u16, body: &[u8]) -> Outcome {
 }
 
 /// Classifies an answer that came through a relay in front of Google (an upstream with a base
-/// path or headers of its own; `complete`: the whole body was read, else its start). A 401 or
-/// 429 whose body is not Google's error object (`{"error":{..., "status": "..."}}`, or that
+/// path or headers of its own; `complete`: the whole body was read, else its start). A 400,
+/// 401, 402, 403 or 429 whose body is not Google's error object (`{"error":{..., "status": "..."}}`, or that
 /// wrapped in an array on the OpenAI-compatible paths) is the relay's own refusal: Cloudflare's
 /// AI Gateway writes `{"success":false,"error":[{"code":2009,"message":"Unauthorized"}]}`, a
 /// proxy an HTML page. Everything else is classified as Google's.
 pub fn classify_relayed(status: u16, body: &[u8], complete: bool) -> Outcome {
-    if matches!(status, 401 | 429) {
+    // Any refusal whose body is read (400, 401, 402, 403, 429): Google's always carry its
+    // error object, a relay's own do not.
+    if needs_body(status) {
         let facts = if complete {
             parse_error(body)
         } else {

@@ -478,6 +478,15 @@ impl Outgoing {
     }
 }
 
+/// Header name prefixes that steer a relay in front of Google: Cloudflare's AI Gateway
+/// (`cf-aig-`), Portkey (`x-portkey-`), Helicone (`helicone-`).
+const RELAY_CONTROLS: [&str; 3] = ["cf-aig-", "x-portkey-", "helicone-"];
+
+/// Whether the header named `name` (lowercase) steers a relay.
+fn is_relay_control(name: &str) -> bool {
+    RELAY_CONTROLS.iter().any(|p| name.starts_with(p))
+}
+
 /// One attempt's upstream request: the client's method and headers ([`Outgoing`]), the
 /// forwarded path (under the target's base path), the pool key (as `x-goog-api-key`, or
 /// `Authorization: Bearer` for the OpenAI-compatible API), the upstream's own headers and the
@@ -501,7 +510,14 @@ pub fn upstream_request(
         path_and_query.as_bytes(),
         Some(out.headers.len() + target.headers.len() + 4),
     )?;
+    let relay = !target.base_path.is_empty() || !target.headers.is_empty();
     for (name, value) in &out.headers {
+        // A relay's own controls (logging, caching, routing) are the pool's to set, not a
+        // client's: a tenant could hide its traffic, share another's cached answers, or send
+        // the pool key elsewhere.
+        if relay && is_relay_control(name.as_str()) {
+            continue;
+        }
         req.append_header(name.clone(), value.clone())?;
     }
     for (name, value) in target.headers {

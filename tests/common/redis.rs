@@ -35,6 +35,8 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // DEBUG SLEEP stands in for a Redis that stops answering for a while.
+            .args(["--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -59,12 +61,37 @@ impl RedisServer {
         format!("redis:\n  url: \"{}\"\n", self.url())
     }
 
+    /// Saves its data (SAVE), kills it and starts it again on the same port with that data:
+    /// an outage after which the store still holds what it held.
+    pub fn restart_with_data(&mut self, down_for: Duration) {
+        assert_eq!(self.cli(&["SAVE"]).trim(), "OK");
+        self.kill();
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+
     /// Kills it at once (SIGKILL): no goodbye to its clients.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Makes it stop answering for `seconds` (DEBUG SLEEP), without dropping any connection;
+    /// returns at once.
+    pub fn stall(&self, seconds: f64) -> std::process::Child {
+        Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "DEBUG",
+                "SLEEP",
+                &seconds.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-cli")
     }
 
     /// Runs `redis-cli` against it; its standard output.

@@ -668,11 +668,17 @@ fn a_relay_s_own_refusal_is_told_from_google_s() {
         classify_relayed(401, google_401.as_bytes(), true),
         Outcome::ClientError
     );
-    // Other statuses are never the relay's refusal; without a relay nothing changes.
-    assert_eq!(
-        classify_relayed(403, cloudflare, true),
-        Outcome::ClientError
-    );
+    // A relay's own 402 or 403 is the relay's too: it disables no project or key.
+    for status in [400, 402, 403] {
+        assert_eq!(
+            classify_relayed(status, cloudflare, true),
+            Outcome::RelayRefused,
+            "{status}"
+        );
+    }
+    // Statuses whose body is not read, and 5xx, are never the relay's refusal; without a relay
+    // nothing changes.
+    assert_eq!(classify_relayed(404, b"", true), Outcome::ClientError);
     assert_eq!(classify_relayed(503, b"", true), Outcome::ServerError);
     assert_eq!(classify(429, cloudflare), Outcome::SharedCapacity);
 }

@@ -41,24 +41,32 @@ pub const NEVER: Millis = Millis::MAX;
 /// How many models can hold cooldowns at once; keeps memory bounded whatever clients send.
 const MAX_MODELS: usize = 1024;
 
+/// The shortest `upstream_headers` value treated as a secret in answers.
+const MIN_SECRET_HEADER: usize = 12;
+
 /// How often a monthly cap is probed unless the pool says otherwise: hourly.
 const DEFAULT_PROBE_EVERY: Millis = 3_600_000;
 
 /// The values of a pool's `upstream_headers`, each with what replaces it in an answer
 /// (`[upstream header NAME]`): the whole value, and the credential of a `Bearer TOKEN` (or any
 /// `SCHEME CREDENTIAL`) value alone, which a relay's error could quote.
+/// Values shorter than [`MIN_SECRET_HEADER`] are settings (`true`, `3600`), not credentials:
+/// scrubbing them would rewrite unrelated text in every answer.
 pub fn header_secrets(config: &PoolConfig) -> Vec<(Secret, String)> {
     let mut out = Vec::new();
+    let long = |v: &str| v.len() >= MIN_SECRET_HEADER;
     for (name, value) in &config.upstream.headers {
         let replacement = format!("[upstream header {name}]");
         let whole = value.expose();
         if let Some((_, credential)) = whole.split_once(' ') {
             let credential = credential.trim();
-            if !credential.is_empty() {
+            if long(credential) {
                 out.push((Secret::new(credential), replacement.clone()));
             }
         }
-        out.push((Secret::new(whole), replacement));
+        if long(whole) {
+            out.push((Secret::new(whole), replacement));
+        }
     }
     out
 }

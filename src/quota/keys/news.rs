@@ -216,6 +216,9 @@ impl KeyPool {
     /// Applies another instance's news through the door at `now`; false when it names a key,
     /// project or account this pool does not have, or says something this version does not know.
     pub fn learn(&self, news: &News, now: Millis) -> bool {
+        if !news.is_plausible() {
+            return false;
+        }
         let at = |left: Millis| {
             i64::try_from(now.saturating_add(left))
                 .ok()
@@ -328,10 +331,76 @@ impl KeyPool {
         true
     }
 
+    /// What undoes this table's lasting states (disabled keys, projects out of credit, blocked
+    /// methods) that `store`, the shared store's news, no longer holds: an `Enabled` for each
+    /// key concerned. Learnt before `store` itself, it makes the store win for lasting states
+    /// (what ends on its own merges by the later deadline instead).
+    pub fn stale_against(&self, store: &[News], now: Millis) -> Vec<News> {
+        let lasting = |n: &News| {
+            matches!(
+                n,
+                News::KeyDisabled { .. }
+                    | News::ProjectDisabled { .. }
+                    | News::MethodBlocked { .. }
+            )
+        };
+        let mut keys: Vec<KeyId> = Vec::new();
+        for news in self.all_news(now).iter().filter(|n| lasting(n)) {
+            if store.contains(news) {
+                continue;
+            }
+            let key = match news {
+                News::KeyDisabled { key, .. } | News::MethodBlocked { key, .. } => self.find(key),
+                News::ProjectDisabled { project } => self
+                    .project_index(project)
+                    .and_then(|p| self.first_key_of(p)),
+                _ => None,
+            };
+            if let Some(key) = key.filter(|k| !keys.contains(k)) {
+                keys.push(key);
+            }
+        }
+        keys.into_iter()
+            .map(|k| News::Enabled {
+                key: self.key(k).fingerprint.clone(),
+                project: self.project_name(self.key(k).project).to_string(),
+            })
+            .collect()
+    }
+
     /// The scope name of `project`'s billing account: its name, or the project's for its own.
     fn account_scope_name(&self, project: u32) -> &str {
         self.billing_account_of(project)
             .unwrap_or_else(|| self.project_name(project))
+    }
+}
+
+/// The longest cooldown news may tell: a day and an hour (a per-day quota, DST included).
+const MAX_COOLED: Millis = 25 * 3_600_000;
+
+/// The longest cap news may tell: a month and a day.
+const MAX_CAPPED: Millis = 32 * 24 * 3_600_000;
+
+/// The longest model or method name news may carry.
+const MAX_NAME: usize = 256;
+
+impl News {
+    /// Whether this is news keygate itself could have told: deadlines no longer than it ever
+    /// sets, names no longer than Google's. Anything else from the shared store (a stale
+    /// version, a hostile writer) is ignored.
+    fn is_plausible(&self) -> bool {
+        match self {
+            News::Cooled { model, left_ms, .. } => {
+                *left_ms <= MAX_COOLED && model.len() <= MAX_NAME
+            }
+            News::Capped { left_ms, .. } => *left_ms <= MAX_CAPPED,
+            News::MethodBlocked { method, .. } => method.len() <= MAX_NAME,
+            News::Served { model, .. } => model.len() <= MAX_NAME,
+            News::CooldownsCleared { model, .. } => {
+                model.as_ref().is_none_or(|m| m.len() <= MAX_NAME)
+            }
+            _ => true,
+        }
     }
 }
 
@@ -434,5 +503,20 @@ mod tests {
         assert!(!b.learn(&stranger, 0));
         let garbage: Result<News, _> = serde_json::from_str(r#"{"change":"launch_missiles"}"#);
         assert!(garbage.is_err());
+        // A lasting state the store no longer holds is undone before the store's are learnt.
+        let stale = b.stale_against(&[], 0);
+        assert_eq!(stale.len(), 2, "{stale:?}");
+        for news in &stale {
+            assert!(b.learn(news, 0));
+        }
+        assert_eq!(b.disabled(KeyId(1)), None);
+        // Deadlines keygate never sets are not believed.
+        let forever = News::Cooled {
+            project: "p1".into(),
+            model: "m".into(),
+            why: "quota".into(),
+            left_ms: 1 << 50,
+        };
+        assert!(!b.learn(&forever, 0));
     }
 }

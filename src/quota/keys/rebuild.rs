@@ -113,5 +113,26 @@ impl KeyPool {
             .collect();
         KeyPool::build(&self.name, &self.key_configs(), |fp| usage.get(fp).cloned())
             .probing_every(std::time::Duration::from_millis(self.probe_every))
+            .scrubbing(self.others.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::quota::keys::tests::pool;
+    use crate::secret::Secret;
+
+    #[test]
+    fn a_table_without_health_still_scrubs_the_upstream_headers() {
+        let token = "relay-token-0123456789";
+        let p = pool(&[("a", "p1")]).scrubbing(vec![(
+            Secret::new(token),
+            "[upstream header cf-aig-authorization]".into(),
+        )]);
+        let fresh = p.without_health();
+        let text = format!("bad token {token}");
+        let scrubbed = fresh.scrubber().body(text.as_bytes()).into_owned();
+        let scrubbed = String::from_utf8(scrubbed).unwrap();
+        assert!(!scrubbed.contains(token), "{scrubbed}");
     }
 }

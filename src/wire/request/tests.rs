@@ -310,6 +310,9 @@ fn a_relay_gets_its_base_path_and_its_own_headers() {
         &[
             ("x-goog-api-key", "tenant-token"),
             ("cf-aig-authorization", "Bearer the-client-s-own"),
+            ("cf-aig-collect-log", "false"),
+            ("cf-aig-cache-key", "another-tenant-s"),
+            ("x-portkey-custom-host", "https://evil.example"),
         ],
     );
     let fwd = Forward {
@@ -337,6 +340,14 @@ fn a_relay_gets_its_base_path_and_its_own_headers() {
     // The pool's header replaces the client's of the same name; the key is the pool's.
     let sent: Vec<_> = r.headers.get_all("cf-aig-authorization").iter().collect();
     assert_eq!(sent, ["Bearer relay-token"]);
+    // The relay's controls are the pool's: the client's never reach it.
+    for control in [
+        "cf-aig-collect-log",
+        "cf-aig-cache-key",
+        "x-portkey-custom-host",
+    ] {
+        assert!(r.headers.get(control).is_none(), "{control}");
+    }
     assert_eq!(r.headers["x-goog-api-key"], "POOLKEY");
     assert_eq!(r.headers["host"], "gateway.ai.cloudflare.com");
     let r = upstream_request(&out, &fwd, "POOLKEY", &Target { h2: true, ..relay }).unwrap();
