@@ -47,6 +47,7 @@ fn pool(n: usize) -> KeyPool {
         proxy: None,
         cap_probe: std::time::Duration::from_secs(3600),
         fair_share: None,
+        cache_shared_across_tenants: false,
     })
 }
 

@@ -39,6 +39,7 @@ pub(super) struct FileConfig {
     pub(super) trusted_proxies: Vec<String>,
     #[serde(default)]
     pub(super) client_limits: FileClientLimits,
+    pub(super) cache: Option<super::cache::FileCache>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +188,8 @@ pub(super) struct FilePool {
     #[serde(default)]
     pub(super) fair_share: bool,
     pub(super) fair_share_active_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) cache_shared_across_tenants: bool,
 }
 
 #[derive(Debug, Deserialize)]

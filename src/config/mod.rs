@@ -4,11 +4,13 @@
 //! Loading never panics and never echoes a key or a token: every error message goes through
 //! [`redact`] before it reaches the user.
 
+mod cache;
 pub mod endpoint;
 mod file;
 mod validate;
 
 use crate::secret::Secret;
+pub use cache::CacheConfig;
 use endpoint::redacted_url;
 pub use endpoint::{parse_upstream, ProxyConfig, ProxyKind};
 use std::collections::HashSet;
@@ -100,6 +102,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// What a client connection may take.
     pub client_limits: ClientLimits,
+    /// The response cache, if turned on (`cache:`).
+    pub cache: Option<CacheConfig>,
 }
 
 /// Request headers a browser may send by default (`cors.allowed_headers`): what the Gemini and OpenAI SDKs send from a browser.
@@ -237,6 +241,9 @@ pub struct PoolConfig {
     /// Fair share between tenants, if turned on: how long after its last request a tenant
     /// still counts as active (projects are kept only for active tenants).
     pub fair_share: Option<Duration>,
+    /// Whether tenants share cached answers on this pool (`cache_shared_across_tenants`);
+    /// otherwise each tenant has entries of its own.
+    pub cache_shared_across_tenants: bool,
 }
 
 impl PoolConfig {

@@ -9,6 +9,7 @@
 pub mod budget;
 pub mod health;
 
+use crate::cache::Cache;
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::{KeyPool, Millis};
@@ -73,6 +74,8 @@ pub struct Runtime {
     pub public_url: Option<String>,
     /// Proxies whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The response cache, if configured. A reload with the same settings keeps its entries.
+    pub cache: Option<Arc<Cache>>,
 }
 
 /// Everything the proxy and the admin API share.
@@ -165,6 +168,10 @@ impl Runtime {
             client_limits: config.client_limits,
             public_url: config.public_url.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            cache: config.cache.map(|c| {
+                let previous = old.and_then(|o| o.cache.as_deref());
+                Arc::new(Cache::new(c, previous))
+            }),
         }
     }
 

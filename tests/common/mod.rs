@@ -130,6 +130,10 @@ struct State {
     billing: HashMap<String, String>,
     /// Billing accounts over their monthly spending cap.
     capped_accounts: HashSet<String>,
+    /// Extra bytes of text in every generateContent answer (to make answers large).
+    padding: usize,
+    /// Successful answers are gzipped too (errors always are) for clients that accept gzip.
+    gzip_success: bool,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` held.
@@ -328,6 +332,8 @@ impl Mock {
             buckets: HashMap::new(),
             billing: HashMap::new(),
             capped_accounts: HashSet::new(),
+            padding: 0,
+            gzip_success: false,
             faults: None,
         }));
         let mut tasks = vec![accept_loop(listener, state.clone(), tls.clone())];
@@ -559,6 +565,18 @@ impl Mock {
         self
     }
 
+    /// generateContent answers carry `bytes` more bytes of text.
+    pub fn answer_padding(&self, bytes: usize) -> &Self {
+        self.state.lock().unwrap().padding = bytes;
+        self
+    }
+
+    /// Successful answers are gzipped for clients that accept gzip, like errors are.
+    pub fn gzip_success(&self, on: bool) -> &Self {
+        self.state.lock().unwrap().gzip_success = on;
+        self
+    }
+
     /// Non-streaming answers wait `delay` before their header.
     /// Answers requests made with `key` only after `delay` (a slow or hung upstream path).
     pub fn slow_key(&self, key: &str, delay: Duration) -> &Self {
@@ -738,7 +756,8 @@ async fn handle(
         .headers
         .get("accept-encoding")
         .is_some_and(|v| v.to_str().unwrap_or("").contains("gzip"));
-    let response = if accepts_gzip && response.status().as_u16() >= 400 {
+    let gzip_success = state.lock().unwrap().gzip_success;
+    let response = if accepts_gzip && (response.status().as_u16() >= 400 || gzip_success) {
         gzipped(response).await
     } else {
         response
@@ -844,7 +863,7 @@ fn decide(
         }
     }
 
-    let text = format!("hello from {project}");
+    let text = format!("hello from {project}{}", "x".repeat(s.padding));
     let (events, gap, abort) = (s.sse_events, s.sse_gap, s.sse_abort_after);
     drop(s);
     if openai {
@@ -1534,7 +1553,7 @@ fn new_interaction(s: &mut State, project: &str, request: &serde_json::Value) ->
     }
     s.interactions_made += 1;
     let id = format!("v1_mockint{}", s.interactions_made);
-    let text = format!("hello from {project}");
+    let text = format!("hello from {project}{}", "x".repeat(s.padding));
     let interaction = serde_json::json!({
         "id": id,
         "status": "completed",
