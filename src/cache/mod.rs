@@ -82,7 +82,7 @@ const NOT_KEPT: [&str; 10] = [
 const ENTRY_OVERHEAD: u64 = 256;
 
 /// Bytes a recording reserves at a time: fewer changes of the budget for a long stream.
-const RESERVE_STEP: u64 = 64 * 1024;
+const RESERVE_STEP: u64 = 16 * 1024;
 
 /// Whether a request is a call whose answer the cache keeps: a POST of generation, embedding
 /// or token counting.

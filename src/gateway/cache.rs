@@ -5,7 +5,7 @@
 
 use super::answers::write_whole;
 use super::{Ctx, Gateway, Job};
-use crate::cache::{self, Ask, Entry, Plan, Recording, Status};
+use crate::cache::{self, Ask, Cache, Entry, Plan, Recording, Status};
 use crate::quota::keys::now_millis;
 use crate::runtime::{Pool, Runtime};
 use crate::wire::usage::BodyTap;
@@ -40,6 +40,18 @@ impl Gateway {
         placed: Placed<'_>,
     ) -> Option<pingora::Result<bool>> {
         let cache = rt.cache.as_ref()?;
+        // Boxed: the lookup and the hit's write would otherwise enlarge every request's future
+        // (and its copies), cache or not.
+        Box::pin(self.lookup(session, ctx, cache, placed)).await
+    }
+
+    async fn lookup(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        cache: &Cache,
+        placed: Placed<'_>,
+    ) -> Option<pingora::Result<bool>> {
         let req = session.req_header();
         let plan = cache::plan(&Ask {
             tenant: ctx.tenant.as_ref().map(|t| &t.name),
@@ -132,7 +144,8 @@ impl Gateway {
         };
         let tokens = tap.tokens().map_or(0, |t| t.total);
         if let Some(body) = tap.take_head() {
-            cache.keep(*recording, body, tokens, now_millis()).await;
+            // Boxed, like the lookup: only answers being kept pay for it.
+            Box::pin(cache.keep(*recording, body, tokens, now_millis())).await;
         }
     }
 }

@@ -7,7 +7,7 @@ use super::cache;
 use super::client::{body_error, client_gone, now_micros, read_body, tenant_name, BodyRead};
 use super::place::creates_resources;
 use super::{Ctx, Ending, Gateway, Job, Kind};
-use crate::cache::cacheable_kind;
+use crate::cache::{cacheable_kind, Status};
 use crate::gateway::guard;
 use crate::logging::printable;
 use crate::quota::keys::now_millis;
@@ -432,9 +432,9 @@ impl ProxyHttp for Gateway {
             status,
             AttemptList(ctx),
             ctx.cache.map_or("", |c| match c {
-                crate::cache::Status::Hit => " cache=hit",
-                crate::cache::Status::Miss => " cache=miss",
-                crate::cache::Status::Bypass => " cache=bypass",
+                Status::Hit => " cache=hit",
+                Status::Miss => " cache=miss",
+                Status::Bypass => " cache=bypass",
             }),
             ctx.started.elapsed().as_millis(),
             error
