@@ -137,7 +137,10 @@ async fn both_sdks_read_answers_served_from_the_cache() {
     let mock = Mock::start().await;
     mock.key("sdk-key-2", "p2");
     let yaml = with_tenant(
-        &format!("cache: {{}}\n{}", pool_yaml(&mock.url(), &[("sdk-key-2", "p2")])),
+        &format!(
+            "cache: {{}}\n{}",
+            pool_yaml(&mock.url(), &[("sdk-key-2", "p2")])
+        ),
         "sdk",
         "sdk-tenant-token",
     );
