@@ -7,7 +7,9 @@
 //! SSE stream), then nginx and keygate as child processes, drives them with `oha`, and prints a
 //! Markdown report (also written to `target/load-report.md`). Every process it starts is killed
 //! when it ends, panics included. `LOAD_BASELINE=/path/to/keygate` adds another keygate binary
-//! (an earlier build) as target `baseline`, to measure a change side by side.
+//! (an earlier build) as target `baseline`, to measure a change side by side. Target
+//! `keygate+cache` is keygate with a `cache:` section: after its first request, every one is a
+//! hit served from memory (the `Response cache` section compares it with the upstream direct).
 //! Tunables (environment): `LOAD_SECONDS` (default 10),
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
 //! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1).
@@ -455,6 +457,40 @@ fn sequential(rt: &tokio::runtime::Runtime, base: &str) -> Vec<f64> {
     )
 }
 
+/// Sequential requests per target in the response cache section.
+const CACHE_SAMPLES: usize = 5000;
+
+/// A keygate config with one key in front of `upstream`, and a response cache.
+fn cache_yaml(upstream: SocketAddr, threads: usize) -> String {
+    format!(
+        "cache:\n  ttl_seconds: 3600\n{}",
+        one_key_yaml(upstream, threads)
+    )
+}
+
+/// Stores the answer to the benchmark's request in `base`'s cache and checks that the next one
+/// is a hit.
+fn warm_cache(rt: &tokio::runtime::Runtime, base: &str) {
+    let url = format!("{base}/v1beta/models/gemini-2.5-flash:generateContent");
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        for expected in ["miss", "hit"] {
+            let resp = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(PROMPT)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.headers()["x-keygate-cache"], expected, "{url}");
+            let _ = resp.bytes().await;
+        }
+    });
+}
+
 /// A keygate config with one key in front of `upstream`.
 fn one_key_yaml(upstream: SocketAddr, threads: usize) -> String {
     format!(
@@ -565,6 +601,9 @@ fn main() {
     let (floor, floor_addr) = start_floor(upstream, workers);
     let (keygate, kg_addr, _) =
         start_keygate(dir.path(), "keygate", &one_key_yaml(upstream, workers));
+    let (cached, cached_addr, _) =
+        start_keygate(dir.path(), "keygate-cache", &cache_yaml(upstream, workers));
+    warm_cache(&rt, &format!("http://{cached_addr}"));
 
     let baseline_bin = std::env::var("LOAD_BASELINE").ok();
     let baseline = baseline_bin.as_ref().map(|bin| {
@@ -576,6 +615,11 @@ fn main() {
         ("nginx", format!("http://{nginx_addr}"), Some(nginx.pid())),
         ("pingora", format!("http://{floor_addr}"), Some(floor.pid())),
         ("keygate", format!("http://{kg_addr}"), Some(keygate.pid())),
+        (
+            "keygate+cache",
+            format!("http://{cached_addr}"),
+            Some(cached.pid()),
+        ),
     ];
     if let Some((proc, addr, _)) = &baseline {
         targets.push(("baseline", format!("http://{addr}"), Some(proc.pid())));
@@ -680,16 +724,52 @@ fn main() {
     let (kg, ng) = ratio(&saturation, "keygate", "nginx", |r| r.rps);
     let (_, pf) = ratio(&saturation, "keygate", "pingora", |r| r.rps);
     let (kg99, d99) = ratio(&half_runs, "keygate", "direct", |r| r.p99_ms);
+    let (hit99, _) = ratio(&half_runs, "keygate+cache", "direct", |r| r.p99_ms);
     let (pf99, _) = ratio(&half_runs, "pingora", "direct", |r| r.p99_ms);
     let (kgc, pfc) = ratio(&saturation, "keygate", "pingora", |r| r.cpu_per_10k);
     let _ = writeln!(
         report,
-        "\nThroughput at saturation: keygate/nginx {:.2}x, keygate/pingora floor {:.2}x. p99 over direct at half saturation: keygate {:+.3} ms, pingora floor {:+.3} ms. CPU per request at saturation: keygate/pingora floor {:.2}x.\n",
+        "\nThroughput at saturation: keygate/nginx {:.2}x, keygate/pingora floor {:.2}x. p99 over direct at half saturation: keygate {:+.3} ms, keygate+cache (hits) {:+.3} ms, pingora floor {:+.3} ms. CPU per request at saturation: keygate/pingora floor {:.2}x.\n",
         kg / ng,
         kg / pf,
         kg99 - d99,
+        hit99 - d99,
         pf99 - d99,
         kgc / pfc
+    );
+
+    // A hit served from memory against the same request direct to the upstream, one at a time
+    // from one client: the latency a client sees, without queueing.
+    let _ = writeln!(
+        report,
+        "### Response cache: a hit from memory vs the upstream direct ({CACHE_SAMPLES} sequential requests)\n\n| target | median ms | p99 ms | p99.9 ms |\n|---|---:|---:|---:|"
+    );
+    let mut sequential_p99 = Vec::new();
+    for name in ["direct", "keygate", "keygate+cache"] {
+        let Some((_, base, _)) = targets.iter().find(|(n, _, _)| *n == name) else {
+            continue;
+        };
+        let url = format!("{base}{path}");
+        let times = timed_posts(&rt, &url, 100, CACHE_SAMPLES, Duration::ZERO, false);
+        let (m, p99, p999) = (
+            median(times.clone()),
+            percentile(times.clone(), 0.99),
+            percentile(times, 0.999),
+        );
+        sequential_p99.push((name, p99));
+        let _ = writeln!(report, "| {name} | {m:.3} | {p99:.3} | {p999:.3} |");
+    }
+    let p99_of = |n: &str| {
+        sequential_p99
+            .iter()
+            .find(|(t, _)| *t == n)
+            .map_or(f64::NAN, |(_, p)| *p)
+    };
+    let _ = writeln!(
+        report,
+        "\nA hit's p99 over direct: {:+.3} ms sequential, {:+.3} ms at half saturation (target: under 0.2 ms).\n",
+        p99_of("keygate+cache") - p99_of("direct"),
+        hit99 - d99
     );
 
     // SSE time to first byte.
@@ -714,6 +794,7 @@ fn main() {
 
     // Cost of one 429 retry: the first key always refuses (cooling 1 s), the second serves.
     drop(keygate);
+    drop(cached);
     drop(baseline);
     let retry_yaml = format!(
         "threads: 1\npools:\n  - name: main\n    upstream: \"http://{upstream}\"\n    keys:\n      - key: \"{REFUSE_KEY}\"\n        project: refused\n      - key: \"{BENCH_KEY}\"\n        project: serving\n"

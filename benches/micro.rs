@@ -5,7 +5,10 @@
 //! - tenant lookup among 10,000 tenants (digest map vs a linear scan of tokens);
 //! - the request checks of the security pass, on a typical request: the canonical path, the key
 //!   parameter split off the query, the model read from the body, resource names found in the
-//!   body (a chat turn, and a 5 MB inline image).
+//!   body (a chat turn, and a 5 MB inline image);
+//! - the response cache: a request's plan (entry key from the canonical body) on the same
+//!   bodies, and a hit looked up among 10,000 entries in the `quick_cache` store vs a
+//!   `Mutex<HashMap>`.
 //!
 //! Run: `cargo bench --bench micro`. Figures are written down in BENCHMARKS.md.
 
@@ -50,6 +53,7 @@ fn pool(n: usize) -> KeyPool {
         proxy: None,
         cap_probe: std::time::Duration::from_secs(3600),
         fair_share: None,
+        cache_shared_across_tenants: false,
     })
 }
 
@@ -339,11 +343,71 @@ fn request_checks(c: &mut Criterion) {
     group.finish();
 }
 
+fn response_cache(c: &mut Criterion) {
+    use futures_util::FutureExt;
+    use keygate::cache::{plan, Ask, Entry, EntryKey, MemoryStore, Store};
+    use std::sync::Arc;
+    let mut group = c.benchmark_group("response_cache");
+    let headers = http::HeaderMap::new();
+    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let ask = |body: &'static [u8]| Ask {
+        tenant: None,
+        pool: "main",
+        shared: false,
+        method: &http::Method::POST,
+        path,
+        query: None,
+        model: "gemini-2.5-flash",
+        headers: &headers,
+        body,
+    };
+    let chat = br#"{"contents":[{"role":"user","parts":[{"text":"Write a haiku about rotating API keys."}]},{"role":"model","parts":[{"text":"Keys turn like seasons"}]},{"role":"user","parts":[{"text":"Another one, about quotas."}]}],"generationConfig":{"temperature":0.7}}"#;
+    group.bench_function("plan_chat", |b| b.iter(|| plan(black_box(&ask(chat)))));
+    let mut image =
+        br#"{"contents":[{"parts":[{"inlineData":{"mimeType":"image/png","data":""#.to_vec();
+    image.extend(std::iter::repeat_n(b'Q', 5 << 20));
+    image.extend_from_slice(br#""}},{"text":"describe"}]}]}"#);
+    let image: &'static [u8] = Box::leak(image.into_boxed_slice());
+    group.bench_function("plan_5mb_image", |b| {
+        b.iter(|| plan(black_box(&ask(image))))
+    });
+
+    let key = |i: u32| EntryKey {
+        tenant: Some(Arc::from("alice")),
+        digest: {
+            let mut d = [0u8; 32];
+            d[..4].copy_from_slice(&i.to_le_bytes());
+            d
+        },
+    };
+    let entry = Arc::new(Entry::new(
+        Vec::new(),
+        bytes::Bytes::from(vec![b'x'; 400]),
+        1,
+        50,
+    ));
+    let store = MemoryStore::new(256 << 20, std::time::Duration::from_secs(600));
+    let naive: Mutex<HashMap<EntryKey, Arc<Entry>>> = Mutex::new(HashMap::new());
+    for i in 0..10_000 {
+        store.put(key(i), entry.clone()).now_or_never();
+        naive.lock().unwrap().insert(key(i), entry.clone());
+    }
+    let wanted = key(4242);
+    group.bench_function("get_hit_quick_cache", |b| {
+        b.iter(|| store.get(black_box(&wanted), 2).now_or_never())
+    });
+    group.bench_function("get_hit_mutex_hashmap", |b| {
+        b.iter(|| naive.lock().unwrap().get(black_box(&wanted)).cloned())
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     selection,
     classification,
     tenant_lookup,
-    request_checks
+    request_checks,
+    response_cache
 );
 criterion_main!(benches);

@@ -10,6 +10,7 @@
 //! - [`quota`]: what Google's answers mean, the key pool with its one door for health changes,
 //!   the attempt plan, resource affinity;
 //! - [`tenants`]: authentication, limits, fair shares, and what a tenant's request may be;
+//! - [`cache`]: the response cache: which answers are kept, entry keys, the store;
 //! - `upstream`: addresses (health-checked), connections, the one exchange, egress proxies;
 //! - `telemetry`: Prometheus metrics and webhook alerts;
 //! - `runtime`: what the gateway and the admin API share; health changes made known;
@@ -20,6 +21,7 @@
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
 // across an await, unsafe code denied but for the one allowed in upstream/mod.rs).
 
+pub mod cache;
 pub mod config;
 pub(crate) mod fleet;
 pub(crate) mod gateway;

@@ -11,6 +11,24 @@ use std::path::{Path, PathBuf};
 /// The most lines a file under `src/` may have.
 const MAX_LINES: usize = 700;
 
+/// The parts of `src/`, bottom layer first (as `lib.rs` and the README's layout table list
+/// them): each may import only parts before it.
+const LAYERS: [&str; 13] = [
+    "secret",
+    "logging",
+    "config",
+    "wire",
+    "quota",
+    "tenants",
+    "cache",
+    "upstream",
+    "telemetry",
+    "runtime",
+    "fleet",
+    "gateway",
+    "ops",
+];
+
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src is readable") {
         let path = entry.expect("a directory entry").path();
@@ -118,6 +136,24 @@ fn folders_import_each_other_in_one_direction() {
     // Configuration is the bottom layer: it uses nothing of keygate's but the secret type.
     let config: Vec<&String> = graph["config"].iter().filter(|p| *p != "secret").collect();
     assert!(config.is_empty(), "config imports {config:?}");
+}
+
+#[test]
+fn each_part_imports_only_the_layers_below_it() {
+    let graph = imports();
+    for (part, used) in &graph {
+        let Some(at) = LAYERS.iter().position(|l| l == part) else {
+            panic!("src/{part} is in no layer: add it to LAYERS and the README's layout table");
+        };
+        let above: Vec<&String> = used
+            .iter()
+            .filter(|u| LAYERS.iter().position(|l| l == u).is_none_or(|i| i >= at))
+            .collect();
+        assert!(
+            above.is_empty(),
+            "{part} imports {above:?}, which are not below it"
+        );
+    }
 }
 
 #[test]

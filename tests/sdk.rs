@@ -137,6 +137,28 @@ async fn openai_sdk_completes_and_streams_through_keygate() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn both_sdks_read_answers_served_from_the_cache() {
+    let Some(python) = python() else { return };
+    let mock = Mock::start().await;
+    mock.key("sdk-key-2", "p2");
+    let yaml = with_tenant(
+        &format!(
+            "cache: {{}}\n{}",
+            pool_yaml(&mock.url(), &[("sdk-key-2", "p2")])
+        ),
+        "sdk",
+        "sdk-tenant-token",
+    );
+    let kg = Keygate::start(&yaml);
+    let out = run_script(&python, "cache_hits.py", &kg).await;
+    assert!(out.contains("cache ok"), "{out}");
+    // Each call's first time went to the mock; its second was a hit.
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    kg.assert_logs_clean(&["sdk-tenant-token", "sdk-key-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn google_genai_sdk_uploads_a_file_and_uses_it_across_a_multi_project_pool() {
     let Some(python) = python() else { return };
     // Three projects: a file is visible only to keys of the project that uploaded it, so the

@@ -40,6 +40,7 @@ pub(super) struct FileConfig {
     pub(super) trusted_proxies: Vec<String>,
     #[serde(default)]
     pub(super) client_limits: FileClientLimits,
+    pub(super) cache: Option<super::cache::FileCache>,
     #[serde(default)]
     pub(super) model_aliases: BTreeMap<String, String>,
     pub(super) redis: Option<FileRedis>,
@@ -203,6 +204,8 @@ pub(super) struct FilePool {
     #[serde(default)]
     pub(super) fair_share: bool,
     pub(super) fair_share_active_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) cache_shared_across_tenants: bool,
     #[serde(default)]
     pub(super) upstream_headers: BTreeMap<String, FileEnvValue>,
 }

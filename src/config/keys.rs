@@ -309,4 +309,37 @@ mod tests {
             "{e}"
         );
     }
+
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn keys_pasted_as_project_or_billing_names_are_refused_unechoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = |n: u32| format!("AIza{n:0>35}");
+        std::fs::write(
+            dir.path().join("keys"),
+            format!("{} {} {}\n", k(1), k(2), k(3)),
+        )
+        .unwrap();
+        let text = "pools:\n  - name: main\n    upstream: https://x\n    keys_file: keys\n";
+        let e = Config::parse(text, dir.path(), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("looks like an API key"), "{e}");
+        for n in 1..=3 {
+            assert!(!e.contains(&k(n)), "{e}");
+        }
+        // Another configured key in a project's place, whatever its shape.
+        let env = Config::parse(
+            "pools:\n  - name: main\n    upstream: https://x\n    keys_env: KEYS\n",
+            Path::new("."),
+            &|_| Some("key-one, key-two:key-one".to_string()),
+        );
+        let e = env.unwrap_err().to_string();
+        assert!(
+            e.contains("looks like an API key") && !e.contains("key-one"),
+            "{e}"
+        );
+    }
 }

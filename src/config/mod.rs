@@ -5,6 +5,7 @@
 //! [`redact`] before it reaches the user.
 
 mod aliases;
+mod cache;
 pub mod endpoint;
 mod file;
 mod keys;
@@ -12,6 +13,7 @@ mod redis;
 mod validate;
 
 use crate::secret::Secret;
+pub use cache::CacheConfig;
 use endpoint::redacted_url;
 pub use endpoint::{parse_upstream, ProxyConfig, ProxyKind};
 use std::collections::{BTreeMap, HashSet};
@@ -103,6 +105,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// What a client connection may take.
     pub client_limits: ClientLimits,
+    /// The response cache, if turned on (`cache:`).
+    pub cache: Option<CacheConfig>,
     /// Names clients may send for models (`gemini-pro-chat`), each with the model it stands for
     /// (`gemini-2.5-pro`), both without `models/`: resolved before routing.
     pub model_aliases: BTreeMap<String, String>,
@@ -283,6 +287,9 @@ pub struct PoolConfig {
     /// Fair share between tenants, if turned on: how long after its last request a tenant
     /// still counts as active (projects are kept only for active tenants).
     pub fair_share: Option<Duration>,
+    /// Whether tenants share cached answers on this pool (`cache_shared_across_tenants`);
+    /// otherwise each tenant has entries of its own.
+    pub cache_shared_across_tenants: bool,
 }
 
 impl PoolConfig {

@@ -56,6 +56,11 @@ pub(super) fn validated(
     let mut names = HashSet::new();
     for (i, pool) in file.pools.into_iter().enumerate() {
         let ctx = format!("pools[{i}]");
+        if pool.cache_shared_across_tenants && file.cache.is_none() {
+            return Err(invalid(format!(
+                "{ctx}.cache_shared_across_tenants: set without a cache: section"
+            )));
+        }
         if pool.name.trim().is_empty() {
             return Err(invalid(format!("{ctx}.name: must not be empty")));
         }
@@ -200,6 +205,7 @@ pub(super) fn validated(
             .map(|r| super::redis::validate_redis(r, base, env))
             .transpose()?,
         model_aliases,
+        cache: file.cache.map(|c| c.validated()).transpose()?,
     })
 }
 
@@ -499,6 +505,7 @@ pub(super) fn validate_pool(
             None => DEFAULT_CAP_PROBE,
         },
         fair_share,
+        cache_shared_across_tenants: pool.cache_shared_across_tenants,
     })
 }
 

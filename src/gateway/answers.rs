@@ -176,7 +176,7 @@ pub(super) async fn write_whole(
     prepare_downstream_header(&mut header, head)?;
     header.remove_header(&header::TRANSFER_ENCODING);
     header.insert_header(header::CONTENT_LENGTH, body.len())?;
-    add_cors(&mut header, ctx)?;
+    add_own_headers(&mut header, ctx)?;
     ctx.status = header.status.as_u16();
     ctx.response_bytes += body.len() as u64;
     session
@@ -278,14 +278,18 @@ pub(super) fn fair_share_error(
     }
 }
 
-/// Adds the request's CORS headers to an answer, replacing any the upstream sent.
-pub(super) fn add_cors(header: &mut ResponseHeader, ctx: &Ctx) -> pingora::Result<()> {
+/// Adds the headers that are keygate's for this request to an answer, replacing any the
+/// upstream sent: its CORS headers, and what the response cache did (`x-keygate-cache`).
+pub(super) fn add_own_headers(header: &mut ResponseHeader, ctx: &Ctx) -> pingora::Result<()> {
     for (name, value) in &ctx.cors {
         if *name == "vary" {
             header.append_header(*name, value.as_str())?;
         } else {
             header.insert_header(*name, value.as_str())?;
         }
+    }
+    if let Some(status) = ctx.cache {
+        header.insert_header(crate::cache::STATUS_HEADER, status.as_str())?;
     }
     Ok(())
 }
@@ -298,7 +302,7 @@ pub(super) async fn respond_empty(
 ) -> pingora::Result<bool> {
     let mut resp = ResponseHeader::build(code, Some(ctx.cors.len() + 1))?;
     resp.insert_header(header::CONTENT_LENGTH, 0)?;
-    add_cors(&mut resp, ctx)?;
+    add_own_headers(&mut resp, ctx)?;
     ctx.status = code;
     session.write_response_header(Box::new(resp), true).await?;
     Ok(true)
@@ -329,7 +333,7 @@ pub(super) async fn respond(
     if let Some(secs) = e.retry_after {
         resp.insert_header(header::RETRY_AFTER, secs)?;
     }
-    add_cors(&mut resp, ctx)?;
+    add_own_headers(&mut resp, ctx)?;
     ctx.status = e.code;
     ctx.response_bytes += body.len() as u64;
     session.write_response_header(Box::new(resp), false).await?;

@@ -3,9 +3,11 @@
 
 use super::answers::{limit_error, refuse, respond, respond_empty};
 use super::attempts::unresolved_error;
+use super::cache;
 use super::client::{body_error, client_gone, now_micros, read_body, tenant_name, BodyRead};
 use super::place::creates_resources;
 use super::{Ctx, Ending, Gateway, Job, Kind};
+use crate::cache::{cacheable_kind, Status};
 use crate::gateway::guard;
 use crate::logging::printable;
 use crate::quota::keys::now_millis;
@@ -41,6 +43,8 @@ impl ProxyHttp for Gateway {
             status: 0,
             served: false,
             body_reservation: None,
+            cache: None,
+            recording: None,
         }
     }
 
@@ -164,8 +168,16 @@ impl ProxyHttp for Gateway {
         });
         ctx.tenant = tenant.clone();
 
+        // A request the response cache may answer counts against rpm only once it missed: rpm
+        // protects quota, and a hit spends none.
+        let rate_later = rt.cache.is_some() && cacheable_kind(&session.req_header().method, &path);
         if let Some(t) = &tenant {
-            match t.admit(now_micros()) {
+            let admitted = if rate_later {
+                t.admit_concurrent()
+            } else {
+                t.admit(now_micros())
+            };
+            match admitted {
                 Ok(slot) => ctx.in_flight = Some(slot),
                 Err(refusal) => {
                     let e = limit_error(&t.name, refusal);
@@ -309,6 +321,21 @@ impl ProxyHttp for Gateway {
                 }
             },
         };
+        let at = cache::Placed {
+            pool: &placed.pool,
+            path: &path,
+            query: query.forwarded.as_deref(),
+            model: &model,
+            body: &body,
+        };
+        if let Some(hit) = self.ask_cache(session, ctx, &rt, at).await {
+            return hit;
+        }
+        if let Some(t) = tenant.as_ref().filter(|_| rate_later) {
+            if let Err(refusal) = t.admit_rate(now_micros()) {
+                return respond(session, ctx, Some(api), &limit_error(&t.name, refusal)).await;
+            }
+        }
         // No address for the upstream: say so at once, without spending attempts on keys.
         if let Err(why) = placed
             .pool
@@ -413,12 +440,17 @@ impl ProxyHttp for Gateway {
             .unwrap_or_default();
         log::info!(
             target: "keygate::access",
-            "tenant={} \"{}\" model={} status={} attempts=[{}] ms={}{}",
+            "tenant={} \"{}\" model={} status={} attempts=[{}]{} ms={}{}",
             printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)),
             ctx.target,
             if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
             status,
             AttemptList(ctx),
+            ctx.cache.map_or("", |c| match c {
+                Status::Hit => " cache=hit",
+                Status::Miss => " cache=miss",
+                Status::Bypass => " cache=bypass",
+            }),
             ctx.started.elapsed().as_millis(),
             error
         );

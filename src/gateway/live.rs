@@ -1,7 +1,7 @@
 //! The Live API: a WebSocket session whose upgrade goes through the attempt loop, then whose
 //! frames are relayed both ways on the one key that accepted it.
 
-use super::answers::{add_cors, error_reply, refuse, write_whole, ErrorReply};
+use super::answers::{add_own_headers, error_reply, refuse, write_whole, ErrorReply};
 use super::attempts::SendError;
 use super::client::{client_gone, wait_until};
 use super::{Ctx, Ending, Gateway, Job, Kind, Learn};
@@ -199,7 +199,7 @@ impl Gateway {
         for (name, value) in header.headers.iter() {
             switch.append_header(name.clone(), value.clone())?;
         }
-        add_cors(&mut switch, ctx)?;
+        add_own_headers(&mut switch, ctx)?;
         ctx.status = 101;
         session
             .write_response_header(Box::new(switch), false)

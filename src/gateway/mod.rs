@@ -3,12 +3,14 @@
 //! Everything happens in `request_filter` ([`hooks`]): admit the request (CORS, tenant, limits,
 //! body within its budget), place it on a pool ([`place`]), then the one attempt loop
 //! ([`attempts`]) tries keys as the attempt plan says until one serves, and the answer is
-//! streamed to the client ([`relay`]) or replaced by keygate's own ([`answers`]). A Live
+//! streamed to the client ([`relay`]) or replaced by keygate's own ([`answers`]). With a
+//! response cache, a placed request is looked up first ([`cache`]): a hit is answered at once. A Live
 //! session ([`live`]) goes through the same attempts for its upgrade. Pingora's own retry is not
 //! used: it replays at most 64 KiB of body and decides on headers alone.
 
 mod answers;
 mod attempts;
+mod cache;
 mod client;
 pub mod guard;
 mod hooks;
@@ -65,6 +67,10 @@ pub struct Ctx {
     served: bool,
     /// The request body's share of the memory budget for bodies.
     body_reservation: Option<Reservation>,
+    /// What the response cache did (`x-keygate-cache`), when one is configured and was asked.
+    cache: Option<crate::cache::Status>,
+    /// The answer being recorded for the response cache (a miss).
+    recording: Option<Box<crate::cache::Recording>>,
 }
 
 /// The status logged for a request whose client hung up before its answer (nginx's 499).

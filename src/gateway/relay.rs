@@ -1,7 +1,10 @@
 //! Relaying Google's answer to the client as it streams, and learning from it: tokens used,
 //! resources created, uploads started.
 
-use super::answers::{add_cors, error_reply, respond, scrub_headers, write_whole, ErrorReply};
+use super::answers::{
+    add_own_headers, error_reply, respond, scrub_headers, write_whole, ErrorReply,
+};
+use super::cache;
 use super::client::{client_gone, prepare_downstream_header, unless_client_gone};
 use super::place::counts_tokens;
 use super::{Ctx, Gateway, Job, Learn};
@@ -54,7 +57,12 @@ impl Gateway {
         let head = session.req_header().method == http::Method::HEAD;
         scrub_headers(&mut header, job.keys.scrubber())?;
         prepare_downstream_header(&mut header, head)?;
-        add_cors(&mut header, ctx)?;
+        // A 200 the response cache will keep is recorded whole, decoded, as it goes by.
+        let mut recording = ctx.recording.take().filter(|_| header.status == 200);
+        if let Some(r) = recording.as_mut() {
+            r.header(&header.headers);
+        }
+        add_own_headers(&mut header, ctx)?;
         if success {
             self.rewrite_upload_url(&mut header, job, key, ctx.tenant.as_deref())?;
             ctx.served = true;
@@ -72,6 +80,7 @@ impl Gateway {
             }
             _ => 0,
         };
+        let keep_head = recording.as_ref().map_or(keep_head, |r| r.max_bytes());
         // Tokens are counted on answers to generation and embedding calls only: resources
         // (caches, batches) repeat a usage object each time they are read.
         let counts_tokens = counts_tokens(job.method);
@@ -111,10 +120,12 @@ impl Gateway {
             let last = i + 1 == last_pre_read && body.http.is_none();
             if let Some(tap) = tap.as_mut() {
                 tap.feed(&chunk);
+                cache::hold(&mut recording, tap);
                 self.watch_interaction(ctx, job, key, watch.as_mut(), tap, last);
             }
             if last {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+                self.keep_answer(job, recording.take(), tap.as_mut()).await;
                 recorded = true;
             }
             if !write_chunk(session, ctx, &mut pace, chunk).await? {
@@ -138,11 +149,13 @@ impl Gateway {
             if let Some(tap) = tap.as_mut() {
                 if let Some(chunk) = chunk.as_ref() {
                     tap.feed(chunk);
+                    cache::hold(&mut recording, tap);
                 }
                 self.watch_interaction(ctx, job, key, watch.as_mut(), tap, body.complete);
             }
             if body.complete && !recorded {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+                self.keep_answer(job, recording.take(), tap.as_mut()).await;
                 recorded = true;
             }
             match chunk {
@@ -159,6 +172,7 @@ impl Gateway {
                 self.watch_interaction(ctx, job, key, watch.as_mut(), tap, true);
             }
             self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
+            self.keep_answer(job, recording.take(), tap.as_mut()).await;
         }
         session.write_response_body(None, true).await?;
         Ok(true)

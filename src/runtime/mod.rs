@@ -9,6 +9,7 @@
 pub mod budget;
 pub mod health;
 
+use crate::cache::Cache;
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::{KeyPool, Millis};
@@ -75,6 +76,8 @@ pub struct Runtime {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Model aliases: the name a client sends, the model it stands for.
     pub model_aliases: std::collections::BTreeMap<String, String>,
+    /// The response cache, if configured. A reload with the same settings keeps its entries.
+    pub cache: Option<Arc<Cache>>,
 }
 
 /// Everything the proxy and the admin API share.
@@ -175,6 +178,10 @@ impl Runtime {
             public_url: config.public_url.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             model_aliases: config.model_aliases.clone(),
+            cache: config.cache.map(|c| {
+                let previous = old.and_then(|o| o.cache.as_deref());
+                Arc::new(Cache::new(c, previous))
+            }),
         }
     }
 

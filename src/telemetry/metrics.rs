@@ -84,6 +84,19 @@ pub struct PoolGauge {
     pub seconds_to_recovery: f64,
 }
 
+/// The response cache's memory at scrape time (computed by the caller from the cache).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheGauge {
+    /// Bytes counted against the budget: entries and recordings.
+    pub bytes: u64,
+    /// Of those, bytes held by answers still being recorded.
+    pub recording_bytes: u64,
+    /// Entries held.
+    pub entries: u64,
+    /// The budget.
+    pub capacity: u64,
+}
+
 /// keygate's Prometheus metrics, in a registry of their own. Shared by reference (it is `Sync`):
 /// every recording method takes `&self`.
 #[derive(Debug)]
@@ -118,6 +131,16 @@ pub struct Metrics {
     keys: IntGaugeVec,
     /// `keygate_pool_next_recovery_seconds{pool}`.
     next_recovery: GaugeVec,
+    /// `keygate_cache_requests_total{tenant,pool,result}`.
+    cache_requests: IntCounterVec,
+    /// `keygate_cache_hit_bytes_total{tenant}`.
+    cache_hit_bytes: IntCounterVec,
+    /// `keygate_cache_saved_tokens_total{tenant}`.
+    cache_saved_tokens: IntCounterVec,
+    /// `keygate_cache_memory_bytes{state}`.
+    cache_memory: IntGaugeVec,
+    /// `keygate_cache_entries`.
+    cache_entries: IntGaugeVec,
     /// Model label values handed out so far (at most [`MAX_MODELS`]).
     models: Mutex<HashSet<String>>,
     /// Serializes `render`, so that two scrapes never interleave resetting and setting gauges.
@@ -232,6 +255,43 @@ impl Metrics {
             &["pool"],
         )?;
         registry.register(Box::new(next_recovery.clone()))?;
+        let cache_requests = counter(
+            &registry,
+            "keygate_cache_requests_total",
+            "Requests that went through the response cache, by tenant, pool and result (hit, \
+             miss, bypass). Hits spent no key.",
+            &["tenant", "pool", "result"],
+        )?;
+        let cache_hit_bytes = counter(
+            &registry,
+            "keygate_cache_hit_bytes_total",
+            "Body bytes served from the response cache, by tenant.",
+            &["tenant"],
+        )?;
+        let cache_saved_tokens = counter(
+            &registry,
+            "keygate_cache_saved_tokens_total",
+            "Tokens the answers served from the response cache had used: what the hits saved, \
+             by tenant.",
+            &["tenant"],
+        )?;
+        let cache_memory = IntGaugeVec::new(
+            Opts::new(
+                "keygate_cache_memory_bytes",
+                "The response cache's memory at scrape time: used (entries and recordings), \
+                 recording (answers still being recorded), capacity (cache.max_megabytes).",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(cache_memory.clone()))?;
+        let cache_entries = IntGaugeVec::new(
+            Opts::new(
+                "keygate_cache_entries",
+                "Answers held by the response cache at scrape time.",
+            ),
+            &[],
+        )?;
+        registry.register(Box::new(cache_entries.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -248,6 +308,11 @@ impl Metrics {
             caps_lifted,
             keys,
             next_recovery,
+            cache_requests,
+            cache_hit_bytes,
+            cache_saved_tokens,
+            cache_memory,
+            cache_entries,
             models: Mutex::new(HashSet::new()),
             render_lock: Mutex::new(()),
             redis_up: prometheus::IntGauge::new(
@@ -354,15 +419,51 @@ impl Metrics {
         add(&self.caps_lifted, &[label(pool), scope], 1);
     }
 
+    /// A request that went through the response cache, and its `result` (`hit`, `miss`,
+    /// `bypass`).
+    pub fn cache_request(&self, tenant: &str, pool: &str, result: &'static str) {
+        add(
+            &self.cache_requests,
+            &[label(tenant), label(pool), result],
+            1,
+        );
+    }
+
+    /// A hit served `bytes` of body and saved the `tokens` its answer had used.
+    pub fn cache_hit(&self, tenant: &str, bytes: u64, tokens: u64) {
+        add(&self.cache_hit_bytes, &[label(tenant)], bytes);
+        add(&self.cache_saved_tokens, &[label(tenant)], tokens);
+    }
+
     /// The text exposition (Prometheus text format 0.0.4), with the pool gauges set from `pools`
-    /// first. Pools absent from `pools` are dropped from the gauges, so a pool removed by a
-    /// configuration reload stops being reported.
-    pub fn render(&self, pools: &[PoolGauge]) -> String {
+    /// and the cache gauges from `cache` first. Pools absent from `pools` are dropped from the
+    /// gauges, so a pool removed by a configuration reload stops being reported; without a
+    /// cache, no cache gauge is.
+    pub fn render(&self, pools: &[PoolGauge], cache: Option<CacheGauge>) -> String {
         let _guard = self
             .render_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.set_pool_gauges(pools);
+        self.cache_memory.reset();
+        self.cache_entries.reset();
+        if let Some(c) = cache {
+            for (state, n) in [
+                ("used", c.bytes),
+                ("recording", c.recording_bytes),
+                ("capacity", c.capacity),
+            ] {
+                if let Ok(g) = self.cache_memory.get_metric_with_label_values(&[state]) {
+                    set_int(&g, n);
+                }
+            }
+            if let Ok(g) = self
+                .cache_entries
+                .get_metric_with_label_values(&[] as &[&str])
+            {
+                set_int(&g, c.entries);
+            }
+        }
         match TextEncoder::new().encode_to_string(&self.registry.gather()) {
             Ok(text) => text,
             // Unreachable with these metrics; a comment line keeps the answer valid exposition.

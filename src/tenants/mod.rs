@@ -61,12 +61,27 @@ pub struct TenantState {
     pub refused_concurrency: AtomicU64,
     /// Requests refused to keep a scarce pool's last projects for lighter tenants.
     pub refused_fair_share: AtomicU64,
+    /// What the response cache did for this tenant.
+    pub cache: CacheUsage,
     /// Requests in flight now.
     in_flight: AtomicU32,
     /// Bytes of this tenant's request bodies held in memory now.
     pub buffered: Arc<std::sync::atomic::AtomicUsize>,
     /// GCRA's theoretical arrival time, in microseconds since the epoch.
     rate_tat: AtomicU64,
+}
+
+/// A tenant's use of the response cache: hits spend no quota, so they are counted apart.
+#[derive(Debug, Default)]
+pub struct CacheUsage {
+    /// Requests answered from the cache.
+    pub hits: AtomicU64,
+    /// Requests the cache looked up (or was told not to) and Google answered.
+    pub misses: AtomicU64,
+    /// Body bytes served from the cache.
+    pub hit_bytes: AtomicU64,
+    /// Tokens the answers served from the cache had used: what the hits saved.
+    pub saved_tokens: AtomicU64,
 }
 
 impl TenantState {
@@ -107,6 +122,13 @@ impl Tenant {
     /// Admits one request at `now_us` (microseconds since the epoch) or says why not. A refused
     /// request spends nothing: neither a concurrency slot nor a share of the rate.
     pub fn admit(&self, now_us: u64) -> Result<InFlight, Refusal> {
+        let guard = self.admit_concurrent()?;
+        self.admit_rate(now_us)?;
+        Ok(guard)
+    }
+
+    /// Takes a concurrency slot, or says the tenant has `max_concurrent` in flight already.
+    pub fn admit_concurrent(&self) -> Result<InFlight, Refusal> {
         let state = &self.state;
         let slots = state.in_flight.fetch_add(1, Relaxed) + 1;
         let guard = InFlight(state.clone());
@@ -116,16 +138,24 @@ impl Tenant {
                 return Err(Refusal::Concurrency { limit });
             }
         }
-        if let Some(rpm) = self.rpm {
-            if let Err(wait_us) = gcra(&state.rate_tat, rpm, now_us) {
-                state.refused_rate.fetch_add(1, Relaxed);
-                return Err(Refusal::Rate {
-                    retry_after: wait_us.div_ceil(1_000_000).max(1),
-                    rpm,
-                });
-            }
-        }
         Ok(guard)
+    }
+
+    /// Counts one request at `now_us` against `rpm`, or says when the next is allowed. Kept
+    /// apart from [`Tenant::admit_concurrent`] so that a request the response cache answers
+    /// need not count: rpm protects quota, and a hit spends none.
+    pub fn admit_rate(&self, now_us: u64) -> Result<(), Refusal> {
+        let Some(rpm) = self.rpm else {
+            return Ok(());
+        };
+        if let Err(wait_us) = gcra(&self.state.rate_tat, rpm, now_us) {
+            self.state.refused_rate.fetch_add(1, Relaxed);
+            return Err(Refusal::Rate {
+                retry_after: wait_us.div_ceil(1_000_000).max(1),
+                rpm,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -112,6 +112,29 @@ impl BodyTap {
         }
     }
 
+    /// Takes the whole decoded body out of the tap, on the terms of [`BodyTap::head`]: only a
+    /// body that fit in `keep_head` and, gzipped, ended and checked out.
+    pub fn take_head(&mut self) -> Option<Vec<u8>> {
+        self.head()?;
+        Some(std::mem::take(&mut self.seen.head))
+    }
+
+    /// Bytes the head buffer holds now (its capacity), for a caller that counts its memory.
+    pub fn head_held(&self) -> usize {
+        self.seen.head.capacity()
+    }
+
+    /// Whether the body outgrew `keep_head`, so that [`BodyTap::head`] will never be whole.
+    pub fn head_lost(&self) -> bool {
+        self.seen.head_overflow
+    }
+
+    /// Stops keeping the head and frees it (token usage is still read from the tail).
+    pub fn drop_head(&mut self) {
+        self.seen.head = Vec::new();
+        self.seen.head_overflow = true;
+    }
+
     /// The usage the body reports: the LAST usage object in it (streams repeat or end with it).
     /// Computed from the tail window on each call; None when the window holds no usable one.
     pub fn tokens(&self) -> Option<Tokens> {

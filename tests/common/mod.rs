@@ -145,6 +145,10 @@ struct State {
     relay_auth: Option<(String, String)>,
     /// Answer every request with the relay's own 429 (its rate limit, not Google's).
     relay_limited: bool,
+    /// Extra bytes of text in every generateContent answer (to make answers large).
+    padding: usize,
+    /// Successful answers are gzipped too (errors always are) for clients that accept gzip.
+    gzip_success: bool,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` held.
@@ -352,6 +356,8 @@ impl Mock {
             buckets: HashMap::new(),
             billing: HashMap::new(),
             capped_accounts: HashSet::new(),
+            padding: 0,
+            gzip_success: false,
             faults: None,
             base_path: String::new(),
             relay_auth: None,
@@ -605,6 +611,18 @@ impl Mock {
         self
     }
 
+    /// generateContent answers carry `bytes` more bytes of text.
+    pub fn answer_padding(&self, bytes: usize) -> &Self {
+        self.state.lock().unwrap().padding = bytes;
+        self
+    }
+
+    /// Successful answers are gzipped for clients that accept gzip, like errors are.
+    pub fn gzip_success(&self, on: bool) -> &Self {
+        self.state.lock().unwrap().gzip_success = on;
+        self
+    }
+
     /// Non-streaming answers wait `delay` before their header.
     /// Answers requests made with `key` only after `delay` (a slow or hung upstream path).
     pub fn slow_key(&self, key: &str, delay: Duration) -> &Self {
@@ -790,7 +808,8 @@ async fn handle(
         .headers
         .get("accept-encoding")
         .is_some_and(|v| v.to_str().unwrap_or("").contains("gzip"));
-    let response = if accepts_gzip && response.status().as_u16() >= 400 {
+    let gzip_success = state.lock().unwrap().gzip_success;
+    let response = if accepts_gzip && (response.status().as_u16() >= 400 || gzip_success) {
         gzipped(response).await
     } else {
         response
@@ -923,7 +942,7 @@ fn decide(
         }
     }
 
-    let text = format!("hello from {project}");
+    let text = format!("hello from {project}{}", "x".repeat(s.padding));
     let (events, gap, abort) = (s.sse_events, s.sse_gap, s.sse_abort_after);
     drop(s);
     if openai {
@@ -1616,7 +1635,7 @@ fn new_interaction(s: &mut State, project: &str, request: &serde_json::Value) ->
     }
     s.interactions_made += 1;
     let id = format!("v1_mockint{}", s.interactions_made);
-    let text = format!("hello from {project}");
+    let text = format!("hello from {project}{}", "x".repeat(s.padding));
     let interaction = serde_json::json!({
         "id": id,
         "status": "completed",

@@ -9,7 +9,9 @@
 //!   model: all models when absent);
 //! - `POST /admin/pools/{pool}/keys/{fingerprint}/check`, `POST /admin/pools/{pool}/check`: ask
 //!   Google whether keys work (a model listing, no quota spent);
-//! - `GET  /admin/tenants`: tenants with their limits and usage;
+//! - `GET  /admin/tenants`: tenants with their limits and usage (cache hits apart);
+//! - `GET  /admin/cache`: the response cache's settings and bytes used; `DELETE /admin/cache`
+//!   purges it, `DELETE /admin/cache/tenants/{name}` one tenant's entries;
 //! - `GET  /admin/resources`, `POST /admin/resources` `{"name": "files/abc", "project": "p1",
 //!   "tenant": "alice"}` (`pool` optional), `DELETE /admin/resources/files/abc`: which project
 //!   and tenant own a file, cache, batch...; binding one made outside keygate lets its tenant
@@ -23,12 +25,13 @@
 //! Without a token: `GET /healthz` (alive) and `GET /readyz` (upstreams resolved, a key enabled).
 //! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
+mod cache;
 mod keys;
 use crate::ops::lifecycle::reload_and_log;
 use crate::quota::keys::{now_millis, KeyId, KeyReport, Millis};
 use crate::runtime::{Pool, Shared};
 use crate::secret::sha256;
-use crate::telemetry::metrics::PoolGauge;
+use crate::telemetry::metrics::{CacheGauge, PoolGauge};
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use http::{Response, StatusCode};
@@ -140,6 +143,9 @@ impl Admin {
             ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
             ("GET", ["metrics"]) => Answer(StatusCode::OK, Value::String(self.metrics())),
             ("GET", ["admin", "tenants"]) => Answer(StatusCode::OK, self.tenants()),
+            ("GET", ["admin", "cache"]) => self.cache(),
+            ("DELETE", ["admin", "cache"]) => self.purge_cache(None).await,
+            ("DELETE", ["admin", "cache", "tenants", name]) => self.purge_cache(Some(name)).await,
             ("POST", ["admin", "reload"]) => {
                 match reload_and_log(&self.shared, &self.config_path) {
                     Ok(summary) => Answer(StatusCode::OK, json!({ "reloaded": summary })),
@@ -198,7 +204,16 @@ impl Admin {
         if let Some(fleet) = self.shared.fleet.get() {
             self.shared.metrics.redis_up(fleet.is_up());
         }
-        self.shared.metrics.render(&gauges)
+        let cache = rt.cache.as_ref().map(|c| {
+            let u = c.usage();
+            CacheGauge {
+                bytes: u.bytes,
+                recording_bytes: u.recording_bytes,
+                entries: u.entries,
+                capacity: u.capacity,
+            }
+        });
+        self.shared.metrics.render(&gauges, cache)
     }
 
     /// Ready when every pool's upstream has an address and at least one key can serve.
@@ -305,6 +320,12 @@ impl Admin {
                         "rpm": s.refused_rate.load(Relaxed),
                         "max_concurrent": s.refused_concurrency.load(Relaxed),
                         "fair_share": s.refused_fair_share.load(Relaxed),
+                    },
+                    "cache": {
+                        "hits": s.cache.hits.load(Relaxed),
+                        "misses": s.cache.misses.load(Relaxed),
+                        "hit_bytes": s.cache.hit_bytes.load(Relaxed),
+                        "saved_tokens": s.cache.saved_tokens.load(Relaxed),
                     },
                 })
             })

@@ -35,6 +35,7 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
         proxy: None,
         cap_probe: std::time::Duration::from_secs(3600),
         fair_share: None,
+        cache_shared_across_tenants: false,
     })
 }
 

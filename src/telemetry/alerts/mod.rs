@@ -248,6 +248,7 @@ impl Alerts {
             proxy: None,
             cap_probe: Duration::from_secs(3600),
             fair_share: None,
+            cache_shared_across_tenants: false,
         };
         let timeouts = Timeouts {
             connect: config.timeout,

@@ -64,7 +64,7 @@ fn label_values(text: &str, name: &str, key: &str) -> BTreeSet<String> {
 #[test]
 fn values_move_as_calls_are_made() {
     let m = Metrics::new().unwrap();
-    let text = m.render(&[]);
+    let text = m.render(&[], None);
     assert_eq!(value(&text, "keygate_requests_total", &[]), None);
 
     m.request(
@@ -91,7 +91,7 @@ fn values_move_as_calls_are_made() {
     m.pool_exhausted("main", "gemini-2.5-pro");
     m.pool_exhausted("main", "gemini-2.5-pro");
 
-    let t = m.render(&[]);
+    let t = m.render(&[], None);
     let req = |tenant, model, class| {
         value(
             &t,
@@ -175,7 +175,7 @@ fn values_move_as_calls_are_made() {
 
     // Counters only grow from one scrape to the next.
     m.request("team-a", "main", "gemini-2.5-flash", false, 503, 4, 1, 1);
-    let t2 = m.render(&[]);
+    let t2 = m.render(&[], None);
     assert_eq!(
         value(&t2, "keygate_request_bytes_total", &[("pool", "main")]),
         Some(166.0)
@@ -189,11 +189,14 @@ fn bad_durations_are_dropped_or_clamped() {
     m.upstream_latency("p", f64::INFINITY);
     m.upstream_latency("p", -3.0);
     m.time_to_first_byte("p", f64::NEG_INFINITY);
-    let t = m.render(&[PoolGauge {
-        pool: "p".into(),
-        seconds_to_recovery: f64::NAN,
-        ..PoolGauge::default()
-    }]);
+    let t = m.render(
+        &[PoolGauge {
+            pool: "p".into(),
+            seconds_to_recovery: f64::NAN,
+            ..PoolGauge::default()
+        }],
+        None,
+    );
     let pool = [("pool", "p")];
     assert_eq!(
         value(&t, "keygate_upstream_latency_seconds_count", &pool),
@@ -228,7 +231,7 @@ fn model_flood_is_capped() {
             m.pool_exhausted("p", &format!("flood-{i}"));
         }
     }
-    let t = m.render(&[]);
+    let t = m.render(&[], None);
     let mut models = label_values(&t, "keygate_requests_total", "model");
     models.extend(label_values(&t, "keygate_pool_exhausted_total", "model"));
     assert!(
@@ -246,7 +249,7 @@ fn model_flood_is_capped() {
     // Both metrics share the one set of model values: exactly 64 of them, plus "other".
     assert_eq!(models.len(), MAX_MODELS + 1);
     m.request("t", "p", &first, true, 200, 1, 0, 0);
-    let t = m.render(&[]);
+    let t = m.render(&[], None);
     let series = [
         ("tenant", "t"),
         ("pool", "p"),
@@ -293,11 +296,14 @@ fn bad_label_values_never_reach_the_output() {
     m.request("", "", "", true, 200, 1, 1, 1);
     m.request(&exactly_64, "p", "m", true, 200, 1, 1, 1);
     m.request(&format!("{exactly_64}c"), "p", "m", true, 200, 1, 1, 1);
-    let t = m.render(&[PoolGauge {
-        pool: "bad\npool".into(),
-        keys_ok: 1,
-        ..PoolGauge::default()
-    }]);
+    let t = m.render(
+        &[PoolGauge {
+            pool: "bad\npool".into(),
+            keys_ok: 1,
+            ..PoolGauge::default()
+        }],
+        None,
+    );
     for b in bad {
         assert!(!t.contains(b), "{b:?} leaked");
     }
@@ -344,7 +350,7 @@ fn gauges_render_per_pool_and_follow_the_pool_list() {
             seconds_to_recovery: 0.0,
         },
     ];
-    let t = m.render(&pools);
+    let t = m.render(&pools, None);
     let keys = |pool, state| value(&t, "keygate_keys", &[("pool", pool), ("state", state)]);
     assert_eq!(keys("free", "ok"), Some(3.0));
     assert_eq!(keys("free", "cooling"), Some(2.0));
@@ -357,11 +363,14 @@ fn gauges_render_per_pool_and_follow_the_pool_list() {
     assert_eq!(rec(&t, "paid"), Some(0.0));
 
     // A later scrape reflects the new state; a pool no longer listed disappears.
-    let t = m.render(&[PoolGauge {
-        pool: "free".into(),
-        keys_ok: 6,
-        ..PoolGauge::default()
-    }]);
+    let t = m.render(
+        &[PoolGauge {
+            pool: "free".into(),
+            keys_ok: 6,
+            ..PoolGauge::default()
+        }],
+        None,
+    );
     assert_eq!(
         value(&t, "keygate_keys", &[("pool", "free"), ("state", "ok")]),
         Some(6.0)
@@ -371,25 +380,28 @@ fn gauges_render_per_pool_and_follow_the_pool_list() {
     assert_eq!(rec(&t, "paid"), None);
 
     // Pools whose names collapse to "other" are summed; the soonest recovery wins.
-    let t = m.render(&[
-        PoolGauge {
-            pool: "x y".into(),
-            keys_cooling: 1,
-            seconds_to_recovery: 30.0,
-            ..PoolGauge::default()
-        },
-        PoolGauge {
-            pool: "z\n".into(),
-            keys_cooling: 2,
-            seconds_to_recovery: 5.0,
-            ..PoolGauge::default()
-        },
-        PoolGauge {
-            pool: "w!".into(),
-            keys_ok: 1,
-            ..PoolGauge::default()
-        },
-    ]);
+    let t = m.render(
+        &[
+            PoolGauge {
+                pool: "x y".into(),
+                keys_cooling: 1,
+                seconds_to_recovery: 30.0,
+                ..PoolGauge::default()
+            },
+            PoolGauge {
+                pool: "z\n".into(),
+                keys_cooling: 2,
+                seconds_to_recovery: 5.0,
+                ..PoolGauge::default()
+            },
+            PoolGauge {
+                pool: "w!".into(),
+                keys_ok: 1,
+                ..PoolGauge::default()
+            },
+        ],
+        None,
+    );
     assert_eq!(
         value(
             &t,
@@ -441,7 +453,7 @@ fn metrics_are_shared_across_threads() {
                         1,
                     );
                     if j % 50 == 0 {
-                        m.render(&[]);
+                        m.render(&[], None);
                     }
                 }
             })
@@ -450,7 +462,7 @@ fn metrics_are_shared_across_threads() {
     for h in handles {
         h.join().unwrap();
     }
-    let t = m.render(&[]);
+    let t = m.render(&[], None);
     assert_eq!(
         value(&t, "keygate_request_bytes_total", &[("pool", "p")]),
         Some(2000.0)
@@ -490,24 +502,37 @@ fn realistic() -> String {
             m.key_disabled(pool, "key_invalid");
             m.key_recovered(pool);
         }
+        let result = ["hit", "miss", "bypass"][i % 3];
+        m.cache_request(tenant, pool, result);
+        if result == "hit" {
+            m.cache_hit(tenant, 1200, 7);
+        }
     }
     m.attempt("free", "bogus outcome");
-    m.render(&[
-        PoolGauge {
-            pool: "free".into(),
-            keys_ok: 5,
-            keys_cooling: 3,
-            keys_disabled: 1,
-            seconds_to_recovery: 42.25,
-        },
-        PoolGauge {
-            pool: "paid".into(),
-            keys_ok: 2,
-            keys_cooling: 0,
-            keys_disabled: 0,
-            seconds_to_recovery: 0.0,
-        },
-    ])
+    m.render(
+        &[
+            PoolGauge {
+                pool: "free".into(),
+                keys_ok: 5,
+                keys_cooling: 3,
+                keys_disabled: 1,
+                seconds_to_recovery: 42.25,
+            },
+            PoolGauge {
+                pool: "paid".into(),
+                keys_ok: 2,
+                keys_cooling: 0,
+                keys_disabled: 0,
+                seconds_to_recovery: 0.0,
+            },
+        ],
+        Some(CacheGauge {
+            bytes: 4096,
+            recording_bytes: 1024,
+            entries: 3,
+            capacity: 1 << 20,
+        }),
+    )
 }
 
 #[test]
@@ -526,6 +551,11 @@ fn every_metric_is_rendered_with_help_and_type() {
         ("keygate_key_recovered_total", "counter"),
         ("keygate_keys", "gauge"),
         ("keygate_pool_next_recovery_seconds", "gauge"),
+        ("keygate_cache_requests_total", "counter"),
+        ("keygate_cache_hit_bytes_total", "counter"),
+        ("keygate_cache_saved_tokens_total", "counter"),
+        ("keygate_cache_memory_bytes", "gauge"),
+        ("keygate_cache_entries", "gauge"),
     ] {
         assert!(t.contains(&format!("# TYPE {name} {kind}\n")), "{name}");
         assert!(t.contains(&format!("# HELP {name} ")), "{name}");
