@@ -256,17 +256,8 @@ impl KeyPool {
                 let Some(until) = at(*left_ms) else {
                     return false;
                 };
-                let penalty = match (scope.as_str(), kind.as_str()) {
-                    ("billing_account", _) => Penalty::CapBillingAccount { until },
-                    ("project", "spend_rate_limit") => Penalty::CapProject {
-                        until,
-                        why: Cap::SpendRate,
-                    },
-                    ("project", _) => Penalty::CapProject {
-                        until,
-                        why: Cap::SpendCap,
-                    },
-                    _ => return false,
+                let Some(penalty) = cap_penalty(scope, kind, until) else {
+                    return false;
                 };
                 (
                     self.key_in_scope(scope, name),
@@ -401,6 +392,27 @@ impl News {
             }
             _ => true,
         }
+    }
+}
+
+/// The penalty that records a cap told by its scope (`project`, `billing_account`) and kind
+/// label: how the state file and the other instances name caps.
+pub(super) fn cap_penalty(
+    scope: &str,
+    kind: &str,
+    until: chrono::DateTime<chrono::Utc>,
+) -> Option<Penalty> {
+    match (scope, kind) {
+        ("billing_account", _) => Some(Penalty::CapBillingAccount { until }),
+        ("project", "spend_rate_limit") => Some(Penalty::CapProject {
+            until,
+            why: Cap::SpendRate,
+        }),
+        ("project", _) => Some(Penalty::CapProject {
+            until,
+            why: Cap::SpendCap,
+        }),
+        _ => None,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::health::reason_from_code;
 use super::{CoolingKind, Disabled, KeyId, KeyPool, Millis, Transition, NEVER};
-use crate::quota::classify::{Cap, Cooling, Penalty};
+use crate::quota::classify::{Cooling, Penalty};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// A disable reason in the state file: its label.
@@ -232,17 +232,8 @@ impl KeyPool {
             else {
                 continue;
             };
-            let penalty = match (cap.scope.as_str(), cap.kind.as_str()) {
-                ("billing_account", _) => Penalty::CapBillingAccount { until },
-                ("project", "spend_rate_limit") => Penalty::CapProject {
-                    until,
-                    why: Cap::SpendRate,
-                },
-                ("project", _) => Penalty::CapProject {
-                    until,
-                    why: Cap::SpendCap,
-                },
-                _ => continue,
+            let Some(penalty) = super::news::cap_penalty(&cap.scope, &cap.kind, until) else {
+                continue;
             };
             applied += apply(key, &penalty, "", "");
         }
@@ -378,6 +369,7 @@ mod tests {
 #[cfg(test)]
 mod limits {
     use super::*;
+    use crate::quota::classify::Cap;
     use crate::quota::keys::tests::pool_with_accounts;
     use crate::quota::keys::CapKind;
     use chrono::TimeZone;
