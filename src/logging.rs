@@ -13,6 +13,7 @@
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::io::Write;
 
 /// Pingora errors that are about a client or a benign race, not the operator's setup.
@@ -26,31 +27,83 @@ const NOT_ERRORS: [&str; 7] = [
     "Prematurely before response",
 ];
 
+mod batch;
+
+/// The target of the access lines, one per request.
+const ACCESS: &str = "keygate::access";
+
 /// Installs the logger; `RUST_LOG` (default `info`) sets the levels within the rules above.
 pub fn init() {
-    // Built without env_logger's colour feature, and with a plain line of our own: no check for
-    // a terminal, no escape codes written and stripped again (BENCHMARKS.md: 3,500 instructions
-    // and one system call an access line).
-    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(plain_line)
-        .build();
+    let inner =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(Capped { inner })).is_ok() {
         log::set_max_level(max);
     }
 }
 
-/// env_logger's default line: `[2026-11-30T03:44:03Z INFO  target] message`.
-fn plain_line(buf: &mut env_logger::fmt::Formatter, record: &Record) -> std::io::Result<()> {
-    let time = buf.timestamp_seconds();
-    match record.target() {
-        "" => writeln!(buf, "[{time} {:<5}] {}", record.level(), record.args()),
-        target => writeln!(
-            buf,
-            "[{time} {:<5} {target}] {}",
-            record.level(),
-            record.args()
-        ),
+/// Writes `record` to stderr as one line, in one write: `[2026-11-30T03:44:03Z INFO  target]
+/// message`, env_logger's default line without colours. env_logger only filters: its
+/// formatter checked for a terminal and formatted the time anew for every line, and an access
+/// line is written for every request (BENCHMARKS.md). Access lines may wait a few
+/// milliseconds for a batch ([`batch`]).
+fn write_line(record: &Record) {
+    thread_local! {
+        static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    let write = |line: &mut Vec<u8>| {
+        line.clear();
+        let _ = match record.target() {
+            "" => writeln!(line, "[{} {:<5}] {}", Stamp, record.level(), record.args()),
+            target => writeln!(
+                line,
+                "[{} {:<5} {target}] {}",
+                Stamp,
+                record.level(),
+                record.args()
+            ),
+        };
+        if record.target() == ACCESS && record.level() == Level::Info {
+            batch::access(line);
+        } else {
+            batch::line(line);
+        }
+        // A rare long line does not keep its memory for the thread's life.
+        if line.capacity() > 64 * 1024 {
+            *line = Vec::new();
+        }
+    };
+    // A line written while writing one (a `Display` that logs), or while the thread ends,
+    // gets a buffer of its own.
+    let written = LINE.try_with(|line| match line.try_borrow_mut() {
+        Ok(mut line) => write(&mut line),
+        Err(_) => write(&mut Vec::new()),
+    });
+    if written.is_err() {
+        write(&mut Vec::new());
+    }
+}
+
+/// The time of a line, to the second in UTC (`2026-11-30T03:44:03Z`), formatted once a second.
+struct Stamp;
+
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        thread_local! {
+            static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+        }
+        const FORMAT: &str = "%Y-%m-%dT%H:%M:%SZ";
+        let now = chrono::Utc::now();
+        let cached = LAST.try_with(|last| {
+            let Ok(mut last) = last.try_borrow_mut() else {
+                return write!(f, "{}", now.format(FORMAT));
+            };
+            if last.0 != now.timestamp() {
+                *last = (now.timestamp(), now.format(FORMAT).to_string());
+            }
+            f.write_str(&last.1)
+        });
+        cached.unwrap_or_else(|_| write!(f, "{}", now.format(FORMAT)))
     }
 }
 
@@ -79,11 +132,13 @@ impl Log for Capped {
                 return; // logged at debug, which the cap drops
             }
         }
-        self.inner.log(record);
+        if self.inner.matches(record) {
+            write_line(record);
+        }
     }
 
     fn flush(&self) {
-        self.inner.flush();
+        batch::flush();
     }
 }
 
@@ -98,9 +153,11 @@ pub fn cap(target: &str) -> LevelFilter {
 
 /// `text` fit for one log line: control characters, `"` and `\` escaped (`\n`, `\"`, `\u{7}`).
 pub fn printable(text: &str) -> Cow<'_, str> {
+    // ASCII control characters, `"` and `\` are single bytes; other control characters
+    // (U+0080..U+009F) start with the byte 0xC2. A text with none of these is fine as it is.
     if !text
-        .chars()
-        .any(|c| c.is_control() || c == '"' || c == '\\')
+        .bytes()
+        .any(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\' || b == 0xc2)
     {
         return Cow::Borrowed(text);
     }

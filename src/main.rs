@@ -42,7 +42,10 @@ fn main() -> ExitCode {
         config_path: args.config.clone(),
         upgrade: args.upgrade,
     };
-    match keygate::run(config, launch) {
+    let ran = keygate::run(config, launch);
+    // Access lines still waiting for their batch.
+    log::logger().flush();
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keygate: {e}");

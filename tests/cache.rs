@@ -164,7 +164,8 @@ async fn a_repeat_is_a_byte_identical_hit_with_one_upstream_call_and_no_rpm() {
         metrics.contains("keygate_cache_saved_tokens_total{tenant=\"alice\"} 7"),
         "{metrics}"
     );
-    assert!(kg.logs().contains("attempts=[] cache=hit"), "{}", kg.logs());
+    let logs = kg.wait_for_log("attempts=[] cache=hit");
+    assert!(logs.contains("attempts=[] cache=hit"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

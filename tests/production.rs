@@ -263,6 +263,37 @@ async fn a_corrupt_state_file_is_a_warning_not_a_failure() {
     );
 }
 
+/// Under load access lines leave in batches (src/logging/batch.rs): none may be lost, also
+/// when keygate stops straight after the burst.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_of_a_burst_has_its_access_line_after_a_stop() {
+    const BURST: usize = 200;
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let mut kg = Keygate::start(&pool_yaml(&mock.url(), &[("k1", "p1")]));
+    let url = kg.url();
+    let burst = (0..BURST).map(|i| {
+        let url = url.clone();
+        tokio::spawn(async move { generate(&url, &format!("burst-{i}"), None).await.0 })
+    });
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    // A batch waits milliseconds, not until something else is logged.
+    let line = |i: usize| format!("model=burst-{i} status=200");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while (0..BURST).any(|i| !kg.logs().contains(&line(i))) {
+        assert!(Instant::now() < deadline, "lines missing:\n{}", kg.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kg.signal(libc::SIGTERM);
+    assert_eq!(kg.wait_exit(Duration::from_secs(10)), Some(0));
+    let logs = kg.logs();
+    for i in 0..BURST {
+        assert_eq!(logs.matches(&line(i)).count(), 1, "{}:\n{logs}", line(i));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_adds_a_key_and_a_broken_config_keeps_the_old_one() {
     let mock = Mock::start().await;

@@ -49,6 +49,17 @@ pub(super) fn client_gone(session: &mut Session, ctx: &mut Ctx) -> bool {
     true
 }
 
+/// Hop-by-hop headers of an upstream answer: they describe its connection, not the client's.
+static HOP_BY_HOP_ANSWER: [http::HeaderName; 7] = [
+    header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+];
+
 /// Turns an upstream response header into one fit for the client connection: hop-by-hop
 /// headers removed, HTTP/1.1 framing chosen (chunked when the length is unknown).
 pub(super) fn prepare_downstream_header(
@@ -59,25 +70,24 @@ pub(super) fn prepare_downstream_header(
         header.remove_header(&name);
     }
     // Which pages may read an answer is keygate's decision (`cors`), never the upstream's.
-    let cors: Vec<http::HeaderName> = header
-        .headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("access-control-"))
-        .cloned()
-        .collect();
-    for name in cors {
-        header.remove_header(&name);
+    let is_cors = |n: &http::HeaderName| n.as_str().starts_with("access-control-");
+    if header.headers.keys().any(is_cors) {
+        let cors: Vec<http::HeaderName> = header
+            .headers
+            .keys()
+            .filter(|n| is_cors(n))
+            .cloned()
+            .collect();
+        for name in cors {
+            header.remove_header(&name);
+        }
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "te",
-        "trailer",
-    ] {
-        header.remove_header(name);
+    // Looked up before removing: most answers carry none of them, and a removal also updates
+    // Pingora's map of header-name case.
+    for name in &HOP_BY_HOP_ANSWER {
+        if header.headers.contains_key(name) {
+            header.remove_header(name);
+        }
     }
     header.set_version(http::Version::HTTP_11);
     let no_body = head_request

@@ -392,8 +392,8 @@ impl ProxyHttp for Gateway {
                 answer,
                 outcome,
             } => {
-                self.relay_error(session, ctx, &job, key, answer, &outcome)
-                    .await
+                // Boxed, like the listings: only a refusal pays for its future.
+                Box::pin(self.relay_error(session, ctx, &job, key, answer, &outcome)).await
             }
             Ending::Failed(e) => respond(session, ctx, Some(api), &e).await,
             Ending::ClientGone => Ok(client_gone(session, ctx)),

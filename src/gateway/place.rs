@@ -272,7 +272,7 @@ pub(super) fn query_value(req: &RequestHeader, name: &str) -> Option<String> {
 
 /// Whether a successful POST to `path` may create resources Google binds to a project.
 pub(super) fn creates_resources(path: &str) -> bool {
-    [
+    const MARKERS: [&str; 8] = [
         "/cachedContents",
         "/batches",
         "/tunedModels",
@@ -281,9 +281,13 @@ pub(super) fn creates_resources(path: &str) -> bool {
         ":asyncBatchEmbedContent",
         ":predictLongRunning",
         "/interactions",
-    ]
-    .iter()
-    .any(|p| path.contains(p))
+    ];
+    // Every marker starts at a `/` or `:`: one pass over the path looks for all of them there.
+    let path = path.as_bytes();
+    (0..path.len()).any(|i| {
+        matches!(path[i], b'/' | b':')
+            && MARKERS.iter().any(|m| path[i..].starts_with(m.as_bytes()))
+    })
 }
 
 /// Whether `path` is the Interactions API's collection, where a POST starts an interaction

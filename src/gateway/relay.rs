@@ -43,11 +43,13 @@ impl Gateway {
         key: KeyId,
         answer: Answer,
     ) -> pingora::Result<bool> {
+        // The listings are boxed: their futures (~6 KB each) would otherwise be part of every
+        // request's, which is copied whole into its box (BENCHMARKS.md).
         if matches!(job.learn, Learn::List) {
-            return self.relay_listing(session, ctx, job, key, answer).await;
+            return Box::pin(self.relay_listing(session, ctx, job, key, answer)).await;
         }
         if matches!(job.learn, Learn::Models) && answer.header.status.is_success() {
-            return self.relay_models(session, ctx, job, key, answer).await;
+            return Box::pin(self.relay_models(session, ctx, job, key, answer)).await;
         }
         let Answer {
             mut header,

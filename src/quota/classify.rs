@@ -154,28 +154,33 @@ impl Outcome {
         use Verdict as V;
         let after =
             |d: &Duration| now + ChronoDuration::from_std(*d).unwrap_or(ChronoDuration::MAX);
-        let midnight = next_midnight_los_angeles(now);
-        let month = next_month_los_angeles(now);
+        // Computed only for the outcomes that need them: a success, the common case, needs neither.
+        let midnight = || next_midnight_los_angeles(now);
+        let month = || next_month_los_angeles(now);
         match self {
             Outcome::QuotaShort { cooldown } => V::OtherKey(P::CoolProjectModel {
                 until: after(cooldown),
-                why: Cooling::Quota { ceiling: midnight },
+                why: Cooling::Quota {
+                    ceiling: midnight(),
+                },
             }),
             Outcome::QuotaUnspecified => V::OtherKey(P::CoolProjectModel {
                 until: after(&UNSPECIFIED_COOLDOWN),
-                why: Cooling::Quota { ceiling: midnight },
+                why: Cooling::Quota {
+                    ceiling: midnight(),
+                },
             }),
             Outcome::QuotaDaily => V::OtherKey(P::CoolProjectModel {
-                until: midnight,
+                until: midnight(),
                 why: Cooling::Day,
             }),
             Outcome::TierUnavailable => V::OtherKey(P::CoolProjectModel {
-                until: midnight,
+                until: midnight(),
                 why: Cooling::Tier,
             }),
-            Outcome::BillingAccountCapped => V::OtherKey(P::CapBillingAccount { until: month }),
+            Outcome::BillingAccountCapped => V::OtherKey(P::CapBillingAccount { until: month() }),
             Outcome::ProjectCapped => V::OtherKey(P::CapProject {
-                until: month,
+                until: month(),
                 why: Cap::SpendCap,
             }),
             Outcome::SpendRateLimited { window } => V::OtherKey(P::CapProject {

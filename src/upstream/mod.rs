@@ -11,7 +11,7 @@ use crate::config::{PoolConfig, Timeouts, UpstreamConfig};
 use crate::upstream::egress::ProxyConnect;
 use addresses::{Addresses, Resolve, System};
 use arc_swap::ArcSwap;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::{v1, Connector};
 use pingora::connectors::ConnectorOptions;
 use pingora::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
@@ -54,6 +54,10 @@ pub struct Upstream {
     next: AtomicUsize,
     /// Pingora's connector: TLS (rustls), ALPN h2/h1, and the idle connection pool.
     pub connector: Connector,
+    /// Pingora's HTTP/1.x connector, for an upstream without TLS (always HTTP/1.1). It is the
+    /// one [`Connector`] itself uses for such a peer; calling it directly lets a request take a
+    /// pooled connection without building the whole connect step (see [`exchange::connect`]).
+    pub(crate) h1: v1::Connector,
 }
 
 impl Upstream {
@@ -122,6 +126,7 @@ impl Upstream {
             peers: ArcSwap::from_pointee(HashMap::new()),
             rotation: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
+            h1: v1::Connector::new(Some(options.clone())),
             connector: Connector::new(Some(options)),
         };
         upstream.sync_peers();

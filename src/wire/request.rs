@@ -1,7 +1,7 @@
 //! Pure helpers over the client's request: which API it calls, which model, the credential it
 //! presents, and the upstream request built from it (credentials and hop-by-hop headers gone).
 
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 /// Path prefixes keygate forwards.
@@ -115,7 +115,7 @@ pub fn openai_alias(path: &str, req: &RequestHeader, query_key: bool) -> Option<
 /// `gemini-2.5-pro`; tuned models keep their prefix (`tunedModels/x`).
 pub fn model_from_path(path: &str) -> Option<&str> {
     for marker in ["/models/", "/tunedModels/"] {
-        if let Some(i) = path.find(marker) {
+        if let Some(i) = crate::wire::path::find(path, marker) {
             let start = if marker == "/tunedModels/" {
                 i + 1
             } else {
@@ -140,7 +140,7 @@ pub fn model_from_path(path: &str) -> Option<&str> {
 /// The method a path calls: what follows `:` (`generateContent`), or for OpenAI-compatible
 /// paths what follows `/openai/` (`chat/completions`); otherwise the path itself.
 pub fn method_of(path: &str) -> &str {
-    if let Some(i) = path.find("/openai/") {
+    if let Some(i) = crate::wire::path::find(path, "/openai/") {
         return &path[i + "/openai/".len()..];
     }
     match path.rsplit_once(':') {
@@ -373,13 +373,13 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&[u8]> {
 /// parameter (`query_key`, from [`crate::wire::path::split_query`]).
 pub fn client_token(req: &RequestHeader, query_key: Option<&[u8]>) -> Option<Vec<u8>> {
     let headers = &req.headers;
-    if let Some(v) = headers.get("x-goog-api-key") {
+    if let Some(v) = headers.get(&GOOG_API_KEY) {
         return Some(v.as_bytes().to_vec());
     }
     if let Some(token) = bearer_token(headers) {
         return Some(token.to_vec());
     }
-    if let Some(v) = headers.get("x-access-token") {
+    if let Some(v) = headers.get(&ACCESS_TOKEN) {
         return Some(v.as_bytes().to_vec());
     }
     query_key.map(<[u8]>::to_vec)
@@ -478,6 +478,12 @@ impl Outgoing {
     }
 }
 
+/// The header that carries a pool key to Google's native API.
+static GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+
+/// The header some clients send their token in.
+static ACCESS_TOKEN: HeaderName = HeaderName::from_static("x-access-token");
+
 /// Header name prefixes that steer a relay in front of Google: Cloudflare's AI Gateway
 /// (`cf-aig-`), Portkey (`x-portkey-`), Helicone (`helicone-`).
 const RELAY_CONTROLS: [&str; 3] = ["cf-aig-", "x-portkey-", "helicone-"];
@@ -505,11 +511,19 @@ pub fn upstream_request(
         based = format!("{}{}", target.base_path, fwd.path_and_query);
         &based
     };
-    let mut req = RequestHeader::build(
-        out.method.clone(),
-        path_and_query.as_bytes(),
-        Some(out.headers.len() + target.headers.len() + 4),
-    )?;
+    // Pingora parses and checks the target; the headers then go straight into the header map.
+    // Pingora's own insert turns each name into its title case and parses it back (BENCHMARKS.md).
+    // Header case is not kept: names go upstream in lowercase, which HTTP/1.1 and HTTP/2 both
+    // allow. An origin-form target (`/...`, every one keygate sends) round-trips through the
+    // parts unchanged.
+    if !path_and_query.starts_with('/') {
+        return Err(invalid("upstream target"));
+    }
+    let checked =
+        RequestHeader::build_no_case(out.method.clone(), path_and_query.as_bytes(), None)?;
+    let mut parts = http::request::Parts::from(checked);
+    let headers = &mut parts.headers;
+    headers.reserve(out.headers.len() + target.headers.len() + 4);
     let relay = !target.base_path.is_empty() || !target.headers.is_empty();
     for (name, value) in &out.headers {
         // A relay's own controls (logging, caching, routing) are the pool's to set, not a
@@ -518,26 +532,31 @@ pub fn upstream_request(
         if relay && is_relay_control(name.as_str()) {
             continue;
         }
-        req.append_header(name.clone(), value.clone())?;
+        headers.append(name.clone(), value.clone());
     }
     for (name, value) in target.headers {
-        req.insert_header(name.clone(), value.clone())?;
+        headers.insert(name.clone(), value.clone());
     }
     let method_has_body = !matches!(out.method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS");
     if fwd.body_len > 0 || method_has_body {
-        req.insert_header(header::CONTENT_LENGTH, fwd.body_len)?;
+        headers.insert(header::CONTENT_LENGTH, fwd.body_len.into());
     }
-    req.insert_header(
-        header::ACCEPT_ENCODING,
-        if out.gzip { "gzip" } else { "identity" },
-    )?;
-    match fwd.api {
-        Api::Gemini => req.insert_header("x-goog-api-key", key)?,
-        Api::OpenAi => req.insert_header(header::AUTHORIZATION, format!("Bearer {key}"))?,
-    }
+    let encoding = if out.gzip { "gzip" } else { "identity" };
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(encoding));
+    // The error says which header, never what it held.
+    let (name, value) = match fwd.api {
+        Api::Gemini => (GOOG_API_KEY.clone(), HeaderValue::from_str(key)),
+        Api::OpenAi => (
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")),
+        ),
+    };
+    let mut value = value.map_err(|_| invalid("pool key"))?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
     if target.h2 {
-        req.set_version(http::Version::HTTP_2);
-        let uri = http::Uri::builder()
+        parts.version = http::Version::HTTP_2;
+        parts.uri = http::Uri::builder()
             .scheme(if target.tls { "https" } else { "http" })
             .authority(target.authority)
             .path_and_query(path_and_query)
@@ -545,12 +564,17 @@ pub fn upstream_request(
             .map_err(|e| {
                 pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream uri", e)
             })?;
-        req.set_uri(uri);
     } else {
-        req.set_version(http::Version::HTTP_11);
-        req.insert_header(header::HOST, target.authority)?;
+        parts.version = http::Version::HTTP_11;
+        let host = HeaderValue::from_str(target.authority).map_err(|_| invalid("host"))?;
+        headers.insert(header::HOST, host);
     }
-    Ok(req)
+    Ok(RequestHeader::from(parts))
+}
+
+/// The error for a request header keygate could not build; `what` names the part.
+fn invalid(what: &'static str) -> Box<pingora::Error> {
+    pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, what)
 }
 
 /// Header names listed in a `Connection` header: hop-by-hop by declaration, in requests and

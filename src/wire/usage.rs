@@ -17,7 +17,6 @@
 //! lie within the last 16 KiB of the decoded body to be found.
 
 use flate2::{Crc, Decompress, FlushDecompress, Status};
-use serde_json::Value;
 
 /// Decoded bytes kept from the end of the body, where the usage object is looked for. The
 /// usage objects are a few hundred bytes and come last (after the candidates), so 16 KiB
@@ -496,11 +495,13 @@ const MAX_TRIES: usize = 64;
 /// that fail (`null`, cut off by the window's end, not JSON, no counts) are skipped in favour
 /// of the one before.
 fn last_usage(window: &[u8]) -> Option<Tokens> {
-    const PREFIX: &[u8] = b"\"usage";
+    // Built once: building a searcher costs about what one search of the window does.
+    static PREFIX: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(b"\"usage"));
     let mut end = window.len();
     for _ in 0..MAX_TRIES {
         // The last `"usage` within window[..end].
-        let at = memchr::memmem::rfind(&window[..end], PREFIX)?;
+        let at = PREFIX.rfind(&window[..end])?;
         if let Some(tokens) = usage_at(window, at) {
             return Some(tokens);
         }
@@ -534,10 +535,9 @@ fn usage_at(window: &[u8], at: usize) -> Option<Tokens> {
     let rest = skip_ws(rest);
     // `null` (OpenAI streams before the last chunk) and anything else not an object fail here.
     let object = balanced_object(rest)?;
-    let value: Value = serde_json::from_slice(object).ok()?;
     match shape {
-        Shape::Gemini => gemini_tokens(&value),
-        Shape::OpenAi => openai_tokens(&value),
+        Shape::Gemini => gemini_tokens(object),
+        Shape::OpenAi => openai_tokens(object),
     }
 }
 
@@ -582,20 +582,20 @@ fn balanced_object(s: &[u8]) -> Option<&[u8]> {
 }
 
 /// A count field of a usage object: absent, or not a non-negative integer, reads as None.
-fn count(object: &serde_json::Map<String, Value>, key: &str) -> Option<u64> {
-    object.get(key).and_then(Value::as_u64)
-}
-
 /// Tokens from a Gemini `usageMetadata` object. Only its top-level counts are read; the
 /// per-modality `*Details` arrays are ignored. `cachedContentTokenCount` is not added: it is a
 /// part of `promptTokenCount`.
-fn gemini_tokens(value: &Value) -> Option<Tokens> {
-    let o = value.as_object()?;
-    let prompt = count(o, "promptTokenCount");
-    let tool = count(o, "toolUsePromptTokenCount");
-    let candidates = count(o, "candidatesTokenCount");
-    let thoughts = count(o, "thoughtsTokenCount");
-    let total = count(o, "totalTokenCount");
+fn gemini_tokens(object: &[u8]) -> Option<Tokens> {
+    let [prompt, tool, candidates, thoughts, total] = counts::read(
+        object,
+        &[
+            "promptTokenCount",
+            "toolUsePromptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "totalTokenCount",
+        ],
+    )?;
     if [prompt, tool, candidates, thoughts, total]
         .iter()
         .all(Option::is_none)
@@ -615,11 +615,11 @@ fn gemini_tokens(value: &Value) -> Option<Tokens> {
 
 /// Tokens from an OpenAI-compatible `usage` object. Only its top-level counts are read, so
 /// the counts nested in `prompt_tokens_details` / `completion_tokens_details` never mix in.
-fn openai_tokens(value: &Value) -> Option<Tokens> {
-    let o = value.as_object()?;
-    let prompt = count(o, "prompt_tokens");
-    let completion = count(o, "completion_tokens");
-    let total = count(o, "total_tokens");
+fn openai_tokens(object: &[u8]) -> Option<Tokens> {
+    let [prompt, completion, total, ..] = counts::read(
+        object,
+        &["prompt_tokens", "completion_tokens", "total_tokens"],
+    )?;
     if [prompt, completion, total].iter().all(Option::is_none) {
         return None;
     }
@@ -631,6 +631,8 @@ fn openai_tokens(value: &Value) -> Option<Tokens> {
         total: total.unwrap_or(prompt.saturating_add(output)),
     })
 }
+
+mod counts;
 
 #[cfg(test)]
 mod tests;
