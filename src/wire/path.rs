@@ -248,6 +248,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn find_agrees_with_str_find() {
+        let texts = [
+            "",
+            "/",
+            "/v1beta/models/m:generateContent",
+            "/a/openai//openai/x",
+            "é/:é",
+            "::",
+        ];
+        let needles = [
+            "",
+            "/",
+            "/openai/",
+            ":",
+            "/models/",
+            "é",
+            "x",
+            "/v1beta/models/m:generateContentX",
+        ];
+        for text in texts {
+            for needle in needles {
+                assert_eq!(find(text, needle), text.find(needle), "{text:?} {needle:?}");
+            }
+        }
+    }
+
+    #[test]
     fn the_fast_path_agrees_with_the_long_one() {
         for raw in [
             "/v1beta/models/gemini-2.5-flash:generateContent",

@@ -2,7 +2,9 @@
 //! presents, and the upstream request built from it (credentials and hop-by-hop headers gone).
 
 use http::header::{self, HeaderName, HeaderValue};
+use memchr::memmem::Finder;
 use pingora::http::RequestHeader;
+use std::sync::LazyLock;
 
 /// Path prefixes keygate forwards.
 const FORWARDED_PREFIXES: [&str; 5] = ["/v1/", "/v1beta/", "/v1alpha/", "/upload/", LIVE_PREFIX];
@@ -322,7 +324,7 @@ fn body_models(body: &[u8], field: &'static str) -> Result<Vec<Option<String>>, 
     use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
     // A body that spells no such field (plainly, or as an escape) names none: no parse needed.
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first == Some(&b'{') && !has(body, field.as_bytes()) && !has(body, b"\\u") {
+    if first == Some(&b'{') && !has(body, field) && ESCAPE.find(body).is_none() {
         return Ok(Vec::new());
     }
     struct Models(&'static str);
@@ -350,9 +352,19 @@ fn body_models(body: &[u8], field: &'static str) -> Result<Vec<Option<String>>, 
     Ok(found)
 }
 
-fn has(haystack: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(haystack, needle).is_some()
+/// Whether `body` spells `field`. The searcher for `model`, asked of nearly every body, is built
+/// once: building one costs about what searching a short body does.
+fn has(body: &[u8], field: &str) -> bool {
+    static MODEL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("model"));
+    if field == "model" {
+        MODEL.find(body).is_some()
+    } else {
+        memchr::memmem::find(body, field.as_bytes()).is_some()
+    }
 }
+
+/// A JSON escape (`\u006d`), with which a key can spell `model` without its letters.
+static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("\\u"));
 
 /// Whether a request starts a resumable upload.
 pub fn is_upload_start(req: &RequestHeader) -> bool {
