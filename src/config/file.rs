@@ -238,6 +238,7 @@ pub(super) struct FileKeyFull {
     pub(super) key: String,
     pub(super) project: Option<String>,
     pub(super) billing_account: Option<String>,
+    pub(super) note: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

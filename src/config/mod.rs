@@ -400,6 +400,9 @@ pub struct KeyConfig {
     /// The billing account above the project, whose monthly spending cap stops all of its
     /// projects. `None`: the project is its own.
     pub billing_account: Option<String>,
+    /// The operator's note on the key (where it comes from, whose it is), shown beside it on
+    /// the dashboard and in `/admin/pools`. Never the key.
+    pub note: Option<String>,
 }
 
 /// A client allowed to use the gateway.

@@ -1,0 +1,610 @@
+//! The operators' dashboard in a real browser: Debian's `chromium` driven through
+//! `chromedriver` (WebDriver, with the fantoccini client), against keygate and the mock Google.
+//!
+//! One run opens `/`, signs in, reads every key's state after the mock refused one key (a
+//! per-minute 429) and found another invalid, clears the cooldown with the page's button, runs
+//! every other action once, and checks what a careful operator would: no key or token in the
+//! page, no request to another origin, no console error, markup from a model name shown as
+//! text, a CSP without inline script, and a page that fits a phone.
+//!
+//! Without a browser the test says so loudly and passes, except under `CI=true`, where a
+//! missing browser is a failure (`make test-deps` installs both packages).
+
+// Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const MODEL: &str = "gemini-2.5-flash";
+/// A model name carrying markup: it reaches the recent quota events through a refused request.
+const HOSTILE_MODEL: &str =
+    r#"<img src=x onerror="document.title='pwned'"><script>document.title='pwned2'</script>"#;
+const K_OK: &str = "made-up-dash-key-ok-0001";
+const K_COOL: &str = "made-up-dash-key-cool-0002";
+const K_DEAD: &str = "made-up-dash-key-dead-0003";
+const K_ADDED: &str = "made-up-dash-key-added-0004";
+const TENANT_TOKEN: &str = "tok-dash-alice-123456";
+const NOTE: &str = "<b>from Bob's laptop</b>";
+
+/// The browser and its driver, or `None` (with a loud message) when they are missing outside
+/// CI. Under `CI=true` a missing browser fails the test.
+fn browser() -> Option<(PathBuf, PathBuf)> {
+    let chromium =
+        std::env::var_os("KEYGATE_CHROMIUM").map_or(PathBuf::from(CHROMIUM), PathBuf::from);
+    let driver = std::env::var_os("KEYGATE_CHROMEDRIVER")
+        .map(PathBuf::from)
+        .or_else(|| which("chromedriver"));
+    match driver.filter(|_| chromium.exists()) {
+        Some(d) => Some((chromium, d)),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+            "CI=true and the browser tests cannot run: install chromium and chromium-driver \
+             (make test-deps does)"
+        ),
+        None => {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED: the dashboard browser test needs Debian's chromium and \
+                 chromium-driver (apt-get install chromium chromium-driver, or make test-deps) !!!!!!!!\n"
+            );
+            None
+        }
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| PathBuf::from(dir).join(name))
+        .find(|p| p.exists())
+}
+
+/// A chromedriver process on a free port, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_driver(path: &PathBuf) -> Driver {
+    let addr = free_addr();
+    let child = Command::new(path)
+        .arg(format!("--port={}", addr.port()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    wait_port(addr);
+    Driver {
+        child,
+        url: format!("http://{addr}"),
+    }
+}
+
+async fn open_browser(driver: &Driver, chromium: &PathBuf, profile: &std::path::Path) -> Client {
+    let caps = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        },
+        "goog:loggingPrefs": { "browser": "ALL" },
+    });
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a chromium session through chromedriver")
+}
+
+/// Runs `script` in the page and returns its value.
+async fn js(c: &Client, script: &str) -> Value {
+    c.execute(script, vec![]).await.unwrap()
+}
+
+/// Waits (bounded) until `script` returns `true`; panics with `what` and the page's text.
+async fn wait_js(c: &Client, script: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if js(c, script).await == Value::Bool(true) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let text = js(c, "return document.body.innerText").await;
+            panic!(
+                "timed out waiting for {what}; the page shows:\n{}",
+                text.as_str().unwrap_or("")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A script giving `test` on `t`, the text of the table row of key `fp` (false without one).
+fn row_where(fp: &str, test: &str) -> String {
+    format!(
+        "const row = [...document.querySelectorAll('#pools tr')].find(r => [...r.querySelectorAll('code')].some(c => c.textContent === {fp:?})); if (!row) return false; const t = row.innerText; return {test};"
+    )
+}
+
+/// Clicks the button found by `xpath`, confirms in the page's dialog, and waits for the result
+/// line to change and say `expect_in_result`.
+async fn act(c: &Client, xpath: &str, expect_in_result: &str) {
+    let before = js(c, "return document.getElementById('result').textContent").await;
+    // The rows are redrawn every few seconds: a button found just before a redraw is stale.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.find(Locator::XPath(xpath)).await {
+            Ok(b) if b.click().await.is_ok() => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(_) | Err(_) => panic!("no clickable {xpath}"),
+        }
+    }
+    wait_js(
+        c,
+        "return document.getElementById('confirm').open",
+        "the confirmation dialog",
+    )
+    .await;
+    c.find(Locator::Id("confirm-ok"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let changed = format!(
+        "const t = document.getElementById('result').textContent; return t !== {before} && t.includes({expect_in_result:?});"
+    );
+    wait_js(
+        c,
+        &changed,
+        &format!("a result saying {expect_in_result:?}"),
+    )
+    .await;
+}
+
+fn key_button(fp: &str, label: &str) -> String {
+    format!("//tr[.//code[text()='{fp}']]//button[text()='{label}']")
+}
+
+/// Sets up the mock and keygate, and drives the page through everything an operator does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_in_a_real_browser() {
+    let Some((chromium, driver_path)) = browser() else {
+        return;
+    };
+    let started = Instant::now();
+    let mock = Mock::start().await;
+    mock.key(K_OK, "p-ok")
+        .key(K_COOL, "p-cool")
+        .key(K_ADDED, "p-new");
+    mock.invalid_key(K_DEAD);
+    // Every request on the cooling key gets Google's per-minute 429 with a RetryInfo.
+    mock.respond_next(Some(K_COOL), 1000, 429, &per_minute_429(MODEL, "300s"));
+    let yaml = format!(
+        "pools:\n  - name: main\n    upstream: \"{}\"\n    keys:\n      - key: \"{K_OK}\"\n        project: p-ok\n        note: \"{}\"\n      - key: \"{K_COOL}\"\n        project: p-cool\n        billing_account: acct-1\n      - key: \"{K_DEAD}\"\n        project: p-dead\ntenants:\n  - name: alice\n    token: \"{TENANT_TOKEN}\"\n    rpm: 600\n",
+        mock.url(),
+        NOTE.replace('"', "\\\"")
+    );
+    let (kg, admin_url) = start_with_admin(&yaml);
+
+    // Traffic until one key cools and another is found invalid.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (fp_ok, fp_cool, fp_dead) = loop {
+        let (status, _, body) = generate(&kg.url(), MODEL, Some(TENANT_TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, pools) = admin_call("GET", &admin_url, "/admin/pools", None).await;
+        let keys = pools["pools"][0]["keys"].as_array().unwrap().clone();
+        let fp = |project: &str| {
+            let k = keys.iter().find(|k| k["project"] == project).unwrap();
+            (
+                k["key"].as_str().unwrap().to_string(),
+                k["state"].as_str().unwrap().to_string(),
+            )
+        };
+        let ((ok, _), (cool, cool_state), (dead, dead_state)) =
+            (fp("p-ok"), fp("p-cool"), fp("p-dead"));
+        if cool_state == "cooling" && dead_state == "disabled" {
+            break (ok, cool, dead);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keys did not cool and go out: {keys:?}"
+        );
+    };
+    // A request whose model name carries markup, refused with a quota 429 on the cooling key (the
+    // ok key is out meanwhile, so the refusal lands there): a quota event.
+    let ok_path = format!(
+        "/admin/pools/main/keys/{}",
+        fp_ok.trim_start_matches("key#")
+    );
+    admin_call("POST", &admin_url, &format!("{ok_path}/disable"), None).await;
+    let resp = client()
+        .post(format!("{}/v1beta/openai/chat/completions", kg.url()))
+        .bearer_auth(TENANT_TOKEN)
+        .json(&json!({ "model": HOSTILE_MODEL, "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429, "{:?}", resp.text().await);
+    admin_call("POST", &admin_url, &format!("{ok_path}/enable"), None).await;
+    let (_, events) = admin_call("GET", &admin_url, "/admin/events", None).await;
+    assert!(
+        events["quota_events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["model"] == HOSTILE_MODEL),
+        "{events}"
+    );
+
+    // Without the token: the page is the login form and holds no data; data stays 401.
+    let page = client()
+        .get(format!("{admin_url}/"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let headers = page.headers().clone();
+    let csp = headers["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'")
+            && !csp.contains("unsafe-inline")
+            && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    assert!(
+        !headers
+            .keys()
+            .any(|h| h.as_str().starts_with("access-control-")),
+        "{headers:?}"
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains("id=\"login-form\"") && !html.contains(&fp_ok) && !html.contains("p-ok"));
+    for path in [
+        "/admin/pools",
+        "/admin/events",
+        "/admin/usage",
+        "/admin/tenants",
+    ] {
+        let (status, _) = admin("GET", &format!("{admin_url}{path}"), None, None).await;
+        assert_eq!(status, 401, "{path} without the token");
+    }
+    let (_, data) = admin_call("GET", &admin_url, "/admin/pools", None).await;
+    assert!(
+        data.to_string().contains(NOTE),
+        "the note is in /admin/pools: {data}"
+    );
+    // The series behind the charts: this minute's requests, per key and per tenant.
+    let (_, usage) = admin_call("GET", &admin_url, "/admin/usage?minutes=60&step=1", None).await;
+    let sum = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let ok_usage = usage["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == fp_ok.as_str())
+        .unwrap();
+    assert_eq!(ok_usage["requests"].as_array().unwrap().len(), 60);
+    assert!(
+        sum(&ok_usage["requests"]) >= 1 && sum(&ok_usage["tokens"]) >= 1,
+        "{usage}"
+    );
+    assert!(sum(&usage["tenants"][0]["requests"]) >= 2, "{usage}");
+
+    // The browser.
+    let profile = tempfile::tempdir().unwrap();
+    let driver = start_driver(&driver_path);
+    let c = open_browser(&driver, &chromium, profile.path()).await;
+    let session = c.session_id().await.unwrap().unwrap();
+    c.goto(&format!("{admin_url}/")).await.unwrap();
+    wait_js(
+        &c,
+        "return !document.getElementById('login').hidden && document.getElementById('app').hidden",
+        "the login form",
+    )
+    .await;
+    assert_eq!(
+        js(
+            &c,
+            "return document.getElementById('pools').childElementCount"
+        )
+        .await,
+        json!(0)
+    );
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(ADMIN_TOKEN)
+        .await
+        .unwrap();
+    c.find(Locator::Id("signin"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // Every key with its state, the note beside its key, the countdown running.
+    wait_js(
+        &c,
+        &row_where(&fp_cool, "t.includes('cooling')"),
+        "the cooling key",
+    )
+    .await;
+    let cool = js(&c, &row_where(&fp_cool, "t"))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cool.contains("cooling")
+            && cool.contains(MODEL)
+            && cool.contains("left")
+            && cool.contains("billing: acct-1"),
+        "{cool}"
+    );
+    let dead = js(&c, &row_where(&fp_dead, "t"))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        dead.contains("disabled") && dead.contains("key invalid"),
+        "{dead}"
+    );
+    let ok = js(&c, &row_where(&fp_ok, "t"))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        ok.contains("ok") && ok.contains(NOTE) && !ok.contains("cooling"),
+        "{ok}"
+    );
+    let first = js(
+        &c,
+        "return document.querySelector('.countdown').textContent",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_ne!(
+        js(
+            &c,
+            "return document.querySelector('.countdown').textContent"
+        )
+        .await,
+        first,
+        "the countdown is live"
+    );
+
+    // Markup from a model name and from a note is text, and nothing ran.
+    wait_js(
+        &c,
+        "return document.getElementById('events').textContent.length > 0",
+        "the quota events",
+    )
+    .await;
+    let shown = js(
+        &c,
+        "return [...document.querySelectorAll('#events .model')].map(m => m.textContent)",
+    )
+    .await;
+    assert!(
+        shown.as_array().unwrap().iter().any(|m| m == HOSTILE_MODEL),
+        "{shown}"
+    );
+    assert_eq!(
+        js(
+            &c,
+            "return document.querySelectorAll('#events img, #events script, #pools b').length"
+        )
+        .await,
+        json!(0)
+    );
+    assert_eq!(
+        js(&c, "return document.title").await,
+        json!("keygate dashboard")
+    );
+
+    // The README's picture: keys in every state, the quota events, the tenant.
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    c.set_window_size(1000, 1500).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(
+        out.join("dashboard-readme.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    c.set_window_size(1280, 1000).await.unwrap();
+
+    // Clear the cooldown with the page's button: the state changes.
+    act(
+        &c,
+        &key_button(&fp_cool, "Clear cooldown"),
+        "cooldown(s) cleared",
+    )
+    .await;
+    wait_js(
+        &c,
+        &row_where(&fp_cool, "!t.includes('cooling') && t.includes('ok')"),
+        "the cleared key to be ok",
+    )
+    .await;
+
+    // Every other action once, each with its result.
+    act(
+        &c,
+        &key_button(&fp_ok, "Disable"),
+        &format!("{fp_ok} disabled"),
+    )
+    .await;
+    wait_js(
+        &c,
+        &row_where(&fp_ok, "t.includes('disabled by operator')"),
+        "the disabled key",
+    )
+    .await;
+    act(
+        &c,
+        &key_button(&fp_ok, "Enable"),
+        &format!("{fp_ok} enabled"),
+    )
+    .await;
+    act(&c, &key_button(&fp_ok, "Check"), &format!("{fp_ok}: ok")).await;
+    act(
+        &c,
+        "//button[text()='Check all keys']",
+        &format!("{fp_dead}: key_invalid"),
+    )
+    .await;
+    c.find(Locator::Css("#add-key-box summary"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Id("add-secret"))
+        .await
+        .unwrap()
+        .send_keys(K_ADDED)
+        .await
+        .unwrap();
+    c.find(Locator::Id("add-project"))
+        .await
+        .unwrap()
+        .send_keys("p-new")
+        .await
+        .unwrap();
+    act(&c, "//button[@id='add-submit']", "runtime change only").await;
+    let added = js(&c, "return document.getElementById('result').textContent").await;
+    let fp_added = added
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .find(|w| w.starts_with("key#"))
+        .unwrap()
+        .to_string();
+    wait_js(
+        &c,
+        &format!("return document.getElementById('pools').textContent.includes({fp_added:?})"),
+        "the added key's row",
+    )
+    .await;
+    act(&c, "//button[@id='reload']", "configuration reloaded").await;
+
+    // No key and no token anywhere in the page, nor in storage a page or another port reads.
+    let source = c.source().await.unwrap();
+    for secret in [K_OK, K_COOL, K_DEAD, K_ADDED, ADMIN_TOKEN, TENANT_TOKEN] {
+        assert!(!source.contains(secret), "{secret} is in the page source");
+    }
+    let stored = js(&c, "return [localStorage.length, document.cookie, location.href, sessionStorage.getItem('keygate-admin-token')]").await;
+    assert_eq!(stored, json!([0, "", format!("{admin_url}/"), ADMIN_TOKEN]));
+
+    // Nothing was asked of another origin.
+    let asked = js(
+        &c,
+        "return performance.getEntriesByType('resource').map(e => e.name)",
+    )
+    .await;
+    let asked: Vec<String> = asked
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        asked.iter().any(|u| u.ends_with("/dashboard.js")),
+        "{asked:?}"
+    );
+    for url in &asked {
+        assert!(
+            url.starts_with(&format!("{admin_url}/")),
+            "a request to another origin: {url}"
+        );
+    }
+
+    // No error in the browser's console (CSP violations and failed loads are errors there).
+    let logs: Value = client()
+        .post(format!("{}/session/{session}/se/log", driver.url))
+        .json(&json!({ "type": "browser" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let errors: Vec<&Value> = logs["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+
+    // A phone: the page fits its width.
+    c.set_window_size(390, 844).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        js(
+            &c,
+            "return document.documentElement.scrollWidth <= window.innerWidth"
+        )
+        .await,
+        json!(true)
+    );
+    let shot = c.screenshot().await.unwrap();
+    assert!(shot.starts_with(b"\x89PNG") && shot.len() > 1000);
+    std::fs::write(out.join("dashboard-phone.png"), &shot).unwrap();
+    c.set_window_size(1280, 1000).await.unwrap();
+    std::fs::write(
+        out.join("dashboard-laptop.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    c.close().await.unwrap();
+    eprintln!(
+        "dashboard browser test: {:?}; screenshots in {}",
+        started.elapsed(),
+        out.display()
+    );
+}
