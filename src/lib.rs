@@ -146,7 +146,17 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
             gateway::guard::Guarded::new(HttpServer::new_app(app), admin_connections.clone()),
         );
         service.set_connection_filter(Arc::new(gateway::guard::AtCapacity(admin_connections)));
-        service.add_tcp(&admin.listen.to_string());
+        match &admin.tls {
+            // Checked when the config was loaded, like the client listener's.
+            Some((cert, key)) => service
+                .add_tls(
+                    &admin.listen.to_string(),
+                    &cert.display().to_string(),
+                    &key.display().to_string(),
+                )
+                .map_err(|e| format!("admin.tls: {e}"))?,
+            None => service.add_tcp(&admin.listen.to_string()),
+        }
         server.add_service(service);
         let checker = ops::keycheck::KeyChecker::new(shared.clone(), admin.key_check_interval);
         server.add_service(background_service("key check", checker));

@@ -608,3 +608,62 @@ async fn the_dashboard_in_a_real_browser() {
         out.display()
     );
 }
+
+/// With `admin.tls` the admin listener (dashboard and API) speaks TLS with the given
+/// certificate, as the client listener does; no SSH tunnel needed.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_tls_serves_the_dashboard_over_https() {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = localhost_cert(dir.path());
+    let mock = Mock::start().await;
+    mock.key(K_OK, "p-ok");
+    let addr = free_addr();
+    let yaml = format!(
+        "{}admin:\n  listen: \"{addr}\"\n  token_env: KEYGATE_ADMIN_TOKEN\n  tls:\n    cert_file: \"{}\"\n    key_file: \"{}\"\n",
+        pool_yaml(&mock.url(), &[(K_OK, "p-ok")]),
+        cert.display(),
+        key.display()
+    );
+    let _kg = Keygate::start_with_env(&yaml, &[("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    wait_port(addr);
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(&ca).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let get = |path: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.expect("a TLS handshake");
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let page = get("/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'"),
+        "{page}"
+    );
+    assert!(page.contains("id=\"login-form\""), "{page}");
+    let data = get("/admin/pools").await;
+    assert!(data.starts_with("HTTP/1.1 401"), "{data}");
+    // Plain HTTP on the TLS port gets no page.
+    let (status, _) = raw_http(addr, &raw_get("/", &[]));
+    assert_ne!(status, 200);
+}

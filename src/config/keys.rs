@@ -370,4 +370,25 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn a_note_rides_with_its_key_and_is_refused_when_it_quotes_one() {
+        let yaml = |note: &str| {
+            format!(
+                "pools:\n  - name: main\n    upstream: https://x\n    keys:\n      - key: made-up-key-1\n        note: {note:?}\n      - made-up-key-2\n"
+            )
+        };
+        let c = Config::parse(&yaml("<b>Bob's</b> laptop"), Path::new("."), &|_| None).unwrap();
+        let notes: Vec<_> = c.pools[0].keys.iter().map(|k| k.note.as_deref()).collect();
+        assert_eq!(notes, [Some("<b>Bob's</b> laptop"), None]);
+        for bad in ["copy of made-up-key-1", "line\none", &"x".repeat(201)] {
+            let e = Config::parse(&yaml(bad), Path::new("."), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("keys[0].note") && !e.contains("made-up-key-1"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -237,6 +237,9 @@ pub struct AdminConfig {
     pub token_sha256: [u8; 32],
     /// How often every key is checked (a model listing, no quota spent); zero turns it off.
     pub key_check_interval: Duration,
+    /// Certificate and private key files (PEM) when the admin listener speaks TLS, as the
+    /// client listener's `tls:`; the dashboard then needs no SSH tunnel.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Upstream timeouts.
