@@ -104,6 +104,8 @@ async fn open_browser(driver: &Driver, chromium: &PathBuf, profile: &std::path::
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1280,1000",
+                // Whatever the page did, no name but the test's own address resolves.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                 format!("--user-data-dir={}", profile.display()),
             ],
         },
@@ -202,8 +204,13 @@ async fn the_dashboard_in_a_real_browser() {
         .key(K_COOL, "p-cool")
         .key(K_ADDED, "p-new");
     mock.invalid_key(K_DEAD);
-    // Every request on the cooling key gets Google's per-minute 429 with a RetryInfo.
-    mock.respond_next(Some(K_COOL), 1000, 429, &per_minute_429(MODEL, "300s"));
+    // Every request on the cooling key gets Google's per-minute 429 with a RetryInfo, its message
+    // quoting the key (the dashboard must show the message scrubbed).
+    let refusal = per_minute_429(MODEL, "300s").replace(
+        "You exceeded your current quota",
+        &format!("You exceeded your current quota with {K_COOL}"),
+    );
+    mock.respond_next(Some(K_COOL), 1000, 429, &refusal);
     let yaml = format!(
         "pools:\n  - name: main\n    upstream: \"{}\"\n    keys:\n      - key: \"{K_OK}\"\n        project: p-ok\n        note: \"{}\"\n      - key: \"{K_COOL}\"\n        project: p-cool\n        billing_account: acct-1\n      - key: \"{K_DEAD}\"\n        project: p-dead\ntenants:\n  - name: alice\n    token: \"{TENANT_TOKEN}\"\n    rpm: 600\n",
         mock.url(),
@@ -252,6 +259,11 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(resp.status(), 429, "{:?}", resp.text().await);
     admin_call("POST", &admin_url, &format!("{ok_path}/enable"), None).await;
     let (_, events) = admin_call("GET", &admin_url, "/admin/events", None).await;
+    let text = events.to_string();
+    assert!(
+        !text.contains(K_COOL) && text.contains(&format!("current quota with {fp_cool}")),
+        "{events}"
+    );
     assert!(
         events["quota_events"]
             .as_array()
