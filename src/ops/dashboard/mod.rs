@@ -75,7 +75,8 @@ mod tests {
         ] {
             assert!(!js.contains(banned), "the script uses {banned}");
         }
-        assert!(!js.contains("localStorage") && !js.contains("document.cookie"));
+        assert!(!js.contains("localStorage.") && !js.contains("document.cookie"));
+        assert!(js.contains("sessionStorage.setItem(TOKEN"));
         assert!(asset("/admin/pools").is_none());
     }
 }

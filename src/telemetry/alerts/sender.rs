@@ -116,8 +116,9 @@ impl AlertSender {
             };
             match outcome {
                 Ok(status) if (200..300).contains(&status) => {
-                    inner.delivered.fetch_add(1, Relaxed);
+                    // Listed before counted: whoever sees the count finds it listed.
                     inner.history.push(sent(&queued, "delivered".into()));
+                    inner.delivered.fetch_add(1, Relaxed);
                     log::debug!("alerts: {what} delivered (HTTP {status}, try {attempt})");
                     return;
                 }
@@ -125,10 +126,10 @@ impl AlertSender {
                     last_error = format!("HTTP {status}");
                 }
                 Ok(status) => {
-                    inner.failed.fetch_add(1, Relaxed);
                     inner
                         .history
                         .push(sent(&queued, format!("refused: HTTP {status}")));
+                    inner.failed.fetch_add(1, Relaxed);
                     log::warn!(
                         "alerts: the webhook at {} refused {what} with HTTP {status}; not retrying",
                         inner.upstream.authority()
@@ -152,13 +153,13 @@ impl AlertSender {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        inner.failed.fetch_add(1, Relaxed);
         let why = if last_error.is_empty() {
             "shutting down"
         } else {
             &last_error
         };
         inner.history.push(sent(&queued, format!("failed: {why}")));
+        inner.failed.fetch_add(1, Relaxed);
         log::warn!(
             "alerts: {what} not delivered to {} after {tried} tr{}: {}",
             inner.upstream.authority(),
