@@ -429,6 +429,26 @@ async fn the_dashboard_in_a_real_browser() {
         "the countdown is live"
     );
 
+    // The next recovery per model above the pool; the tenant with its limits and usage.
+    let recovery = js(
+        &c,
+        "const r = document.querySelector('.recovery'); return r ? r.innerText : ''",
+    )
+    .await;
+    let recovery = recovery.as_str().unwrap();
+    assert!(
+        recovery.contains(&format!("{MODEL}: first key back at")),
+        "{recovery}"
+    );
+    let tenants = js(&c, "return document.getElementById('tenants').innerText").await;
+    let tenants = tenants.as_str().unwrap();
+    assert!(
+        tenants.contains("alice")
+            && tenants.contains("rpm: 600")
+            && tenants.contains("requests, hour: "),
+        "{tenants}"
+    );
+
     // Markup from a model name and from a note is text, and nothing ran.
     wait_js(
         &c,
