@@ -31,6 +31,8 @@ const K_OK: &str = "made-up-dash-key-ok-0001";
 const K_COOL: &str = "made-up-dash-key-cool-0002";
 const K_DEAD: &str = "made-up-dash-key-dead-0003";
 const K_ADDED: &str = "made-up-dash-key-added-0004";
+const K_TIER: &str = "made-up-dash-key-tier-0005";
+const K_CAP: &str = "made-up-dash-key-capped-0006";
 const TENANT_TOKEN: &str = "tok-dash-alice-123456";
 const NOTE: &str = "<b>from Bob's laptop</b>";
 
@@ -42,7 +44,7 @@ fn browser() -> Option<(PathBuf, PathBuf)> {
     let driver = std::env::var_os("KEYGATE_CHROMEDRIVER")
         .map(PathBuf::from)
         .or_else(|| which("chromedriver"));
-    match driver.filter(|_| chromium.exists()) {
+    match driver.filter(|d| d.exists() && chromium.exists()) {
         Some(d) => Some((chromium, d)),
         None if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
             "CI=true and the browser tests cannot run: install chromium and chromium-driver \
@@ -202,8 +204,14 @@ async fn the_dashboard_in_a_real_browser() {
     let mock = Mock::start().await;
     mock.key(K_OK, "p-ok")
         .key(K_COOL, "p-cool")
-        .key(K_ADDED, "p-new");
+        .key(K_ADDED, "p-new")
+        .key(K_TIER, "p-tier")
+        .key(K_CAP, "p-cap");
     mock.invalid_key(K_DEAD);
+    // The model is not in p-tier's tier; p-cap's billing account is past its spending cap.
+    mock.limit_zero("p-tier", MODEL);
+    mock.billing_account("p-cap", "acct-2")
+        .cap_account("acct-2", true);
     // Every request on the cooling key gets Google's per-minute 429 with a RetryInfo, its message
     // quoting the key (the dashboard must show the message scrubbed).
     let refusal = per_minute_429(MODEL, "300s").replace(
@@ -212,15 +220,16 @@ async fn the_dashboard_in_a_real_browser() {
     );
     mock.respond_next(Some(K_COOL), 1000, 429, &refusal);
     let yaml = format!(
-        "pools:\n  - name: main\n    upstream: \"{}\"\n    keys:\n      - key: \"{K_OK}\"\n        project: p-ok\n        note: \"{}\"\n      - key: \"{K_COOL}\"\n        project: p-cool\n        billing_account: acct-1\n      - key: \"{K_DEAD}\"\n        project: p-dead\ntenants:\n  - name: alice\n    token: \"{TENANT_TOKEN}\"\n    rpm: 600\n",
+        "pools:\n  - name: main\n    upstream: \"{}\"\n    keys:\n      - key: \"{K_OK}\"\n        project: p-ok\n        note: \"{}\"\n      - key: \"{K_COOL}\"\n        project: p-cool\n        billing_account: acct-1\n      - key: \"{K_DEAD}\"\n        project: p-dead\n      - key: \"{K_TIER}\"\n        project: p-tier\n      - key: \"{K_CAP}\"\n        project: p-cap\n        billing_account: acct-2\ntenants:\n  - name: alice\n    token: \"{TENANT_TOKEN}\"\n    rpm: 600\n",
         mock.url(),
         NOTE.replace('"', "\\\"")
     );
     let (kg, admin_url) = start_with_admin(&yaml);
 
-    // Traffic until one key cools and another is found invalid.
+    // Traffic until one key cools, one is found invalid, one's model is out of its tier and
+    // one's billing account is capped.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (fp_ok, fp_cool, fp_dead) = loop {
+    let (fp_ok, fp_cool, fp_dead, fp_tier, fp_cap) = loop {
         let (status, _, body) = generate(&kg.url(), MODEL, Some(TENANT_TOKEN)).await;
         assert_eq!(status, 200, "{body}");
         let (_, pools) = admin_call("GET", &admin_url, "/admin/pools", None).await;
@@ -234,8 +243,10 @@ async fn the_dashboard_in_a_real_browser() {
         };
         let ((ok, _), (cool, cool_state), (dead, dead_state)) =
             (fp("p-ok"), fp("p-cool"), fp("p-dead"));
-        if cool_state == "cooling" && dead_state == "disabled" {
-            break (ok, cool, dead);
+        let ((tier, tier_state), (cap, cap_state)) = (fp("p-tier"), fp("p-cap"));
+        let states = [cool_state, dead_state, tier_state, cap_state];
+        if states == ["cooling", "disabled", "cooling", "capped"] {
+            break (ok, cool, dead, tier, cap);
         }
         assert!(
             Instant::now() < deadline,
@@ -243,12 +254,17 @@ async fn the_dashboard_in_a_real_browser() {
         );
     };
     // A request whose model name carries markup, refused with a quota 429 on the cooling key (the
-    // ok key is out meanwhile, so the refusal lands there): a quota event.
-    let ok_path = format!(
-        "/admin/pools/main/keys/{}",
-        fp_ok.trim_start_matches("key#")
-    );
-    admin_call("POST", &admin_url, &format!("{ok_path}/disable"), None).await;
+    // keys that would serve it are out meanwhile, so the refusal lands there): a quota event.
+    let path_of = |fp: &str| format!("/admin/pools/main/keys/{}", fp.trim_start_matches("key#"));
+    for fp in [&fp_ok, &fp_tier] {
+        admin_call(
+            "POST",
+            &admin_url,
+            &format!("{}/disable", path_of(fp)),
+            None,
+        )
+        .await;
+    }
     let resp = client()
         .post(format!("{}/v1beta/openai/chat/completions", kg.url()))
         .bearer_auth(TENANT_TOKEN)
@@ -257,7 +273,9 @@ async fn the_dashboard_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 429, "{:?}", resp.text().await);
-    admin_call("POST", &admin_url, &format!("{ok_path}/enable"), None).await;
+    for fp in [&fp_ok, &fp_tier] {
+        admin_call("POST", &admin_url, &format!("{}/enable", path_of(fp)), None).await;
+    }
     let (_, events) = admin_call("GET", &admin_url, "/admin/events", None).await;
     let text = events.to_string();
     assert!(
@@ -403,6 +421,18 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(
         dead.contains("disabled") && dead.contains("key invalid"),
         "{dead}"
+    );
+    let tier = js(&c, &row_where(&fp_tier, "t")).await;
+    let tier = tier.as_str().unwrap();
+    assert!(
+        tier.contains("unavailable") && tier.contains(&format!("{MODEL} (not in tier)")),
+        "{tier}"
+    );
+    let cap = js(&c, &row_where(&fp_cap, "t")).await;
+    let cap = cap.as_str().unwrap();
+    assert!(
+        cap.contains("capped") && cap.contains("why: monthly spending cap"),
+        "{cap}"
     );
     let ok = js(&c, &row_where(&fp_ok, "t"))
         .await
@@ -566,7 +596,16 @@ async fn the_dashboard_in_a_real_browser() {
 
     // No key and no token anywhere in the page, nor in storage a page or another port reads.
     let source = c.source().await.unwrap();
-    for secret in [K_OK, K_COOL, K_DEAD, K_ADDED, ADMIN_TOKEN, TENANT_TOKEN] {
+    for secret in [
+        K_OK,
+        K_COOL,
+        K_DEAD,
+        K_TIER,
+        K_CAP,
+        K_ADDED,
+        ADMIN_TOKEN,
+        TENANT_TOKEN,
+    ] {
         assert!(!source.contains(secret), "{secret} is in the page source");
     }
     let stored = js(&c, "return [localStorage.length, document.cookie, location.href, sessionStorage.getItem('keygate-admin-token')]").await;
