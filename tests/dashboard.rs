@@ -124,6 +124,28 @@ async fn open_browser(driver: &Driver, chromium: &PathBuf, profile: &std::path::
         .expect("a chromium session through chromedriver")
 }
 
+/// A webhook receiver on a free port that takes every alert (204).
+async fn webhook() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    let mut answer =
+                        hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    *answer.status_mut() = hyper::StatusCode::NO_CONTENT;
+                    Ok::<_, std::convert::Infallible>(answer)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// Runs `script` in the page and returns its value.
 async fn js(c: &Client, script: &str) -> Value {
     c.execute(script, vec![]).await.unwrap()
@@ -224,6 +246,8 @@ async fn the_dashboard_in_a_real_browser() {
         mock.url(),
         NOTE.replace('"', "\\\"")
     );
+    let hook = webhook().await;
+    let yaml = format!("{yaml}alerts:\n  webhook_url: \"http://{hook}/hooks\"\n");
     let (kg, admin_url) = start_with_admin(&yaml);
 
     // Traffic until one key cools, one is found invalid, one's model is out of its tier and
@@ -478,6 +502,14 @@ async fn the_dashboard_in_a_real_browser() {
             && tenants.contains("requests, hour: "),
         "{tenants}"
     );
+
+    // The alerts sent: the invalid key's, delivered.
+    wait_js(
+        &c,
+        "const t = document.getElementById('alerts').innerText; return t.includes('key disabled') && t.includes('delivered');",
+        "the alerts sent",
+    )
+    .await;
 
     // Markup from a model name and from a note is text, and nothing ran.
     wait_js(
