@@ -12,11 +12,11 @@
 //! - [`tenants`]: authentication, limits, fair shares, and what a tenant's request may be;
 //! - [`cache`]: the response cache: which answers are kept, entry keys, the store;
 //! - `upstream`: addresses (health-checked), connections, the one exchange, egress proxies;
-//! - `telemetry`: Prometheus metrics and webhook alerts;
+//! - `telemetry`: Prometheus metrics, webhook alerts, the recent events the dashboard lists;
 //! - `runtime`: what the gateway and the admin API share; health changes made known;
 //! - `gateway`: the Pingora hooks and the one attempt loop, for requests and Live sessions;
 //! - `fleet`: several instances as one, through Redis;
-//! - `ops`: the admin API, key checks, the state file, signals and reload.
+//! - `ops`: the admin API and its dashboard, key checks, the state file, signals and reload.
 
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
 // across an await, unsafe code denied but for the one allowed in upstream/mod.rs).

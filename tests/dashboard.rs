@@ -179,6 +179,12 @@ fn row_where(fp: &str, test: &str) -> String {
 /// Clicks the button found by `xpath`, confirms in the page's dialog, and waits for the result
 /// line to change and say `expect_in_result`.
 async fn act(c: &Client, xpath: &str, expect_in_result: &str) {
+    answer(c, xpath, "confirm-ok", expect_in_result).await;
+}
+
+/// Clicks the button found by `xpath`, answers the confirmation with the button `choice`, and
+/// waits for the result line to change and say `expect_in_result`.
+async fn answer(c: &Client, xpath: &str, choice: &str, expect_in_result: &str) {
     let before = js(c, "return document.getElementById('result').textContent").await;
     // The rows are redrawn every few seconds: a button found just before a redraw is stale.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -195,7 +201,7 @@ async fn act(c: &Client, xpath: &str, expect_in_result: &str) {
         "the confirmation dialog",
     )
     .await;
-    c.find(Locator::Id("confirm-ok"))
+    c.find(Locator::Id(choice))
         .await
         .unwrap()
         .click()
@@ -384,6 +390,17 @@ async fn the_dashboard_in_a_real_browser() {
         "{usage}"
     );
     assert!(sum(&usage["tenants"][0]["requests"]) >= 2, "{usage}");
+    let (_, day) = admin_call("GET", &admin_url, "/admin/usage?minutes=1440&step=15", None).await;
+    assert_eq!(
+        day["keys"][0]["tokens"].as_array().unwrap().len(),
+        96,
+        "{day}"
+    );
+    for bad in ["minutes=0", "step=x", "bogus=1"] {
+        let (status, answer) =
+            admin_call("GET", &admin_url, &format!("/admin/usage?{bad}"), None).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
 
     // The browser.
     let profile = tempfile::tempdir().unwrap();
@@ -566,6 +583,23 @@ async fn the_dashboard_in_a_real_browser() {
     .await;
 
     // Every other action once, each with its result.
+    // A cancelled confirmation changes nothing, and says so.
+    answer(
+        &c,
+        &key_button(&fp_ok, "Disable"),
+        "confirm-cancel",
+        "Cancelled: nothing was changed",
+    )
+    .await;
+    let (_, pools) = admin_call("GET", &admin_url, "/admin/pools", None).await;
+    assert!(
+        pools["pools"][0]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key"] == fp_ok.as_str() && k["state"] == "ok"),
+        "{pools}"
+    );
     act(
         &c,
         &key_button(&fp_ok, "Disable"),

@@ -182,12 +182,13 @@
     });
   }
 
+  // ok: true (done), false (failed) or null (nothing done).
   function showResult(ok, text) {
     $('result-box').hidden = false;
     const r = $('result');
-    r.className = ok ? 'ok' : 'error';
-    r.replaceChildren(el('span', { 'aria-hidden': 'true' }, ok ? '\u2713 ' : '\u2716 '),
-      `${ok ? 'Done' : 'Failed'}: ${text}`);
+    r.className = ok === null ? 'muted' : ok ? 'ok' : 'error';
+    const [icon, word] = ok === null ? ['\u2013 ', 'Cancelled'] : ok ? ['\u2713 ', 'Done'] : ['\u2716 ', 'Failed'];
+    r.replaceChildren(el('span', { 'aria-hidden': 'true' }, icon), `${word}: ${text}`);
   }
 
   function describe(a) {
@@ -206,7 +207,7 @@
 
   async function act(question, method, path, body) {
     if (!(await confirmAction(question))) {
-      showResult(false, 'cancelled');
+      showResult(null, 'nothing was changed');
       return;
     }
     try {
