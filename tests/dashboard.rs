@@ -731,6 +731,9 @@ async fn the_dashboard_in_a_real_browser() {
     )
     .unwrap();
     c.close().await.unwrap();
+    // The key added through the page is in no log line either (the config's keys are checked
+    // when keygate stops).
+    kg.assert_logs_clean(&[K_ADDED, ADMIN_TOKEN]);
     eprintln!(
         "dashboard browser test: {:?}; screenshots in {}",
         started.elapsed(),
