@@ -36,7 +36,8 @@ bench-deps:
 	@command -v oha >/dev/null 2>&1 || cargo install oha --locked --version 1.16.0
 
 # The metrics test checks keygate's /metrics with Prometheus' own linter, promtool; the fleet
-# tests start their own redis-server (Debian's package, with redis-cli) on a free port.
+# tests start their own redis-server (Debian's package, with redis-cli) on a free port; the
+# dashboard's browser test drives Debian's chromium through chromium-driver (WebDriver).
 test-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 		echo "promtool is missing (the metrics test runs it); installing Debian's prometheus package"; \
@@ -44,6 +45,9 @@ test-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "redis-server is missing (the fleet tests run it); installing Debian's redis-server package"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server; }
+	@{ [ -x /usr/bin/chromium ] && command -v chromedriver >/dev/null 2>&1; } || { \
+		echo "chromium or chromedriver is missing (the dashboard's browser test drives them); installing Debian's packages"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
 deps:
 	@command -v cmake >/dev/null 2>&1 || { \

@@ -45,6 +45,7 @@ fn pool(n: usize) -> KeyPool {
                 secret: Secret::new(format!("made-up-key-{i}")),
                 project: format!("project-{i}"),
                 billing_account: None,
+                note: None,
             })
             .collect(),
         key_variables: None,

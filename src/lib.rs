@@ -12,11 +12,11 @@
 //! - [`tenants`]: authentication, limits, fair shares, and what a tenant's request may be;
 //! - [`cache`]: the response cache: which answers are kept, entry keys, the store;
 //! - `upstream`: addresses (health-checked), connections, the one exchange, egress proxies;
-//! - `telemetry`: Prometheus metrics and webhook alerts;
+//! - `telemetry`: Prometheus metrics, webhook alerts, the recent events the dashboard lists;
 //! - `runtime`: what the gateway and the admin API share; health changes made known;
 //! - `gateway`: the Pingora hooks and the one attempt loop, for requests and Live sessions;
 //! - `fleet`: several instances as one, through Redis;
-//! - `ops`: the admin API, key checks, the state file, signals and reload.
+//! - `ops`: the admin API and its dashboard, key checks, the state file, signals and reload.
 
 // Lints: the [lints] table in Cargo.toml (unwrap/expect outside tests, missing docs, locks held
 // across an await, unsafe code denied but for the one allowed in upstream/mod.rs).
@@ -146,7 +146,17 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
             gateway::guard::Guarded::new(HttpServer::new_app(app), admin_connections.clone()),
         );
         service.set_connection_filter(Arc::new(gateway::guard::AtCapacity(admin_connections)));
-        service.add_tcp(&admin.listen.to_string());
+        match &admin.tls {
+            // Checked when the config was loaded, like the client listener's.
+            Some((cert, key)) => service
+                .add_tls(
+                    &admin.listen.to_string(),
+                    &cert.display().to_string(),
+                    &key.display().to_string(),
+                )
+                .map_err(|e| format!("admin.tls: {e}"))?,
+            None => service.add_tcp(&admin.listen.to_string()),
+        }
         server.add_service(service);
         let checker = ops::keycheck::KeyChecker::new(shared.clone(), admin.key_check_interval);
         server.add_service(background_service("key check", checker));

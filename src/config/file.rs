@@ -238,6 +238,7 @@ pub(super) struct FileKeyFull {
     pub(super) key: String,
     pub(super) project: Option<String>,
     pub(super) billing_account: Option<String>,
+    pub(super) note: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +263,7 @@ pub(super) struct FileAdmin {
     pub(super) token: Option<serde::de::IgnoredAny>,
     #[serde(default = "default_key_check")]
     pub(super) key_check_interval_seconds: u64,
+    pub(super) tls: Option<FileTls>,
 }
 
 pub(super) fn default_key_check() -> u64 {

@@ -9,8 +9,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// A key as the configuration spells it: the key, its project and billing account if given,
-/// and where it was found (for error messages).
+/// and where it was found (for error messages). Notes ride beside it (see [`Notes`]).
 type RawKey = (String, Option<String>, Option<String>, String);
+
+/// The notes of inline keys, by the place their key was found (only inline keys carry one).
+type Notes = HashMap<String, String>;
+
+/// Longest note kept; a longer one is an error that says so.
+const MAX_NOTE: usize = 200;
 
 /// The keys of `pool` (its `keys` are taken), in the order: inline, `keys_env`,
 /// `keys_env_prefix` (the bare variable, then `_1`, `_2`... by number), `keys_file`; and what
@@ -23,10 +29,23 @@ pub(super) fn pool_keys(
     names: &[String],
 ) -> Result<(Vec<KeyConfig>, Option<KeyVariables>), ConfigError> {
     let mut raw: Vec<RawKey> = Vec::new();
+    let mut notes = Notes::new();
     for (j, key) in std::mem::take(&mut pool.keys).into_iter().enumerate() {
         let (k, p, b) = match key {
             FileKey::Bare(k) => (k, None, None),
-            FileKey::Full(f) => (f.key, f.project, f.billing_account),
+            FileKey::Full(f) => {
+                if let Some(note) = f.note.map(|n| n.trim().to_string()) {
+                    if note.chars().count() > MAX_NOTE || note.chars().any(char::is_control) {
+                        return Err(invalid(format!(
+                            "{ctx}.keys[{j}].note: at most {MAX_NOTE} characters, on one line"
+                        )));
+                    }
+                    if !note.is_empty() {
+                        notes.insert(format!("{ctx}.keys[{j}]"), note);
+                    }
+                }
+                (f.key, f.project, f.billing_account)
+            }
         };
         if b.is_some() && p.is_none() {
             return Err(invalid(format!(
@@ -67,7 +86,7 @@ pub(super) fn pool_keys(
     if let Some(file) = &pool.keys_file {
         raw.extend(file_keys(ctx, &resolve(base, file))?);
     }
-    let keys = assemble(raw)?;
+    let keys = assemble(raw, &notes)?;
     if keys.is_empty() {
         let mut sources = vec!["keys".to_string()];
         if let Some(var) = &pool.keys_env {
@@ -175,7 +194,7 @@ fn file_keys(ctx: &str, path: &Path) -> Result<Vec<RawKey>, ConfigError> {
 /// Checks the keys and builds their configuration: a key listed twice is used once, a key
 /// without a project is its own (named by its fingerprint), and a project names one billing
 /// account.
-fn assemble(raw: Vec<RawKey>) -> Result<Vec<KeyConfig>, ConfigError> {
+fn assemble(raw: Vec<RawKey>, notes: &Notes) -> Result<Vec<KeyConfig>, ConfigError> {
     let mut keys = Vec::with_capacity(raw.len());
     let mut seen = HashSet::new();
     // The billing account each project named first, and where.
@@ -234,10 +253,19 @@ fn assemble(raw: Vec<RawKey>) -> Result<Vec<KeyConfig>, ConfigError> {
                 accounts.insert(project.clone(), (billing_account.clone(), place.clone()));
             }
         }
+        if let Some(note) = notes.get(&place) {
+            let quoted = |w: &str| looks_like_a_key(w) || w == secret.expose() || seen.contains(w);
+            if note.split_whitespace().any(quoted) {
+                return Err(invalid(format!(
+                    "{place}.note: the note looks like an API key; name the key's origin instead"
+                )));
+            }
+        }
         keys.push(KeyConfig {
             secret,
             project,
             billing_account,
+            note: notes.get(&place).cloned(),
         });
     }
     Ok(keys)
@@ -341,5 +369,26 @@ mod tests {
             e.contains("looks like an API key") && !e.contains("key-one"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_note_rides_with_its_key_and_is_refused_when_it_quotes_one() {
+        let yaml = |note: &str| {
+            format!(
+                "pools:\n  - name: main\n    upstream: https://x\n    keys:\n      - key: made-up-key-1\n        note: {note:?}\n      - made-up-key-2\n"
+            )
+        };
+        let c = Config::parse(&yaml("<b>Bob's</b> laptop"), Path::new("."), &|_| None).unwrap();
+        let notes: Vec<_> = c.pools[0].keys.iter().map(|k| k.note.as_deref()).collect();
+        assert_eq!(notes, [Some("<b>Bob's</b> laptop"), None]);
+        for bad in ["copy of made-up-key-1", "line\none", &"x".repeat(201)] {
+            let e = Config::parse(&yaml(bad), Path::new("."), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("keys[0].note") && !e.contains("made-up-key-1"),
+                "{e}"
+            );
+        }
     }
 }

@@ -237,6 +237,9 @@ pub struct AdminConfig {
     pub token_sha256: [u8; 32],
     /// How often every key is checked (a model listing, no quota spent); zero turns it off.
     pub key_check_interval: Duration,
+    /// Certificate and private key files (PEM) when the admin listener speaks TLS, as the
+    /// client listener's `tls:`; the dashboard then needs no SSH tunnel.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Upstream timeouts.
@@ -400,6 +403,9 @@ pub struct KeyConfig {
     /// The billing account above the project, whose monthly spending cap stops all of its
     /// projects. `None`: the project is its own.
     pub billing_account: Option<String>,
+    /// The operator's note on the key (where it comes from, whose it is), shown beside it on
+    /// the dashboard and in `/admin/pools`. Never the key.
+    pub note: Option<String>,
 }
 
 /// A client allowed to use the gateway.

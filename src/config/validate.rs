@@ -402,10 +402,18 @@ pub(super) fn validate_admin(
             "admin: the admin token must be at least 16 characters long",
         ));
     }
+    let tls = match admin.tls {
+        Some(t) => Some(validate_tls(t, base).map_err(|e| match e {
+            ConfigError::Invalid(why) => invalid(format!("admin.{why}")),
+            other => other,
+        })?),
+        None => None,
+    };
     Ok(AdminConfig {
         listen: addr,
         token_sha256: sha256(token.as_bytes()),
         key_check_interval: Duration::from_secs(admin.key_check_interval_seconds),
+        tls,
     })
 }
 

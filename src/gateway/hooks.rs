@@ -20,7 +20,6 @@ use bytes::Bytes;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 #[async_trait]
@@ -408,7 +407,7 @@ impl ProxyHttp for Gateway {
             s => s,
         };
         if let Some(t) = &ctx.tenant {
-            t.state.usage.requests.fetch_add(1, Relaxed);
+            t.state.usage.count_request();
         }
         let metrics = &self.shared.metrics;
         let pool_name = ctx.pool.as_ref().map_or("-", |p| p.name());

@@ -21,7 +21,6 @@ use pingora::protocols::http::client::HttpSession as ClientSession;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 /// The health table's name for Live API sessions: a quota refusal of the upgrade cools
@@ -123,7 +122,7 @@ impl Gateway {
             );
             return refuse(session, ctx, Api::Gemini, &e).await;
         };
-        keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        keys.key(key).usage.count_request();
         let share = tenant
             .filter(|_| rt.tenants.list().len() > 1)
             .map(|t| t.state.buffered.clone());

@@ -12,6 +12,7 @@ mod answers;
 mod attempts;
 mod cache;
 mod client;
+mod events;
 pub mod guard;
 mod hooks;
 mod live;

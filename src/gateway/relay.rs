@@ -21,7 +21,6 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -191,7 +190,7 @@ impl Gateway {
         outcome: &Outcome,
     ) -> pingora::Result<bool> {
         self.park(job, &mut answer.body).await;
-        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        job.keys.key(key).usage.count_request();
         let head = session.req_header().method == http::Method::HEAD;
         match error_reply(answer, outcome, &job.keys, key) {
             ErrorReply::Own(e) => respond(session, ctx, Some(job.forward.api), &e).await,
@@ -225,7 +224,7 @@ impl Gateway {
             })
         });
         self.park(job, &mut answer.body).await;
-        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        job.keys.key(key).usage.count_request();
         let Some(body) = filtered.flatten() else {
             let e = GatewayError::new(
                 502,
@@ -268,7 +267,7 @@ impl Gateway {
         let aliases = job.rt.aliases_for(ctx.tenant.as_deref());
         let listed = alias::add_to_listing(&decoded_body(&answer, LISTING_LIMIT), &aliases);
         self.park(job, &mut answer.body).await;
-        job.keys.key(key).usage.requests.fetch_add(1, Relaxed);
+        job.keys.key(key).usage.count_request();
         let mut header = answer.header;
         let body = match listed {
             Some(body) => {
@@ -294,7 +293,7 @@ impl Gateway {
         counts_tokens: bool,
     ) {
         let pool_key = job.keys.key(key);
-        pool_key.usage.requests.fetch_add(1, Relaxed);
+        pool_key.usage.count_request();
         let Some(tap) = tap else {
             return;
         };

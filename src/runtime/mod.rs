@@ -14,6 +14,7 @@ use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::{KeyPool, Millis};
 use crate::telemetry::alerts::{Alerts, Event};
+use crate::telemetry::events::{QuotaEvent, Recent, QUOTA_EVENTS};
 use crate::telemetry::metrics::Metrics;
 use crate::tenants::{FairShare, Tenant, Tenants};
 use crate::upstream::{self, Upstream};
@@ -101,6 +102,8 @@ pub struct Shared {
     pub body_budget: Arc<BodyBudget>,
     /// Where health changes are told to the other instances, when several share their state.
     pub fleet: std::sync::OnceLock<Arc<dyn health::Announce>>,
+    /// The most recent refusals that changed a key's health, for the dashboard.
+    pub quota_events: Recent<QuotaEvent>,
 }
 
 /// Where a request goes.
@@ -245,6 +248,7 @@ impl Shared {
             alerts,
             body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
             fleet: std::sync::OnceLock::new(),
+            quota_events: Recent::new(QUOTA_EVENTS),
         })
     }
 }

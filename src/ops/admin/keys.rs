@@ -49,6 +49,7 @@ pub(super) fn key_json(k: &KeyReport, now: Millis) -> Value {
         "key": k.fingerprint,
         "project": k.project,
         "billing_account": k.billing_account,
+        "note": k.note,
         "state": state,
         "reason": k.disabled.map(|d| d.as_str()).or(k.capped.map(|c| c.as_str())),
         "cooldowns": cooldowns,
@@ -131,6 +132,7 @@ impl Admin {
             secret,
             project: project.clone(),
             billing_account,
+            note: Some("added through the admin API: runtime only".into()),
         });
         pool.keys.store(Arc::new(old.rebuilt(&configs)));
         log::warn!("admin: added {fingerprint} (project {project}) to pool {pool_name}");

@@ -10,6 +10,9 @@
 //! - `POST /admin/pools/{pool}/keys/{fingerprint}/check`, `POST /admin/pools/{pool}/check`: ask
 //!   Google whether keys work (a model listing, no quota spent);
 //! - `GET  /admin/tenants`: tenants with their limits and usage (cache hits apart);
+//! - `GET  /admin/usage?minutes=60&step=1`: requests and tokens per key and per tenant, per
+//!   minute over the last day (or in points of `step` minutes);
+//! - `GET  /admin/events`: the most recent quota events and the alerts sent;
 //! - `GET  /admin/cache`: the response cache's settings and bytes used; `DELETE /admin/cache`
 //!   purges it, `DELETE /admin/cache/tenants/{name}` one tenant's entries;
 //! - `GET  /admin/resources`, `POST /admin/resources` `{"name": "files/abc", "project": "p1",
@@ -22,11 +25,14 @@
 //! (keygate writes no keys anywhere; the config file is the place for lasting changes), while
 //! disabling, enabling and clearing cooldowns are kept by the state file when one is configured.
 //!
-//! Without a token: `GET /healthz` (alive) and `GET /readyz` (upstreams resolved, a key enabled).
+//! Without a token: `GET /healthz` (alive), `GET /readyz` (upstreams resolved, a key enabled),
+//! and the dashboard's page and files (`GET /`, no data: it asks for the token).
 //! With it: `GET /metrics` (Prometheus) and `POST /admin/reload` (re-read the config file).
 
+mod activity;
 mod cache;
 mod keys;
+use crate::ops::dashboard;
 use crate::ops::lifecycle::reload_and_log;
 use crate::quota::keys::{now_millis, KeyId, KeyReport, Millis};
 use crate::runtime::{Pool, Shared};
@@ -84,6 +90,14 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, http: &mut ServerSession) -> Response<Vec<u8>> {
+        let head = http.req_header();
+        if head.method == http::Method::GET {
+            if let Some(asset) = dashboard::asset(head.uri.path()) {
+                crate::gateway::guard::header_received(http.stream());
+                http.set_keepalive(None);
+                return reply(StatusCode::OK, asset.content_type, asset.body.to_vec());
+            }
+        }
         let answer = self.handle(http).await;
         // The metrics text is the one answer that is not JSON.
         let (body, content_type) = match answer.1 {
@@ -96,14 +110,20 @@ impl ServeHttp for Admin {
                 "application/json",
             ),
         };
-        Response::builder()
-            .status(answer.0)
-            .header("content-type", content_type)
-            .header("content-length", body.len())
-            .header("cache-control", "no-store")
-            .body(body)
-            .unwrap_or_default()
+        reply(answer.0, content_type, body)
     }
+}
+
+/// An admin answer with the dashboard's security headers (and no CORS header).
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut builder = Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len());
+    for (name, value) in dashboard::SECURITY_HEADERS {
+        builder = builder.header(name, value);
+    }
+    builder.body(body).unwrap_or_default()
 }
 
 impl Admin {
@@ -130,6 +150,7 @@ impl Admin {
         }
         let method = http.req_header().method.clone();
         let path = http.req_header().uri.path().to_string();
+        let query = http.req_header().uri.query().map(str::to_string);
         let body = match read_body(http).await {
             Ok(b) => b,
             Err(a) => return a,
@@ -141,6 +162,8 @@ impl Admin {
             .collect();
         match (method.as_str(), parts.as_slice()) {
             ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
+            ("GET", ["admin", "usage"]) => self.usage(query.as_deref()),
+            ("GET", ["admin", "events"]) => self.events(),
             ("GET", ["metrics"]) => Answer(StatusCode::OK, Value::String(self.metrics())),
             ("GET", ["admin", "tenants"]) => Answer(StatusCode::OK, self.tenants()),
             ("GET", ["admin", "cache"]) => self.cache(),

@@ -25,6 +25,7 @@ mod news;
 mod rebuild;
 mod report;
 mod saved;
+pub mod series;
 
 pub use caps::{CapKind, CapReport, Scope};
 pub use health::{Changed, Disabled, Transition};
@@ -87,6 +88,8 @@ pub struct PoolKey {
     /// Requests and tokens it served; shared with the pools that replace this one (admin
     /// changes), so counts survive them.
     pub usage: Arc<Usage>,
+    /// The operator's note from the configuration.
+    pub note: Option<String>,
 }
 
 /// Requests and tokens counted for a key or a tenant.
@@ -100,14 +103,23 @@ pub struct Usage {
     pub output_tokens: AtomicU64,
     /// Total tokens Google reported.
     pub total_tokens: AtomicU64,
+    /// Requests and total tokens per minute over the last day.
+    pub minutes: series::MinuteSeries,
 }
 
 impl Usage {
+    /// Counts one request, now.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Relaxed);
+        self.minutes.add(now_millis(), 1, 0);
+    }
+
     /// Adds one answer's token counts.
     pub fn add_tokens(&self, prompt: u64, output: u64, total: u64) {
         self.prompt_tokens.fetch_add(prompt, Relaxed);
         self.output_tokens.fetch_add(output, Relaxed);
         self.total_tokens.fetch_add(total, Relaxed);
+        self.minutes.add(now_millis(), 0, total);
     }
 }
 
@@ -286,6 +298,7 @@ impl KeyPool {
                 fingerprint,
                 secret: k.secret.clone(),
                 project,
+                note: k.note.clone(),
             });
         }
         let n_projects = projects.len();

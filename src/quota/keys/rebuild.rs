@@ -17,6 +17,7 @@ impl KeyPool {
                 project: self.projects[k.project as usize].clone(),
                 billing_account: self.accounts[self.account_of[k.project as usize] as usize]
                     .clone(),
+                note: k.note.clone(),
             })
             .collect()
     }

@@ -24,6 +24,8 @@ pub struct KeyReport {
     pub blocked_methods: Vec<String>,
     /// What it served.
     pub usage: Arc<Usage>,
+    /// The operator's note from the configuration.
+    pub note: Option<String>,
 }
 
 /// A (project, model) cooldown as the admin API shows it.
@@ -111,6 +113,7 @@ impl KeyPool {
                         .map(|(_, m)| m.to_string())
                         .collect(),
                     usage: key.usage.clone(),
+                    note: key.note.clone(),
                 }
             })
             .collect()

@@ -27,6 +27,7 @@ pub(crate) fn pool_with_accounts(keys: &[(&str, &str, Option<&str>)]) -> KeyPool
                 secret: Secret::new(*k),
                 project: p.to_string(),
                 billing_account: b.map(str::to_string),
+                note: None,
             })
             .collect(),
         key_variables: None,
@@ -196,6 +197,7 @@ fn a_rebuilt_pool_keeps_health_and_usage_of_the_keys_it_keeps() {
         secret: Secret::new("d"),
         project: "p4".into(),
         billing_account: None,
+        note: None,
     });
     let q = p.rebuilt(&configs);
     let a = q.find(&Secret::new("a").fingerprint()).unwrap();

@@ -18,6 +18,7 @@ use crate::config::endpoint::parse_webhook_url;
 use crate::config::{AlertConfig, PoolConfig, Timeouts};
 use crate::quota::classify::DeadReason;
 use crate::quota::keys::Disabled;
+use crate::telemetry::events::Recent;
 use crate::upstream::Upstream;
 use chrono::{DateTime, Utc};
 pub use sender::AlertSender;
@@ -168,6 +169,22 @@ impl Event {
     }
 }
 
+/// An alert the sender is done with, for the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentAlert {
+    /// When the event happened.
+    pub at: DateTime<Utc>,
+    /// `pool_exhausted`, `key_disabled` or `key_recovered`.
+    pub kind: &'static str,
+    /// The sentence the webhook got.
+    pub text: String,
+    /// `delivered`, or why not (`failed: HTTP 500`).
+    pub result: String,
+}
+
+/// How many sent alerts are kept for the dashboard.
+const HISTORY: usize = 50;
+
 /// Counters for tests and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AlertStats {
@@ -203,6 +220,8 @@ struct Inner {
     /// Taken by the sender when it starts.
     rx: Mutex<Option<mpsc::Receiver<Queued>>>,
     recent: Mutex<RateTable>,
+    /// The last alerts sent (or given up on), newest first.
+    history: Recent<SentAlert>,
     delivered: AtomicU64,
     rate_limited: AtomicU64,
     queue_full: AtomicU64,
@@ -269,6 +288,7 @@ impl Alerts {
                 tx,
                 rx: Mutex::new(Some(rx)),
                 recent: Mutex::new(RateTable::new(RATE_TABLE)),
+                history: Recent::new(HISTORY),
                 delivered: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
                 queue_full: AtomicU64::new(0),
@@ -315,6 +335,11 @@ impl Alerts {
         AlertSender {
             inner: self.inner.clone(),
         }
+    }
+
+    /// The last alerts the sender delivered or gave up on, newest first.
+    pub fn history(&self) -> Vec<SentAlert> {
+        self.inner.history.list()
     }
 
     /// Counters: delivered, dropped (rate-limited or queue full), failed.

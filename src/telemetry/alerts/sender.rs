@@ -116,6 +116,8 @@ impl AlertSender {
             };
             match outcome {
                 Ok(status) if (200..300).contains(&status) => {
+                    // Listed before counted: whoever sees the count finds it listed.
+                    inner.history.push(sent(&queued, "delivered".into()));
                     inner.delivered.fetch_add(1, Relaxed);
                     log::debug!("alerts: {what} delivered (HTTP {status}, try {attempt})");
                     return;
@@ -124,6 +126,9 @@ impl AlertSender {
                     last_error = format!("HTTP {status}");
                 }
                 Ok(status) => {
+                    inner
+                        .history
+                        .push(sent(&queued, format!("refused: HTTP {status}")));
                     inner.failed.fetch_add(1, Relaxed);
                     log::warn!(
                         "alerts: the webhook at {} refused {what} with HTTP {status}; not retrying",
@@ -148,6 +153,12 @@ impl AlertSender {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        let why = if last_error.is_empty() {
+            "shutting down"
+        } else {
+            &last_error
+        };
+        inner.history.push(sent(&queued, format!("failed: {why}")));
         inner.failed.fetch_add(1, Relaxed);
         log::warn!(
             "alerts: {what} not delivered to {} after {tried} tr{}: {}",
@@ -271,4 +282,14 @@ pub(super) fn payload(queued: &Queued) -> Vec<u8> {
     };
     // Serializing strings and numbers cannot fail; an empty body would be refused, not sent.
     serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// What the dashboard lists of an alert the sender is done with.
+fn sent(queued: &Queued, result: String) -> super::SentAlert {
+    super::SentAlert {
+        at: queued.at,
+        kind: queued.event.kind(),
+        text: queued.event.text(),
+        result,
+    }
 }

@@ -182,6 +182,12 @@ async fn retries_are_bounded() {
     let got = hook.received(3, Duration::from_secs(1)).await;
     assert_eq!(got.len(), 3, "one try and two retries");
     assert_eq!((alerts.stats().delivered, alerts.stats().failed), (0, 1));
+    let sent = alerts.history();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].kind, sent[0].result.as_str()),
+        ("pool_exhausted", "failed: HTTP 503")
+    );
 }
 
 #[tokio::test]
@@ -197,6 +203,21 @@ async fn client_errors_are_not_retried() {
     alerts.notify(exhausted("main", "n"));
     wait_until(Duration::from_secs(5), || alerts.stats().delivered == 1).await;
     assert_eq!((alerts.stats().delivered, alerts.stats().failed), (1, 1));
+    // The dashboard's list of alerts sent: newest first, each with its result.
+    let sent: Vec<(String, String)> = alerts
+        .history()
+        .into_iter()
+        .map(|s| (s.result, s.text))
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent[0].0 == "delivered" && sent[0].1.contains("`n`"),
+        "{sent:?}"
+    );
+    assert!(
+        sent[1].0 == "refused: HTTP 404" && sent[1].1.contains("`m`"),
+        "{sent:?}"
+    );
 }
 
 #[tokio::test]

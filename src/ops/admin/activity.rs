@@ -1,0 +1,125 @@
+//! The admin API on what happened lately: usage per minute over the last day (per key and per
+//! tenant), the most recent quota events, and the alerts sent. The dashboard draws these.
+
+use super::{error, rfc3339, Admin, Answer};
+use crate::quota::keys::now_millis;
+use crate::quota::keys::series::MINUTES;
+use http::StatusCode;
+use serde_json::{json, Value};
+
+impl Admin {
+    /// `GET /admin/usage?minutes=60&step=1`: requests and tokens of every key and tenant over
+    /// the last `minutes` (at most a day, the default), in points of `step` minutes, oldest
+    /// first; the last point is the current minute.
+    pub(super) fn usage(&self, query: Option<&str>) -> Answer {
+        let mut minutes = MINUTES;
+        let mut step = 1;
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = match value.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("{name} must be a whole number of minutes, at least 1"),
+                    )
+                }
+            };
+            match name {
+                "minutes" => minutes = number.min(MINUTES),
+                "step" => step = number,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "known parameters: minutes (at most 1440), step",
+                    )
+                }
+            }
+        }
+        let step = step.min(minutes);
+        let now = now_millis();
+        let rt = self.shared.runtime.load();
+        let mut keys = Vec::new();
+        for pool in &rt.pools {
+            let table = pool.keys.load();
+            for k in 0..table.len() {
+                let key = table.key(crate::quota::keys::KeyId(k as u32));
+                let p = key.usage.minutes.read(now, minutes, step);
+                keys.push(json!({
+                    "pool": pool.name(),
+                    "key": key.fingerprint,
+                    "requests": p.requests,
+                    "tokens": p.tokens,
+                }));
+            }
+        }
+        let tenants: Vec<Value> = rt
+            .tenants
+            .list()
+            .iter()
+            .map(|t| {
+                let p = t.state.usage.minutes.read(now, minutes, step);
+                json!({ "name": &*t.name, "requests": p.requests, "tokens": p.tokens })
+            })
+            .collect();
+        Answer(
+            StatusCode::OK,
+            json!({
+                "end": rfc3339(now),
+                "minutes": minutes,
+                "step": step,
+                "keys": keys,
+                "tenants": tenants,
+            }),
+        )
+    }
+
+    /// `GET /admin/events`: the most recent quota events (newest first) and the alerts sent.
+    pub(super) fn events(&self) -> Answer {
+        let quota: Vec<Value> = self
+            .shared
+            .quota_events
+            .list()
+            .into_iter()
+            .map(|e| {
+                json!({
+                    "at": rfc3339(e.at),
+                    "pool": e.pool,
+                    "key": e.key,
+                    "project": e.project,
+                    "model": e.model,
+                    "reason": e.reason,
+                    "action": e.action,
+                    "until": e.until.map(rfc3339),
+                    "message": e.message,
+                })
+            })
+            .collect();
+        let alerts = self.shared.alerts.as_ref().map(|a| {
+            let s = a.stats();
+            let sent: Vec<Value> = a
+                .history()
+                .into_iter()
+                .map(|h| {
+                    json!({
+                        "at": h.at.to_rfc3339(),
+                        "kind": h.kind,
+                        "text": h.text,
+                        "result": h.result,
+                    })
+                })
+                .collect();
+            json!({
+                "delivered": s.delivered,
+                "failed": s.failed,
+                "rate_limited": s.rate_limited,
+                "queue_full": s.queue_full,
+                "sent": sent,
+            })
+        });
+        Answer(
+            StatusCode::OK,
+            json!({ "quota_events": quota, "alerts": alerts }),
+        )
+    }
+}
