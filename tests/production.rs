@@ -286,10 +286,18 @@ async fn every_request_of_a_burst_has_its_access_line_after_a_stop() {
         assert!(Instant::now() < deadline, "lines missing:\n{}", kg.logs());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A second burst, and the stop at once: keygate writes what waits before it exits.
+    let burst = (BURST..2 * BURST).map(|i| {
+        let url = url.clone();
+        tokio::spawn(async move { generate(&url, &format!("burst-{i}"), None).await.0 })
+    });
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status.unwrap(), 200);
+    }
     kg.signal(libc::SIGTERM);
     assert_eq!(kg.wait_exit(Duration::from_secs(10)), Some(0));
     let logs = kg.logs();
-    for i in 0..BURST {
+    for i in 0..2 * BURST {
         assert_eq!(logs.matches(&line(i)).count(), 1, "{}:\n{logs}", line(i));
     }
 }

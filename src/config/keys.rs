@@ -276,6 +276,59 @@ fn looks_like_a_key(name: &str) -> bool {
     name.len() == 39 && name.starts_with("AIza")
 }
 
+/// Refuses a key note that quotes a key once every pool is read: a note is shown by the admin
+/// API and the dashboard. Quoting means holding, anywhere in the note, a key of any pool (one of
+/// at least [`QUOTED_LEN`] characters; a shorter one only as a whole word) or a run shaped like
+/// a Google API key (`AIza` and 35 of `[0-9A-Za-z_-]`).
+pub(super) fn notes_quote_no_key(pools: &[super::PoolConfig]) -> Result<(), ConfigError> {
+    let keys: Vec<&str> = pools
+        .iter()
+        .flat_map(|p| p.keys.iter().map(|k| k.secret.expose()))
+        .collect();
+    for (i, pool) in pools.iter().enumerate() {
+        for (j, key) in pool.keys.iter().enumerate() {
+            let Some(note) = &key.note else { continue };
+            if quotes_a_key(note, &keys) {
+                return Err(invalid(format!(
+                    "pools[{i}] ({:?}) key #{}: the note holds an API key; name the key's origin instead",
+                    pool.name,
+                    j + 1
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `text` holds one of `keys` (one of at least [`QUOTED_LEN`] characters anywhere, a
+/// shorter one as a whole word) or a run shaped like a Google API key.
+pub(crate) fn quotes_a_key(text: &str, keys: &[&str]) -> bool {
+    let word = |c: char| c.is_whitespace() || c.is_ascii_punctuation() && c != '-' && c != '_';
+    holds_key_shape(text)
+        || keys.iter().filter(|k| !k.is_empty()).any(|k| {
+            if k.len() >= QUOTED_LEN {
+                text.contains(k)
+            } else {
+                text.split(word).any(|w| w == *k)
+            }
+        })
+}
+
+/// Keys this long are looked for anywhere in a note; shorter ones (made-up test keys) only as
+/// whole words, so that a note may say `k1`'s neighbour without quoting `k1`.
+const QUOTED_LEN: usize = 12;
+
+/// Whether `text` holds, anywhere, `AIza` followed by 35 of `[0-9A-Za-z_-]`.
+fn holds_key_shape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    text.match_indices("AIza").any(|(i, _)| {
+        bytes[i + 4..].len() >= 35
+            && bytes[i + 4..i + 39]
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +440,21 @@ mod tests {
                 .to_string();
             assert!(
                 e.contains("keys[0].note") && !e.contains("made-up-key-1"),
+                "{e}"
+            );
+        }
+        // Quoted with punctuation, a key listed later or in another pool, a key-shaped run.
+        let shaped = format!("key=AIza{}", "x".repeat(35));
+        let later = "pools:\n  - name: main\n    upstream: https://x\n    keys:\n      - key: made-up-key-1\n        note: \"(made-up-key-2)\"\n      - made-up-key-2\n";
+        let other = "pools:\n  - name: a\n    upstream: https://x\n    keys:\n      - key: made-up-key-1\n        note: \"backup=made-up-key-3\"\n  - name: b\n    upstream: https://x\n    keys: [made-up-key-3]\n";
+        for yaml in [yaml(&shaped), later.to_string(), other.to_string()] {
+            let e = Config::parse(&yaml, Path::new("."), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("the note holds an API key")
+                    && !e.contains("made-up-key")
+                    && !e.contains("AIza"),
                 "{e}"
             );
         }

@@ -16,6 +16,7 @@ use crate::secret::Secret;
 pub use cache::CacheConfig;
 use endpoint::redacted_url;
 pub use endpoint::{parse_upstream, ProxyConfig, ProxyKind};
+pub(crate) use keys::quotes_a_key;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;

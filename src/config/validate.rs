@@ -72,6 +72,7 @@ pub(super) fn validated(
         }
         pools.push(validate_pool(pool, &ctx, base, env, env_names)?);
     }
+    keys::notes_quote_no_key(&pools)?;
 
     let mut tenants = Vec::with_capacity(file.tenants.len());
     let mut tenant_names = HashSet::new();

@@ -82,8 +82,8 @@ pub(crate) async fn connect(
     // HTTP/1 half: ask that half for a pooled connection first. Pingora's whole connect step
     // (TCP, TLS, ALPN, HTTP/2) is a future of ~9 KB that every request would otherwise carry
     // and copy (BENCHMARKS.md); it is boxed, and only built when a connection must be made.
-    if !upstream.tls() {
-        if let Some(h1) = upstream.h1.reused_http_session(&*peer).await {
+    if let Some(connector) = &upstream.h1 {
+        if let Some(h1) = connector.reused_http_session(&*peer).await {
             let http = ClientSession::H1(h1);
             return Ok(Connection {
                 http,
@@ -91,7 +91,7 @@ pub(crate) async fn connect(
                 reused: true,
             });
         }
-        let (h1, reused) = Box::pin(upstream.h1.get_http_session(&*peer))
+        let (h1, reused) = Box::pin(connector.get_http_session(&*peer))
             .await
             .map_err(ConnectError::Connect)?;
         let http = ClientSession::H1(h1);
@@ -204,13 +204,13 @@ pub(crate) async fn release(
     if let ClientSession::H1(h1) = &mut http {
         h1.respect_keepalive();
     }
-    match http {
+    match (http, &upstream.h1) {
         // The pool it came from (see [`connect`]).
-        ClientSession::H1(h1) if !upstream.tls() => {
-            upstream.h1.release_http_session(h1, peer, Some(idle)).await
+        (ClientSession::H1(h1), Some(connector)) => {
+            connector.release_http_session(h1, peer, Some(idle)).await
         }
         // Boxed like the connect step: Pingora's release for HTTP/1 and HTTP/2 is ~3 KB.
-        http => {
+        (http, _) => {
             Box::pin(
                 upstream
                     .connector

@@ -54,10 +54,11 @@ pub struct Upstream {
     next: AtomicUsize,
     /// Pingora's connector: TLS (rustls), ALPN h2/h1, and the idle connection pool.
     pub connector: Connector,
-    /// Pingora's HTTP/1.x connector, for an upstream without TLS (always HTTP/1.1). It is the
-    /// one [`Connector`] itself uses for such a peer; calling it directly lets a request take a
-    /// pooled connection without building the whole connect step (see [`exchange::connect`]).
-    pub(crate) h1: v1::Connector,
+    /// Pingora's HTTP/1.x connector, for an upstream without TLS (always HTTP/1.1); `None`
+    /// with TLS. It is the one [`Connector`] itself uses for such a peer; calling it directly
+    /// lets a request take a pooled connection without building the whole connect step (see
+    /// [`exchange::connect`]).
+    pub(crate) h1: Option<v1::Connector>,
 }
 
 impl Upstream {
@@ -126,7 +127,7 @@ impl Upstream {
             peers: ArcSwap::from_pointee(HashMap::new()),
             rotation: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
-            h1: v1::Connector::new(Some(options.clone())),
+            h1: (!config.tls).then(|| v1::Connector::new(Some(options.clone()))),
             connector: Connector::new(Some(options)),
         };
         upstream.sync_peers();

@@ -1686,6 +1686,9 @@ pub struct Keygate {
 
 impl Drop for Keygate {
     fn drop(&mut self) {
+        // Access lines written while keygate is busy wait up to 5 ms for their batch: give them
+        // time to land, so that the check below sees every line.
+        std::thread::sleep(Duration::from_millis(20));
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Suite-wide: whatever a test checked, keygate's log holds none of the secrets it was

@@ -116,13 +116,23 @@ impl Admin {
         };
         let _serial = self.key_changes.lock().unwrap_or_else(|e| e.into_inner());
         let old = pool.keys.load_full();
+        // A key pasted into the project field would be logged and shown as the project.
+        let configs = old.key_configs();
+        let mut keys: Vec<&str> = configs.iter().map(|c| c.secret.expose()).collect();
+        keys.push(key);
+        if crate::config::quotes_a_key(&project, &keys) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "project holds an API key; name the key's project instead",
+            );
+        }
         if old.find(&fingerprint).is_some() {
             return error(
                 StatusCode::CONFLICT,
                 format!("{fingerprint} is already in pool '{pool_name}'"),
             );
         }
-        let mut configs = old.key_configs();
+        let mut configs = configs;
         // A key added at run time joins its project's billing account, if the pool knows one.
         let billing_account = configs
             .iter()

@@ -10,6 +10,10 @@ pub(super) const MAX_FIELDS: usize = 5;
 /// The value of each of `names` in the JSON object `object`: a count when it is an integer
 /// from 0 to `u64::MAX`, `None` when it is absent or anything else (as `Value::as_u64` reads
 /// it). A field given twice counts its last value. `None` for text that is not one object.
+///
+/// One difference from building a `Value`: the fields not asked for are skipped without
+/// checking their strings (a lone surrogate escape, bytes that are not UTF-8) or their depth,
+/// so such an object still gives its counts where `Value` refused the whole object.
 pub(super) fn read(object: &[u8], names: &[&str]) -> Option<[Option<u64>; MAX_FIELDS]> {
     let mut de = serde_json::Deserializer::from_slice(object);
     let counts = Fields(names).deserialize(&mut de).ok()?;
@@ -163,5 +167,20 @@ mod tests {
         ] {
             assert_eq!(read(text.as_bytes(), &NAMES), by_value(text), "{text}");
         }
+    }
+
+    #[test]
+    fn fields_not_asked_for_are_skipped_unchecked() {
+        let deep = format!(r#"{{"a": 1, "x": {}{}}}"#, "[".repeat(200), "]".repeat(200));
+        for text in [r#"{"a": 1, "x": "\ud800"}"#, deep.as_str()] {
+            assert_eq!(by_value(text), None, "{text}");
+            assert_eq!(
+                read(text.as_bytes(), &NAMES).map(|c| c[0]),
+                Some(Some(1)),
+                "{text}"
+            );
+        }
+        let bytes = b"{\"a\": 1, \"x\": \"\xff\"}";
+        assert_eq!(read(bytes, &NAMES).map(|c| c[0]), Some(Some(1)));
     }
 }
