@@ -372,3 +372,169 @@ async fn an_enable_made_while_redis_is_down_is_not_undone_when_it_returns() {
         assert!(uses_k1(&mock, before), "the key was disabled again");
     }
 }
+
+/// A keygate sharing its state through `redis`, with the tenant alice (`tok-alice`) held to
+/// `limits` (YAML lines of the tenant, e.g. `rpm: 4`).
+fn limited(mock: &Mock, redis: &RedisServer, limits: &str) -> (Keygate, String) {
+    let yaml = format!(
+        "{}{}tenants:\n  - name: alice\n    token: \"tok-alice\"\n    {limits}\n",
+        pool_yaml(&mock.url(), &[("k1", "p1")]),
+        redis.yaml()
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    (kg, admin)
+}
+
+/// Sends `n` requests of alice to `kg`, one after the other: the statuses, and the Retry-After
+/// of each refusal.
+async fn alice(kg: &Keygate, n: usize) -> (Vec<u16>, Vec<u64>) {
+    let mut statuses = Vec::new();
+    let mut waits = Vec::new();
+    for _ in 0..n {
+        let (status, headers, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
+        if status == 429 {
+            assert!(body.contains("over its own limit"), "{body}");
+            let wait = headers["retry-after"].to_str().unwrap().parse().unwrap();
+            waits.push(wait);
+        }
+        statuses.push(status);
+    }
+    (statuses, waits)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_rpm_holds_across_instances() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let (a, _) = limited(&mock, &redis, "rpm: 4");
+    let (b, _) = limited(&mock, &redis, "rpm: 4");
+    let (on_a, _) = alice(&a, 3).await;
+    let (on_b, waits) = alice(&b, 3).await;
+    assert_eq!(on_a, [200, 200, 200]);
+    assert_eq!(on_b, [200, 429, 429], "B did not count A's requests");
+    // Four a minute: the next one is allowed 15 s after the first.
+    assert!(waits.iter().all(|w| (1..=15).contains(w)), "{waits:?}");
+    assert_eq!(mock.seen().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_max_concurrent_holds_across_instances() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").delay(Duration::from_millis(1500));
+    let (a, _) = limited(&mock, &redis, "max_concurrent: 2");
+    let (b, _) = limited(&mock, &redis, "max_concurrent: 2");
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = a.url();
+            tokio::spawn(async move { generate(&url, FLASH, Some("tok-alice")).await.0 })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(status, 429, "B took a third slot: {body}");
+    assert!(body.contains("requests in flight"), "{body}");
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    // Once A's requests ended, their slots are B's to take.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_each_instance_holds_a_tenant_to_its_own_limit() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let (a, _) = limited(&mock, &redis, "rpm: 4");
+    let (b, _) = limited(&mock, &redis, "rpm: 4");
+    assert_eq!(alice(&a, 2).await.0, [200, 200]);
+    assert_eq!(alice(&b, 2).await.0, [200, 200]);
+    redis.kill();
+    // Each instance goes on alone from what it served itself: two more each, then refusals,
+    // and no request waits on the dead Redis.
+    for kg in [&a, &b] {
+        let started = Instant::now();
+        let (statuses, _) = alice(kg, 3).await;
+        assert_eq!(statuses, [200, 200, 429]);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// The cost of a tenant's limits across instances (BENCHMARKS.md): sequential requests of a
+/// tenant without limits and of one with rpm and max_concurrent (set high enough never to
+/// refuse), interleaved; the Redis commands each sent, and the latency percentiles.
+/// `cargo test --test fleet -- --ignored --nocapture limits_cost`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn limits_cost() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let yaml = format!(
+        "{}{}tenants:\n  - name: free\n    token: \"tok-free\"\n  - name: alice\n    token: \"tok-alice\"\n    rpm: 1000000\n    max_concurrent: 1000\n",
+        pool_yaml(&mock.url(), &[("k1", "p1")]),
+        redis.yaml()
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let monitor = tempfile::NamedTempFile::new().unwrap();
+    let mut watch = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "MONITOR"])
+        .stdout(monitor.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = client();
+    let url = format!("{}/v1beta/models/{FLASH}:generateContent", kg.url());
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let rounds = 2000;
+    for i in 0..rounds * 2 {
+        let which = i % 2;
+        let token = ["tok-free", "tok-alice"][which];
+        let sent = Instant::now();
+        let resp = c
+            .post(&url)
+            .header("x-goog-api-key", token)
+            .body(prompt())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        times[which].push(sent.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let traffic = std::fs::read_to_string(monitor.path()).unwrap();
+    let commands: Vec<&str> = traffic
+        .lines()
+        .filter(|l| l.contains('"') && !l.contains("lua]") && !l.contains("\"PING\""))
+        .collect();
+    let evals = commands.iter().filter(|l| l.contains("\"EVAL")).count();
+    let zrems = commands.iter().filter(|l| l.contains("\"ZREM\"")).count();
+    println!(
+        "{} commands for {rounds} limited requests: {evals} EVAL/EVALSHA, {zrems} ZREM",
+        commands.len()
+    );
+    for (name, t) in ["no limits", "rpm + max_concurrent"].iter().zip(&mut times) {
+        t.sort();
+        let at = |q: f64| t[((t.len() as f64 * q) as usize).min(t.len() - 1)];
+        println!(
+            "{name}: p50 {:?} p90 {:?} p99 {:?}",
+            at(0.5),
+            at(0.9),
+            at(0.99)
+        );
+    }
+}

@@ -11,7 +11,10 @@
 //! answers again, the instance writes back what it learnt meanwhile (the later deadline wins)
 //! and loads what the others wrote.
 
+mod limits;
 mod store;
+
+pub use limits::FleetLimits;
 
 use crate::config::RedisConfig;
 use crate::quota::keys::{now_millis, News};
@@ -70,6 +73,13 @@ pub struct Fleet {
     resync: Notify,
     queue: mpsc::Sender<Envelope>,
     queued: Mutex<Option<mpsc::Receiver<Envelope>>>,
+    /// Tenant concurrency slots this instance holds in Redis.
+    held: limits::Held,
+    /// Slots to give back (entry, member), for the releaser.
+    releases: mpsc::Sender<(String, String)>,
+    released: Mutex<Option<mpsc::Receiver<(String, String)>>>,
+    /// A tenant's limit entries were found foreign once (said once).
+    foreign_limit_warned: AtomicBool,
 }
 
 impl Fleet {
@@ -107,6 +117,7 @@ impl Fleet {
         }
         .map_err(|e| format!("redis: {e}"))?;
         let (queue, queued) = mpsc::channel(QUEUE);
+        let (releases, released) = mpsc::channel(QUEUE);
         Ok(Arc::new(Fleet {
             config: config.clone(),
             id: instance_id(),
@@ -120,6 +131,10 @@ impl Fleet {
             resync: Notify::new(),
             queue,
             queued: Mutex::new(Some(queued)),
+            held: limits::Held::default(),
+            releases,
+            released: Mutex::new(Some(released)),
+            foreign_limit_warned: AtomicBool::new(false),
         }))
     }
 
@@ -158,6 +173,11 @@ impl Fleet {
             }
             _ => None,
         }
+    }
+
+    /// Whether Redis answered lately (the request path asks only then).
+    fn is_up_now(&self) -> bool {
+        self.up.load(Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
@@ -240,11 +260,19 @@ impl BackgroundService for FleetService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let Some(queued) = queued else {
+        let released = self
+            .fleet
+            .released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (Some(queued), Some(released)) = (queued, released) else {
             return;
         };
         tokio::select! {
             _ = writer(&self.fleet, &self.shared, queued) => {}
+            _ = limits::releaser(&self.fleet, released) => {}
+            _ = limits::renewer(&self.fleet) => {}
             _ = listener(&self.fleet, &self.shared) => {}
             _ = keeper(&self.fleet, &self.shared) => {}
             _ = shutdown.changed() => {}

@@ -44,7 +44,7 @@ return 0
 
 /// A name part: 16 hex digits of the SHA-256 of `text`. Names never hold names a client or an
 /// operator chose (no glob characters, no colons), and never a key.
-fn h(text: &str) -> String {
+pub(super) fn h(text: &str) -> String {
     hex::encode(&crate::secret::sha256(text.as_bytes())[..8])
 }
 

@@ -4,7 +4,7 @@
 use super::answers::{limit_error, refuse, respond, respond_empty};
 use super::attempts::unresolved_error;
 use super::cache;
-use super::client::{body_error, client_gone, now_micros, read_body, tenant_name, BodyRead};
+use super::client::{body_error, client_gone, read_body, tenant_name, BodyRead};
 use super::place::creates_resources;
 use super::{Ctx, Ending, Gateway, Job, Kind};
 use crate::cache::{cacheable_kind, Status};
@@ -172,12 +172,7 @@ impl ProxyHttp for Gateway {
         // protects quota, and a hit spends none.
         let rate_later = rt.cache.is_some() && cacheable_kind(&session.req_header().method, &path);
         if let Some(t) = &tenant {
-            let admitted = if rate_later {
-                t.admit_concurrent()
-            } else {
-                t.admit(now_micros())
-            };
-            match admitted {
+            match self.admit_tenant(t, rate_later).await {
                 Ok(slot) => ctx.in_flight = Some(slot),
                 Err(refusal) => {
                     let e = limit_error(&t.name, refusal);
@@ -332,7 +327,7 @@ impl ProxyHttp for Gateway {
             return hit;
         }
         if let Some(t) = tenant.as_ref().filter(|_| rate_later) {
-            if let Err(refusal) = t.admit_rate(now_micros()) {
+            if let Err(refusal) = self.admit_tenant_rate(t).await {
                 return respond(session, ctx, Some(api), &limit_error(&t.name, refusal)).await;
             }
         }

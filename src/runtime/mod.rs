@@ -101,6 +101,8 @@ pub struct Shared {
     pub body_budget: Arc<BodyBudget>,
     /// Where health changes are told to the other instances, when several share their state.
     pub fleet: std::sync::OnceLock<Arc<dyn health::Announce>>,
+    /// Where tenant limits are counted across instances, when several share their state.
+    pub limits: std::sync::OnceLock<Arc<dyn crate::tenants::shared::SharedLimits>>,
 }
 
 /// Where a request goes.
@@ -245,6 +247,7 @@ impl Shared {
             alerts,
             body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
             fleet: std::sync::OnceLock::new(),
+            limits: std::sync::OnceLock::new(),
         })
     }
 }
