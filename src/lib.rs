@@ -160,6 +160,9 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         let _ = shared
             .limits
             .set(Arc::new(fleet::FleetLimits(link.clone())));
+        let _ = shared
+            .owners
+            .set(Arc::new(fleet::FleetOwners(link.clone())));
         log::info!("health shared through redis at {}", link.url());
         server.add_service(background_service(
             "redis",

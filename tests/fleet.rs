@@ -538,3 +538,73 @@ async fn limits_cost() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_started_on_one_instance_finishes_on_the_other_and_its_file_is_known_to_both() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    let keys = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &keys),
+        redis.yaml(),
+        tenants_of(&[("alice", None), ("bob", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    let url = start_upload(&a, "tok-alice").await;
+    let on_b = url.replace(&a.url(), &b.url());
+    assert_ne!(on_b, url);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load balancer sends the bytes to B, with no credential (as the SDKs do).
+    let (status, body) = send_bytes(&on_b, Some("tok-bob")).await;
+    assert_eq!(
+        status, 403,
+        "another tenant finished alice's upload: {body}"
+    );
+    let (status, body) = send_bytes(&on_b, None).await;
+    assert_eq!(status, 200, "{body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    let name = file["file"]["name"].as_str().unwrap();
+    let owner = mock.owner_of(name).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The file is used through A: on its own project at once, by its tenant only.
+    let before = mock.seen().len();
+    let uri = file["file"]["uri"].as_str().unwrap();
+    let body = format!(
+        r#"{{"contents":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{uri}","mimeType":"text/plain"}}}},{{"text":"summarize"}}]}}]}}"#
+    );
+    for token in ["tok-alice", "tok-alice", "tok-bob"] {
+        let resp = client()
+            .post(format!("{}/v1beta/models/{FLASH}:generateContent", a.url()))
+            .header("x-goog-api-key", token)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        if token == "tok-alice" {
+            assert_eq!(status, 200, "{text}");
+            assert!(text.contains(&format!("hello from {owner}")), "{text}");
+        } else {
+            assert_eq!(status, 403, "{text}");
+        }
+    }
+    let seen = &mock.seen()[before..];
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.status == 200), "probing: {seen:?}");
+    // The finished upload's entry (Google's URL, a bearer capability) is gone from Redis, and
+    // no tenant's name is there.
+    let stored: Vec<String> = redis.dump().into_iter().map(|(n, v)| n + &v).collect();
+    assert!(
+        !stored.iter().any(|e| e.contains("upload_id")),
+        "{stored:?}"
+    );
+    assert!(!stored.iter().any(|e| e.contains("alice")), "{stored:?}");
+}

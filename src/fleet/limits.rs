@@ -14,6 +14,7 @@
 //! with one more command, sent in the background. Entries are named by a hash of the tenant's
 //! name; no token is ever in Redis.
 
+use super::chores::Chore;
 use super::store::h;
 use super::Fleet;
 use crate::tenants::shared::{Lease, SharedLimits, Verdict};
@@ -111,9 +112,9 @@ struct HeldLease {
 impl Drop for HeldLease {
     fn drop(&mut self) {
         let held = self.fleet.held.lock().remove(&self.number);
-        if let Some(release) = held {
+        if let Some((name, member)) = held {
             // Full queue: the lease ends on its own within LEASE.
-            let _ = self.fleet.releases.try_send(release);
+            self.fleet.chore(Chore::Release { name, member });
         }
     }
 }
@@ -206,21 +207,6 @@ impl SharedLimits for FleetLimits {
 /// An error of the link (Redis down or unreachable), not of the entries.
 fn is_link_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
-}
-
-/// Gives back the slots of requests that ended.
-pub(super) async fn releaser(
-    fleet: &Fleet,
-    mut releases: tokio::sync::mpsc::Receiver<(String, String)>,
-) {
-    while let Some((name, member)) = releases.recv().await {
-        let Some(mut c) = fleet.lock().clone() else {
-            continue; // the lease ends on its own
-        };
-        let mut del = redis::cmd("ZREM");
-        del.arg(&name).arg(&member);
-        let _ = tokio::time::timeout(fleet.config.timeout, del.query_async::<i64>(&mut c)).await;
-    }
 }
 
 /// Renews the leases of the requests in flight here, every [`RENEW`].

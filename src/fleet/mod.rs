@@ -11,10 +11,13 @@
 //! answers again, the instance writes back what it learnt meanwhile (the later deadline wins)
 //! and loads what the others wrote.
 
+mod chores;
 mod limits;
+mod owners;
 mod store;
 
 pub use limits::FleetLimits;
+pub use owners::FleetOwners;
 
 use crate::config::RedisConfig;
 use crate::quota::keys::{now_millis, News};
@@ -75,11 +78,13 @@ pub struct Fleet {
     queued: Mutex<Option<mpsc::Receiver<Envelope>>>,
     /// Tenant concurrency slots this instance holds in Redis.
     held: limits::Held,
-    /// Slots to give back (entry, member), for the releaser.
-    releases: mpsc::Sender<(String, String)>,
-    released: Mutex<Option<mpsc::Receiver<(String, String)>>>,
+    /// Background writes (slots given back, owners and uploads written through).
+    chores: mpsc::Sender<chores::Chore>,
+    queued_chores: Mutex<Option<mpsc::Receiver<chores::Chore>>>,
     /// A tenant's limit entries were found foreign once (said once).
     foreign_limit_warned: AtomicBool,
+    /// An owner or upload entry was found foreign once (said once).
+    foreign_owner_warned: AtomicBool,
 }
 
 impl Fleet {
@@ -117,7 +122,7 @@ impl Fleet {
         }
         .map_err(|e| format!("redis: {e}"))?;
         let (queue, queued) = mpsc::channel(QUEUE);
-        let (releases, released) = mpsc::channel(QUEUE);
+        let (chores, queued_chores) = mpsc::channel(QUEUE);
         Ok(Arc::new(Fleet {
             config: config.clone(),
             id: instance_id(),
@@ -132,9 +137,10 @@ impl Fleet {
             queue,
             queued: Mutex::new(Some(queued)),
             held: limits::Held::default(),
-            releases,
-            released: Mutex::new(Some(released)),
+            chores,
+            queued_chores: Mutex::new(Some(queued_chores)),
             foreign_limit_warned: AtomicBool::new(false),
+            foreign_owner_warned: AtomicBool::new(false),
         }))
     }
 
@@ -260,18 +266,18 @@ impl BackgroundService for FleetService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let released = self
+        let chores = self
             .fleet
-            .released
+            .queued_chores
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let (Some(queued), Some(released)) = (queued, released) else {
+        let (Some(queued), Some(chores)) = (queued, chores) else {
             return;
         };
         tokio::select! {
             _ = writer(&self.fleet, &self.shared, queued) => {}
-            _ = limits::releaser(&self.fleet, released) => {}
+            _ = chores::run(&self.fleet, chores) => {}
             _ = limits::renewer(&self.fleet) => {}
             _ = listener(&self.fleet, &self.shared) => {}
             _ = keeper(&self.fleet, &self.shared) => {}

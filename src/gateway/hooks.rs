@@ -140,7 +140,7 @@ impl ProxyHttp for Gateway {
         let now = now_millis();
         let upload = match &upload_id {
             None => None,
-            Some(id) => match self.shared.uploads.get(id, now) {
+            Some(id) => match self.shared.upload_session(id, now).await {
                 Some(up) if tenant.is_none() || tenant_name(&tenant) == up.owner.tenant => {
                     Some((id.clone(), up))
                 }
@@ -277,20 +277,37 @@ impl ProxyHttp for Gateway {
 
         let placed = match upload {
             Some((id, up)) => self.place_upload(&rt, id, up),
-            None => self.place(
-                &rt,
-                session.req_header(),
-                tenant.as_deref(),
-                &path,
-                creates_path,
-                &model,
-                &body,
-                session
+            None => {
+                let peer = session
                     .client_addr()
                     .and_then(|a| a.as_inet())
-                    .map(|a| a.ip()),
-                now,
-            ),
+                    .map(|a| a.ip());
+                let req = session.req_header();
+                let place = |missing: &mut Vec<String>| {
+                    let t = tenant.as_deref();
+                    self.place(
+                        &rt,
+                        req,
+                        t,
+                        &path,
+                        creates_path,
+                        &model,
+                        &body,
+                        peer,
+                        now,
+                        missing,
+                    )
+                };
+                let mut missing = Vec::new();
+                let placed = place(&mut missing);
+                // Names this instance does not know may be known to the others: one bounded
+                // read of the store, then the request is placed again with what it held.
+                if !missing.is_empty() && self.shared.learn_owners(&missing).await > 0 {
+                    place(&mut Vec::new())
+                } else {
+                    placed
+                }
+            }
         };
         let placed = match placed {
             Ok(p) => p,

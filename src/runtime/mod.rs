@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod health;
+pub mod owners;
 
 use crate::cache::Cache;
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
@@ -103,6 +104,8 @@ pub struct Shared {
     pub fleet: std::sync::OnceLock<Arc<dyn health::Announce>>,
     /// Where tenant limits are counted across instances, when several share their state.
     pub limits: std::sync::OnceLock<Arc<dyn crate::tenants::shared::SharedLimits>>,
+    /// Where resource owners and uploads are shared with the other instances.
+    pub owners: std::sync::OnceLock<Arc<dyn owners::SharedOwners>>,
 }
 
 /// Where a request goes.
@@ -248,6 +251,7 @@ impl Shared {
             body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
             fleet: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
+            owners: std::sync::OnceLock::new(),
         })
     }
 }
