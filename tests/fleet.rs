@@ -608,3 +608,49 @@ async fn an_upload_started_on_one_instance_finishes_on_the_other_and_its_file_is
     );
     assert!(!stored.iter().any(|e| e.contains("alice")), "{stored:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clear_made_during_an_outage_holds_after_redis_returns() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "50s");
+    let pools = pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]);
+    let (gate_a, gate_b) = (
+        RedisGate::start(redis.port).await,
+        RedisGate::start(redis.port).await,
+    );
+    let (a, admin_a) = start_with_admin(&format!("{pools}{}", gate_a.yaml()));
+    let (b, admin_b) = start_with_admin(&format!("{pools}{}", gate_b.yaml()));
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // p1 cools on both.
+    until_refused(&mock, &a, "k1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mock.per_minute_limit("p1", FLASH, 1000, "50s");
+    // Both lose Redis; an operator clears p1 on A meanwhile.
+    gate_a.cut();
+    gate_b.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hex = keygate::secret::fingerprint(b"k1");
+    let url = format!(
+        "{admin_a}/admin/pools/main/keys/{}/clear-cooldown",
+        hex.trim_start_matches("key#")
+    );
+    assert_eq!(admin("POST", &url, Some(ADMIN_TOKEN), None).await.0, 200);
+    // A comes back first and tells the fleet; B, still away, misses it, then comes back with
+    // its old cooldown of p1 and writes it back.
+    gate_a.restore();
+    wait_shared(&admin_a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate_b.restore();
+    wait_shared(&admin_b);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The clear holds on both: each uses p1 again.
+    for (name, kg) in [("A", &a), ("B", &b)] {
+        let before = asked(&mock, "k1");
+        all_served(kg, 6).await;
+        assert!(asked(&mock, "k1") > before, "{name} still keeps off p1");
+    }
+}

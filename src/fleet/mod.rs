@@ -16,6 +16,7 @@ mod limits;
 mod owners;
 mod store;
 mod sync;
+mod versions;
 
 pub use limits::FleetLimits;
 pub use owners::FleetOwners;
@@ -53,6 +54,9 @@ struct Envelope {
     pool: String,
     /// What changed.
     news: Vec<News>,
+    /// When it changed, on the clock of the instance that made it (see [`versions`]).
+    #[serde(default)]
+    at: crate::quota::keys::Millis,
 }
 
 /// This instance's link to the fleet.
@@ -86,6 +90,8 @@ pub struct Fleet {
     foreign_limit_warned: AtomicBool,
     /// An owner or upload entry was found foreign once (said once).
     foreign_owner_warned: AtomicBool,
+    /// When penalties and clears were last learnt here, by scope.
+    versions: versions::Versions,
 }
 
 impl Fleet {
@@ -142,6 +148,7 @@ impl Fleet {
             queued_chores: Mutex::new(Some(queued_chores)),
             foreign_limit_warned: AtomicBool::new(false),
             foreign_owner_warned: AtomicBool::new(false),
+            versions: versions::Versions::default(),
         }))
     }
 
@@ -218,10 +225,13 @@ impl Announce for Fleet {
         if news.is_empty() {
             return;
         }
+        let at = now_millis();
+        self.versions.made(pool, &news, at);
         let envelope = Envelope {
             from: self.id.clone(),
             pool: pool.to_string(),
             news,
+            at,
         };
         self.changed_here.store(true, Relaxed);
         if self.queue.try_send(envelope).is_err() {
@@ -302,7 +312,7 @@ async fn writer(fleet: &Fleet, shared: &Shared, mut queued: mpsc::Receiver<Envel
         let mut writes = Vec::new();
         let names = Names::new(&fleet.config.key_prefix, &envelope.pool);
         for news in &envelope.news {
-            writes.extend(names.writes(&envelope.pool, news));
+            writes.extend(names.writes(&envelope.pool, news, envelope.at));
             writes.extend(after(shared, &names, &envelope.pool, news));
         }
         match tokio::time::timeout(
@@ -395,16 +405,30 @@ async fn apply(c: &mut ConnectionManager, writes: &[Write]) -> redis::RedisResul
                 name,
                 value,
                 ttl_ms,
+                at,
+                cleared,
             } => {
                 if *ttl_ms > 0 {
                     pipe.cmd("EVAL")
-                        .arg(store::LENGTHEN)
-                        .arg(1)
+                        .arg(store::lengthen())
+                        .arg(1 + cleared.len())
                         .arg(name)
+                        .arg(cleared)
                         .arg(value)
                         .arg(*ttl_ms)
+                        .arg(*at)
                         .ignore();
                 }
+            }
+            Write::Tombstone { name, value, at } => {
+                pipe.cmd("EVAL")
+                    .arg(store::tombstone())
+                    .arg(1)
+                    .arg(name)
+                    .arg(value)
+                    .arg(*at)
+                    .arg(store::TOMBSTONE_MS)
+                    .ignore();
             }
             Write::Put { name, value } => {
                 pipe.cmd("SET").arg(name).arg(value).ignore();
@@ -412,13 +436,33 @@ async fn apply(c: &mut ConnectionManager, writes: &[Write]) -> redis::RedisResul
             Write::Delete { name } => {
                 pipe.cmd("DEL").arg(name).ignore();
             }
-            Write::DeleteMatching { pattern } => matching.push(pattern.clone()),
+            Write::DeleteMatching { pattern } => matching.push((pattern.clone(), None)),
+            Write::DeleteOlder { pattern, at } => matching.push((pattern.clone(), Some(*at))),
         }
     }
     pipe.query_async::<()>(c).await?;
-    for pattern in matching {
-        for name in scan(c, &pattern).await? {
-            c.del::<_, ()>(name).await?;
+    for (pattern, at) in matching {
+        let names = if pattern.contains('*') {
+            scan(c, &pattern).await?
+        } else {
+            vec![pattern]
+        };
+        match at {
+            None => {
+                for name in names {
+                    c.del::<_, ()>(name).await?;
+                }
+            }
+            Some(at) if !names.is_empty() => {
+                redis::cmd("EVAL")
+                    .arg(store::delete_older())
+                    .arg(names.len())
+                    .arg(&names)
+                    .arg(at)
+                    .query_async::<()>(c)
+                    .await?;
+            }
+            Some(_) => {}
         }
     }
     Ok(())
@@ -474,7 +518,7 @@ async fn listener(fleet: &Fleet, shared: &Shared) {
             match serde_json::from_str::<Envelope>(&text) {
                 Ok(e) if e.from == fleet.id => {}
                 Ok(e) => {
-                    let used = shared.learn(&e.pool, &e.news);
+                    let used = fleet.learn_versioned(shared, &e.pool, &e.news, e.at);
                     log::debug!(
                         "pool {}: learnt {used} of {} changes from instance {}",
                         e.pool,

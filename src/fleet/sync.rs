@@ -77,7 +77,7 @@ async fn sync(
             .news
             .iter()
             .flat_map(|n| {
-                let mut w = names.writes(&envelope.pool, n);
+                let mut w = names.writes(&envelope.pool, n, envelope.at);
                 w.extend(after(shared, &names, &envelope.pool, n));
                 w
             })
@@ -99,15 +99,24 @@ async fn sync(
             // An admin change that replaced the table meanwhile keeps it.
             let _ = pool.keys.compare_and_swap(&old, fresh);
         } else {
-            let news = pool.keys.load().all_news(now_millis());
+            let now = now_millis();
+            let news = pool.keys.load().all_news(now);
+            // A cooldown goes back with when it was learnt: one a clear made since then covers
+            // is refused (see `versions`).
+            let at = |n: &News| match n {
+                News::Cooled { project, model, .. } => {
+                    fleet.versions.penalised_at(pool.name(), project, model)
+                }
+                _ => now,
+            };
             let writes: Vec<Write> = news
                 .iter()
                 .filter(|n| everything || matches!(n, News::Cooled { .. } | News::Capped { .. }))
-                .flat_map(|n| names.writes(pool.name(), n))
+                .flat_map(|n| names.writes(pool.name(), n, at(n)))
                 .collect();
             apply(c, &writes).await?;
         }
-        let mut learnt = Vec::new();
+        let mut entries = Vec::new();
         for name in scan(c, &names.all()).await? {
             let (value, ttl): (Option<String>, i64) = redis::pipe()
                 .get(&name)
@@ -117,7 +126,7 @@ async fn sync(
                 .await?;
             let ttl = (ttl >= 0).then_some(ttl as u64);
             match value.as_deref().and_then(|v| store::read(v, ttl)) {
-                Some(entry) if entry.pool == pool.name() => learnt.push(entry.news),
+                Some(entry) if entry.pool == pool.name() => entries.push(entry),
                 Some(_) => {}
                 None if value.is_some() => {
                     log::warn!("redis entry {name}: not one keygate understands; ignored")
@@ -125,6 +134,7 @@ async fn sync(
                 None => {}
             }
         }
+        let learnt = versioned(fleet, shared, pool.name(), entries);
         if !everything {
             // The store wins for lasting states: what it no longer holds was undone elsewhere
             // (this instance's own changes were replayed above).
@@ -141,3 +151,28 @@ async fn sync(
     Ok(())
 }
 
+/// The news of `entries` read back for `pool`, once the clears among them (tombstones) are
+/// applied here as far as they are newer than what this instance learnt, and without the
+/// cooldowns they cover.
+fn versioned(fleet: &Fleet, shared: &Shared, pool: &str, entries: Vec<store::Entry>) -> Vec<News> {
+    let v = &fleet.versions;
+    for e in &entries {
+        if let News::Cooled { project, model, .. } = &e.news {
+            v.penalty(pool, project, model, e.at);
+        }
+    }
+    let (clears, rest): (Vec<_>, Vec<_>) = entries
+        .into_iter()
+        .partition(|e| matches!(e.news, News::CooldownsCleared { .. }));
+    for e in clears {
+        fleet.learn_versioned(shared, pool, std::slice::from_ref(&e.news), e.at);
+    }
+    v.prune(now_millis());
+    rest.into_iter()
+        .filter(|e| match &e.news {
+            News::Cooled { project, model, .. } => v.cleared_at(pool, project, model) < e.at,
+            _ => true,
+        })
+        .map(|e| e.news)
+        .collect()
+}
