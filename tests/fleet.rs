@@ -249,27 +249,45 @@ async fn no_key_or_token_travels_through_redis() {
         ("secret-key-2", "p2"),
         ("secret-key-3", "p3"),
     ];
+    // A tenant with limits (their entries) that uploads a file (its owner, the upload).
     let yaml = with_tenant(
         &format!("{}{}", pool_yaml(&mock.url(), &keys), redis.yaml()),
         "alice",
         "secret-token-alice",
-    );
+    ) + "    rpm: 1000\n    max_concurrent: 5\n";
     let (kg, admin) = start_with_admin(&yaml);
     wait_shared(&admin);
     for _ in 0..8 {
         generate(&kg.url(), FLASH, Some("secret-token-alice")).await;
     }
+    let upload = start_upload(&kg, "secret-token-alice").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(send_bytes(&upload, None).await.0, 200);
+    // keygate's upload id is the credential of the bytes that follow: only its hash is stored.
+    let upload_id = upload
+        .split("upload_id=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = watch.kill();
     let _ = watch.wait();
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
     assert!(traffic.contains("PUBLISH"), "nothing was told: {traffic}");
     let stored: Vec<String> = redis.dump().into_iter().map(|(n, v)| n + &v).collect();
+    assert!(traffic.contains("EVALSHA"), "no limit was asked: {traffic}");
+    assert!(
+        traffic.contains("upload_id"),
+        "no upload was shared: {traffic}"
+    );
     for secret in [
         "secret-key-1",
         "secret-key-2",
         "secret-key-3",
         "secret-token-alice",
+        upload_id,
     ] {
         assert!(!traffic.contains(secret), "{secret} in redis traffic");
         assert!(
