@@ -163,6 +163,9 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         let _ = shared
             .owners
             .set(Arc::new(fleet::FleetOwners(link.clone())));
+        let _ = shared
+            .probes
+            .set(Arc::new(fleet::FleetProbes(link.clone())));
         log::info!("health shared through redis at {}", link.url());
         server.add_service(background_service(
             "redis",

@@ -672,3 +672,31 @@ async fn a_clear_made_during_an_outage_holds_after_redis_returns() {
         assert!(asked(&mock, "k1") > before, "{name} still keeps off p1");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cap_is_probed_once_per_interval_by_the_whole_fleet() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .billing_account("p1", "acct-a")
+        .billing_account("p2", "acct-b")
+        .cap_account("acct-a", true);
+    let yaml = format!(
+        "pools:\n  - name: main\n    upstream: \"{}\"\n    cap_probe_seconds: 2\n    keys:\n      - {{key: k1, project: p1, billing_account: acct-a}}\n      - {{key: k2, project: p2, billing_account: acct-b}}\n{}",
+        mock.url(),
+        redis.yaml()
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // A meets the cap; B learns it.
+    until_refused(&mock, &a, "k1").await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // A probe is due on both: the fleet sends one.
+    let before = asked(&mock, "k1");
+    let (on_a, on_b) = tokio::join!(all_served(&a, 10), all_served(&b, 10));
+    let ((), ()) = (on_a, on_b);
+    assert_eq!(asked(&mock, "k1"), before + 1, "one probe for the fleet");
+}

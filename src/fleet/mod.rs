@@ -14,12 +14,14 @@
 mod chores;
 mod limits;
 mod owners;
+mod probes;
 mod store;
 mod sync;
 mod versions;
 
 pub use limits::FleetLimits;
 pub use owners::FleetOwners;
+pub use probes::FleetProbes;
 
 use crate::config::RedisConfig;
 use crate::quota::keys::{now_millis, News};

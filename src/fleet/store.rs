@@ -141,6 +141,11 @@ impl<'a> Names<'a> {
         format!("{}h:{}:{kind}:{}", self.prefix, self.pool, parts.join(":"))
     }
 
+    /// The claim of the probe of the cap on `scope` `name` (see `probes`).
+    pub(super) fn probe(&self, scope: &str, name: &str) -> String {
+        self.name("probe", &[scope, name])
+    }
+
     /// Deletes the entry of a cap on `scope` (`project`, `billing_account`) `name`.
     pub(super) fn delete_cap(&self, scope: &str, name: &str) -> Write {
         Write::Delete {

@@ -104,6 +104,15 @@ impl Plan {
         }
     }
 
+    /// The key [`Plan::next`] just gave is not tried after all (its cap's probe went to another
+    /// instance): the attempt does not count, and its project is left out of this request.
+    pub fn skip(&mut self, project: u32) {
+        self.attempts = self.attempts.saturating_sub(1);
+        if !self.avoid.contains(&project) {
+            self.avoid.push(project);
+        }
+    }
+
     /// Attempts made so far.
     pub fn attempts(&self) -> u32 {
         self.attempts

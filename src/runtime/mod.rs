@@ -106,6 +106,8 @@ pub struct Shared {
     pub limits: std::sync::OnceLock<Arc<dyn crate::tenants::shared::SharedLimits>>,
     /// Where resource owners and uploads are shared with the other instances.
     pub owners: std::sync::OnceLock<Arc<dyn owners::SharedOwners>>,
+    /// Where cap probes are claimed across instances.
+    pub probes: std::sync::OnceLock<Arc<dyn health::SharedProbes>>,
 }
 
 /// Where a request goes.
@@ -252,6 +254,7 @@ impl Shared {
             fleet: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
             owners: std::sync::OnceLock::new(),
+            probes: std::sync::OnceLock::new(),
         })
     }
 }
