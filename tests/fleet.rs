@@ -323,6 +323,14 @@ async fn a_served_request_makes_no_redis_round_trip() {
     let mock = Mock::start().await;
     mock.key("k1", "p1").key("k2", "p2");
     let (kg, _) = instance(&mock, &[("k1", "p1"), ("k2", "p2")], &redis);
+    // Nor does one of a tenant without limits.
+    let (tenant_kg, admin) = start_with_admin(&format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    ));
+    wait_shared(&admin);
     // The start's write-back and load are over.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let monitor = tempfile::NamedTempFile::new().unwrap();
@@ -333,6 +341,10 @@ async fn a_served_request_makes_no_redis_round_trip() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     all_served(&kg, 30).await;
+    for _ in 0..30 {
+        let (status, _, body) = generate(&tenant_kg.url(), FLASH, Some("tok-alice")).await;
+        assert_eq!(status, 200, "{body}");
+    }
     let _ = watch.kill();
     let _ = watch.wait();
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();

@@ -143,7 +143,8 @@ impl<'a> Names<'a> {
 
     /// The claim of the probe of the cap on `scope` `name` (see `probes`).
     pub(super) fn probe(&self, scope: &str, name: &str) -> String {
-        self.name("probe", &[scope, name])
+        // Outside the pool's health entries (`all`): a claim recreates no state.
+        format!("{}p:{}:{}:{}", self.prefix, self.pool, h(scope), h(name))
     }
 
     /// Deletes the entry of a cap on `scope` (`project`, `billing_account`) `name`.

@@ -74,6 +74,14 @@ impl Versions {
         of(None).max(of(Some(model)))
     }
 
+    /// When this very scope (one model's, or all of the project's) was last cleared.
+    fn cleared_exactly(&self, pool: &str, project: &str, model: Option<&str>) -> Millis {
+        let stamps = self.lock();
+        stamps
+            .get(&Versions::scope(pool, project, model))
+            .map_or(0, |s| s.1)
+    }
+
     /// The models of `project` penalised after `at`.
     fn penalised_after(&self, pool: &str, project: &str, at: Millis) -> Vec<String> {
         let stamps = self.lock();
@@ -127,6 +135,9 @@ impl Fleet {
                     v.penalty(pool, project, model, at);
                 }
                 News::CooldownsCleared { project, model, .. } => {
+                    if v.cleared_exactly(pool, project, model.as_deref()) >= at {
+                        continue; // known here already (this instance's own, or read before)
+                    }
                     let newer = match model {
                         Some(m) if v.penalised_at(pool, project, m) > at => vec![m.clone()],
                         Some(_) => Vec::new(),
