@@ -243,7 +243,7 @@ impl Announce for Fleet {
     }
 
     fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
+        self.is_up_now()
     }
 }
 

@@ -18,6 +18,10 @@ use std::collections::HashMap;
 /// How long a stamp is kept: as long as a tombstone.
 const KEEP_MS: Millis = super::store::TOMBSTONE_MS;
 
+/// The most scopes stamped: past it, new scopes go unstamped (they then count as old) until
+/// old stamps are pruned. Far above what real pools have (projects × models).
+const MAX_STAMPS: usize = 100_000;
+
 /// The scope of a stamp: pool, project, model (none: every model of the project).
 type Scope = (String, String, Option<String>);
 
@@ -36,22 +40,25 @@ impl Versions {
         (pool.into(), project.into(), model.map(str::to_string))
     }
 
+    /// The stamps of `scope`, made if there is room.
+    fn stamp(&self, scope: Scope, stamp: impl FnOnce(&mut (Millis, Millis))) {
+        let mut stamps = self.lock();
+        if stamps.len() >= MAX_STAMPS && !stamps.contains_key(&scope) {
+            return;
+        }
+        stamp(stamps.entry(scope).or_default());
+    }
+
     /// Notes a penalty of (`project`, `model`) made at `at`.
     pub(super) fn penalty(&self, pool: &str, project: &str, model: &str, at: Millis) {
-        let mut stamps = self.lock();
-        let stamp = stamps
-            .entry(Versions::scope(pool, project, Some(model)))
-            .or_default();
-        stamp.0 = stamp.0.max(at);
+        self.stamp(Versions::scope(pool, project, Some(model)), |s| {
+            s.0 = s.0.max(at)
+        });
     }
 
     /// Notes a clear of `project` (one `model`'s, or all) made at `at`.
     pub(super) fn clear(&self, pool: &str, project: &str, model: Option<&str>, at: Millis) {
-        let mut stamps = self.lock();
-        let stamp = stamps
-            .entry(Versions::scope(pool, project, model))
-            .or_default();
-        stamp.1 = stamp.1.max(at);
+        self.stamp(Versions::scope(pool, project, model), |s| s.1 = s.1.max(at));
     }
 
     /// When (`project`, `model`) was last penalised, as far as this instance knows (0: never

@@ -286,6 +286,18 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_key_costs_no_attempt_and_leaves_its_project_out() {
+        let keys = pool(&[("a", "p1"), ("b", "p2")]);
+        let mut plan = plan(policy(1, 5));
+        let first = tried(plan.next(&keys, MODEL, METHOD, NOW));
+        plan.skip(keys.key(first).project);
+        assert_eq!(plan.attempts(), 0);
+        let second = tried(plan.next(&keys, MODEL, METHOD, NOW));
+        assert_ne!(keys.key(first).project, keys.key(second).project);
+        assert_eq!(plan.attempts(), 1);
+    }
+
+    #[test]
     fn success_on_the_first_key_is_relayed() {
         let keys = pool(&[("a", "p1"), ("b", "p2")]);
         let mut plan = plan(policy(2, 5));
