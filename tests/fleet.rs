@@ -712,3 +712,47 @@ async fn a_cap_is_probed_once_per_interval_by_the_whole_fleet() {
     let ((), ()) = (on_a, on_b);
     assert_eq!(asked(&mock, "k1"), before + 1, "one probe for the fleet");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn owners_bound_while_redis_was_away_are_written_back() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let gate = RedisGate::start(redis.port).await;
+    let pools = pool_yaml(&mock.url(), &keys);
+    let tenants = tenants_of(&[("alice", None)]);
+    let (a, admin_a) = start_with_admin(&format!("{pools}{}{tenants}", gate.yaml()));
+    let (b, admin_b) = start_with_admin(&format!("{pools}{}{tenants}", redis.yaml()));
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // A uploads a file while its link to Redis is cut.
+    gate.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = start_upload(&a, "tok-alice").await;
+    let (status, body) = send_bytes(&url, None).await;
+    assert_eq!(status, 200, "{body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    let owner = mock
+        .owner_of(file["file"]["name"].as_str().unwrap())
+        .unwrap();
+    gate.restore();
+    wait_shared(&admin_a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B knows whose it is.
+    let uri = file["file"]["uri"].as_str().unwrap();
+    let resp = client()
+        .post(format!("{}/v1beta/models/{FLASH}:generateContent", b.url()))
+        .header("x-goog-api-key", "tok-alice")
+        .body(format!(
+            r#"{{"contents":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{uri}","mimeType":"text/plain"}}}}]}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains(&format!("hello from {owner}")), "{text}");
+}

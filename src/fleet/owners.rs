@@ -113,12 +113,49 @@ fn upload_of(value: &[u8], tenants: &[Arc<str>]) -> Option<UploadSession> {
     })
 }
 
+/// The entry of the owner of `name`.
+fn owner_entry(fleet: &Fleet, name: &str) -> String {
+    format!("{}r:{}", fleet.config.key_prefix, h(name))
+}
+
+/// Entries written back per round trip.
+const WRITE_BACK_BATCH: usize = 1000;
+
+/// Writes `entries` (name, owner, expiry) back to the store, each unless the store holds an
+/// owner for it already.
+pub(super) async fn write_back(
+    fleet: &Fleet,
+    c: &mut redis::aio::ConnectionManager,
+    entries: Vec<(String, Owner, Millis)>,
+) -> redis::RedisResult<()> {
+    let now = crate::quota::keys::now_millis();
+    for batch in entries.chunks(WRITE_BACK_BATCH) {
+        let mut pipe = redis::pipe();
+        for (name, owner, expires_at) in batch {
+            let Ok(value) = serde_json::to_string(&stored(name, owner)) else {
+                continue;
+            };
+            let entry = owner_entry(fleet, name);
+            let ttl = expires_at.saturating_sub(now).max(1);
+            pipe.cmd("SET")
+                .arg(entry)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl)
+                .arg("NX")
+                .ignore();
+        }
+        pipe.query_async::<()>(c).await?;
+    }
+    Ok(())
+}
+
 /// This instance's handle on the owners and uploads shared through Redis.
 pub struct FleetOwners(pub Arc<Fleet>);
 
 impl FleetOwners {
     fn owner_name(&self, name: &str) -> String {
-        format!("{}r:{}", self.0.config.key_prefix, h(name))
+        owner_entry(&self.0, name)
     }
 
     fn upload_name(&self, id: &str) -> String {

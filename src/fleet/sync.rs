@@ -148,6 +148,9 @@ async fn sync(
         );
     }
     c.set::<_, _, ()>(fleet.marker(), "1").await?;
+    // Owners bound here while Redis was away (or before this instance started: its state
+    // file) are written back; an owner the store holds already keeps its entry.
+    super::owners::write_back(fleet, c, shared.affinity.entries(now_millis())).await?;
     Ok(())
 }
 
