@@ -723,7 +723,7 @@ async fn owners_bound_while_redis_was_away_are_written_back() {
     }
     let gate = RedisGate::start(redis.port).await;
     let pools = pool_yaml(&mock.url(), &keys);
-    let tenants = tenants_of(&[("alice", None)]);
+    let tenants = tenants_of(&[("alice", None), ("bob", None)]);
     let (a, admin_a) = start_with_admin(&format!("{pools}{}{tenants}", gate.yaml()));
     let (b, admin_b) = start_with_admin(&format!("{pools}{}{tenants}", redis.yaml()));
     wait_shared(&admin_a);
@@ -741,7 +741,20 @@ async fn owners_bound_while_redis_was_away_are_written_back() {
     gate.restore();
     wait_shared(&admin_a);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // B knows whose it is.
+    // B knows whose it is: another tenant may not take its name...
+    let name = file["file"]["name"].as_str().unwrap();
+    let resp = client()
+        .post(format!("{}/upload/v1beta/files", b.url()))
+        .header("x-goog-api-key", "tok-bob")
+        .header("x-goog-upload-protocol", "resumable")
+        .header("x-goog-upload-command", "start")
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"file":{{"name":"{name}"}}}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "{}", resp.text().await.unwrap());
+    // ...and its tenant uses it through its own project.
     let uri = file["file"]["uri"].as_str().unwrap();
     let resp = client()
         .post(format!("{}/v1beta/models/{FLASH}:generateContent", b.url()))

@@ -101,12 +101,12 @@ impl Gateway {
             }
             let me = tenant.map(|t| t.name.clone());
             for name in chosen {
-                if self
-                    .shared
-                    .affinity
-                    .owner(&name, now)
-                    .is_some_and(|o| o.tenant != me)
-                {
+                let owner = self.shared.affinity.owner(&name, now);
+                if owner.is_none() {
+                    // Another instance may know it: asked before the create goes.
+                    missing.push(name.clone());
+                }
+                if owner.is_some_and(|o| o.tenant != me) {
                     return Err(GatewayError::new(
                         403,
                         "PERMISSION_DENIED",
