@@ -769,3 +769,23 @@ async fn owners_bound_while_redis_was_away_are_written_back() {
     let text = resp.text().await.unwrap();
     assert!(text.contains(&format!("hello from {owner}")), "{text}");
 }
+
+/// A request longer than a lease (30 s) keeps its slot: the lease is renewed (36 s: the one
+/// slow test here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_request_keeps_its_slot_past_the_lease() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").delay(Duration::from_secs(36));
+    let (a, _) = limited(&mock, &redis, "max_concurrent: 1");
+    let (b, _) = limited(&mock, &redis, "max_concurrent: 1");
+    let url = a.url();
+    let long = tokio::spawn(async move { generate(&url, FLASH, Some("tok-alice")).await.0 });
+    tokio::time::sleep(Duration::from_secs(33)).await;
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(
+        status, 429,
+        "the slot was lost past its first lease: {body}"
+    );
+    assert_eq!(long.await.unwrap(), 200);
+}

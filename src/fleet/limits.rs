@@ -74,9 +74,9 @@ const RENEW_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
-local until = string.format('%.0f', now + lease * 1000)
+local expiry = string.format('%.0f', now + lease * 1000)
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', until, ARGV[i])
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], lease * 2)
 return 0
@@ -236,8 +236,11 @@ pub(super) async fn renewer(fleet: &Fleet) {
                 .arg(members)
                 .ignore();
         }
-        let _ =
+        let renewed =
             tokio::time::timeout(fleet.config.timeout * 4, pipe.query_async::<()>(&mut c)).await;
+        if !matches!(renewed, Ok(Ok(()))) {
+            log::debug!("redis: the renewal of tenant slots failed; they end on their own");
+        }
     }
 }
 
