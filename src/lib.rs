@@ -167,6 +167,15 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     if let Some(redis) = &config.redis {
         let link = fleet::Fleet::new(redis)?;
         let _ = shared.fleet.set(link.clone());
+        let _ = shared
+            .limits
+            .set(Arc::new(fleet::FleetLimits(link.clone())));
+        let _ = shared
+            .owners
+            .set(Arc::new(fleet::FleetOwners(link.clone())));
+        let _ = shared
+            .probes
+            .set(Arc::new(fleet::FleetProbes(link.clone())));
         log::info!("health shared through redis at {}", link.url());
         server.add_service(background_service(
             "redis",

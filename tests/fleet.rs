@@ -249,27 +249,45 @@ async fn no_key_or_token_travels_through_redis() {
         ("secret-key-2", "p2"),
         ("secret-key-3", "p3"),
     ];
+    // A tenant with limits (their entries) that uploads a file (its owner, the upload).
     let yaml = with_tenant(
         &format!("{}{}", pool_yaml(&mock.url(), &keys), redis.yaml()),
         "alice",
         "secret-token-alice",
-    );
+    ) + "    rpm: 1000\n    max_concurrent: 5\n";
     let (kg, admin) = start_with_admin(&yaml);
     wait_shared(&admin);
     for _ in 0..8 {
         generate(&kg.url(), FLASH, Some("secret-token-alice")).await;
     }
+    let upload = start_upload(&kg, "secret-token-alice").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(send_bytes(&upload, None).await.0, 200);
+    // keygate's upload id is the credential of the bytes that follow: only its hash is stored.
+    let upload_id = upload
+        .split("upload_id=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = watch.kill();
     let _ = watch.wait();
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
     assert!(traffic.contains("PUBLISH"), "nothing was told: {traffic}");
     let stored: Vec<String> = redis.dump().into_iter().map(|(n, v)| n + &v).collect();
+    assert!(traffic.contains("EVALSHA"), "no limit was asked: {traffic}");
+    assert!(
+        traffic.contains("upload_id"),
+        "no upload was shared: {traffic}"
+    );
     for secret in [
         "secret-key-1",
         "secret-key-2",
         "secret-key-3",
         "secret-token-alice",
+        upload_id,
     ] {
         assert!(!traffic.contains(secret), "{secret} in redis traffic");
         assert!(
@@ -305,6 +323,14 @@ async fn a_served_request_makes_no_redis_round_trip() {
     let mock = Mock::start().await;
     mock.key("k1", "p1").key("k2", "p2");
     let (kg, _) = instance(&mock, &[("k1", "p1"), ("k2", "p2")], &redis);
+    // Nor does one of a tenant without limits.
+    let (tenant_kg, admin) = start_with_admin(&format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    ));
+    wait_shared(&admin);
     // The start's write-back and load are over.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let monitor = tempfile::NamedTempFile::new().unwrap();
@@ -315,6 +341,10 @@ async fn a_served_request_makes_no_redis_round_trip() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     all_served(&kg, 30).await;
+    for _ in 0..30 {
+        let (status, _, body) = generate(&tenant_kg.url(), FLASH, Some("tok-alice")).await;
+        assert_eq!(status, 200, "{body}");
+    }
     let _ = watch.kill();
     let _ = watch.wait();
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
@@ -371,4 +401,391 @@ async fn an_enable_made_while_redis_is_down_is_not_undone_when_it_returns() {
         all_served(kg, 4).await;
         assert!(uses_k1(&mock, before), "the key was disabled again");
     }
+}
+
+/// A keygate sharing its state through `redis`, with the tenant alice (`tok-alice`) held to
+/// `limits` (YAML lines of the tenant, e.g. `rpm: 4`).
+fn limited(mock: &Mock, redis: &RedisServer, limits: &str) -> (Keygate, String) {
+    let yaml = format!(
+        "{}{}tenants:\n  - name: alice\n    token: \"tok-alice\"\n    {limits}\n",
+        pool_yaml(&mock.url(), &[("k1", "p1")]),
+        redis.yaml()
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    (kg, admin)
+}
+
+/// Sends `n` requests of alice to `kg`, one after the other: the statuses, and the Retry-After
+/// of each refusal.
+async fn alice(kg: &Keygate, n: usize) -> (Vec<u16>, Vec<u64>) {
+    let mut statuses = Vec::new();
+    let mut waits = Vec::new();
+    for _ in 0..n {
+        let (status, headers, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
+        if status == 429 {
+            assert!(body.contains("over its own limit"), "{body}");
+            let wait = headers["retry-after"].to_str().unwrap().parse().unwrap();
+            waits.push(wait);
+        }
+        statuses.push(status);
+    }
+    (statuses, waits)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_rpm_holds_across_instances() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let (a, _) = limited(&mock, &redis, "rpm: 4");
+    let (b, _) = limited(&mock, &redis, "rpm: 4");
+    let (on_a, _) = alice(&a, 3).await;
+    let (on_b, waits) = alice(&b, 3).await;
+    assert_eq!(on_a, [200, 200, 200]);
+    assert_eq!(on_b, [200, 429, 429], "B did not count A's requests");
+    // Four a minute: the next one is allowed 15 s after the first.
+    assert!(waits.iter().all(|w| (1..=15).contains(w)), "{waits:?}");
+    assert_eq!(mock.seen().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_max_concurrent_holds_across_instances() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").delay(Duration::from_millis(1500));
+    let (a, _) = limited(&mock, &redis, "max_concurrent: 2");
+    let (b, _) = limited(&mock, &redis, "max_concurrent: 2");
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = a.url();
+            tokio::spawn(async move { generate(&url, FLASH, Some("tok-alice")).await.0 })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(status, 429, "B took a third slot: {body}");
+    assert!(body.contains("requests in flight"), "{body}");
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    // Once A's requests ended, their slots are B's to take.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_each_instance_holds_a_tenant_to_its_own_limit() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let (a, _) = limited(&mock, &redis, "rpm: 4");
+    let (b, _) = limited(&mock, &redis, "rpm: 4");
+    assert_eq!(alice(&a, 2).await.0, [200, 200]);
+    assert_eq!(alice(&b, 2).await.0, [200, 200]);
+    redis.kill();
+    // Each instance goes on alone from what it served itself: two more each, then refusals,
+    // and no request waits on the dead Redis.
+    for kg in [&a, &b] {
+        let started = Instant::now();
+        let (statuses, _) = alice(kg, 3).await;
+        assert_eq!(statuses, [200, 200, 429]);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// The cost of a tenant's limits across instances (BENCHMARKS.md): sequential requests of a
+/// tenant without limits and of one with rpm and max_concurrent (set high enough never to
+/// refuse), interleaved; the Redis commands each sent, and the latency percentiles.
+/// `cargo test --test fleet -- --ignored --nocapture limits_cost`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn limits_cost() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let yaml = format!(
+        "{}{}tenants:\n  - name: free\n    token: \"tok-free\"\n  - name: alice\n    token: \"tok-alice\"\n    rpm: 1000000\n    max_concurrent: 1000\n",
+        pool_yaml(&mock.url(), &[("k1", "p1")]),
+        redis.yaml()
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let monitor = tempfile::NamedTempFile::new().unwrap();
+    let mut watch = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "MONITOR"])
+        .stdout(monitor.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = client();
+    let url = format!("{}/v1beta/models/{FLASH}:generateContent", kg.url());
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let rounds = 2000;
+    for i in 0..rounds * 2 {
+        let which = i % 2;
+        let token = ["tok-free", "tok-alice"][which];
+        let sent = Instant::now();
+        let resp = c
+            .post(&url)
+            .header("x-goog-api-key", token)
+            .body(prompt())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        times[which].push(sent.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let traffic = std::fs::read_to_string(monitor.path()).unwrap();
+    let commands: Vec<&str> = traffic
+        .lines()
+        .filter(|l| l.contains('"') && !l.contains("lua]") && !l.contains("\"PING\""))
+        .collect();
+    let evals = commands.iter().filter(|l| l.contains("\"EVAL")).count();
+    let zrems = commands.iter().filter(|l| l.contains("\"ZREM\"")).count();
+    println!(
+        "{} commands for {rounds} limited requests: {evals} EVAL/EVALSHA, {zrems} ZREM",
+        commands.len()
+    );
+    for (name, t) in ["no limits", "rpm + max_concurrent"].iter().zip(&mut times) {
+        t.sort();
+        let at = |q: f64| t[((t.len() as f64 * q) as usize).min(t.len() - 1)];
+        println!(
+            "{name}: p50 {:?} p90 {:?} p99 {:?}",
+            at(0.5),
+            at(0.9),
+            at(0.99)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_started_on_one_instance_finishes_on_the_other_and_its_file_is_known_to_both() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    let keys = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &keys),
+        redis.yaml(),
+        tenants_of(&[("alice", None), ("bob", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    let url = start_upload(&a, "tok-alice").await;
+    let on_b = url.replace(&a.url(), &b.url());
+    assert_ne!(on_b, url);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load balancer sends the bytes to B, with no credential (as the SDKs do).
+    let (status, body) = send_bytes(&on_b, Some("tok-bob")).await;
+    assert_eq!(
+        status, 403,
+        "another tenant finished alice's upload: {body}"
+    );
+    let (status, body) = send_bytes(&on_b, None).await;
+    assert_eq!(status, 200, "{body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    let name = file["file"]["name"].as_str().unwrap();
+    let owner = mock.owner_of(name).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The file is used through A: on its own project at once, by its tenant only.
+    let before = mock.seen().len();
+    let uri = file["file"]["uri"].as_str().unwrap();
+    let body = format!(
+        r#"{{"contents":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{uri}","mimeType":"text/plain"}}}},{{"text":"summarize"}}]}}]}}"#
+    );
+    for token in ["tok-alice", "tok-alice", "tok-bob"] {
+        let resp = client()
+            .post(format!("{}/v1beta/models/{FLASH}:generateContent", a.url()))
+            .header("x-goog-api-key", token)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        if token == "tok-alice" {
+            assert_eq!(status, 200, "{text}");
+            assert!(text.contains(&format!("hello from {owner}")), "{text}");
+        } else {
+            assert_eq!(status, 403, "{text}");
+        }
+    }
+    let seen = &mock.seen()[before..];
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.status == 200), "probing: {seen:?}");
+    // The finished upload's entry (Google's URL, a bearer capability) is gone from Redis, and
+    // no tenant's name is there.
+    let stored: Vec<String> = redis.dump().into_iter().map(|(n, v)| n + &v).collect();
+    assert!(
+        !stored.iter().any(|e| e.contains("upload_id")),
+        "{stored:?}"
+    );
+    assert!(!stored.iter().any(|e| e.contains("alice")), "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clear_made_during_an_outage_holds_after_redis_returns() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "50s");
+    let pools = pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]);
+    let (gate_a, gate_b) = (
+        RedisGate::start(redis.port).await,
+        RedisGate::start(redis.port).await,
+    );
+    let (a, admin_a) = start_with_admin(&format!("{pools}{}", gate_a.yaml()));
+    let (b, admin_b) = start_with_admin(&format!("{pools}{}", gate_b.yaml()));
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // p1 cools on both.
+    until_refused(&mock, &a, "k1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mock.per_minute_limit("p1", FLASH, 1000, "50s");
+    // Both lose Redis; an operator clears p1 on A meanwhile.
+    gate_a.cut();
+    gate_b.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hex = keygate::secret::fingerprint(b"k1");
+    let url = format!(
+        "{admin_a}/admin/pools/main/keys/{}/clear-cooldown",
+        hex.trim_start_matches("key#")
+    );
+    assert_eq!(admin("POST", &url, Some(ADMIN_TOKEN), None).await.0, 200);
+    // A comes back first and tells the fleet; B, still away, misses it, then comes back with
+    // its old cooldown of p1 and writes it back.
+    gate_a.restore();
+    wait_shared(&admin_a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate_b.restore();
+    wait_shared(&admin_b);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The clear holds on both: each uses p1 again.
+    for (name, kg) in [("A", &a), ("B", &b)] {
+        let before = asked(&mock, "k1");
+        all_served(kg, 6).await;
+        assert!(asked(&mock, "k1") > before, "{name} still keeps off p1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cap_is_probed_once_per_interval_by_the_whole_fleet() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .billing_account("p1", "acct-a")
+        .billing_account("p2", "acct-b")
+        .cap_account("acct-a", true);
+    let yaml = format!(
+        "pools:\n  - name: main\n    upstream: \"{}\"\n    cap_probe_seconds: 2\n    keys:\n      - {{key: k1, project: p1, billing_account: acct-a}}\n      - {{key: k2, project: p2, billing_account: acct-b}}\n{}",
+        mock.url(),
+        redis.yaml()
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // A meets the cap; B learns it.
+    until_refused(&mock, &a, "k1").await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // A probe is due on both: the fleet sends one.
+    let before = asked(&mock, "k1");
+    let (on_a, on_b) = tokio::join!(all_served(&a, 10), all_served(&b, 10));
+    let ((), ()) = (on_a, on_b);
+    assert_eq!(asked(&mock, "k1"), before + 1, "one probe for the fleet");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn owners_bound_while_redis_was_away_are_written_back() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let gate = RedisGate::start(redis.port).await;
+    let pools = pool_yaml(&mock.url(), &keys);
+    let tenants = tenants_of(&[("alice", None), ("bob", None)]);
+    let (a, admin_a) = start_with_admin(&format!("{pools}{}{tenants}", gate.yaml()));
+    let (b, admin_b) = start_with_admin(&format!("{pools}{}{tenants}", redis.yaml()));
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // A uploads a file while its link to Redis is cut.
+    gate.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = start_upload(&a, "tok-alice").await;
+    let (status, body) = send_bytes(&url, None).await;
+    assert_eq!(status, 200, "{body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    let owner = mock
+        .owner_of(file["file"]["name"].as_str().unwrap())
+        .unwrap();
+    gate.restore();
+    wait_shared(&admin_a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B knows whose it is: another tenant may not take its name...
+    let name = file["file"]["name"].as_str().unwrap();
+    let resp = client()
+        .post(format!("{}/upload/v1beta/files", b.url()))
+        .header("x-goog-api-key", "tok-bob")
+        .header("x-goog-upload-protocol", "resumable")
+        .header("x-goog-upload-command", "start")
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"file":{{"name":"{name}"}}}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "{}", resp.text().await.unwrap());
+    // ...and its tenant uses it through its own project.
+    let uri = file["file"]["uri"].as_str().unwrap();
+    let resp = client()
+        .post(format!("{}/v1beta/models/{FLASH}:generateContent", b.url()))
+        .header("x-goog-api-key", "tok-alice")
+        .body(format!(
+            r#"{{"contents":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{uri}","mimeType":"text/plain"}}}}]}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains(&format!("hello from {owner}")), "{text}");
+}
+
+/// A request longer than a lease (30 s) keeps its slot: the lease is renewed (36 s: the one
+/// slow test here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_request_keeps_its_slot_past_the_lease() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").delay(Duration::from_secs(36));
+    let (a, _) = limited(&mock, &redis, "max_concurrent: 1");
+    let (b, _) = limited(&mock, &redis, "max_concurrent: 1");
+    let url = a.url();
+    let long = tokio::spawn(async move { generate(&url, FLASH, Some("tok-alice")).await.0 });
+    tokio::time::sleep(Duration::from_secs(33)).await;
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(
+        status, 429,
+        "the slot was lost past its first lease: {body}"
+    );
+    assert_eq!(long.await.unwrap(), 200);
 }

@@ -11,7 +11,17 @@
 //! answers again, the instance writes back what it learnt meanwhile (the later deadline wins)
 //! and loads what the others wrote.
 
+mod chores;
+mod limits;
+mod owners;
+mod probes;
 mod store;
+mod sync;
+mod versions;
+
+pub use limits::FleetLimits;
+pub use owners::FleetOwners;
+pub use probes::FleetProbes;
 
 use crate::config::RedisConfig;
 use crate::quota::keys::{now_millis, News};
@@ -46,6 +56,9 @@ struct Envelope {
     pool: String,
     /// What changed.
     news: Vec<News>,
+    /// When it changed, on the clock of the instance that made it (see [`versions`]).
+    #[serde(default)]
+    at: crate::quota::keys::Millis,
 }
 
 /// This instance's link to the fleet.
@@ -70,6 +83,17 @@ pub struct Fleet {
     resync: Notify,
     queue: mpsc::Sender<Envelope>,
     queued: Mutex<Option<mpsc::Receiver<Envelope>>>,
+    /// Tenant concurrency slots this instance holds in Redis.
+    held: limits::Held,
+    /// Background writes (slots given back, owners and uploads written through).
+    chores: mpsc::Sender<chores::Chore>,
+    queued_chores: Mutex<Option<mpsc::Receiver<chores::Chore>>>,
+    /// A tenant's limit entries were found foreign once (said once).
+    foreign_limit_warned: AtomicBool,
+    /// An owner or upload entry was found foreign once (said once).
+    foreign_owner_warned: AtomicBool,
+    /// When penalties and clears were last learnt here, by scope.
+    versions: versions::Versions,
 }
 
 impl Fleet {
@@ -107,6 +131,7 @@ impl Fleet {
         }
         .map_err(|e| format!("redis: {e}"))?;
         let (queue, queued) = mpsc::channel(QUEUE);
+        let (chores, queued_chores) = mpsc::channel(QUEUE);
         Ok(Arc::new(Fleet {
             config: config.clone(),
             id: instance_id(),
@@ -120,6 +145,12 @@ impl Fleet {
             resync: Notify::new(),
             queue,
             queued: Mutex::new(Some(queued)),
+            held: limits::Held::default(),
+            chores,
+            queued_chores: Mutex::new(Some(queued_chores)),
+            foreign_limit_warned: AtomicBool::new(false),
+            foreign_owner_warned: AtomicBool::new(false),
+            versions: versions::Versions::default(),
         }))
     }
 
@@ -160,6 +191,11 @@ impl Fleet {
         }
     }
 
+    /// Whether Redis answered lately (the request path asks only then).
+    fn is_up_now(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -191,10 +227,13 @@ impl Announce for Fleet {
         if news.is_empty() {
             return;
         }
+        let at = now_millis();
+        self.versions.made(pool, &news, at);
         let envelope = Envelope {
             from: self.id.clone(),
             pool: pool.to_string(),
             news,
+            at,
         };
         self.changed_here.store(true, Relaxed);
         if self.queue.try_send(envelope).is_err() {
@@ -204,7 +243,7 @@ impl Announce for Fleet {
     }
 
     fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
+        self.is_up_now()
     }
 }
 
@@ -240,13 +279,21 @@ impl BackgroundService for FleetService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let Some(queued) = queued else {
+        let chores = self
+            .fleet
+            .queued_chores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (Some(queued), Some(chores)) = (queued, chores) else {
             return;
         };
         tokio::select! {
             _ = writer(&self.fleet, &self.shared, queued) => {}
+            _ = chores::run(&self.fleet, chores) => {}
+            _ = limits::renewer(&self.fleet) => {}
             _ = listener(&self.fleet, &self.shared) => {}
-            _ = keeper(&self.fleet, &self.shared) => {}
+            _ = sync::keeper(&self.fleet, &self.shared) => {}
             _ = shutdown.changed() => {}
         }
     }
@@ -267,7 +314,7 @@ async fn writer(fleet: &Fleet, shared: &Shared, mut queued: mpsc::Receiver<Envel
         let mut writes = Vec::new();
         let names = Names::new(&fleet.config.key_prefix, &envelope.pool);
         for news in &envelope.news {
-            writes.extend(names.writes(&envelope.pool, news));
+            writes.extend(names.writes(&envelope.pool, news, envelope.at));
             writes.extend(after(shared, &names, &envelope.pool, news));
         }
         match tokio::time::timeout(
@@ -360,16 +407,30 @@ async fn apply(c: &mut ConnectionManager, writes: &[Write]) -> redis::RedisResul
                 name,
                 value,
                 ttl_ms,
+                at,
+                cleared,
             } => {
                 if *ttl_ms > 0 {
                     pipe.cmd("EVAL")
-                        .arg(store::LENGTHEN)
-                        .arg(1)
+                        .arg(store::lengthen())
+                        .arg(1 + cleared.len())
                         .arg(name)
+                        .arg(cleared)
                         .arg(value)
                         .arg(*ttl_ms)
+                        .arg(*at)
                         .ignore();
                 }
+            }
+            Write::Tombstone { name, value, at } => {
+                pipe.cmd("EVAL")
+                    .arg(store::tombstone())
+                    .arg(1)
+                    .arg(name)
+                    .arg(value)
+                    .arg(*at)
+                    .arg(store::TOMBSTONE_MS)
+                    .ignore();
             }
             Write::Put { name, value } => {
                 pipe.cmd("SET").arg(name).arg(value).ignore();
@@ -377,13 +438,33 @@ async fn apply(c: &mut ConnectionManager, writes: &[Write]) -> redis::RedisResul
             Write::Delete { name } => {
                 pipe.cmd("DEL").arg(name).ignore();
             }
-            Write::DeleteMatching { pattern } => matching.push(pattern.clone()),
+            Write::DeleteMatching { pattern } => matching.push((pattern.clone(), None)),
+            Write::DeleteOlder { pattern, at } => matching.push((pattern.clone(), Some(*at))),
         }
     }
     pipe.query_async::<()>(c).await?;
-    for pattern in matching {
-        for name in scan(c, &pattern).await? {
-            c.del::<_, ()>(name).await?;
+    for (pattern, at) in matching {
+        let names = if pattern.contains('*') {
+            scan(c, &pattern).await?
+        } else {
+            vec![pattern]
+        };
+        match at {
+            None => {
+                for name in names {
+                    c.del::<_, ()>(name).await?;
+                }
+            }
+            Some(at) if !names.is_empty() => {
+                redis::cmd("EVAL")
+                    .arg(store::delete_older())
+                    .arg(names.len())
+                    .arg(&names)
+                    .arg(at)
+                    .query_async::<()>(c)
+                    .await?;
+            }
+            Some(_) => {}
         }
     }
     Ok(())
@@ -439,7 +520,7 @@ async fn listener(fleet: &Fleet, shared: &Shared) {
             match serde_json::from_str::<Envelope>(&text) {
                 Ok(e) if e.from == fleet.id => {}
                 Ok(e) => {
-                    let used = shared.learn(&e.pool, &e.news);
+                    let used = fleet.learn_versioned(shared, &e.pool, &e.news, e.at);
                     log::debug!(
                         "pool {}: learnt {used} of {} changes from instance {}",
                         e.pool,
@@ -456,137 +537,6 @@ async fn listener(fleet: &Fleet, shared: &Shared) {
         fleet.went_down("the subscription ended");
         tokio::time::sleep(RECONNECT).await;
     }
-}
-
-/// Watches the link: reconnects, and after each (re)connection writes back this instance's
-/// table and loads the others'.
-async fn keeper(fleet: &Fleet, shared: &Shared) {
-    let mut first = true;
-    loop {
-        let ping = async {
-            let mut c = fleet.connection().await?;
-            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
-            pong.ok().map(|_| c)
-        };
-        match tokio::time::timeout(RECONNECT * 2, ping).await {
-            Ok(Some(mut c)) => {
-                if fleet.behind.swap(false, Relaxed) {
-                    match sync(fleet, shared, &mut c, first).await {
-                        Ok(()) => {
-                            first = false;
-                            fleet.went_up();
-                        }
-                        Err(e) => fleet.went_down(&format!("sync failed ({})", e.kind_label())),
-                    }
-                } else {
-                    fleet.went_up();
-                }
-            }
-            _ => fleet.went_down("cannot connect"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(RECONNECT) => {}
-            _ = fleet.resync.notified() => fleet.behind.store(true, Relaxed),
-        }
-    }
-}
-
-/// Writes this instance's table back to the store (unless this is a cold start and the store
-/// holds the fleet's health already: then the store wins) and loads what is there.
-async fn sync(
-    fleet: &Fleet,
-    shared: &Shared,
-    c: &mut ConnectionManager,
-    cold_start: bool,
-) -> redis::RedisResult<()> {
-    let marker: bool = c.exists(fleet.marker()).await?;
-    let rt = shared.runtime.load();
-    // Instances sharing a prefix must serve the same pools: say so when they do not.
-    let ours: Vec<&str> = rt.pools.iter().map(|p| p.name()).collect();
-    let ours = ours.join(",");
-    let pools_key = format!("{}pools", fleet.config.key_prefix);
-    let theirs: Option<String> = c.get(&pools_key).await?;
-    match theirs {
-        Some(theirs) if theirs != ours => log::warn!(
-            "redis at {}: another instance with key prefix {:?} serves the pools [{theirs}], this one [{ours}]; only pools of the same name share their health (give each fleet its own redis.key_prefix)",
-            fleet.url(),
-            fleet.config.key_prefix
-        ),
-        Some(_) => {}
-        None => c.set::<_, _, ()>(&pools_key, &ours).await?,
-    }
-    // What was changed here while Redis did not answer goes first, in order: an enable or a
-    // clear then deletes the entries that would otherwise be loaded back.
-    let journal: Vec<Envelope> =
-        std::mem::take(&mut *fleet.journal.lock().unwrap_or_else(|e| e.into_inner())).into();
-    for envelope in &journal {
-        let names = Names::new(&fleet.config.key_prefix, &envelope.pool);
-        let writes: Vec<Write> = envelope
-            .news
-            .iter()
-            .flat_map(|n| {
-                let mut w = names.writes(&envelope.pool, n);
-                w.extend(after(shared, &names, &envelope.pool, n));
-                w
-            })
-            .collect();
-        send(fleet, c, envelope, &writes).await?;
-    }
-    // Everything is written back when the store is new or wiped, or a change was lost;
-    // otherwise only what ends on its own (cooldowns, caps: the later deadline wins), so that a
-    // key another instance enabled is not disabled again by this one's old view of it.
-    let everything = !marker || fleet.lost.swap(false, Relaxed);
-    // At a cold start the store's health wins over the state file's, unless this instance has
-    // changed its health since it started (it served while Redis was away).
-    let store_wins = cold_start && marker && !fleet.changed_here.load(Relaxed);
-    for pool in &rt.pools {
-        let names = Names::new(&fleet.config.key_prefix, pool.name());
-        if store_wins {
-            let old = pool.keys.load_full();
-            let fresh = Arc::new(old.without_health());
-            // An admin change that replaced the table meanwhile keeps it.
-            let _ = pool.keys.compare_and_swap(&old, fresh);
-        } else {
-            let news = pool.keys.load().all_news(now_millis());
-            let writes: Vec<Write> = news
-                .iter()
-                .filter(|n| everything || matches!(n, News::Cooled { .. } | News::Capped { .. }))
-                .flat_map(|n| names.writes(pool.name(), n))
-                .collect();
-            apply(c, &writes).await?;
-        }
-        let mut learnt = Vec::new();
-        for name in scan(c, &names.all()).await? {
-            let (value, ttl): (Option<String>, i64) = redis::pipe()
-                .get(&name)
-                .cmd("PTTL")
-                .arg(&name)
-                .query_async(c)
-                .await?;
-            let ttl = (ttl >= 0).then_some(ttl as u64);
-            match value.as_deref().and_then(|v| store::read(v, ttl)) {
-                Some(entry) if entry.pool == pool.name() => learnt.push(entry.news),
-                Some(_) => {}
-                None if value.is_some() => {
-                    log::warn!("redis entry {name}: not one keygate understands; ignored")
-                }
-                None => {}
-            }
-        }
-        if !everything {
-            // The store wins for lasting states: what it no longer holds was undone elsewhere
-            // (this instance's own changes were replayed above).
-            let stale = pool.keys.load().stale_against(&learnt, now_millis());
-            shared.learn(pool.name(), &stale);
-        }
-        let used = shared.learn(pool.name(), &learnt);
-        log::info!(
-            "pool {}: loaded {used} shared health entries from redis",
-            pool.name()
-        );
-    }
-    c.set::<_, _, ()>(fleet.marker(), "1").await?;
-    Ok(())
 }
 
 /// The short name of a Redis error's kind, for log lines (never its text: it may echo a value).

@@ -13,17 +13,36 @@ pub(super) struct Entry {
     pub(super) pool: String,
     /// What recreates the state; a deadline in it is replaced by the entry's TTL on reading.
     pub(super) news: News,
+    /// When the change was made (ms since the epoch, the clock of the instance that made it):
+    /// orders a penalty and an operator's clear of the same scope (see [`super::versions`]).
+    #[serde(default)]
+    pub(super) at: Millis,
 }
+
+/// How long a clear's tombstone is kept: longer than any cooldown read back (25 h).
+pub(super) const TOMBSTONE_MS: Millis = 26 * 3600 * 1000;
 
 /// One write of a piece of news.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Write {
-    /// Sets the entry if it is missing or ends sooner than `ttl_ms` from now.
+    /// Sets the entry if it is missing or ends sooner than `ttl_ms` from now, unless one of
+    /// the `cleared` tombstones is as recent as `at`.
     Lengthen {
         name: String,
         value: String,
         ttl_ms: Millis,
+        at: Millis,
+        cleared: Vec<String>,
     },
+    /// Sets a clear's tombstone unless one as recent as `at` is there.
+    Tombstone {
+        name: String,
+        value: String,
+        at: Millis,
+    },
+    /// Deletes the entries matching the glob `pattern` (or named `pattern`, without a glob)
+    /// that were made before `at`.
+    DeleteOlder { pattern: String, at: Millis },
     /// Sets the entry, with no TTL.
     Put { name: String, value: String },
     /// Deletes the entry.
@@ -32,8 +51,29 @@ pub(super) enum Write {
     DeleteMatching { pattern: String },
 }
 
-/// Lengthens an entry's TTL, never shortens it: `KEYS[1]`, value `ARGV[1]`, TTL `ARGV[2]` ms.
-pub(super) const LENGTHEN: &str = r"
+/// The `at` of the entry value `v` (0 when it has none or is not JSON), in Lua.
+const AT_OF: &str = r"
+local function at_of(v)
+  if not v then return nil end
+  local ok, e = pcall(cjson.decode, v)
+  if ok and type(e) == 'table' then return tonumber(e.at) or 0 end
+  return 0
+end
+";
+
+/// Lengthens an entry's TTL, never shortens it: `KEYS[1]`, value `ARGV[1]`, TTL `ARGV[2]` ms;
+/// refused (-1) when a tombstone among `KEYS[2..]` is as recent as `ARGV[3]`.
+pub(super) fn lengthen() -> String {
+    format!("{AT_OF}{LENGTHEN}")
+}
+
+const LENGTHEN: &str = r"
+for i = 2, #KEYS do
+  local t = at_of(redis.call('GET', KEYS[i]))
+  if t and t >= tonumber(ARGV[3]) then
+    return -1
+  end
+end
 local left = redis.call('PTTL', KEYS[1])
 if left < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -42,9 +82,43 @@ end
 return 0
 ";
 
+/// Sets a tombstone `KEYS[1]` to `ARGV[1]` for `ARGV[3]` ms unless one as recent as
+/// `ARGV[2]` is there.
+pub(super) fn tombstone() -> String {
+    format!(
+        "{AT_OF}{}",
+        r"
+local t = at_of(redis.call('GET', KEYS[1]))
+if t and t >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"
+    )
+}
+
+/// Deletes the entries `KEYS[..]` made before `ARGV[1]` (a value without `at` counts as old).
+pub(super) fn delete_older() -> String {
+    format!(
+        "{AT_OF}{}",
+        r"
+local n = 0
+for i = 1, #KEYS do
+  local t = at_of(redis.call('GET', KEYS[i]))
+  if t and t < tonumber(ARGV[1]) then
+    redis.call('DEL', KEYS[i])
+    n = n + 1
+  end
+end
+return n
+"
+    )
+}
+
 /// A name part: 16 hex digits of the SHA-256 of `text`. Names never hold names a client or an
 /// operator chose (no glob characters, no colons), and never a key.
-fn h(text: &str) -> String {
+pub(super) fn h(text: &str) -> String {
     hex::encode(&crate::secret::sha256(text.as_bytes())[..8])
 }
 
@@ -67,6 +141,12 @@ impl<'a> Names<'a> {
         format!("{}h:{}:{kind}:{}", self.prefix, self.pool, parts.join(":"))
     }
 
+    /// The claim of the probe of the cap on `scope` `name` (see `probes`).
+    pub(super) fn probe(&self, scope: &str, name: &str) -> String {
+        // Outside the pool's health entries (`all`): a claim recreates no state.
+        format!("{}p:{}:{}:{}", self.prefix, self.pool, h(scope), h(name))
+    }
+
     /// Deletes the entry of a cap on `scope` (`project`, `billing_account`) `name`.
     pub(super) fn delete_cap(&self, scope: &str, name: &str) -> Write {
         Write::Delete {
@@ -86,12 +166,22 @@ impl<'a> Names<'a> {
         format!("{}h:{}:*", self.prefix, self.pool)
     }
 
-    /// What writing `news` of `pool` takes.
-    pub(super) fn writes(&self, pool: &str, news: &News) -> Vec<Write> {
+    /// The tombstones of clears that cover (`project`, `model`): all of the project's, the
+    /// model's.
+    pub(super) fn tombstones(&self, project: &str, model: &str) -> Vec<String> {
+        vec![
+            self.name("cleared", &[project]),
+            self.name("cleared", &[project, model]),
+        ]
+    }
+
+    /// What writing `news` of `pool`, made at `at`, takes.
+    pub(super) fn writes(&self, pool: &str, news: &News, at: Millis) -> Vec<Write> {
         let value = || {
             serde_json::to_string(&Entry {
                 pool: pool.to_string(),
                 news: news.clone(),
+                at,
             })
             .unwrap_or_default()
         };
@@ -106,6 +196,8 @@ impl<'a> Names<'a> {
                 name: self.name("cool", &[project, model]),
                 value: value(),
                 ttl_ms: *left_ms,
+                at,
+                cleared: self.tombstones(project, model),
             }],
             News::Capped {
                 scope,
@@ -116,6 +208,8 @@ impl<'a> Names<'a> {
                 name: cap(scope, name),
                 value: value(),
                 ttl_ms: *left_ms,
+                at,
+                cleared: Vec::new(),
             }],
             News::KeyDisabled { key, .. } => vec![Write::Put {
                 name: self.name("key", &[key]),
@@ -149,12 +243,28 @@ impl<'a> Names<'a> {
                 model,
                 ..
             } => match model {
-                Some(model) => vec![Write::Delete {
-                    name: self.name("cool", &[project, model]),
-                }],
+                // A clear deletes the cooldowns made before it and leaves a tombstone, so that
+                // an older penalty written back later (an instance that was away) is refused.
+                Some(model) => vec![
+                    Write::DeleteOlder {
+                        pattern: self.name("cool", &[project, model]),
+                        at,
+                    },
+                    Write::Tombstone {
+                        name: self.name("cleared", &[project, model]),
+                        value: value(),
+                        at,
+                    },
+                ],
                 None => vec![
-                    Write::DeleteMatching {
+                    Write::DeleteOlder {
                         pattern: format!("{}:*", self.name("cool", &[project])),
+                        at,
+                    },
+                    Write::Tombstone {
+                        name: self.name("cleared", &[project]),
+                        value: value(),
+                        at,
                     },
                     Write::Delete {
                         name: cap("project", project),
@@ -199,11 +309,12 @@ mod tests {
     #[test]
     fn names_hold_hashes_only() {
         let names = Names::new("kg:", "main");
-        let writes = names.writes("main", &cooled(5000));
+        let writes = names.writes("main", &cooled(5000), 1);
         let Write::Lengthen {
             name,
             value,
             ttl_ms,
+            ..
         } = &writes[0]
         else {
             panic!("{writes:?}");
@@ -226,7 +337,7 @@ mod tests {
     #[test]
     fn a_clear_deletes_what_the_penalties_wrote() {
         let names = Names::new("kg:", "main");
-        let cool = names.writes("main", &cooled(5000));
+        let cool = names.writes("main", &cooled(5000), 1);
         let clear = names.writes(
             "main",
             &News::CooldownsCleared {
@@ -235,11 +346,12 @@ mod tests {
                 account: "p1:*".into(),
                 model: None,
             },
+            2,
         );
         let Write::Lengthen { name, .. } = &cool[0] else {
             panic!()
         };
-        let Write::DeleteMatching { pattern } = &clear[0] else {
+        let Write::DeleteOlder { pattern, at: 2 } = &clear[0] else {
             panic!("{clear:?}")
         };
         let stem = pattern.trim_end_matches('*');

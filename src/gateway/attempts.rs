@@ -8,7 +8,7 @@ use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
 use crate::quota::classify::{
     classify, classify_prefix, classify_relayed, Outcome, MAX_CLASSIFY_BODY,
 };
-use crate::quota::keys::{now_millis, KeyId, KeyPool, Transition};
+use crate::quota::keys::{now_millis, KeyId, KeyPool, Millis, Scope, Transition};
 use crate::quota::plan::{Next, Plan, Then};
 use crate::runtime::health::Cause;
 use crate::runtime::Pool;
@@ -149,6 +149,27 @@ pub(super) fn relay_refused_error(pool: &Pool, status: u16) -> GatewayError {
 }
 
 impl Gateway {
+    /// Whether a key of `project`, just picked, may go: always, unless it is the probe of a
+    /// cap and another instance claimed this interval's probe.
+    async fn probe_is_ours(&self, keys: &KeyPool, project: u32, now: Millis) -> bool {
+        let Some(probes) = self.shared.probes.get() else {
+            return true;
+        };
+        let Some(cap) = keys.cap_of(project, now) else {
+            return true;
+        };
+        let scope = cap.scope();
+        let name = match scope {
+            Scope::BillingAccount => keys.billing_account_of(project),
+            Scope::Project => None,
+        }
+        .unwrap_or_else(|| keys.project_name(project));
+        let every = keys.probe_every();
+        probes
+            .claim_probe(keys.name(), scope.as_str(), name, every)
+            .await
+    }
+
     /// The attempts of a request or a Live session's upgrade, as its [`Plan`] directs: each
     /// answer is classified, health changes go through the door, and the loop ends with the
     /// answer to hand on or keygate's own.
@@ -208,6 +229,11 @@ impl Gateway {
                 Next::GiveLast => break,
             };
             let project = keys.key(key).project;
+            // A key under a cap is a probe: the fleet's one for this interval, or none.
+            if !self.probe_is_ours(keys, project, now).await {
+                plan.skip(project);
+                continue;
+            }
             // The fair-share count is of requests the pool took, not of refused ones.
             if plan.attempts() == 1 {
                 if let (Some(t), Some(fair)) = (&ctx.tenant, &job.pool.fair) {

@@ -4,7 +4,7 @@
 use super::answers::{limit_error, refuse, respond, respond_empty};
 use super::attempts::unresolved_error;
 use super::cache;
-use super::client::{body_error, client_gone, now_micros, read_body, tenant_name, BodyRead};
+use super::client::{body_error, client_gone, read_body, tenant_name, BodyRead};
 use super::place::creates_resources;
 use super::{Ctx, Ending, Gateway, Job, Kind};
 use crate::cache::{cacheable_kind, Status};
@@ -139,7 +139,7 @@ impl ProxyHttp for Gateway {
         let now = now_millis();
         let upload = match &upload_id {
             None => None,
-            Some(id) => match self.shared.uploads.get(id, now) {
+            Some(id) => match self.shared.upload_session(id, now).await {
                 Some(up) if tenant.is_none() || tenant_name(&tenant) == up.owner.tenant => {
                     Some((id.clone(), up))
                 }
@@ -171,12 +171,7 @@ impl ProxyHttp for Gateway {
         // protects quota, and a hit spends none.
         let rate_later = rt.cache.is_some() && cacheable_kind(&session.req_header().method, &path);
         if let Some(t) = &tenant {
-            let admitted = if rate_later {
-                t.admit_concurrent()
-            } else {
-                t.admit(now_micros())
-            };
-            match admitted {
+            match self.admit_tenant(t, rate_later).await {
                 Ok(slot) => ctx.in_flight = Some(slot),
                 Err(refusal) => {
                     let e = limit_error(&t.name, refusal);
@@ -281,20 +276,37 @@ impl ProxyHttp for Gateway {
 
         let placed = match upload {
             Some((id, up)) => self.place_upload(&rt, id, up),
-            None => self.place(
-                &rt,
-                session.req_header(),
-                tenant.as_deref(),
-                &path,
-                creates_path,
-                &model,
-                &body,
-                session
+            None => {
+                let peer = session
                     .client_addr()
                     .and_then(|a| a.as_inet())
-                    .map(|a| a.ip()),
-                now,
-            ),
+                    .map(|a| a.ip());
+                let req = session.req_header();
+                let place = |missing: &mut Vec<String>| {
+                    let t = tenant.as_deref();
+                    self.place(
+                        &rt,
+                        req,
+                        t,
+                        &path,
+                        creates_path,
+                        &model,
+                        &body,
+                        peer,
+                        now,
+                        missing,
+                    )
+                };
+                let mut missing = Vec::new();
+                let placed = place(&mut missing);
+                // Names this instance does not know may be known to the others: one bounded
+                // read of the store, then the request is placed again with what it held.
+                if !missing.is_empty() && self.shared.learn_owners(&missing).await > 0 {
+                    place(&mut Vec::new())
+                } else {
+                    placed
+                }
+            }
         };
         let placed = match placed {
             Ok(p) => p,
@@ -331,7 +343,7 @@ impl ProxyHttp for Gateway {
             return hit;
         }
         if let Some(t) = tenant.as_ref().filter(|_| rate_later) {
-            if let Err(refusal) = t.admit_rate(now_micros()) {
+            if let Err(refusal) = self.admit_tenant_rate(t).await {
                 return respond(session, ctx, Some(api), &limit_error(&t.name, refusal)).await;
             }
         }

@@ -15,6 +15,7 @@ mod client;
 mod events;
 pub mod guard;
 mod hooks;
+mod limits;
 mod live;
 pub mod live_frames;
 mod place;
@@ -24,7 +25,7 @@ use crate::quota::classify::Outcome;
 use crate::quota::keys::{KeyId, KeyPool};
 use crate::runtime::budget::Reservation;
 use crate::runtime::{Pool, Runtime, Shared};
-use crate::tenants::{InFlight, Tenant};
+use crate::tenants::Tenant;
 use crate::upstream::exchange::Answer;
 use crate::wire::error::GatewayError;
 use crate::wire::request;
@@ -51,7 +52,7 @@ pub struct Ctx {
     target: String,
     tenant: Option<Arc<Tenant>>,
     /// The tenant's concurrency slot, released when the context is dropped.
-    in_flight: Option<InFlight>,
+    in_flight: Option<limits::Slot>,
     model: String,
     /// The keys the attempts used, to name them in the access line.
     keys: Option<Arc<KeyPool>>,

@@ -39,6 +39,7 @@ impl Gateway {
         body: &Bytes,
         peer: Option<std::net::IpAddr>,
         now: Millis,
+        missing: &mut Vec<String>,
     ) -> Result<Placed, GatewayError> {
         let tenants = !rt.tenants.list().is_empty();
         let mut names = names::names_in_path(path);
@@ -100,12 +101,12 @@ impl Gateway {
             }
             let me = tenant.map(|t| t.name.clone());
             for name in chosen {
-                if self
-                    .shared
-                    .affinity
-                    .owner(&name, now)
-                    .is_some_and(|o| o.tenant != me)
-                {
+                let owner = self.shared.affinity.owner(&name, now);
+                if owner.is_none() {
+                    // Another instance may know it: asked before the create goes.
+                    missing.push(name.clone());
+                }
+                if owner.is_some_and(|o| o.tenant != me) {
                     return Err(GatewayError::new(
                         403,
                         "PERMISSION_DENIED",
@@ -120,6 +121,7 @@ impl Gateway {
         let tenant_name = tenant.map(|t| t.name.clone());
         let mut owner = None;
         let mut unbound = Vec::new();
+        let mut unknown = None;
         for name in names {
             match self.shared.affinity.owner(&name, now) {
                 Some(o) if o.tenant != tenant_name => {
@@ -133,16 +135,23 @@ impl Gateway {
                     owner.get_or_insert((name, o));
                 }
                 None if tenants => {
-                    return Err(GatewayError::new(
+                    unknown.get_or_insert(GatewayError::new(
                         403,
                         "PERMISSION_DENIED",
                         format!(
                             "keygate: {name} is not known to keygate for this tenant: create it through keygate, or ask an operator to bind it (POST /admin/resources)"
                         ),
                     ));
+                    missing.push(name);
                 }
-                None => unbound.push(name),
+                None => {
+                    missing.push(name.clone());
+                    unbound.push(name);
+                }
             }
+        }
+        if let Some(e) = unknown {
+            return Err(e);
         }
         if let Some((name, owner)) = owner {
             let allowed = rt

@@ -334,7 +334,7 @@ impl Gateway {
             key_fingerprint: job.keys.key(key).fingerprint.clone(),
             upstream_path_and_query: google_url.clone(),
         };
-        match self.shared.uploads.start(session, now_millis()) {
+        match self.shared.start_upload(session, now_millis()) {
             Some(id) => {
                 let url = affinity::rewrite_upload_url(&google_url, public_base, &id);
                 header.insert_header("x-goog-upload-url", url)?;
@@ -391,7 +391,7 @@ impl Gateway {
             }
             Learn::Delete(names) => {
                 for name in names {
-                    table.forget(name);
+                    self.shared.forget(name);
                 }
             }
             // Bound as the answer went by (`watch_interaction`).
@@ -403,7 +403,7 @@ impl Gateway {
         }
         if let Learn::UploadContinue { id } = &job.learn {
             if upload_final {
-                self.shared.uploads.finish(id);
+                self.shared.finish_upload(id);
             }
         }
         // A resource keygate did not know the owner of is bound to the project that served it,
@@ -421,7 +421,7 @@ impl Gateway {
     fn bind_created(&self, ctx: &Ctx, job: &Job<'_>, key: KeyId, name: &str, now: Millis) {
         let owner = self.owner(job, key, ctx.tenant.as_deref());
         let project = owner.project.clone();
-        if !self.shared.affinity.bind_new(name, owner, now) {
+        if !self.shared.bind_new(name, owner, now) {
             log::warn!(
                 "{} is already bound to another tenant or project; an answer of project {} named it too (kept the first owner)",
                 printable(name),

@@ -32,7 +32,7 @@ use crate::quota::keys::Millis;
 const PURGE_BATCH: usize = 32;
 
 /// How long an upload session stays valid. Google's resumable sessions last about a week.
-const UPLOAD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const UPLOAD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How many fresh ids `Uploads::start` draws before giving up on a collision (which, with 128
 /// random bits, only a broken random source would produce).
@@ -292,6 +292,15 @@ impl Uploads {
     /// The live session behind keygate's upload id `id`.
     pub fn get(&self, id: &str, now: Millis) -> Option<UploadSession> {
         lock(&self.table).get(id, now).cloned()
+    }
+
+    /// Takes in a session another instance started, live until `expires_at` (at most
+    /// [`UPLOAD_TTL`] from `now`); a session known here already is kept.
+    pub fn adopt(&self, id: &str, session: UploadSession, expires_at: Millis, now: Millis) {
+        let mut table = lock(&self.table);
+        if !table.contains_live(id, now) {
+            table.insert(id, session, expires_at.min(expiry(now, UPLOAD_TTL)), now);
+        }
     }
 
     /// Ends a session (after the finalize answer).

@@ -104,6 +104,15 @@ impl Plan {
         }
     }
 
+    /// The key [`Plan::next`] just gave is not tried after all (its cap's probe went to another
+    /// instance): the attempt does not count, and its project is left out of this request.
+    pub fn skip(&mut self, project: u32) {
+        self.attempts = self.attempts.saturating_sub(1);
+        if !self.avoid.contains(&project) {
+            self.avoid.push(project);
+        }
+    }
+
     /// Attempts made so far.
     pub fn attempts(&self) -> u32 {
         self.attempts
@@ -274,6 +283,18 @@ mod tests {
         Outcome::QuotaShort {
             cooldown: Duration::from_secs(seconds),
         }
+    }
+
+    #[test]
+    fn a_skipped_key_costs_no_attempt_and_leaves_its_project_out() {
+        let keys = pool(&[("a", "p1"), ("b", "p2")]);
+        let mut plan = plan(policy(1, 5));
+        let first = tried(plan.next(&keys, MODEL, METHOD, NOW));
+        plan.skip(keys.key(first).project);
+        assert_eq!(plan.attempts(), 0);
+        let second = tried(plan.next(&keys, MODEL, METHOD, NOW));
+        assert_ne!(keys.key(first).project, keys.key(second).project);
+        assert_eq!(plan.attempts(), 1);
     }
 
     #[test]

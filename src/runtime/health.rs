@@ -18,6 +18,16 @@ pub trait Announce: Send + Sync {
     fn is_up(&self) -> bool;
 }
 
+/// Where the probe of a capped scope is claimed across instances, so that one request of the
+/// whole fleet, not one per instance, tests a cap each probe interval.
+#[async_trait::async_trait]
+pub trait SharedProbes: Send + Sync {
+    /// Claims the probe of the cap on `scope` (`project`, `billing_account`) `name` of `pool`
+    /// for `every_ms`: false when another instance holds it. True when the store does not
+    /// answer in time (each instance then probes on its own).
+    async fn claim_probe(&self, pool: &str, scope: &str, name: &str, every_ms: Millis) -> bool;
+}
+
 /// Who changed a key's health.
 #[derive(Debug, Clone, Copy)]
 pub enum Cause {

@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod health;
+pub mod owners;
 
 use crate::cache::Cache;
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
@@ -104,6 +105,12 @@ pub struct Shared {
     pub fleet: std::sync::OnceLock<Arc<dyn health::Announce>>,
     /// The most recent refusals that changed a key's health, for the dashboard.
     pub quota_events: Recent<QuotaEvent>,
+    /// Where tenant limits are counted across instances, when several share their state.
+    pub limits: std::sync::OnceLock<Arc<dyn crate::tenants::shared::SharedLimits>>,
+    /// Where resource owners and uploads are shared with the other instances.
+    pub owners: std::sync::OnceLock<Arc<dyn owners::SharedOwners>>,
+    /// Where cap probes are claimed across instances.
+    pub probes: std::sync::OnceLock<Arc<dyn health::SharedProbes>>,
 }
 
 /// Where a request goes.
@@ -249,6 +256,9 @@ impl Shared {
             body_budget: BodyBudget::new(config.client_limits.max_buffered_body_bytes),
             fleet: std::sync::OnceLock::new(),
             quota_events: Recent::new(QUOTA_EVENTS),
+            limits: std::sync::OnceLock::new(),
+            owners: std::sync::OnceLock::new(),
+            probes: std::sync::OnceLock::new(),
         })
     }
 }

@@ -14,6 +14,7 @@
 //!   the lighter ones; nothing is held back for tenants that sent the pool nothing lately.
 
 pub mod endpoints;
+pub mod shared;
 
 use crate::config::TenantConfig;
 use crate::quota::keys::{Millis, Usage};
@@ -119,6 +120,20 @@ impl Drop for InFlight {
 }
 
 impl Tenant {
+    /// Whether any limit applies to this tenant (a tenant without one never asks the fleet).
+    pub fn is_limited(&self) -> bool {
+        self.rpm.is_some() || self.max_concurrent.is_some()
+    }
+
+    /// Counts a refusal the fleet's shared limits made.
+    pub fn count_refusal(&self, refusal: Refusal) {
+        let counter = match refusal {
+            Refusal::Rate { .. } => &self.state.refused_rate,
+            Refusal::Concurrency { .. } => &self.state.refused_concurrency,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
     /// Admits one request at `now_us` (microseconds since the epoch) or says why not. A refused
     /// request spends nothing: neither a concurrency slot nor a share of the rate.
     pub fn admit(&self, now_us: u64) -> Result<InFlight, Refusal> {
@@ -156,6 +171,21 @@ impl Tenant {
             });
         }
         Ok(())
+    }
+}
+
+impl Tenant {
+    /// Counts one request at `now_us` that the fleet admitted against the local rpm too,
+    /// without refusing it: should the fleet stop answering, this instance's own count goes on
+    /// from what it served.
+    pub fn note_rate(&self, now_us: u64) {
+        if let Some(rpm) = self.rpm {
+            let interval = 60_000_000 / u64::from(rpm.max(1));
+            let _ = self
+                .state
+                .rate_tat
+                .fetch_update(Relaxed, Relaxed, |tat| Some(tat.max(now_us) + interval));
+        }
     }
 }
 

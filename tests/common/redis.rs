@@ -119,3 +119,58 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A TCP relay in front of a Redis that a test can cut: an instance pointed at it loses Redis
+/// (its connections dropped, new ones refused) while the others keep theirs.
+pub struct RedisGate {
+    /// The port instances connect to.
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl RedisGate {
+    /// A gate to the Redis on `target`, open.
+    pub async fn start(target: u16) -> RedisGate {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, r) = (open.clone(), relays.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !o.load(SeqCst) {
+                    continue; // dropped: refused
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                r.lock().unwrap().push(relay.abort_handle());
+            }
+        });
+        RedisGate { port, open, relays }
+    }
+
+    /// The config section pointing keygate at the gate.
+    pub fn yaml(&self) -> String {
+        format!("redis:\n  url: \"redis://127.0.0.1:{}/0\"\n", self.port)
+    }
+
+    /// Drops every connection through the gate and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

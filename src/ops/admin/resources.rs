@@ -128,7 +128,7 @@ impl Admin {
             tenant: tenant.as_ref().map(|t| t.name.clone()),
         };
         let now = now_millis();
-        self.shared.affinity.bind(&name, owner, now);
+        self.shared.bind(&name, owner, now);
         let expires = self
             .shared
             .affinity
@@ -166,7 +166,7 @@ impl Admin {
                 format!("keygate knows no owner of '{name}'"),
             );
         }
-        self.shared.affinity.forget(name);
+        self.shared.forget(name);
         log::warn!("admin: forgot the owner of {name}");
         Answer(StatusCode::OK, json!({ "forgotten": name }))
     }

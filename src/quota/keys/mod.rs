@@ -538,6 +538,11 @@ impl KeyPool {
             .max(self.account_caps[account].open_at())
     }
 
+    /// How often a probe may test a monthly cap.
+    pub fn probe_every(&self) -> Millis {
+        self.probe_every
+    }
+
     /// The billing account `project` names, if it names one.
     pub fn billing_account_of(&self, project: u32) -> Option<&str> {
         self.accounts[self.account_of[project as usize] as usize].as_deref()
