@@ -396,7 +396,15 @@ async fn the_dashboard_in_a_real_browser() {
         96,
         "{day}"
     );
-    for bad in ["minutes=0", "step=x", "bogus=1"] {
+    // A key that served nothing has empty lists; a series is at most 240 points.
+    let idle = usage["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == fp_dead.as_str())
+        .unwrap();
+    assert_eq!(idle["requests"], serde_json::json!([]), "{usage}");
+    for bad in ["minutes=0", "step=x", "bogus=1", "minutes=1440&step=1"] {
         let (status, answer) =
             admin_call("GET", &admin_url, &format!("/admin/usage?{bad}"), None).await;
         assert_eq!(status, 400, "{bad}: {answer}");

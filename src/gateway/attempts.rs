@@ -3,7 +3,7 @@
 
 use super::answers::{exhausted_error, fair_share_error};
 use super::client::unless_client_gone;
-use super::events::quota_event;
+use super::events::{is_news, quota_event};
 use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
 use crate::quota::classify::{
     classify, classify_prefix, classify_relayed, Outcome, MAX_CLASSIFY_BODY,
@@ -290,9 +290,11 @@ impl Gateway {
                             let change = Transition::penalise(penalty, job.model, job.method);
                             let changed =
                                 self.shared.change_health(keys, key, change, Cause::Answer);
-                            self.shared.quota_events.push(quota_event(
-                                keys, key, job.model, &outcome, penalty, &changed, &answer,
-                            ));
+                            if is_news(penalty, &changed) {
+                                self.shared.quota_events.push(quota_event(
+                                    keys, key, job.model, &outcome, penalty, &changed, &answer,
+                                ));
+                            }
                         }
                         Then::NotGoogle => {
                             let status = answer.header.status.as_u16();

@@ -9,6 +9,19 @@ use crate::upstream::exchange::{decoded_body, Answer};
 /// Longest message kept, in characters.
 const MAX_MESSAGE: usize = 300;
 
+/// Whether applying `penalty` changed anything worth an event: a burst of requests refused
+/// together sets one cooldown, and writes one event, not one per request.
+pub(super) fn is_news(penalty: &Penalty, changed: &Changed) -> bool {
+    match penalty {
+        Penalty::CoolProjectModel { .. } => changed.cooled || changed.escalated.is_some(),
+        Penalty::CapProject { .. } | Penalty::CapBillingAccount { .. } => changed.capped.is_some(),
+        Penalty::DisableProject | Penalty::DisableKey(_) | Penalty::BlockMethod => true,
+    }
+}
+
+/// Longest model name kept, in characters (a client chooses it).
+const MAX_MODEL: usize = 200;
+
 /// The event for `answer` (classified `outcome`) that made keygate apply `penalty` to `key`.
 pub(super) fn quota_event(
     keys: &KeyPool,
@@ -38,7 +51,7 @@ pub(super) fn quota_event(
         pool: keys.name().to_string(),
         key: pool_key.fingerprint.clone(),
         project: keys.project_name(pool_key.project).to_string(),
-        model: model.to_string(),
+        model: model.chars().take(MAX_MODEL).collect(),
         reason: outcome.label(),
         action,
         until,

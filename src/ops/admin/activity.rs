@@ -3,17 +3,22 @@
 
 use super::{error, rfc3339, Admin, Answer};
 use crate::quota::keys::now_millis;
-use crate::quota::keys::series::MINUTES;
+use crate::quota::keys::series::{MinuteSeries, MINUTES};
 use http::StatusCode;
 use serde_json::{json, Value};
 
+/// The most points one series of `/admin/usage` may have (e.g. a day in 6-minute steps).
+const MAX_POINTS: usize = 240;
+
 impl Admin {
     /// `GET /admin/usage?minutes=60&step=1`: requests and tokens of every key and tenant over
-    /// the last `minutes` (at most a day, the default), in points of `step` minutes, oldest
-    /// first; the last point is the current minute.
+    /// the last `minutes` (at most a day, the default), in points of `step` minutes (6 by
+    /// default), oldest first; the last point is the current minute. At most [`MAX_POINTS`]
+    /// points a series, and a series with nothing in it is an empty list: the answer stays
+    /// small for a pool of thousands of mostly idle keys.
     pub(super) fn usage(&self, query: Option<&str>) -> Answer {
         let mut minutes = MINUTES;
-        let mut step = 1;
+        let mut step = 6;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let number = match value.parse::<usize>() {
@@ -37,19 +42,35 @@ impl Admin {
             }
         }
         let step = step.min(minutes);
+        if minutes.div_ceil(step) > MAX_POINTS {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("at most {MAX_POINTS} points a series: raise step (minutes / step)"),
+            );
+        }
         let now = now_millis();
+        // A series with nothing in it is sent as empty lists.
+        let points = |series: &MinuteSeries| {
+            let p = series.read(now, minutes, step);
+            let idle = p.requests.iter().chain(&p.tokens).all(|&n| n == 0);
+            if idle {
+                (Vec::new(), Vec::new())
+            } else {
+                (p.requests, p.tokens)
+            }
+        };
         let rt = self.shared.runtime.load();
         let mut keys = Vec::new();
         for pool in &rt.pools {
             let table = pool.keys.load();
             for k in 0..table.len() {
                 let key = table.key(crate::quota::keys::KeyId(k as u32));
-                let p = key.usage.minutes.read(now, minutes, step);
+                let (requests, tokens) = points(&key.usage.minutes);
                 keys.push(json!({
                     "pool": pool.name(),
                     "key": key.fingerprint,
-                    "requests": p.requests,
-                    "tokens": p.tokens,
+                    "requests": requests,
+                    "tokens": tokens,
                 }));
             }
         }
@@ -58,8 +79,8 @@ impl Admin {
             .list()
             .iter()
             .map(|t| {
-                let p = t.state.usage.minutes.read(now, minutes, step);
-                json!({ "name": &*t.name, "requests": p.requests, "tokens": p.tokens })
+                let (requests, tokens) = points(&t.state.usage.minutes);
+                json!({ "name": &*t.name, "requests": requests, "tokens": tokens })
             })
             .collect();
         Answer(

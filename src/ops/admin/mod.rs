@@ -98,12 +98,18 @@ impl ServeHttp for Admin {
                 return reply(StatusCode::OK, asset.content_type, asset.body.to_vec());
             }
         }
+        // The usage series are long lists of numbers: one per line would multiply their size.
+        let compact = head.uri.path() == "/admin/usage";
         let answer = self.handle(http).await;
         // The metrics text is the one answer that is not JSON.
         let (body, content_type) = match answer.1 {
             Value::String(text) if answer.0 == StatusCode::OK => (
                 text.into_bytes(),
                 "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            json if compact => (
+                serde_json::to_vec(&json).unwrap_or_default(),
+                "application/json",
             ),
             json => (
                 serde_json::to_vec_pretty(&json).unwrap_or_default(),
@@ -155,11 +161,15 @@ impl Admin {
             Ok(b) => b,
             Err(a) => return a,
         };
-        let parts: Vec<&str> = path
+        // Segments %-decoded after the split: a pool or tenant named `team a` arrives as
+        // `team%20a` from the dashboard (encodeURIComponent) and from curl users.
+        let segments: Vec<std::borrow::Cow<'_, str>> = path
             .trim_start_matches('/')
             .trim_end_matches('/')
             .split('/')
+            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
             .collect();
+        let parts: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
         match (method.as_str(), parts.as_slice()) {
             ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
             ("GET", ["admin", "usage"]) => self.usage(query.as_deref()),

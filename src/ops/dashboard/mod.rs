@@ -8,9 +8,11 @@
 //! markup), and the Content-Security-Policy forbids inline script and any other origin.
 
 /// The Content-Security-Policy of every admin answer: nothing but this origin's own script,
-/// style and images; no inline script or style, no framing, no form posts, no `<base>`.
+/// style and images; no inline script or style, no framing, no form posts, no `<base>`; and
+/// Trusted Types with no policy, so that any HTML sink (`innerHTML`) throws in the browser.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-     connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+     connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; \
+     require-trusted-types-for 'script'; trusted-types 'none'";
 
 /// Headers every admin answer carries, data and dashboard alike (and no CORS header, ever).
 pub const SECURITY_HEADERS: [(&str, &str); 7] = [

@@ -109,6 +109,9 @@ pub struct Changed {
     pub unavailable: bool,
     /// A short-window cooldown that came back soon after it ended, made this long instead.
     pub escalated: Option<Millis>,
+    /// A cooldown started, or one running now ends at least a second later than it did. Another
+    /// refusal of a request that was already in flight changes nothing.
+    pub cooled: bool,
 }
 
 impl Changed {
@@ -167,6 +170,7 @@ impl KeyPool {
             caps_lifted: Vec::new(),
             unavailable: false,
             escalated: None,
+            cooled: false,
         };
         match transition {
             Transition::Penalise {
@@ -242,9 +246,11 @@ impl KeyPool {
                             (millis(until), CoolingKind::Unavailable)
                         }
                     };
-                    if health.cool_until[project].fetch_max(until, Relaxed) < until {
+                    let before = health.cool_until[project].fetch_max(until, Relaxed);
+                    if before < until {
                         health.why[project].store(kind.code(), Relaxed);
                     }
+                    changed.cooled = before <= now && until > now || until >= before + 1000;
                 }
                 None => log::warn!(
                     "pool {}: too many models with cooldowns; not recording one for {:?}",
@@ -491,6 +497,21 @@ mod tests {
             1000,
         );
         assert_eq!((cool.went_out(), cool.came_back()), (None, None));
+        assert!(cool.cooled, "a cooldown started");
+        // The same refusal again (a request that was in flight) is no news; a later end is.
+        let again = |until_ms: i64| {
+            let until = Utc.timestamp_millis_opt(until_ms).unwrap();
+            let why = Cooling::Day;
+            p.change(
+                KeyId(0),
+                refused(&Penalty::CoolProjectModel { until, why }),
+                1000,
+            )
+            .cooled
+        };
+        assert!(!again(60_000));
+        assert!(!again(60_500));
+        assert!(again(61_500));
         assert_eq!(picked(&p, "m", &[], 1000), Some(1));
         let blocked = p.change(KeyId(1), refused(&Penalty::BlockMethod), 1000);
         assert_eq!((blocked.before, blocked.after), (None, None));

@@ -400,6 +400,7 @@
       const key = $('add-secret').value.trim();
       const project = $('add-project').value.trim();
       $('add-secret').value = '';
+      $('add-project').value = '';
       if (!key) return;
       const body = project ? { key, project } : { key };
       act(`Add this key to pool ${pool}? It is runtime only: lost on restart.`, 'POST',
