@@ -81,4 +81,48 @@ mod tests {
         assert!(js.contains("sessionStorage.setItem(TOKEN"));
         assert!(asset("/admin/pools").is_none());
     }
+
+    /// WCAG 2 contrast of two `#rrggbb` colours.
+    fn contrast(a: &str, b: &str) -> f64 {
+        let luminance = |hex: &str| {
+            let channel = |i: usize| {
+                let c = f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap()) / 255.0;
+                if c <= 0.03928 {
+                    c / 12.92
+                } else {
+                    ((c + 0.055) / 1.055).powf(2.4)
+                }
+            };
+            0.2126 * channel(1) + 0.7152 * channel(3) + 0.0722 * channel(5)
+        };
+        let (x, y) = (luminance(a), luminance(b));
+        (x.max(y) + 0.05) / (x.min(y) + 0.05)
+    }
+
+    #[test]
+    fn text_colours_pass_wcag_aa_on_their_backgrounds() {
+        let css = std::str::from_utf8(asset("/dashboard.css").unwrap().body).unwrap();
+        let var = |name: &str| {
+            let at = css.find(&format!("--{name}:")).unwrap() + name.len() + 3;
+            css[at..].trim_start()[..7].to_string()
+        };
+        let white = "#ffffff".to_string();
+        let pairs = [
+            ("text", var("text"), var("bg")),
+            ("text on panels", var("text"), var("panel")),
+            ("muted", var("muted"), var("bg")),
+            ("muted on panels", var("muted"), var("panel")),
+            ("top bar and buttons", white.clone(), var("accent")),
+            ("quiet buttons", var("accent"), white.clone()),
+            ("ok", var("ok-fg"), var("ok-bg")),
+            ("cooling", var("cool-fg"), var("cool-bg")),
+            ("disabled", var("off-fg"), var("off-bg")),
+            ("danger buttons", var("off-fg"), white),
+            ("capped", var("cap-fg"), var("cap-bg")),
+        ];
+        for (what, fg, bg) in pairs {
+            let ratio = contrast(&fg, &bg);
+            assert!(ratio >= 4.5, "{what}: {fg} on {bg} is {ratio:.2}:1");
+        }
+    }
 }
