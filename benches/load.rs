@@ -12,7 +12,9 @@
 //! hit served from memory (the `Response cache` section compares it with the upstream direct).
 //! Tunables (environment): `LOAD_SECONDS` (default 10),
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
-//! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1).
+//! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1), `LOAD_ONLY=fleet`
+//! (only the section on Redis: keygate alone against keygate sharing its state, and two
+//! instances on one Redis; it needs `redis-server`).
 
 // Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -338,11 +340,26 @@ struct Run {
 }
 
 fn oha(url: &str, seconds: u64, connections: usize, rate: Option<f64>, pid: Option<u32>) -> Run {
+    oha_as(url, None, seconds, connections, rate, pid)
+}
+
+/// [`oha`], the requests carrying `token` (as `x-goog-api-key`) when given.
+fn oha_as(
+    url: &str,
+    token: Option<&str>,
+    seconds: u64,
+    connections: usize,
+    rate: Option<f64>,
+    pid: Option<u32>,
+) -> Run {
     let cpu_before = pid.map(cpu_seconds).unwrap_or(0.0);
     let mut cmd = Command::new("oha");
     cmd.args(["--no-tui", "--output-format", "json", "-m", "POST"])
         .args(["-H", "content-type: application/json", "-d", PROMPT])
         .args(["-z", &format!("{seconds}s"), "-c", &connections.to_string()]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("x-goog-api-key: {t}")]);
+    }
     if let Some(q) = rate {
         cmd.args(["-q", &format!("{q:.0}")]);
     }
@@ -581,6 +598,153 @@ fn large_config_measures(
     ]
 }
 
+const OPEN_TOKEN: &str = "made-up-open-tenant-token";
+const LIMITED_TOKEN: &str = "made-up-limited-tenant-token";
+
+/// `redis-server` (Debian's package) on a free port, without persistence; `None` when it is
+/// not installed.
+fn start_redis(dir: &Path) -> Option<(Proc, u16)> {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut proc = Proc {
+        child,
+        name: "redis-server",
+    };
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), &mut proc);
+    Some((proc, port))
+}
+
+/// One key, and two tenants: one without limits, one with limits high enough never to refuse
+/// (so that what is measured is their cost, not refusals); with `redis` (a port), shared.
+fn tenants_yaml(upstream: SocketAddr, redis: Option<u16>) -> String {
+    let mut y = one_key_yaml(upstream, 1);
+    y.push_str(&format!(
+        "tenants:\n  - name: open\n    token: \"{OPEN_TOKEN}\"\n  - name: limited\n    token: \"{LIMITED_TOKEN}\"\n    rpm: 100000000\n    max_concurrent: 100000\n"
+    ));
+    if let Some(port) = redis {
+        y.push_str(&format!("redis:\n  url: \"redis://127.0.0.1:{port}/0\"\n"));
+    }
+    y
+}
+
+/// keygate alone against keygate sharing its state through Redis, side by side (alternating
+/// runs, medians), for a tenant without limits and one with limits; then two instances sharing
+/// one Redis, loaded together.
+fn fleet_section(report: &mut String, dir: &Path, upstream: SocketAddr, seconds: u64) {
+    let Some((redis, port)) = start_redis(dir) else {
+        let _ = writeln!(
+            report,
+            "### keygate with Redis\n\nNot measured: `redis-server` is not installed (`make test-deps` installs it).\n"
+        );
+        return;
+    };
+    let (alone, alone_addr, _) = start_keygate(dir, "fleet-alone", &tenants_yaml(upstream, None));
+    let (shared, shared_addr, _) =
+        start_keygate(dir, "fleet-a", &tenants_yaml(upstream, Some(port)));
+    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let alone_url = format!("http://{alone_addr}{path}");
+    let shared_url = format!("http://{shared_addr}{path}");
+    let runs = [
+        (
+            "alone, tenant without limits",
+            &alone_url,
+            OPEN_TOKEN,
+            alone.pid(),
+        ),
+        (
+            "with Redis, tenant without limits",
+            &shared_url,
+            OPEN_TOKEN,
+            shared.pid(),
+        ),
+        (
+            "alone, tenant with limits",
+            &alone_url,
+            LIMITED_TOKEN,
+            alone.pid(),
+        ),
+        (
+            "with Redis, tenant with limits",
+            &shared_url,
+            LIMITED_TOKEN,
+            shared.pid(),
+        ),
+    ];
+    for (_, url, token, _) in &runs {
+        let _ = oha_as(url, Some(token), 2, 16, None, None);
+    }
+    // Three rounds, alternating; per round a throughput run (16 connections) and a run at a
+    // fixed rate (2,000 req/s) for the latency.
+    let mut rps = vec![Vec::new(); runs.len()];
+    let mut p99 = vec![Vec::new(); runs.len()];
+    let mut cpu = vec![Vec::new(); runs.len()];
+    for _ in 0..3 {
+        for (i, (_, url, token, pid)) in runs.iter().enumerate() {
+            let r = oha_as(url, Some(token), seconds / 2, 16, None, Some(*pid));
+            rps[i].push(r.rps);
+            cpu[i].push(r.cpu_per_10k);
+            let r = oha_as(url, Some(token), seconds / 2, 16, Some(2000.0), None);
+            p99[i].push(r.p99_ms);
+        }
+    }
+    let _ = writeln!(
+        report,
+        "### keygate with Redis (one instance, medians of 3 alternating rounds, 16 connections)\n\n| target | req/s | CPU s / 10k req | p99 ms at 2,000 req/s |\n|---|---:|---:|---:|"
+    );
+    for (i, (name, _, _, _)) in runs.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {name} | {:.0} | {:.2} | {:.3} |",
+            median(rps[i].clone()),
+            median(cpu[i].clone()),
+            median(p99[i].clone())
+        );
+    }
+    let m = |v: &Vec<f64>| median(v.clone());
+    let _ = writeln!(
+        report,
+        "\nWith Redis, a tenant without limits: throughput {:.2}x keygate alone, p99 {:+.3} ms. A tenant with limits: {:.2}x, p99 {:+.3} ms (its limits counted in Redis: one round trip at admission).\n",
+        m(&rps[1]) / m(&rps[0]),
+        m(&p99[1]) - m(&p99[0]),
+        m(&rps[3]) / m(&rps[2]),
+        m(&p99[3]) - m(&p99[2]),
+    );
+    drop(alone);
+
+    // Two instances sharing the one Redis, loaded together (two load tools, 64 connections
+    // each), against one instance with 128 connections.
+    let (second, second_addr, _) =
+        start_keygate(dir, "fleet-b", &tenants_yaml(upstream, Some(port)));
+    let second_url = format!("http://{second_addr}{path}");
+    let one = oha_as(&shared_url, Some(OPEN_TOKEN), seconds, 128, None, None);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| oha_as(&shared_url, Some(LIMITED_TOKEN), seconds, 64, None, None));
+        let b = s.spawn(|| oha_as(&second_url, Some(LIMITED_TOKEN), seconds, 64, None, None));
+        (a.join().unwrap_or_default(), b.join().unwrap_or_default())
+    });
+    let _ = writeln!(
+        report,
+        "### Two instances, one Redis\n\n| | req/s | 200s |\n|---|---:|---:|\n| one instance, 128 connections, tenant without limits | {:.0} | {:.1}% |\n| two instances together, 64 connections each, tenant with limits (shared) | {:.0} + {:.0} = {:.0} | {:.1}% / {:.1}% |\n\nOn this machine the two instances share its cores with the load tools and the upstream: the sum shows the shared limits cost no throughput, not that a second instance adds any.\n",
+        one.rps,
+        one.ok_ratio * 100.0,
+        a.rps,
+        b.rps,
+        a.rps + b.rps,
+        a.ok_ratio * 100.0,
+        b.ok_ratio * 100.0
+    );
+    drop(second);
+    drop(shared);
+    drop(redis);
+}
+
 fn main() {
     // `cargo bench` passes --bench; anything else (a test harness probe) is not a request to run.
     if !std::env::args().any(|a| a == "--bench") {
@@ -597,6 +761,13 @@ fn main() {
         .expect("runtime");
 
     let upstream = start_upstream();
+    // `LOAD_ONLY=fleet`: only the section on Redis (keygate alone against keygate with Redis).
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("fleet") {
+        let mut report = String::new();
+        fleet_section(&mut report, dir.path(), upstream, seconds);
+        println!("{report}");
+        return;
+    }
     let (nginx, nginx_addr) = start_nginx(dir.path(), upstream, workers);
     let (floor, floor_addr) = start_floor(upstream, workers);
     let (keygate, kg_addr, _) =
@@ -819,9 +990,11 @@ fn main() {
         SEQUENTIAL_WARMUP + SEQUENTIAL_SAMPLES
     );
 
-    // Large config: 10,000 keys, 1,000 tenants, 1,000 idle client connections.
     drop(nginx);
     drop(floor);
+    fleet_section(&mut report, dir.path(), upstream, seconds);
+
+    // Large config: 10,000 keys, 1,000 tenants, 1,000 idle client connections.
     let big = large_config(upstream, 10_000, 1_000);
     let _ = writeln!(
         report,
