@@ -906,6 +906,10 @@ async fn the_usage_series_are_the_fleets() {
         (200, &Value::Bool(true)),
         "{usage}"
     );
+    // Redis wiped: the sums start again, never below what each instance served itself.
+    redis.cli(&["FLUSHALL"]);
+    until_usage(&admin_a, (Value::Bool(true), 3, 3, 21)).await;
+    until_usage(&admin_b, (Value::Bool(true), 3, 3, 21)).await;
     // Redis gone: each answers its own counts and says so.
     redis.kill();
     until_usage(&admin_a, (Value::Bool(false), 3, 3, 21)).await;

@@ -81,13 +81,14 @@ impl Admin {
             None => None,
         };
         let mut points = local.iter().enumerate().map(|(i, series)| {
-            let p = match &fleet {
-                Some(fleet) => {
-                    let counts = [fleet[i].clone(), series.unsent()];
-                    SeriesPoints::from_minutes(now, minutes, step, &counts)
-                }
-                None => series.read(now, minutes, step),
-            };
+            let mut p = series.read(now, minutes, step);
+            if let Some(fleet) = &fleet {
+                let counts = [fleet[i].clone(), series.unsent()];
+                let sums = SeriesPoints::from_minutes(now, minutes, step, &counts);
+                // Never less than this instance served itself (Redis wiped or restarted empty,
+                // counts older than the catch-up window never sent).
+                p.at_least(&sums);
+            }
             // A series with nothing in it is sent as empty lists.
             let idle = p.requests.iter().chain(&p.tokens).all(|&n| n == 0);
             if idle {

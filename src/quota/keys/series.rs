@@ -238,6 +238,18 @@ impl SeriesPoints {
         out
     }
 
+    /// Raises each point to at least `other`'s (of the same window).
+    pub fn at_least(&mut self, other: &SeriesPoints) {
+        for (mine, theirs) in [
+            (&mut self.requests, &other.requests),
+            (&mut self.tokens, &other.tokens),
+        ] {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a = (*a).max(*b);
+            }
+        }
+    }
+
     /// The first minute of the window [`from_minutes`](Self::from_minutes) covers.
     pub fn first_minute(now: Millis, minutes: usize, step: usize) -> u64 {
         let minutes = minutes.clamp(1, MINUTES);
@@ -317,6 +329,12 @@ mod tests {
         let rebuilt = SeriesPoints::from_minutes(now, 4, 2, &[first, second]);
         assert_eq!(rebuilt, s.read(now, 4, 2));
         assert_eq!(SeriesPoints::first_minute(now, 4, 2), m - 2);
+        let mut low = SeriesPoints {
+            requests: vec![1, 0],
+            tokens: vec![0, 500],
+        };
+        low.at_least(&rebuilt);
+        assert_eq!((low.requests, low.tokens), (vec![1, 4], vec![0, 500]));
         // Counts older than the catch-up window are not kept for sending.
         s.add(T0 + 200 * MINUTE_MS, 1, 1);
         assert_eq!(s.take_unsent(), [(m + 200, [1, 1])]);
