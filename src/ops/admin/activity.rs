@@ -83,7 +83,7 @@ impl Admin {
         let mut points = local.iter().enumerate().map(|(i, series)| {
             let mut p = series.read(now, minutes, step);
             if let Some(fleet) = &fleet {
-                let counts = [fleet[i].clone(), series.unsent()];
+                let counts = [fleet.get(i).cloned().unwrap_or_default(), series.unsent()];
                 let sums = SeriesPoints::from_minutes(now, minutes, step, &counts);
                 // Never less than this instance served itself (Redis wiped or restarted empty,
                 // counts older than the catch-up window never sent).
