@@ -176,6 +176,9 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         let _ = shared
             .probes
             .set(Arc::new(fleet::FleetProbes(link.clone())));
+        let _ = shared
+            .series
+            .set(Arc::new(fleet::FleetSeries(link.clone())));
         log::info!("health shared through redis at {}", link.url());
         server.add_service(background_service(
             "redis",

@@ -271,7 +271,8 @@ async fn no_key_or_token_travels_through_redis() {
         .split('&')
         .next()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The usage series' writer turns once a second.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     let _ = watch.kill();
     let _ = watch.wait();
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
@@ -281,6 +282,10 @@ async fn no_key_or_token_travels_through_redis() {
     assert!(
         traffic.contains("upload_id"),
         "no upload was shared: {traffic}"
+    );
+    assert!(
+        stored.iter().any(|e| e.starts_with("keygate:series:")),
+        "no usage series was shared: {stored:?}"
     );
     for secret in [
         "secret-key-1",
@@ -340,6 +345,7 @@ async fn a_served_request_makes_no_redis_round_trip() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
     all_served(&kg, 30).await;
     for _ in 0..30 {
         let (status, _, body) = generate(&tenant_kg.url(), FLASH, Some("tok-alice")).await;
@@ -347,12 +353,21 @@ async fn a_served_request_makes_no_redis_round_trip() {
     }
     let _ = watch.kill();
     let _ = watch.wait();
+    let seconds = started.elapsed().as_secs() + 2;
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
-    let commands: Vec<&str> = traffic
+    // The usage series' writer sends each instance's counts once a second in the background
+    // (one script call per busy key or tenant): not one call per request.
+    let (series, commands): (Vec<&str>, Vec<&str>) = traffic
         .lines()
         .filter(|l| l.contains('"') && !l.contains("\"PING\""))
-        .collect();
+        .partition(|l| l.contains("keygate:series:"));
     assert!(commands.is_empty(), "{commands:?}");
+    let calls = series.iter().filter(|l| l.contains("\"EVAL\"")).count() as u64;
+    // Two keys on one instance, two keys and a tenant on the other.
+    assert!(
+        calls <= 5 * seconds,
+        "{calls} series writes in {seconds} s: {series:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -550,6 +565,8 @@ async fn limits_cost() {
     let commands: Vec<&str> = traffic
         .lines()
         .filter(|l| l.contains('"') && !l.contains("lua]") && !l.contains("\"PING\""))
+        // The usage series' writer: once a second, not per request.
+        .filter(|l| !l.contains("keygate:series:"))
         .collect();
     let evals = commands.iter().filter(|l| l.contains("\"EVAL")).count();
     let zrems = commands.iter().filter(|l| l.contains("\"ZREM\"")).count();
@@ -788,4 +805,113 @@ async fn a_long_request_keeps_its_slot_past_the_lease() {
         "the slot was lost past its first lease: {body}"
     );
     assert_eq!(long.await.unwrap(), 200);
+}
+
+/// The sums of `/admin/usage` at `admin`: (shared, key requests, tenant alice's requests and
+/// tokens).
+async fn usage_sums(admin: &str) -> (Value, u64, u64, u64) {
+    let (status, usage) = admin_call("GET", admin, "/admin/usage?minutes=60&step=60", None).await;
+    assert_eq!(status, 200, "{usage}");
+    let sum = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let keys = usage["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| sum(&k["requests"]))
+        .sum();
+    let alice = usage["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "alice")
+        .unwrap();
+    (
+        usage["shared"].clone(),
+        keys,
+        sum(&alice["requests"]),
+        sum(&alice["tokens"]),
+    )
+}
+
+/// Polls `/admin/usage` at `admin` until its sums are `want`.
+async fn until_usage(admin: &str, want: (Value, u64, u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = usage_sums(admin).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{admin}: {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_series_are_the_fleets() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    for (kg, n) in [(&a, 3), (&b, 2)] {
+        for _ in 0..n {
+            let (status, _, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // Each answers the fleet's sums: 5 requests of 7 tokens, over the keys and for alice.
+    until_usage(&admin_a, (Value::Bool(true), 5, 5, 35)).await;
+    until_usage(&admin_b, (Value::Bool(true), 5, 5, 35)).await;
+    // More through B: A sees them once B's writer has sent them.
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+    assert_eq!(status, 200, "{body}");
+    until_usage(&admin_a, (Value::Bool(true), 6, 6, 42)).await;
+    // In Redis: one hash per key and per tenant, named by hashes, expiring within 25 hours.
+    let names: Vec<String> = redis
+        .cli(&["--scan", "--pattern", "keygate:series:*"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for name in &names {
+        assert!(!name.contains("alice") && !name.contains("k1"), "{name}");
+        let ttl: u64 = redis.cli(&["PTTL", name]).trim().parse().unwrap();
+        assert!(
+            ttl > 24 * 3600 * 1000 && ttl <= 25 * 3600 * 1000,
+            "{name}: {ttl}"
+        );
+    }
+    // Garbage under the names is skipped, never a failed answer.
+    redis.cli(&["HSET", &names[0], "junk", "x", "1:r", "not a number"]);
+    redis.cli(&["DEL", &names[1]]);
+    redis.cli(&["SET", &names[1], "a string"]);
+    let (status, usage) = admin_call("GET", &admin_a, "/admin/usage", None).await;
+    assert_eq!(
+        (status, &usage["shared"]),
+        (200, &Value::Bool(true)),
+        "{usage}"
+    );
+    // Redis wiped: the sums start again, never below what each instance served itself.
+    redis.cli(&["FLUSHALL"]);
+    until_usage(&admin_a, (Value::Bool(true), 3, 3, 21)).await;
+    until_usage(&admin_b, (Value::Bool(true), 3, 3, 21)).await;
+    // Redis gone: each answers its own counts and says so.
+    redis.kill();
+    until_usage(&admin_a, (Value::Bool(false), 3, 3, 21)).await;
+    until_usage(&admin_b, (Value::Bool(false), 3, 3, 21)).await;
 }

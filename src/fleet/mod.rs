@@ -15,6 +15,7 @@ mod chores;
 mod limits;
 mod owners;
 mod probes;
+mod series;
 mod store;
 mod sync;
 mod versions;
@@ -22,6 +23,7 @@ mod versions;
 pub use limits::FleetLimits;
 pub use owners::FleetOwners;
 pub use probes::FleetProbes;
+pub use series::FleetSeries;
 
 use crate::config::RedisConfig;
 use crate::quota::keys::{now_millis, News};
@@ -292,6 +294,7 @@ impl BackgroundService for FleetService {
             _ = writer(&self.fleet, &self.shared, queued) => {}
             _ = chores::run(&self.fleet, chores) => {}
             _ = limits::renewer(&self.fleet) => {}
+            _ = series::writer(&self.fleet, &self.shared) => {}
             _ = listener(&self.fleet, &self.shared) => {}
             _ = sync::keeper(&self.fleet, &self.shared) => {}
             _ = shutdown.changed() => {}

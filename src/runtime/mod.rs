@@ -111,6 +111,8 @@ pub struct Shared {
     pub owners: std::sync::OnceLock<Arc<dyn owners::SharedOwners>>,
     /// Where cap probes are claimed across instances.
     pub probes: std::sync::OnceLock<Arc<dyn health::SharedProbes>>,
+    /// Where the usage series of the instances are added up.
+    pub series: std::sync::OnceLock<Arc<dyn crate::quota::keys::series::SharedSeries>>,
 }
 
 /// Where a request goes.
@@ -259,6 +261,7 @@ impl Shared {
             limits: std::sync::OnceLock::new(),
             owners: std::sync::OnceLock::new(),
             probes: std::sync::OnceLock::new(),
+            series: std::sync::OnceLock::new(),
         })
     }
 }

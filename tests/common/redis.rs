@@ -109,7 +109,14 @@ impl RedisServer {
         self.cli(&["--scan"])
             .lines()
             .filter(|l| !l.is_empty())
-            .map(|name| (name.to_string(), self.cli(&["GET", name])))
+            .map(|name| {
+                let value = if self.cli(&["TYPE", name]).trim() == "hash" {
+                    self.cli(&["HGETALL", name])
+                } else {
+                    self.cli(&["GET", name])
+                };
+                (name.to_string(), value)
+            })
             .collect()
     }
 }

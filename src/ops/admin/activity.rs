@@ -3,7 +3,7 @@
 
 use super::{error, rfc3339, Admin, Answer};
 use crate::quota::keys::now_millis;
-use crate::quota::keys::series::{MinuteSeries, MINUTES};
+use crate::quota::keys::series::{SeriesOf, SeriesPoints, MINUTES};
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -15,8 +15,9 @@ impl Admin {
     /// the last `minutes` (at most a day, the default), in points of `step` minutes (6 by
     /// default), oldest first; the last point is the current minute. At most [`MAX_POINTS`]
     /// points a series, and a series with nothing in it is an empty list: the answer stays
-    /// small for a pool of thousands of mostly idle keys.
-    pub(super) fn usage(&self, query: Option<&str>) -> Answer {
+    /// small for a pool of thousands of mostly idle keys. With Redis answering, the counts are
+    /// the fleet's (`"shared": true`); otherwise this instance's own (`"shared": false`).
+    pub(super) async fn usage(&self, query: Option<&str>) -> Answer {
         let mut minutes = MINUTES;
         let mut step = 6;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -49,37 +50,70 @@ impl Admin {
             );
         }
         let now = now_millis();
-        // A series with nothing in it is sent as empty lists.
-        let points = |series: &MinuteSeries| {
-            let p = series.read(now, minutes, step);
+        // Owned, not guards: the read below awaits Redis.
+        let rt = self.shared.runtime.load_full();
+        let tables: Vec<_> = rt
+            .pools
+            .iter()
+            .map(|p| (p.name(), p.keys.load_full()))
+            .collect();
+        let tenants = rt.tenants.list();
+        let mut whose = Vec::new();
+        let mut local = Vec::new();
+        for (pool, table) in &tables {
+            for k in 0..table.len() {
+                let key = table.key(crate::quota::keys::KeyId(k as u32));
+                whose.push(SeriesOf::Key {
+                    pool,
+                    fingerprint: &key.fingerprint,
+                });
+                local.push(&key.usage.minutes);
+            }
+        }
+        for t in tenants.iter() {
+            whose.push(SeriesOf::Tenant(&t.name));
+            local.push(&t.state.usage.minutes);
+        }
+        // With Redis: the fleet's sums, plus what this instance has not sent yet.
+        let first = SeriesPoints::first_minute(now, minutes, step);
+        let fleet = match self.shared.series.get() {
+            Some(shared) => shared.read(&whose, first, now / 60_000).await,
+            None => None,
+        };
+        let mut points = local.iter().enumerate().map(|(i, series)| {
+            let mut p = series.read(now, minutes, step);
+            if let Some(fleet) = &fleet {
+                let counts = [fleet.get(i).cloned().unwrap_or_default(), series.unsent()];
+                let sums = SeriesPoints::from_minutes(now, minutes, step, &counts);
+                // Never less than this instance served itself (Redis wiped or restarted empty,
+                // counts older than the catch-up window never sent).
+                p.at_least(&sums);
+            }
+            // A series with nothing in it is sent as empty lists.
             let idle = p.requests.iter().chain(&p.tokens).all(|&n| n == 0);
             if idle {
                 (Vec::new(), Vec::new())
             } else {
                 (p.requests, p.tokens)
             }
-        };
-        let rt = self.shared.runtime.load();
+        });
         let mut keys = Vec::new();
-        for pool in &rt.pools {
-            let table = pool.keys.load();
+        for (pool, table) in &tables {
             for k in 0..table.len() {
                 let key = table.key(crate::quota::keys::KeyId(k as u32));
-                let (requests, tokens) = points(&key.usage.minutes);
+                let (requests, tokens) = points.next().unwrap_or_default();
                 keys.push(json!({
-                    "pool": pool.name(),
+                    "pool": pool,
                     "key": key.fingerprint,
                     "requests": requests,
                     "tokens": tokens,
                 }));
             }
         }
-        let tenants: Vec<Value> = rt
-            .tenants
-            .list()
+        let tenants: Vec<Value> = tenants
             .iter()
             .map(|t| {
-                let (requests, tokens) = points(&t.state.usage.minutes);
+                let (requests, tokens) = points.next().unwrap_or_default();
                 json!({ "name": &*t.name, "requests": requests, "tokens": tokens })
             })
             .collect();
@@ -89,6 +123,8 @@ impl Admin {
                 "end": rfc3339(now),
                 "minutes": minutes,
                 "step": step,
+                // Whether these are the fleet's sums (Redis answered) or this instance's own.
+                "shared": fleet.is_some(),
                 "keys": keys,
                 "tenants": tenants,
             }),

@@ -172,7 +172,7 @@ impl Admin {
         let parts: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
         match (method.as_str(), parts.as_slice()) {
             ("GET", ["admin", "pools"]) => Answer(StatusCode::OK, self.pools()),
-            ("GET", ["admin", "usage"]) => self.usage(query.as_deref()),
+            ("GET", ["admin", "usage"]) => self.usage(query.as_deref()).await,
             ("GET", ["admin", "events"]) => self.events(),
             ("GET", ["metrics"]) => Answer(StatusCode::OK, Value::String(self.metrics())),
             ("GET", ["admin", "tenants"]) => Answer(StatusCode::OK, self.tenants()),

@@ -352,7 +352,9 @@
       drawPools(pools.data.pools || [], usage.keys);
       drawTenants(tenants.data.tenants || [], usage.tenants);
       drawEvents(events.data);
-      $('status').textContent = `Updated ${new Date().toLocaleTimeString()}; refreshes every ${REFRESH_MS / 1000} s.`;
+      // With Redis the charts add up every instance; without (or Redis away), this one's.
+      const whose = hour.data.shared ? 'charts of every instance' : "charts of this instance's own traffic";
+      $('status').textContent = `Updated ${new Date().toLocaleTimeString()} (${whose}); refreshes every ${REFRESH_MS / 1000} s.`;
     } catch (e) {
       if (e instanceof Unauthorized) return signOut('The token was refused; sign in again.');
       $('status').textContent = `Could not reach keygate (${e.message || e}); retrying.`;
