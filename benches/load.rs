@@ -731,7 +731,7 @@ fn fleet_section(report: &mut String, dir: &Path, upstream: SocketAddr, seconds:
     });
     let _ = writeln!(
         report,
-        "### Two instances, one Redis\n\n| | req/s | 200s |\n|---|---:|---:|\n| one instance, 128 connections, tenant without limits | {:.0} | {:.1}% |\n| two instances together, 64 connections each, tenant with limits (shared) | {:.0} + {:.0} = {:.0} | {:.1}% / {:.1}% |\n\nOn this machine the two instances share its cores with the load tools and the upstream: the sum shows the shared limits cost no throughput, not that a second instance adds any.\n",
+        "### Two instances, one Redis\n\n| | req/s | 200s |\n|---|---:|---:|\n| one instance, 128 connections, tenant without limits | {:.0} | {:.1}% |\n| two instances together, 64 connections each, tenant with limits (shared) | {:.0} + {:.0} = {:.0} | {:.1}% / {:.1}% |\n\nOn this machine both instances, Redis, the load tools and the upstream share the same cores: the sum is what two instances serve here with their tenant's limits counted in Redis, not a measure of how a fleet scales.\n",
         one.rps,
         one.ok_ratio * 100.0,
         a.rps,
