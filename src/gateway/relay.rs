@@ -211,8 +211,7 @@ impl Gateway {
         key: KeyId,
         mut answer: Answer,
     ) -> pingora::Result<bool> {
-        let found = unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT)).await;
-        if found.is_none() {
+        if !read_listing(session, &mut answer).await {
             return Ok(client_gone(session, ctx));
         }
         let filtered = answer.body.complete.then(|| {
@@ -252,8 +251,7 @@ impl Gateway {
         key: KeyId,
         mut answer: Answer,
     ) -> pingora::Result<bool> {
-        let found = unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT)).await;
-        if found.is_none() {
+        if !read_listing(session, &mut answer).await {
             return Ok(client_gone(session, ctx));
         }
         if !answer.body.complete {
@@ -470,4 +468,11 @@ async fn write_chunk(
     log::debug!("client takes its answer too slowly: dropped");
     session.set_keepalive(None);
     Ok(false)
+}
+
+/// Reads a listing's body, up to [`LISTING_LIMIT`], unless the client hangs up first (false).
+async fn read_listing(session: &mut Session, answer: &mut Answer) -> bool {
+    unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT))
+        .await
+        .is_some()
 }

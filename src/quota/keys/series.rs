@@ -156,33 +156,22 @@ impl MinuteSeries {
     /// The last `minutes` minutes up to `now` (at most [`MINUTES`]), in sums of `step` minutes
     /// (at least 1), oldest first.
     pub fn read(&self, now: Millis, minutes: usize, step: usize) -> SeriesPoints {
-        let minutes = minutes.clamp(1, MINUTES);
-        let step = step.clamp(1, minutes);
-        let points = minutes.div_ceil(step);
-        let mut out = SeriesPoints {
-            requests: vec![0; points],
-            tokens: vec![0; points],
-        };
-        let now_minute = now / MINUTE_MS;
+        let (window, mut out) = Window::new(now, minutes, step);
         let mut guard = self.lock();
         let Some(ring) = guard.as_ref() else {
             return out;
         };
-        if ring.newest + MINUTES as u64 <= now_minute {
+        if ring.newest + MINUTES as u64 <= window.last {
             // Idle for a whole day: give the memory back.
             *guard = None;
             return out;
         }
-        // The first minute shown, so that the last point ends with `now_minute`.
-        let first = (now_minute + 1).saturating_sub((points * step) as u64);
-        for m in first..=now_minute {
+        for m in window.first..=window.last {
             if m > ring.newest || ring.newest - m >= MINUTES as u64 {
                 continue;
             }
             let [requests, tokens] = ring.buckets[(m % MINUTES as u64) as usize];
-            let point = ((m - first) as usize) / step;
-            out.requests[point] += u64::from(requests);
-            out.tokens[point] += u64::from(tokens);
+            window.add(&mut out, m, u64::from(requests), u64::from(tokens));
         }
         out
     }
@@ -214,26 +203,47 @@ impl MinuteSeries {
     }
 }
 
+/// The minutes a read covers: `minutes` (at most [`MINUTES`]) ending with the minute of `now`,
+/// in points of `step` minutes, the last point ending with that minute.
+struct Window {
+    first: u64,
+    last: u64,
+    step: usize,
+}
+
+impl Window {
+    /// The window and its points, all zero.
+    fn new(now: Millis, minutes: usize, step: usize) -> (Window, SeriesPoints) {
+        let minutes = minutes.clamp(1, MINUTES);
+        let step = step.clamp(1, minutes);
+        let points = minutes.div_ceil(step);
+        let last = now / MINUTE_MS;
+        let first = (last + 1).saturating_sub((points * step) as u64);
+        let out = SeriesPoints {
+            requests: vec![0; points],
+            tokens: vec![0; points],
+        };
+        (Window { first, last, step }, out)
+    }
+
+    /// Adds the counts of `minute` to its point; a minute outside the window is left out.
+    fn add(&self, out: &mut SeriesPoints, minute: u64, requests: u64, tokens: u64) {
+        if minute < self.first || minute > self.last {
+            return;
+        }
+        let point = ((minute - self.first) as usize) / self.step;
+        out.requests[point] = out.requests[point].saturating_add(requests);
+        out.tokens[point] = out.tokens[point].saturating_add(tokens);
+    }
+}
+
 impl SeriesPoints {
     /// `minutes` minutes ending with the minute of `now` (at most [`MINUTES`]), in sums of
     /// `step` minutes, from sparse counts: minutes outside the window are left out.
     pub fn from_minutes(now: Millis, minutes: usize, step: usize, counts: &[Minutes]) -> Self {
-        let minutes = minutes.clamp(1, MINUTES);
-        let step = step.clamp(1, minutes);
-        let points = minutes.div_ceil(step);
-        let mut out = SeriesPoints {
-            requests: vec![0; points],
-            tokens: vec![0; points],
-        };
-        let now_minute = now / MINUTE_MS;
-        let first = (now_minute + 1).saturating_sub((points * step) as u64);
+        let (window, mut out) = Window::new(now, minutes, step);
         for &(m, [r, t]) in counts.iter().flatten() {
-            if m < first || m > now_minute {
-                continue;
-            }
-            let point = ((m - first) as usize) / step;
-            out.requests[point] = out.requests[point].saturating_add(r);
-            out.tokens[point] = out.tokens[point].saturating_add(t);
+            window.add(&mut out, m, r, t);
         }
         out
     }
