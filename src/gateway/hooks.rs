@@ -20,6 +20,8 @@ use bytes::Bytes;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
 #[async_trait]
@@ -59,7 +61,112 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+    // Written out rather than by async_trait: its `Box::pin(async move { .. })` builds this ~9 KB
+    // future on the stack and copies it whole into the box (an unwind path keeps the stack copy
+    // alive); allocating first lets the three arguments be written in place. Measured: 9 KB of
+    // memcpy per request gone.
+    fn request_filter<'a, 'b, 'c, 'f>(
+        &'a self,
+        session: &'b mut Session,
+        ctx: &'c mut Ctx,
+    ) -> Pin<Box<dyn Future<Output = pingora::Result<bool>> + Send + 'f>>
+    where
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        boxed_in_place(|| self.answer(session, ctx))
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        // The next request on this connection gets its own header deadline.
+        guard::request_finished(session.stream());
+        let status = match ctx.status {
+            0 => session.response_written().map_or(0, |r| r.status.as_u16()),
+            s => s,
+        };
+        if let Some(t) = &ctx.tenant {
+            t.state.usage.count_request();
+        }
+        let metrics = &self.shared.metrics;
+        let pool_name = ctx.pool.as_ref().map_or("-", |p| p.name());
+        for a in &ctx.attempts {
+            metrics.attempt(pool_name, a.outcome);
+            if let Some(latency) = a.latency {
+                metrics.upstream_latency(pool_name, latency.as_secs_f64());
+            }
+        }
+        // A model becomes a label value only once Google served it (a 2xx): names a client made
+        // up cannot use up the bounded label set.
+        let model = if ctx.pool.is_some() {
+            ctx.model.as_str()
+        } else {
+            "-"
+        };
+        metrics.request(
+            ctx.tenant.as_ref().map_or("-", |t| &*t.name),
+            pool_name,
+            model,
+            ctx.served,
+            status,
+            ctx.attempts.len(),
+            ctx.request_bytes,
+            ctx.response_bytes,
+        );
+        let error = error
+            .map(|e| format!(" error={}", e.etype().as_str()))
+            .unwrap_or_default();
+        log::info!(
+            target: "keygate::access",
+            "tenant={} \"{}\" model={} status={} attempts=[{}]{} ms={}{}",
+            printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)),
+            ctx.target,
+            if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
+            status,
+            AttemptList(ctx),
+            ctx.cache.map_or("", |c| match c {
+                Status::Hit => " cache=hit",
+                Status::Miss => " cache=miss",
+                Status::Bypass => " cache=bypass",
+            }),
+            ctx.started.elapsed().as_millis(),
+            error
+        );
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // What a client does to its own connection (hanging up, stalling) is not an operator's
+        // problem: the access line says what happened.
+        error.esource() == &pingora::ErrorSource::Downstream
+    }
+
+    fn request_summary(&self, _session: &Session, ctx: &Ctx) -> String {
+        // Pingora's default summary prints the raw URI, `?key=` included: never use it.
+        ctx.target.clone()
+    }
+}
+
+/// The access line's `attempts=[...]`: `fingerprint:outcome` per attempt, comma-separated,
+/// written straight into the line.
+struct AttemptList<'a>(&'a Ctx);
+
+impl std::fmt::Display for AttemptList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(keys) = &self.0.keys else {
+            return Ok(());
+        };
+        for (i, a) in self.0.attempts.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            write!(f, "{comma}{}:{}", keys.key(a.key).fingerprint, a.outcome)?;
+        }
+        Ok(())
+    }
+}
+
+impl Gateway {
+    /// Admits, places and answers one request (see [`ProxyHttp::request_filter`]).
+    async fn answer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         // The header is in: its deadline no longer applies.
         guard::header_received(session.stream());
         let rt = self.shared.runtime.load_full();
@@ -410,88 +517,12 @@ impl ProxyHttp for Gateway {
             Ending::ClientGone => Ok(client_gone(session, ctx)),
         }
     }
-
-    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
-        // The next request on this connection gets its own header deadline.
-        guard::request_finished(session.stream());
-        let status = match ctx.status {
-            0 => session.response_written().map_or(0, |r| r.status.as_u16()),
-            s => s,
-        };
-        if let Some(t) = &ctx.tenant {
-            t.state.usage.count_request();
-        }
-        let metrics = &self.shared.metrics;
-        let pool_name = ctx.pool.as_ref().map_or("-", |p| p.name());
-        for a in &ctx.attempts {
-            metrics.attempt(pool_name, a.outcome);
-            if let Some(latency) = a.latency {
-                metrics.upstream_latency(pool_name, latency.as_secs_f64());
-            }
-        }
-        // A model becomes a label value only once Google served it (a 2xx): names a client made
-        // up cannot use up the bounded label set.
-        let model = if ctx.pool.is_some() {
-            ctx.model.as_str()
-        } else {
-            "-"
-        };
-        metrics.request(
-            ctx.tenant.as_ref().map_or("-", |t| &*t.name),
-            pool_name,
-            model,
-            ctx.served,
-            status,
-            ctx.attempts.len(),
-            ctx.request_bytes,
-            ctx.response_bytes,
-        );
-        let error = error
-            .map(|e| format!(" error={}", e.etype().as_str()))
-            .unwrap_or_default();
-        log::info!(
-            target: "keygate::access",
-            "tenant={} \"{}\" model={} status={} attempts=[{}]{} ms={}{}",
-            printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)),
-            ctx.target,
-            if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
-            status,
-            AttemptList(ctx),
-            ctx.cache.map_or("", |c| match c {
-                Status::Hit => " cache=hit",
-                Status::Miss => " cache=miss",
-                Status::Bypass => " cache=bypass",
-            }),
-            ctx.started.elapsed().as_millis(),
-            error
-        );
-    }
-
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
-        // What a client does to its own connection (hanging up, stalling) is not an operator's
-        // problem: the access line says what happened.
-        error.esource() == &pingora::ErrorSource::Downstream
-    }
-
-    fn request_summary(&self, _session: &Session, ctx: &Ctx) -> String {
-        // Pingora's default summary prints the raw URI, `?key=` included: never use it.
-        ctx.target.clone()
-    }
 }
 
-/// The access line's `attempts=[...]`: `fingerprint:outcome` per attempt, comma-separated,
-/// written straight into the line.
-struct AttemptList<'a>(&'a Ctx);
-
-impl std::fmt::Display for AttemptList<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Some(keys) = &self.0.keys else {
-            return Ok(());
-        };
-        for (i, a) in self.0.attempts.iter().enumerate() {
-            let comma = if i == 0 { "" } else { "," };
-            write!(f, "{comma}{}:{}", keys.key(a.key).fingerprint, a.outcome)?;
-        }
-        Ok(())
-    }
+/// `Box::pin(make())` with the box allocated before the future is made, so that the future is
+/// written straight into it instead of being built on the stack and copied.
+#[inline(always)]
+fn boxed_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let slot = Box::<F>::new_uninit();
+    Box::into_pin(Box::write(slot, make()))
 }
