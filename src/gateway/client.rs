@@ -49,16 +49,21 @@ pub(super) fn client_gone(session: &mut Session, ctx: &mut Ctx) -> bool {
     true
 }
 
-/// Hop-by-hop headers of an upstream answer: they describe its connection, not the client's.
-static HOP_BY_HOP_ANSWER: [http::HeaderName; 7] = [
-    header::CONNECTION,
-    http::HeaderName::from_static("keep-alive"),
-    http::HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TE,
-    header::TRAILER,
-];
+/// Whether an answer's header `name` stays between keygate and the upstream: the hop-by-hop
+/// headers (they describe the upstream's connection, not the client's) and the CORS ones
+/// (which pages may read an answer is keygate's decision, `cors`, never the upstream's).
+fn upstream_only(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+    ) || name.as_str().starts_with("access-control-")
+}
 
 /// Turns an upstream response header into one fit for the client connection: hop-by-hop
 /// headers removed, HTTP/1.1 framing chosen (chunked when the length is unknown).
@@ -66,27 +71,18 @@ pub(super) fn prepare_downstream_header(
     header: &mut ResponseHeader,
     head_request: bool,
 ) -> pingora::Result<()> {
-    for name in request::connection_listed(&header.headers) {
-        header.remove_header(&name);
-    }
-    // Which pages may read an answer is keygate's decision (`cors`), never the upstream's.
-    let is_cors = |n: &http::HeaderName| n.as_str().starts_with("access-control-");
-    if header.headers.keys().any(is_cors) {
-        let cors: Vec<http::HeaderName> = header
+    // One pass over the names, removals only when there is one: most answers carry none.
+    let listed = request::connection_listed(&header.headers);
+    let doomed = |n: &http::HeaderName| upstream_only(n) || listed.contains(n);
+    if header.headers.keys().any(doomed) {
+        let names: Vec<http::HeaderName> = header
             .headers
             .keys()
-            .filter(|n| is_cors(n))
+            .filter(|n| doomed(n))
             .cloned()
             .collect();
-        for name in cors {
+        for name in names {
             header.remove_header(&name);
-        }
-    }
-    // Looked up before removing: most answers carry none of them, and a removal also updates
-    // Pingora's map of header-name case.
-    for name in &HOP_BY_HOP_ANSWER {
-        if header.headers.contains_key(name) {
-            header.remove_header(name);
         }
     }
     header.set_version(http::Version::HTTP_11);
@@ -229,4 +225,53 @@ pub(super) fn now_micros() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut header = ResponseHeader::build(200, None).expect("a status");
+        for (name, value) in headers {
+            header
+                .append_header(name.to_string(), *value)
+                .expect("a header");
+        }
+        header
+    }
+
+    fn names(header: &ResponseHeader) -> Vec<&str> {
+        let mut names: Vec<&str> = header.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn the_upstreams_connection_and_cors_headers_do_not_reach_the_client() {
+        let mut header = answer(&[
+            ("content-type", "application/json"),
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("access-control-allow-origin", "*"),
+            ("content-length", "2"),
+            ("x-goog-request-id", "abc"),
+        ]);
+        prepare_downstream_header(&mut header, false).expect("prepared");
+        assert_eq!(
+            names(&header),
+            ["content-length", "content-type", "x-goog-request-id"]
+        );
+    }
+
+    #[test]
+    fn an_answer_of_unknown_length_is_sent_chunked_and_a_plain_one_untouched() {
+        let mut header = answer(&[("content-type", "text/event-stream")]);
+        prepare_downstream_header(&mut header, false).expect("prepared");
+        assert_eq!(names(&header), ["content-type", "transfer-encoding"]);
+        let mut head = answer(&[("content-type", "application/json")]);
+        prepare_downstream_header(&mut head, true).expect("prepared");
+        assert_eq!(names(&head), ["content-type"]);
+    }
 }
