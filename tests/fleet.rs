@@ -915,3 +915,50 @@ async fn the_usage_series_are_the_fleets() {
     until_usage(&admin_a, (Value::Bool(false), 3, 3, 21)).await;
     until_usage(&admin_b, (Value::Bool(false), 3, 3, 21)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_uploaded_through_one_instance_can_be_named_in_a_live_session_on_the_other() {
+    use futures_util::{SinkExt, StreamExt};
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1");
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1")]),
+        redis.yaml(),
+        tenants_of(&[("alice", None), ("bob", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    let url = start_upload(&a, "tok-alice").await;
+    let (status, body) = send_bytes(&url, None).await;
+    assert_eq!(status, 200, "{body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    let uri = file["file"]["uri"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let turn = format!(
+        r#"{{"clientContent":{{"turns":[{{"role":"user","parts":[{{"fileData":{{"fileUri":"{uri}"}}}}]}}],"turnComplete":true}}}}"#
+    );
+    let live = format!(
+        "ws://{}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+        b.addr
+    );
+    // Alice's session on B: her file, which only A saw being made, goes through.
+    let mut ws = live_set_up(&live, &[("x-goog-api-key", "tok-alice")]).await;
+    ws.send(Message::text(turn.clone())).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an answer")
+        .unwrap()
+        .unwrap();
+    assert!(echo.to_text().unwrap().contains(&uri), "{echo:?}");
+    // Bob's session on B: not his, the session ends before the message reaches Google.
+    let mut ws = live_set_up(&live, &[("x-goog-api-key", "tok-bob")]).await;
+    ws.send(Message::text(turn)).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(frame))))) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}

@@ -223,7 +223,7 @@ impl Gateway {
                             http.write_request_body(bytes, false).await?;
                             continue;
                         };
-                        match check.feed(&bytes, &self.shared.affinity, now_millis()) {
+                        match self.checked(check, &bytes).await {
                             Ok(frames) => {
                                 for frames in frames {
                                     http.write_request_body(frames, false).await?;
@@ -276,6 +276,33 @@ impl Gateway {
                 Ok(true)
             }
         }
+    }
+
+    /// The frames of the client's next `bytes` that may go on to Google, each message checked
+    /// against the owners of the names it holds. A name this instance does not know is asked
+    /// of the other instances first (with `redis:`), as a request's would be: a file uploaded
+    /// through another instance is the tenant's here too.
+    async fn checked(
+        &self,
+        check: &mut live_frames::MessageCheck,
+        bytes: &[u8],
+    ) -> Result<Vec<Bytes>, live_frames::Close> {
+        let mut out = Vec::new();
+        for item in check.take(bytes)? {
+            match item {
+                live_frames::Ready::Control(frame) => out.push(frame),
+                live_frames::Ready::Message { frames, payload } => {
+                    let affinity = &self.shared.affinity;
+                    let unknown = check.unknown_names(&payload, affinity, now_millis());
+                    if !unknown.is_empty() {
+                        self.shared.learn_owners(&unknown).await;
+                    }
+                    check.check_message(&payload, affinity, now_millis())?;
+                    out.push(frames);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -74,13 +74,31 @@ impl MessageCheck {
     }
 
     /// Takes the client's next bytes: the frames that may go on to Google, or why the session
-    /// ends.
+    /// ends. Each message is checked against the owners `owners` knows (the gateway asks the
+    /// fleet about unknown names in between: `Gateway::checked`).
+    #[cfg(test)]
     pub fn feed(
         &mut self,
         bytes: &[u8],
         owners: &Affinity,
         now: Millis,
     ) -> Result<Vec<Bytes>, Close> {
+        let mut out = Vec::new();
+        for item in self.take(bytes)? {
+            match item {
+                Ready::Control(frame) => out.push(frame),
+                Ready::Message { frames, payload } => {
+                    self.check_message(&payload, owners, now)?;
+                    out.push(frames);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes the client's next bytes: the control frames that go on at once and the messages
+    /// completed here, each still to be checked ([`MessageCheck::check_message`]).
+    pub fn take(&mut self, bytes: &[u8]) -> Result<Vec<Ready>, Close> {
         let ready = self.frames.feed(bytes).map_err(|e| Close {
             code: e.close_code(),
             reason: format!("keygate: {e}"),
@@ -102,20 +120,30 @@ impl MessageCheck {
             (_, Some(started)) if !completed => Some(started),
             _ => Some(self.last_progress),
         };
-        let mut out = Vec::with_capacity(ready.len());
-        for item in ready {
-            match item {
-                Ready::Control(frame) => out.push(frame),
-                Ready::Message { frames, payload } => {
-                    self.check_message(&payload, owners, now)?;
-                    out.push(frames);
-                }
-            }
-        }
-        Ok(out)
+        Ok(ready)
     }
 
-    fn check_message(&self, payload: &[u8], owners: &Affinity, now: Millis) -> Result<(), Close> {
+    /// The resource names `payload` holds that `owners` does not know: to be asked of the
+    /// other instances before the message is checked.
+    pub fn unknown_names(&self, payload: &[u8], owners: &Affinity, now: Millis) -> Vec<String> {
+        let names = names::names_in_body(payload);
+        if names.len() > names::MAX_NAMES {
+            return Vec::new();
+        }
+        names
+            .into_iter()
+            .filter(|name| owners.owner(name, now).is_none())
+            .collect()
+    }
+
+    /// Whether `payload` may go on to Google: strict JSON naming only the tenant's resources in
+    /// the session's project.
+    pub fn check_message(
+        &self,
+        payload: &[u8],
+        owners: &Affinity,
+        now: Millis,
+    ) -> Result<(), Close> {
         let policy = |reason: String| Close { code: 1008, reason };
         request::strict_json(payload).map_err(|why| Close {
             code: 1007,
