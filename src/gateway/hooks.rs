@@ -90,11 +90,14 @@ impl ProxyHttp for Gateway {
             t.state.usage.count_request();
         }
         let metrics = &self.shared.metrics;
-        let pool_name = ctx.pool.as_ref().map_or("-", |p| p.name());
+        let pool = match &ctx.pool {
+            Some(p) => p.metrics(metrics),
+            None => metrics.no_pool(),
+        };
         for a in &ctx.attempts {
-            metrics.attempt(pool_name, a.outcome);
+            metrics.attempt(pool, a.outcome);
             if let Some(latency) = a.latency {
-                metrics.upstream_latency(pool_name, latency.as_secs_f64());
+                metrics.upstream_latency(pool, latency.as_secs_f64());
             }
         }
         // A model becomes a label value only once Google served it (a 2xx): names a client made
@@ -106,7 +109,7 @@ impl ProxyHttp for Gateway {
         };
         metrics.request(
             ctx.tenant.as_ref().map_or("-", |t| &*t.name),
-            pool_name,
+            pool,
             model,
             ctx.served,
             status,

@@ -108,7 +108,8 @@ impl Gateway {
             .write_response_header(Box::new(header), false)
             .await?;
         let metrics = &self.shared.metrics;
-        metrics.time_to_first_byte(job.pool.name(), ctx.started.elapsed().as_secs_f64());
+        let pool = job.pool.metrics(metrics);
+        metrics.time_to_first_byte(pool, ctx.started.elapsed().as_secs_f64());
         // What the answer taught (resources created, tokens) is recorded once its body is
         // complete but before its last bytes reach the client: a client that names a resource
         // the moment it has the answer must find it bound.

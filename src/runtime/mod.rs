@@ -16,7 +16,7 @@ use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::{KeyPool, Millis};
 use crate::telemetry::alerts::{Alerts, Event};
 use crate::telemetry::events::{QuotaEvent, Recent, QUOTA_EVENTS};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, PoolMetrics};
 use crate::tenants::{FairShare, Tenant, Tenants};
 use crate::upstream::{self, Upstream};
 use crate::wire::cors::Cors;
@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use budget::BodyBudget;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How many resources (files, caches, batches...) keygate remembers the owner of.
@@ -44,12 +44,19 @@ pub struct Pool {
     pub upstream: Arc<Upstream>,
     /// Who used the pool lately; `None` when fair share is off for this pool.
     pub fair: Option<FairShare>,
+    /// Its metrics' handles, taken at its first request.
+    pub metrics: OnceLock<PoolMetrics>,
 }
 
 impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The handles of the pool's metrics in `metrics`.
+    pub fn metrics<'a>(&'a self, metrics: &Metrics) -> &'a PoolMetrics {
+        self.metrics.get_or_init(|| metrics.pool(self.name()))
     }
 }
 
@@ -175,6 +182,7 @@ impl Runtime {
                             None => FairShare::new(active),
                         }
                     }),
+                    metrics: OnceLock::new(),
                 })
             })
             .collect();

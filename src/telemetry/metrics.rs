@@ -148,6 +148,8 @@ pub struct Metrics {
     /// `keygate_redis_up`, registered once a `redis:` section shares the state.
     redis_up: prometheus::IntGauge,
     redis_registered: std::sync::Once,
+    /// The handles of requests answered before a pool was chosen (pool label `-`).
+    no_pool: std::sync::OnceLock<PoolMetrics>,
 }
 
 impl Metrics {
@@ -320,6 +322,7 @@ impl Metrics {
                 "1 while the Redis that shares state between instances answers, else 0.",
             )?,
             redis_registered: std::sync::Once::new(),
+            no_pool: std::sync::OnceLock::new(),
         })
     }
 
@@ -330,7 +333,7 @@ impl Metrics {
     pub fn request(
         &self,
         tenant: &str,
-        pool: &str,
+        pool: &PoolMetrics,
         model: &str,
         served: bool,
         status: u16,
@@ -338,46 +341,48 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        let pool = label(pool);
         let labels = [
             label(tenant),
-            pool,
+            &pool.label,
             self.model(model, served),
             status_class(status),
         ];
         add(&self.requests, &labels, 1);
-        if let Ok(h) = self
-            .attempts_per_request
-            .get_metric_with_label_values(&[pool])
-        {
-            // Exact for any realistic count; the cast saturates into the top bucket otherwise.
-            h.observe(attempts as f64);
-        }
-        add(&self.request_bytes, &[pool], request_bytes);
-        add(&self.response_bytes, &[pool], response_bytes);
+        // Exact for any realistic count; the cast saturates into the top bucket otherwise.
+        pool.attempts_per_request.observe(attempts as f64);
+        pool.request_bytes.inc_by(request_bytes);
+        pool.response_bytes.inc_by(response_bytes);
     }
 
     /// One upstream attempt and its outcome label (ok, quota_minute, quota_day, shared_capacity,
     /// billing, key_invalid, key_suspended, service_disabled, key_restricted, method_blocked,
     /// location, no_key, other_project, client_error, server_error, connect_error, timeout,
     /// upstream_error, unresolved); any value outside that allow-list is counted as `other`.
-    pub fn attempt(&self, pool: &str, outcome: &str) {
+    pub fn attempt(&self, pool: &PoolMetrics, outcome: &str) {
+        if outcome == "ok" {
+            pool.served_attempts.inc();
+            return;
+        }
         let outcome = OUTCOMES
             .iter()
             .copied()
             .find(|o| *o == outcome)
             .unwrap_or(OTHER);
-        add(&self.attempts, &[label(pool), outcome], 1);
+        add(&self.attempts, &[&pool.label, outcome], 1);
     }
 
     /// Time from sending an attempt to its response header.
-    pub fn upstream_latency(&self, pool: &str, seconds: f64) {
-        observe(&self.upstream_latency, pool, seconds);
+    pub fn upstream_latency(&self, pool: &PoolMetrics, seconds: f64) {
+        if let Some(secs) = finite_non_negative(seconds) {
+            pool.upstream_latency.observe(secs);
+        }
     }
 
     /// Time from the client request's arrival to the first byte of the answer keygate relays.
-    pub fn time_to_first_byte(&self, pool: &str, seconds: f64) {
-        observe(&self.time_to_first_byte, pool, seconds);
+    pub fn time_to_first_byte(&self, pool: &PoolMetrics, seconds: f64) {
+        if let Some(secs) = finite_non_negative(seconds) {
+            pool.time_to_first_byte.observe(secs);
+        }
     }
 
     /// keygate answered "no key can serve" (429 exhausted or 503 all disabled) for this pool and model.
@@ -570,16 +575,6 @@ fn add(vec: &IntCounterVec, labels: &[&str], by: u64) {
     }
 }
 
-/// Records `seconds` in the histogram of `pool`; NaN and infinities are dropped (they would
-/// poison the sum), negative durations count as 0.
-fn observe(vec: &HistogramVec, pool: &str, seconds: f64) {
-    if let Some(secs) = finite_non_negative(seconds) {
-        if let Ok(h) = vec.get_metric_with_label_values(&[label(pool)]) {
-            h.observe(secs);
-        }
-    }
-}
-
 /// Sets an integer gauge, saturating at `i64::MAX`.
 fn set_int(gauge: &IntGauge, n: u64) {
     gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -612,6 +607,9 @@ fn histogram(
     registry.register(Box::new(vec.clone()))?;
     Ok(vec)
 }
+
+mod pool;
+pub use pool::PoolMetrics;
 
 #[cfg(test)]
 mod tests;

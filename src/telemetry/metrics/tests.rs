@@ -64,30 +64,22 @@ fn label_values(text: &str, name: &str, key: &str) -> BTreeSet<String> {
 #[test]
 fn values_move_as_calls_are_made() {
     let m = Metrics::new().unwrap();
+    let main = m.pool("main");
     let text = m.render(&[], None);
     assert_eq!(value(&text, "keygate_requests_total", &[]), None);
 
-    m.request(
-        "team-a",
-        "main",
-        "gemini-2.5-flash",
-        true,
-        200,
-        1,
-        100,
-        2000,
-    );
-    m.request("team-a", "main", "gemini-2.5-flash", true, 200, 3, 50, 500);
-    m.request("-", "main", "gemini-2.5-pro", false, 429, 0, 10, 90);
-    m.request("team-a", "main", "gemini-2.5-pro", false, 0, 2, 5, 0);
-    m.request("team-a", "main", "gemini-2.5-pro", true, 101, 1, 0, 0);
-    m.attempt("main", "ok");
-    m.attempt("main", "ok");
-    m.attempt("main", "quota_minute");
-    m.attempt("main", "something new");
-    m.upstream_latency("main", 0.3);
-    m.upstream_latency("main", 42.0);
-    m.time_to_first_byte("main", 0.004);
+    m.request("team-a", &main, "gemini-2.5-flash", true, 200, 1, 100, 2000);
+    m.request("team-a", &main, "gemini-2.5-flash", true, 200, 3, 50, 500);
+    m.request("-", &main, "gemini-2.5-pro", false, 429, 0, 10, 90);
+    m.request("team-a", &main, "gemini-2.5-pro", false, 0, 2, 5, 0);
+    m.request("team-a", &main, "gemini-2.5-pro", true, 101, 1, 0, 0);
+    m.attempt(&main, "ok");
+    m.attempt(&main, "ok");
+    m.attempt(&main, "quota_minute");
+    m.attempt(&main, "something new");
+    m.upstream_latency(&main, 0.3);
+    m.upstream_latency(&main, 42.0);
+    m.time_to_first_byte(&main, 0.004);
     m.pool_exhausted("main", "gemini-2.5-pro");
     m.pool_exhausted("main", "gemini-2.5-pro");
 
@@ -174,7 +166,7 @@ fn values_move_as_calls_are_made() {
     );
 
     // Counters only grow from one scrape to the next.
-    m.request("team-a", "main", "gemini-2.5-flash", false, 503, 4, 1, 1);
+    m.request("team-a", &main, "gemini-2.5-flash", false, 503, 4, 1, 1);
     let t2 = m.render(&[], None);
     assert_eq!(
         value(&t2, "keygate_request_bytes_total", &[("pool", "main")]),
@@ -185,10 +177,11 @@ fn values_move_as_calls_are_made() {
 #[test]
 fn bad_durations_are_dropped_or_clamped() {
     let m = Metrics::new().unwrap();
-    m.upstream_latency("p", f64::NAN);
-    m.upstream_latency("p", f64::INFINITY);
-    m.upstream_latency("p", -3.0);
-    m.time_to_first_byte("p", f64::NEG_INFINITY);
+    let p = m.pool("p");
+    m.upstream_latency(&p, f64::NAN);
+    m.upstream_latency(&p, f64::INFINITY);
+    m.upstream_latency(&p, -3.0);
+    m.time_to_first_byte(&p, f64::NEG_INFINITY);
     let t = m.render(
         &[PoolGauge {
             pool: "p".into(),
@@ -206,9 +199,10 @@ fn bad_durations_are_dropped_or_clamped() {
         value(&t, "keygate_upstream_latency_seconds_sum", &pool),
         Some(0.0)
     );
+    // The pool's series exist from its first use; the dropped value is not in them.
     assert_eq!(
         value(&t, "keygate_time_to_first_byte_seconds_count", &pool),
-        None
+        Some(0.0)
     );
     assert_eq!(
         value(&t, "keygate_pool_next_recovery_seconds", &pool),
@@ -220,13 +214,14 @@ fn bad_durations_are_dropped_or_clamped() {
 #[test]
 fn model_flood_is_capped() {
     let m = Metrics::new().unwrap();
+    let p = m.pool("p");
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for i in 0..10_000 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let model = format!("gemini-{x:016x}");
-        m.request("t", "p", &model, true, 200, 1, 0, 0);
+        m.request("t", &p, &model, true, 200, 1, 0, 0);
         if i % 3 == 0 {
             m.pool_exhausted("p", &format!("flood-{i}"));
         }
@@ -248,7 +243,7 @@ fn model_flood_is_capped() {
         .clone();
     // Both metrics share the one set of model values: exactly 64 of them, plus "other".
     assert_eq!(models.len(), MAX_MODELS + 1);
-    m.request("t", "p", &first, true, 200, 1, 0, 0);
+    m.request("t", &p, &first, true, 200, 1, 0, 0);
     let t = m.render(&[], None);
     let series = [
         ("tenant", "t"),
@@ -271,6 +266,7 @@ fn model_flood_is_capped() {
 #[test]
 fn bad_label_values_never_reach_the_output() {
     let m = Metrics::new().unwrap();
+    let p = m.pool("p");
     let long = "a".repeat(1024);
     let exactly_64 = "b".repeat(64);
     let bad = [
@@ -287,15 +283,15 @@ fn bad_label_values_never_reach_the_output() {
         long.as_str(),
     ];
     for b in bad {
-        m.request(b, b, b, true, 200, 1, 1, 1);
-        m.attempt(b, b);
-        m.upstream_latency(b, 1.0);
-        m.time_to_first_byte(b, 1.0);
+        m.request(b, &m.pool(b), b, true, 200, 1, 1, 1);
+        m.attempt(&m.pool(b), b);
+        m.upstream_latency(&m.pool(b), 1.0);
+        m.time_to_first_byte(&m.pool(b), 1.0);
         m.pool_exhausted(b, b);
     }
-    m.request("", "", "", true, 200, 1, 1, 1);
-    m.request(&exactly_64, "p", "m", true, 200, 1, 1, 1);
-    m.request(&format!("{exactly_64}c"), "p", "m", true, 200, 1, 1, 1);
+    m.request("", &m.pool(""), "", true, 200, 1, 1, 1);
+    m.request(&exactly_64, &p, "m", true, 200, 1, 1, 1);
+    m.request(&format!("{exactly_64}c"), &p, "m", true, 200, 1, 1, 1);
     let t = m.render(
         &[PoolGauge {
             pool: "bad\npool".into(),
@@ -444,7 +440,7 @@ fn metrics_are_shared_across_threads() {
                 for j in 0..500 {
                     m.request(
                         "t",
-                        "p",
+                        &m.pool("p"),
                         &format!("m{}", (i * 500 + j) % 100),
                         true,
                         200,
@@ -484,7 +480,7 @@ fn realistic() -> String {
         let attempts = [1, 1, 2, 3, 0, 1, 5][i % 7];
         m.request(
             tenant,
-            pool,
+            &m.pool(pool),
             model,
             status / 100 == 2,
             status,
@@ -492,9 +488,9 @@ fn realistic() -> String {
             300 + i as u64,
             4000 * i as u64,
         );
-        m.attempt(pool, OUTCOMES[i % OUTCOMES.len()]);
-        m.upstream_latency(pool, 0.05 * i as f64);
-        m.time_to_first_byte(pool, 0.02 * i as f64);
+        m.attempt(&m.pool(pool), OUTCOMES[i % OUTCOMES.len()]);
+        m.upstream_latency(&m.pool(pool), 0.05 * i as f64);
+        m.time_to_first_byte(&m.pool(pool), 0.02 * i as f64);
         if status == 429 || status == 503 {
             m.pool_exhausted(pool, model);
         }
@@ -508,7 +504,7 @@ fn realistic() -> String {
             m.cache_hit(tenant, 1200, 7);
         }
     }
-    m.attempt("free", "bogus outcome");
+    m.attempt(&m.pool("free"), "bogus outcome");
     m.render(
         &[
             PoolGauge {
