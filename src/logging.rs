@@ -53,15 +53,17 @@ fn write_line(record: &Record) {
     }
     let write = |line: &mut Vec<u8>| {
         line.clear();
+        // The level padded to five, as env_logger writes it.
+        let level = match record.level() {
+            Level::Error => "ERROR",
+            Level::Warn => "WARN ",
+            Level::Info => "INFO ",
+            Level::Debug => "DEBUG",
+            Level::Trace => "TRACE",
+        };
         let _ = match record.target() {
-            "" => writeln!(line, "[{} {:<5}] {}", Stamp, record.level(), record.args()),
-            target => writeln!(
-                line,
-                "[{} {:<5} {target}] {}",
-                Stamp,
-                record.level(),
-                record.args()
-            ),
+            "" => writeln!(line, "[{Stamp} {level}] {}", record.args()),
+            target => writeln!(line, "[{Stamp} {level} {target}] {}", record.args()),
         };
         if record.target() == ACCESS && record.level() == Level::Info {
             batch::access(line);
@@ -155,10 +157,17 @@ pub fn cap(target: &str) -> LevelFilter {
 pub fn printable(text: &str) -> Cow<'_, str> {
     // ASCII control characters, `"` and `\` are single bytes; other control characters
     // (U+0080..U+009F) start with the byte 0xC2. A text with none of these is fine as it is.
-    if !text
-        .bytes()
-        .any(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\' || b == 0xc2)
-    {
+    const SUSPECT: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            table[b] =
+                b < 0x20 || b == 0x7f || b == b'"' as usize || b == b'\\' as usize || b == 0xc2;
+            b += 1;
+        }
+        table
+    };
+    if !text.bytes().any(|b| SUSPECT[usize::from(b)]) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
@@ -184,6 +193,8 @@ mod tests {
             printable("a\nINFO forged\r\t\"q\"\\\u{7}é"),
             "a\\nINFO forged\\r\\t\\\"q\\\"\\\\\\u{7}é"
         );
+        assert_eq!(printable("del\u{7f} nel\u{85}"), "del\\u{7f} nel\\u{85}");
+        assert!(matches!(printable("café ü €"), Cow::Borrowed(_)));
     }
 
     #[test]
