@@ -14,7 +14,7 @@
 //!   its memory level whole: it may have missed a purge while it was away.
 
 use super::store::h;
-use super::{scan, Fleet, KindLabel, RECONNECT};
+use super::{Fleet, KindLabel, RECONNECT};
 use crate::cache::{encoding, Entry, EntryKey, Fault, SharedStore};
 use crate::quota::keys::now_millis;
 use crate::runtime::Shared;
@@ -34,7 +34,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a purge (the scan and the deletions) may take.
 const PURGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Names deleted per command in a purge.
+/// Names scanned, and deleted, per command in a purge.
 const PURGE_BATCH: usize = 500;
 
 /// Reads `KEYS[1]` only when it is at most `ARGV[1]` bytes: false when missing, -1 when larger.
@@ -196,13 +196,28 @@ impl Inner {
             tenant: tenant.map(h),
         };
         let work = async {
-            let names = scan(&mut c, &pattern).await?;
+            // Deleted as the scan goes: a large cache's names are never all held at once.
             let mut gone = 0;
-            for batch in names.chunks(PURGE_BATCH) {
-                gone += redis::cmd("UNLINK")
-                    .arg(batch)
-                    .query_async::<u64>(&mut c)
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(PURGE_BATCH)
+                    .query_async(&mut c)
                     .await?;
+                if !batch.is_empty() {
+                    gone += redis::cmd("UNLINK")
+                        .arg(&batch)
+                        .query_async::<u64>(&mut c)
+                        .await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
             let message = serde_json::to_string(&note).unwrap_or_default();
             redis::cmd("PUBLISH")
