@@ -14,7 +14,8 @@
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
 //! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1), `LOAD_ONLY=fleet`
 //! (only the section on Redis: keygate alone against keygate sharing its state, and two
-//! instances on one Redis; it needs `redis-server`).
+//! instances on one Redis; it needs `redis-server`), `LOAD_ONLY=cache-redis` (only the
+//! response cache through Redis: hits on one instance of entries another stored).
 
 // Tests and benches may unwrap: a panic is a failed test (clippy.toml covers #[test] fns only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -745,6 +746,161 @@ fn fleet_section(report: &mut String, dir: &Path, upstream: SocketAddr, seconds:
     drop(redis);
 }
 
+/// Rounds of the cache-through-Redis section, and distinct prompts per round.
+const SHARED_ROUNDS: usize = 3;
+const SHARED_PROMPTS: usize = 1000;
+
+/// The benchmark's prompt made distinct by `n`.
+fn prompt_n(n: usize) -> String {
+    PROMPT.replace("foxes.", &format!("foxes, number {n}."))
+}
+
+/// One sequential POST of each of `prompts` to `url`: the milliseconds each took (the whole
+/// answer read), and how many answers said `x-keygate-cache: hit`.
+fn timed_prompts(rt: &tokio::runtime::Runtime, url: &str, prompts: &[String]) -> (Vec<f64>, usize) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    rt.block_on(async {
+        let mut times = Vec::with_capacity(prompts.len());
+        let mut hits = 0;
+        for body in prompts {
+            let start = Instant::now();
+            let resp = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), 200, "through {url}");
+            if resp
+                .headers()
+                .get("x-keygate-cache")
+                .is_some_and(|v| v == "hit")
+            {
+                hits += 1;
+            }
+            let _ = resp.bytes().await;
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        (times, hits)
+    })
+}
+
+/// The cache entries in the Redis on `port`.
+fn redis_cache_entries(port: u16) -> usize {
+    Command::new("redis-cli")
+        .args([
+            "-p",
+            &port.to_string(),
+            "--scan",
+            "--pattern",
+            "keygate:cache:*",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0)
+}
+
+/// The response cache through Redis: instance A stores answers, instance B (sharing A's Redis)
+/// serves them: each prompt asked of B once is a miss in B's memory and a hit in Redis; asked
+/// again, a hit from B's memory. Against the same requests direct to the upstream, in
+/// alternating rounds of fresh prompts.
+fn cache_redis_section(
+    report: &mut String,
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    upstream: SocketAddr,
+) {
+    let Some((redis, port)) = start_redis(dir) else {
+        let _ = writeln!(
+            report,
+            "### Response cache through Redis\n\nNot measured: `redis-server` is not installed.\n"
+        );
+        return;
+    };
+    let yaml = format!(
+        "{}redis:\n  url: \"redis://127.0.0.1:{port}/0\"\n",
+        cache_yaml(upstream, 1)
+    );
+    let (a, a_addr, _) = start_keygate(dir, "cache-redis-a", &yaml);
+    let (b, b_addr, _) = start_keygate(dir, "cache-redis-b", &yaml);
+    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let (a_url, b_url) = (
+        format!("http://{a_addr}{path}"),
+        format!("http://{b_addr}{path}"),
+    );
+    let direct_url = format!("http://{upstream}{path}");
+    // Both linked to Redis: a probe stored through A is a hit through B (a fresh probe each
+    // try: A writes to Redis only once it is linked).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in 0.. {
+        let probe = vec![prompt_n(usize::MAX - n)];
+        let _ = timed_prompts(rt, &a_url, &probe);
+        std::thread::sleep(Duration::from_millis(200));
+        if timed_prompts(rt, &b_url, &probe).1 == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never served A's entry");
+    }
+    let probes = redis_cache_entries(port);
+    let prompts: Vec<String> = (0..SHARED_ROUNDS * SHARED_PROMPTS).map(prompt_n).collect();
+    let (_, stored_hits) = timed_prompts(rt, &a_url, &prompts);
+    assert_eq!(stored_hits, 0, "A had them already");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while redis_cache_entries(port) < prompts.len() + probes {
+        assert!(
+            Instant::now() < deadline,
+            "A's entries never all reached Redis"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = timed_prompts(rt, &direct_url, &prompts[..100]);
+    let names = ["direct", "B, hit through Redis", "B, hit from memory"];
+    let mut p50 = vec![Vec::new(); names.len()];
+    let mut p99 = vec![Vec::new(); names.len()];
+    let mut redis_hits = 0;
+    for round in prompts.chunks(SHARED_PROMPTS) {
+        let (t, _) = timed_prompts(rt, &direct_url, round);
+        p50[0].push(median(t.clone()));
+        p99[0].push(percentile(t, 0.99));
+        let (t, hits) = timed_prompts(rt, &b_url, round);
+        redis_hits += hits;
+        p50[1].push(median(t.clone()));
+        p99[1].push(percentile(t, 0.99));
+        let (t, _) = timed_prompts(rt, &b_url, round);
+        p50[2].push(median(t.clone()));
+        p99[2].push(percentile(t, 0.99));
+    }
+    let _ = writeln!(
+        report,
+        "### Response cache through Redis ({SHARED_ROUNDS} alternating rounds of {SHARED_PROMPTS} sequential requests, fresh prompts each round; medians of the rounds)\n\n| target | p50 ms | p99 ms |\n|---|---:|---:|"
+    );
+    for (i, name) in names.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {name} | {:.3} | {:.3} |",
+            median(p50[i].clone()),
+            median(p99[i].clone())
+        );
+    }
+    let m = |v: &Vec<f64>| median(v.clone());
+    let _ = writeln!(
+        report,
+        "\nB answered {redis_hits} of {} first asks from entries A stored. A hit through Redis over direct: p50 {:+.3} ms, p99 {:+.3} ms; from memory: p50 {:+.3} ms, p99 {:+.3} ms.\n",
+        prompts.len(),
+        m(&p50[1]) - m(&p50[0]),
+        m(&p99[1]) - m(&p99[0]),
+        m(&p50[2]) - m(&p50[0]),
+        m(&p99[2]) - m(&p99[0]),
+    );
+    drop(b);
+    drop(a);
+    drop(redis);
+}
+
 fn main() {
     // `cargo bench` passes --bench; anything else (a test harness probe) is not a request to run.
     if !std::env::args().any(|a| a == "--bench") {
@@ -765,6 +921,13 @@ fn main() {
     if std::env::var("LOAD_ONLY").as_deref() == Ok("fleet") {
         let mut report = String::new();
         fleet_section(&mut report, dir.path(), upstream, seconds);
+        println!("{report}");
+        return;
+    }
+    // `LOAD_ONLY=cache-redis`: only the response cache through Redis.
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("cache-redis") {
+        let mut report = String::new();
+        cache_redis_section(&mut report, &rt, dir.path(), upstream);
         println!("{report}");
         return;
     }
@@ -993,6 +1156,7 @@ fn main() {
     drop(nginx);
     drop(floor);
     fleet_section(&mut report, dir.path(), upstream, seconds);
+    cache_redis_section(&mut report, &rt, dir.path(), upstream);
 
     // Large config: 10,000 keys, 1,000 tenants, 1,000 idle client connections.
     let big = large_config(upstream, 10_000, 1_000);

@@ -92,7 +92,12 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    let shared = Arc::new(runtime::Shared::new(&config)?);
+    // The link to Redis is made first: the response cache of every runtime shares through it.
+    let link = config.redis.as_ref().map(fleet::Fleet::new).transpose()?;
+    let cache_shared = link
+        .as_ref()
+        .map(|l| Arc::new(fleet::FleetCache::new(l.clone())) as Arc<dyn cache::SharedStore>);
+    let shared = Arc::new(runtime::Shared::new(&config, cache_shared)?);
     if let Some(path) = &config.state_file {
         ops::state::restore(&shared, path);
     }
@@ -164,8 +169,7 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
     if let Some(alerts) = &shared.alerts {
         server.add_service(background_service("alerts", alerts.service()));
     }
-    if let Some(redis) = &config.redis {
-        let link = fleet::Fleet::new(redis)?;
+    if let Some(link) = link {
         let _ = shared.fleet.set(link.clone());
         let _ = shared
             .limits

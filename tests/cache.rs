@@ -618,3 +618,39 @@ async fn the_memory_bound_holds_in_bytes_the_cache_counts() {
     assert!(first.body.len() > 80 * 1024);
     assert_eq!(ask(&kg, None, &big).await.cache(), "miss");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_purge_keeps_a_shared_pools_entries_and_says_so() {
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let yaml = format!(
+        "cache: {{}}\n{}    cache_shared_across_tenants: true\n{}",
+        pool_yaml(&mock.url(), &[("key-a", "p1")]),
+        tenants_of(&[("alice", None), ("bob", None)])
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    assert_eq!(ask(&kg, Some("tok-alice"), &prompt()).await.cache(), "miss");
+    assert_eq!(ask(&kg, Some("tok-bob"), &prompt()).await.cache(), "hit");
+    // The entry is the pool's, read by every tenant of it: alice's purge leaves it, and the
+    // answer says where it stays and how to remove it.
+    let (status, body) = admin_call("DELETE", &admin, "/admin/cache/tenants/alice", None).await;
+    assert_eq!((status, &body["purged"]), (200, &Value::from(0)), "{body}");
+    assert_eq!(
+        body["shared_pools_kept"],
+        serde_json::json!(["main"]),
+        "{body}"
+    );
+    assert!(
+        body["note"]
+            .as_str()
+            .unwrap()
+            .contains("DELETE /admin/cache"),
+        "{body}"
+    );
+    assert_eq!(ask(&kg, Some("tok-alice"), &prompt()).await.cache(), "hit");
+    let (status, body) = admin_call("DELETE", &admin, "/admin/cache", None).await;
+    assert_eq!((status, &body["purged"]), (200, &Value::from(1)), "{body}");
+    assert!(body.get("note").is_none(), "{body}");
+    assert_eq!(ask(&kg, Some("tok-bob"), &prompt()).await.cache(), "miss");
+    assert_eq!(mock.seen().len(), 2);
+}

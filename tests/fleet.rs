@@ -962,3 +962,226 @@ async fn a_file_uploaded_through_one_instance_can_be_named_in_a_live_session_on_
         other => panic!("expected a close frame, got {other:?}"),
     }
 }
+
+// The response cache shared through Redis.
+
+/// A keygate with a response cache, tenants alice and bob, and an admin listener, sharing
+/// through `redis`.
+fn cached_instance(mock: &Mock, redis: &RedisServer) -> (Keygate, String) {
+    let yaml = format!(
+        "cache:\n  ttl_seconds: 600\n{}{}{}",
+        pool_yaml(&mock.url(), &[("key-a", "p1")]),
+        tenants_of(&[("alice", None), ("bob", None)]),
+        redis.yaml()
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    (kg, admin)
+}
+
+/// A generation asked through `kg` by the tenant of `token`: its status, `x-keygate-cache` and
+/// body.
+async fn cached_ask(kg: &Keygate, token: &str, text: &str) -> (u16, String, Vec<u8>) {
+    let resp = client()
+        .post(format!(
+            "{}/v1beta/models/{FLASH}:generateContent",
+            kg.url()
+        ))
+        .header("x-goog-api-key", token)
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"contents":[{{"role":"user","parts":[{{"text":"{text}"}}]}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let cache = resp
+        .headers()
+        .get("x-keygate-cache")
+        .map_or("(none)".into(), |v| v.to_str().unwrap().to_string());
+    (status, cache, resp.bytes().await.unwrap().to_vec())
+}
+
+/// The names of the cache entries in `redis`.
+fn cache_names(redis: &RedisServer) -> Vec<String> {
+    let mut names: Vec<String> = redis
+        .cli(&["--scan", "--pattern", "keygate:cache:*"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Waits until `redis` holds `n` cache entries (they are written in the background).
+async fn until_cached(redis: &RedisServer, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let names = cache_names(redis);
+        if names.len() == n {
+            return names;
+        }
+        assert!(Instant::now() < deadline, "redis holds {names:?}, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the instance at `admin` holds `n` entries in memory.
+async fn until_in_memory(admin: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, view) = admin_call("GET", admin, "/admin/cache", None).await;
+        assert_eq!(status, 200, "{view}");
+        if view["entries"] == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{view}, not {n} entries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_miss_on_one_instance_is_a_hit_on_the_other_through_redis() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let (a, _) = cached_instance(&mock, &redis);
+    let (b, _) = cached_instance(&mock, &redis);
+
+    let first = cached_ask(&a, "tok-alice", "shared").await;
+    assert_eq!((first.0, first.1.as_str()), (200, "miss"));
+    let names = until_cached(&redis, 1).await;
+    let second = cached_ask(&b, "tok-alice", "shared").await;
+    assert_eq!((second.0, second.1.as_str()), (200, "hit"), "through B");
+    assert_eq!(first.2, second.2, "byte-identical");
+    assert_eq!(mock.seen().len(), 1, "one upstream call for both instances");
+    // Another tenant still has entries of its own.
+    assert_eq!(cached_ask(&b, "tok-bob", "shared").await.1, "miss");
+    assert_eq!(mock.seen().len(), 2);
+
+    // A value under an entry's name that keygate did not write is a miss, not an error.
+    assert_eq!(cached_ask(&a, "tok-alice", "garbled").await.1, "miss");
+    let now = until_cached(&redis, 3).await;
+    let garbled: Vec<&String> = now.iter().filter(|n| !names.contains(n)).collect();
+    // Bob's entry and the new one: find the new one by its tenant part, alice's.
+    let alice_part = names[0].split(':').nth(2).unwrap();
+    let garbled = garbled
+        .into_iter()
+        .find(|n| n.split(':').nth(2) == Some(alice_part))
+        .unwrap();
+    assert_eq!(
+        redis.cli(&["SET", garbled, "not a keygate entry"]).trim(),
+        "OK"
+    );
+    let (status, cache, body) = cached_ask(&b, "tok-alice", "garbled").await;
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "miss"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(mock.seen().len(), 4);
+    b.wait_for_log("not a cache entry keygate wrote");
+
+    // Redis holds the answers (in plain text) and no key or token, in names or values.
+    let dump = redis.dump();
+    assert!(
+        dump.iter()
+            .any(|(n, v)| n.starts_with("keygate:cache:") && v.contains("hello from p1")),
+        "{dump:?}"
+    );
+    for (name, value) in dump {
+        for secret in ["key-a", "tok-alice", "tok-bob", "alice", "bob"] {
+            assert!(!name.contains(secret), "{name}");
+            assert!(!value.contains(secret), "{name}: {value}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_on_one_instance_empties_redis_and_the_others_memory() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let (a, admin_a) = cached_instance(&mock, &redis);
+    let (b, admin_b) = cached_instance(&mock, &redis);
+    for token in ["tok-alice", "tok-bob"] {
+        assert_eq!(cached_ask(&a, token, "hi").await.1, "miss");
+    }
+    until_cached(&redis, 2).await;
+    for token in ["tok-alice", "tok-bob"] {
+        assert_eq!(cached_ask(&b, token, "hi").await.1, "hit");
+    }
+    until_in_memory(&admin_b, 2).await;
+
+    let (status, body) = admin_call("DELETE", &admin_a, "/admin/cache/tenants/alice", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["purged"], &body["purged_in_redis"]),
+        (&Value::from(1), &Value::from(1)),
+        "{body}"
+    );
+    assert_eq!(cache_names(&redis).len(), 1, "bob's entry stays");
+    until_in_memory(&admin_b, 1).await;
+    assert_eq!(
+        cached_ask(&b, "tok-alice", "hi").await.1,
+        "miss",
+        "alice's entry is gone from B too"
+    );
+    assert_eq!(cached_ask(&b, "tok-bob", "hi").await.1, "hit");
+    until_cached(&redis, 2).await;
+
+    let (status, body) = admin_call("DELETE", &admin_a, "/admin/cache", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged_in_redis"], 2, "{body}");
+    assert!(cache_names(&redis).is_empty());
+    until_in_memory(&admin_b, 0).await;
+    assert_eq!(cached_ask(&b, "tok-bob", "hi").await.1, "miss");
+    assert_eq!(mock.seen().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_killed_the_cache_still_answers_and_a_miss_is_no_error() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let (a, _) = cached_instance(&mock, &redis);
+    let (b, _) = cached_instance(&mock, &redis);
+    assert_eq!(cached_ask(&a, "tok-alice", "before").await.1, "miss");
+    until_cached(&redis, 1).await;
+    assert_eq!(cached_ask(&b, "tok-alice", "before").await.1, "hit");
+
+    redis.kill();
+    let started = Instant::now();
+    for (kg, text, expected) in [
+        (&b, "before", "hit"),
+        (&b, "after", "miss"),
+        (&b, "after", "hit"),
+        (&a, "after", "miss"),
+        (&a, "before", "hit"),
+    ] {
+        let (status, cache, body) = cached_ask(kg, "tok-alice", text).await;
+        assert_eq!(
+            (status, cache.as_str()),
+            (200, expected),
+            "{text}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.seen().len(), 3);
+    for kg in [&a, &b] {
+        let logs = kg.logs();
+        assert!(
+            logs.matches("the response cache cannot use it").count() <= 1,
+            "{logs}"
+        );
+        assert!(!logs.contains("panicked"), "{logs}");
+    }
+}

@@ -9,15 +9,18 @@
 //! the lookup but stores the fresh answer, `no-store` skips both, `max-age=N` bounds how old a
 //! hit may be. A cache fault is a miss, never an error.
 //!
-//! [`key`] makes the entry key; [`store`] keeps entries behind the [`Store`] seam (in memory
-//! today; a store shared between instances comes with the shared-state work). This module
-//! knows nothing of Pingora: the gateway calls it (`gateway/cache.rs`).
+//! [`key`] makes the entry key; [`store`] keeps entries behind the [`Store`] seam, in memory.
+//! With `redis:` configured a [`SharedStore`] is the second level: a local miss looks there
+//! (a hit fills memory), and an answer kept is written there too, in the background, in the
+//! form [`encoding`] gives it. This module knows nothing of Pingora or Redis: the gateway
+//! calls it (`gateway/cache.rs`), the fleet provides the shared store (`fleet/cache.rs`).
 
+pub mod encoding;
 pub mod key;
 pub mod store;
 
 pub use key::EntryKey;
-pub use store::{Fault, MemoryStore, Store, Usage};
+pub use store::{Fault, MemoryStore, SharedStore, Store, Usage};
 
 use crate::config::CacheConfig;
 use crate::wire::{names, request};
@@ -80,6 +83,10 @@ const NOT_KEPT: [&str; 10] = [
 
 /// Bytes an entry costs beyond its body and header fields (its key, the bookkeeping).
 const ENTRY_OVERHEAD: u64 = 256;
+
+/// How far in the future an entry read from the shared store may say it was stored (the
+/// instances' clocks differ a little); a later one is not believed.
+const CLOCK_SKEW_MS: u64 = 60_000;
 
 /// Bytes a recording reserves at a time: fewer changes of the budget for a long stream.
 const RESERVE_STEP: u64 = 16 * 1024;
@@ -247,26 +254,55 @@ impl Entry {
     }
 }
 
-/// The response cache of a configuration: its settings and its store.
+/// The response cache of a configuration: its settings, its store in memory, and the store
+/// shared with the other instances, if any.
 pub struct Cache {
     config: CacheConfig,
     store: Arc<dyn Store>,
+    shared: Option<Arc<dyn SharedStore>>,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// Entries removed from this instance's memory.
+    pub here: u64,
+    /// Entries removed from the shared store, or why it could not purge (`None`: there is no
+    /// shared store).
+    pub shared: Option<Result<u64, String>>,
 }
 
 impl Cache {
-    /// A cache with `config`, keeping entries in memory. `old`: the previous configuration's
-    /// cache, whose entries are kept when the settings did not change.
-    pub fn new(config: CacheConfig, old: Option<&Cache>) -> Cache {
+    /// A cache with `config`, keeping entries in memory, and in `shared` too when it is given.
+    /// `old`: the previous configuration's cache, whose entries are kept when the settings did
+    /// not change.
+    pub fn new(
+        config: CacheConfig,
+        old: Option<&Cache>,
+        shared: Option<Arc<dyn SharedStore>>,
+    ) -> Cache {
         let store = match old {
             Some(old) if old.config == config => old.store.clone(),
             _ => Arc::new(MemoryStore::new(config.max_bytes, config.ttl)) as Arc<dyn Store>,
         };
-        Cache { config, store }
+        Cache {
+            config,
+            store,
+            shared,
+        }
     }
 
-    /// A cache over `store` (tests, other stores).
-    pub fn with_store(config: CacheConfig, store: Arc<dyn Store>) -> Cache {
-        Cache { config, store }
+    /// A cache over `store` (tests, other stores), with `shared` as its second level.
+    pub fn with_store(
+        config: CacheConfig,
+        store: Arc<dyn Store>,
+        shared: Option<Arc<dyn SharedStore>>,
+    ) -> Cache {
+        Cache {
+            config,
+            store,
+            shared,
+        }
     }
 
     /// The settings.
@@ -274,8 +310,13 @@ impl Cache {
         self.config
     }
 
-    /// The entry under `key`, if there is one no older than `max_age`. A store fault is logged
-    /// and taken as a miss.
+    /// Whether entries are shared with other instances.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The entry under `key`, if there is one no older than `max_age`: from memory, or else
+    /// from the shared store (filling memory). A store fault is logged and taken as a miss.
     pub async fn lookup(
         &self,
         key: &EntryKey,
@@ -283,7 +324,8 @@ impl Cache {
         now: u64,
     ) -> Option<Arc<Entry>> {
         let entry = match self.store.get(key, now).await {
-            Ok(found) => found?,
+            Ok(Some(found)) => found,
+            Ok(None) => self.lookup_shared(key, now).await?,
             Err(fault) => {
                 log::warn!("cache: lookup failed ({fault}); answered as a miss");
                 return None;
@@ -294,6 +336,25 @@ impl Cache {
             Some(max) if age > max => None,
             _ => Some(entry),
         }
+    }
+
+    /// The entry under `key` in the shared store, if it is within the TTL and the size bound;
+    /// kept in memory for the next hit.
+    async fn lookup_shared(&self, key: &EntryKey, now: u64) -> Option<Arc<Entry>> {
+        let shared = self.shared.as_ref()?;
+        let max = self.config.max_entry_bytes();
+        let entry = shared.get(key, max).await?;
+        let ttl = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
+        let fresh = entry.stored_at <= now.saturating_add(CLOCK_SKEW_MS)
+            && now.saturating_sub(entry.stored_at) < ttl;
+        if !fresh || entry.weight() > max {
+            return None;
+        }
+        let entry = Arc::new(entry);
+        if let Err(fault) = self.store.put(key.clone(), entry.clone()).await {
+            log::warn!("cache: an entry from the shared store could not be kept ({fault})");
+        }
+        Some(entry)
     }
 
     /// Starts recording the answer to a request that will be kept under `key`.
@@ -310,7 +371,7 @@ impl Cache {
 
     /// Keeps a recorded answer whose whole decoded body is `body` and which used `tokens`;
     /// true if it was stored. An unclean stream, an entry over the size bound or a store fault
-    /// (logged) is not stored.
+    /// (logged) is not stored. The write to the shared store is queued, not waited for.
     pub async fn keep(&self, recording: Recording, body: Vec<u8>, tokens: u64, now: u64) -> bool {
         let Some((key, entry)) = recording.finish(body, tokens, now) else {
             return false;
@@ -318,7 +379,11 @@ impl Cache {
         if entry.weight() > self.config.max_entry_bytes() {
             return false;
         }
-        match self.store.put(key, Arc::new(entry)).await {
+        let entry = Arc::new(entry);
+        if let Some(shared) = &self.shared {
+            shared.put(&key, entry.clone(), self.config.ttl);
+        }
+        match self.store.put(key, entry).await {
             Ok(()) => true,
             Err(fault) => {
                 log::warn!("cache: an answer could not be stored ({fault})");
@@ -327,12 +392,26 @@ impl Cache {
         }
     }
 
-    /// Removes every entry, or those of `tenant`; how many went.
-    pub async fn purge(&self, tenant: Option<&str>) -> Result<u64, Fault> {
+    /// Removes every entry, or those of `tenant`, here and in the shared store (whose purge
+    /// tells the other instances to drop theirs from memory). Entries of a pool whose tenants
+    /// share them belong to no tenant: only a purge of everything removes them. Fails only
+    /// when memory could not be purged; the shared store's fault is in [`Purged::shared`].
+    pub async fn purge(&self, tenant: Option<&str>) -> Result<Purged, Fault> {
+        let here = self.store.purge(tenant).await?;
+        let shared = match &self.shared {
+            Some(s) => Some(s.purge(tenant).await.map_err(|f| f.0)),
+            None => None,
+        };
+        Ok(Purged { here, shared })
+    }
+
+    /// Removes every entry, or those of `tenant`, from this instance's memory only: what
+    /// another instance's purge asks.
+    pub async fn purge_here(&self, tenant: Option<&str>) -> Result<u64, Fault> {
         self.store.purge(tenant).await
     }
 
-    /// What the store holds.
+    /// What the store in memory holds.
     pub fn usage(&self) -> Usage {
         self.store.usage()
     }

@@ -1,6 +1,7 @@
 //! Where entries are kept: the [`Store`] seam, and [`MemoryStore`], the in-process store on
 //! `quick_cache` (a concurrent, sharded cache bounded by weight, with a scan-resistant
-//! CLOCK-Pro policy). A store shared between instances (Redis) comes in behind the same trait.
+//! CLOCK-Pro policy); and [`SharedStore`], the second level shared between instances (Redis,
+//! in `fleet/cache.rs`), looked in after a local miss.
 //!
 //! The memory budget counts both the entries and the answers still being recorded: a recording
 //! reserves its bytes as they arrive, and the entries' share shrinks by as much (entries are
@@ -52,6 +53,24 @@ pub trait Store: Send + Sync {
     fn release(&self, bytes: u64);
     /// What the store holds now.
     fn usage(&self) -> Usage;
+}
+
+/// The second level: a store shared between instances, behind this process's [`MemoryStore`].
+/// It is asked only after a local miss and written without waiting, so a hit from memory costs
+/// what it did without it. None of its faults is the caller's problem: a store that cannot
+/// answer in time, or holds a value keygate did not write, answers "not found" (and says so
+/// once in the log).
+#[async_trait]
+pub trait SharedStore: Send + Sync {
+    /// The entry stored under `key` by any instance, if there is one of at most `max_bytes`
+    /// (checked before it is read).
+    async fn get(&self, key: &EntryKey, max_bytes: u64) -> Option<Entry>;
+    /// Writes `entry` under `key` for `ttl`, in the background: returns at once, and a write
+    /// that cannot be made is dropped.
+    fn put(&self, key: &EntryKey, entry: Arc<Entry>, ttl: Duration);
+    /// Removes every entry (`tenant` None) or those kept for one tenant, and tells the other
+    /// instances to drop theirs from memory; how many went from the store.
+    async fn purge(&self, tenant: Option<&str>) -> Result<u64, Fault>;
 }
 
 /// An entry's weight: its own bytes and those of its key.

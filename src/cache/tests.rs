@@ -236,7 +236,7 @@ async fn entries_expire_and_purge_by_tenant() {
 
 #[tokio::test]
 async fn max_age_bounds_a_hit_and_entries_over_a_sixteenth_are_not_kept() {
-    let cache = Cache::new(config(1 << 20), None);
+    let cache = Cache::new(config(1 << 20), None, None);
     let mut rec = cache.recording(key(1, None), false);
     rec.header(&headers(&[
         ("content-type", "application/json"),
@@ -302,9 +302,94 @@ impl Store for Broken {
 
 #[tokio::test]
 async fn a_store_fault_is_a_miss() {
-    let cache = Cache::with_store(config(1 << 20), Arc::new(Broken));
+    let cache = Cache::with_store(config(1 << 20), Arc::new(Broken), None);
     assert!(cache.lookup(&key(1, None), None, 1).await.is_none());
     let rec = cache.recording(key(1, None), false);
     assert!(!cache.keep(rec, b"{}".to_vec(), 0, 1).await);
     assert!(cache.purge(None).await.is_err());
+}
+
+/// A shared store in a map, keeping values as the real one does (encoded), and whether it
+/// answers.
+#[derive(Default)]
+struct Shelf {
+    values: std::sync::Mutex<std::collections::HashMap<EntryKey, Vec<u8>>>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl SharedStore for Shelf {
+    async fn get(&self, key: &EntryKey, max_bytes: u64) -> Option<Entry> {
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let values = self.values.lock().unwrap();
+        let value = values.get(key).filter(|v| v.len() as u64 <= max_bytes)?;
+        encoding::decode(key, value)
+    }
+    fn put(&self, key: &EntryKey, entry: Arc<Entry>, _: Duration) {
+        let value = encoding::encode(key, &entry);
+        self.values.lock().unwrap().insert(key.clone(), value);
+    }
+    async fn purge(&self, _: Option<&str>) -> Result<u64, Fault> {
+        let mut values = self.values.lock().unwrap();
+        let n = values.len() as u64;
+        values.clear();
+        Ok(n)
+    }
+}
+
+#[tokio::test]
+async fn a_local_miss_is_looked_for_in_the_shared_store_and_fills_memory() {
+    let shelf = Arc::new(Shelf::default());
+    let a = Cache::new(config(1 << 20), None, Some(shelf.clone()));
+    let b = Cache::new(config(1 << 20), None, Some(shelf.clone()));
+    let mut rec = a.recording(key(1, Some("alice")), false);
+    rec.header(&headers(&[("content-type", "application/json")]));
+    assert!(a.keep(rec, b"{\"a\":1}".to_vec(), 7, 1_000).await);
+    assert_eq!(b.usage().entries, 0);
+    let hit = b.lookup(&key(1, Some("alice")), None, 2_000).await.unwrap();
+    assert_eq!(
+        (&hit.body[..], hit.tokens, hit.stored_at),
+        (&b"{\"a\":1}"[..], 7, 1_000)
+    );
+    assert_eq!(b.usage().entries, 1, "the hit is kept in memory");
+    // Memory answers once the shared store is gone.
+    shelf.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(b
+        .lookup(&key(1, Some("alice")), None, 3_000)
+        .await
+        .is_some());
+    shelf
+        .down
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    // Past the TTL, or from a clock far ahead, an entry of the shared store is not believed.
+    let c = Cache::new(config(1 << 20), None, Some(shelf.clone()));
+    assert!(c
+        .lookup(&key(1, Some("alice")), None, 601_000)
+        .await
+        .is_none());
+    assert!(
+        c.lookup(&key(1, None), None, 2_000).await.is_none(),
+        "another key"
+    );
+    let mut future = c.recording(key(2, None), false);
+    future.header(&headers(&[]));
+    assert!(c.keep(future, b"{}".to_vec(), 0, 500_000).await);
+    let d = Cache::new(config(1 << 20), None, Some(shelf.clone()));
+    assert!(d.lookup(&key(2, None), None, 100_000).await.is_none());
+    // A purge reaches the shared store and says what went where.
+    let purged = a.purge(None).await.unwrap();
+    assert_eq!(
+        purged,
+        Purged {
+            here: 1,
+            shared: Some(Ok(2))
+        }
+    );
+    assert!(c.purge_here(None).await.is_ok());
+    assert!(c
+        .lookup(&key(1, Some("alice")), None, 2_000)
+        .await
+        .is_none());
 }

@@ -11,6 +11,7 @@
 //! answers again, the instance writes back what it learnt meanwhile (the later deadline wins)
 //! and loads what the others wrote.
 
+mod cache;
 mod chores;
 mod limits;
 mod owners;
@@ -20,6 +21,7 @@ mod store;
 mod sync;
 mod versions;
 
+pub use cache::FleetCache;
 pub use limits::FleetLimits;
 pub use owners::FleetOwners;
 pub use probes::FleetProbes;
@@ -497,10 +499,12 @@ async fn scan(c: &mut ConnectionManager, pattern: &str) -> redis::RedisResult<Ve
 /// Applies the changes other instances publish.
 async fn listener(fleet: &Fleet, shared: &Shared) {
     use futures_util::StreamExt;
+    let purges = cache::purge_channel(&fleet.config.key_prefix);
     loop {
         let subscribed = async {
             let mut pubsub = fleet.client.get_async_pubsub().await?;
             pubsub.subscribe(fleet.channel()).await?;
+            pubsub.subscribe(&purges).await?;
             redis::RedisResult::Ok(pubsub)
         };
         let pubsub = match tokio::time::timeout(RECONNECT * 2, subscribed).await {
@@ -512,12 +516,17 @@ async fn listener(fleet: &Fleet, shared: &Shared) {
         };
         // Subscribed: whatever was missed before is in the store.
         fleet.resync.notify_one();
+        cache::subscribed(shared).await;
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
             let Ok(text) = message.get_payload::<String>() else {
                 continue;
             };
             if text.len() > MAX_MESSAGE {
+                continue;
+            }
+            if message.get_channel_name() == purges {
+                cache::purge_told(fleet, shared, text.as_bytes()).await;
                 continue;
             }
             match serde_json::from_str::<Envelope>(&text) {

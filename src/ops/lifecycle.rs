@@ -59,7 +59,7 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<String, String> {
         );
     }
     let old = shared.runtime.load_full();
-    let fresh = Runtime::reloaded(&config, &old);
+    let fresh = Runtime::reloaded(&config, &old, shared.cache_shared.clone());
     shared.runtime.store(Arc::new(fresh));
     shared.upstreams_changed.send_replace(());
     Ok(config.summary())

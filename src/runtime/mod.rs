@@ -10,7 +10,7 @@ pub mod budget;
 pub mod health;
 pub mod owners;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, SharedStore};
 use crate::config::{ClientLimits, Config, PoolConfig, RetryPolicy, Timeouts};
 use crate::quota::affinity::{Affinity, Uploads};
 use crate::quota::keys::{KeyPool, Millis};
@@ -120,6 +120,9 @@ pub struct Shared {
     pub probes: std::sync::OnceLock<Arc<dyn health::SharedProbes>>,
     /// Where the usage series of the instances are added up.
     pub series: std::sync::OnceLock<Arc<dyn crate::quota::keys::series::SharedSeries>>,
+    /// Where the response cache shares its entries with the other instances (Redis), given
+    /// at start to every runtime's cache.
+    pub cache_shared: Option<Arc<dyn SharedStore>>,
 }
 
 /// Where a request goes.
@@ -131,19 +134,28 @@ pub enum Route {
 }
 
 impl Runtime {
-    /// Builds the runtime of a validated configuration.
-    pub fn new(config: &Config) -> Runtime {
-        Runtime::build(config, None)
+    /// Builds the runtime of a validated configuration; its response cache (if configured)
+    /// shares entries through `cache_shared`, when given.
+    pub fn new(config: &Config, cache_shared: Option<Arc<dyn SharedStore>>) -> Runtime {
+        Runtime::build(config, None, cache_shared)
     }
 
     /// Builds the runtime of a reloaded configuration, carrying over from `old` what belongs
     /// to pools, keys and tenants that keep their names: health tables, usage counts, fair-share
     /// windows, and upstream connections when the upstream is unchanged.
-    pub fn reloaded(config: &Config, old: &Runtime) -> Runtime {
-        Runtime::build(config, Some(old))
+    pub fn reloaded(
+        config: &Config,
+        old: &Runtime,
+        cache_shared: Option<Arc<dyn SharedStore>>,
+    ) -> Runtime {
+        Runtime::build(config, Some(old), cache_shared)
     }
 
-    fn build(config: &Config, old: Option<&Runtime>) -> Runtime {
+    fn build(
+        config: &Config,
+        old: Option<&Runtime>,
+        cache_shared: Option<Arc<dyn SharedStore>>,
+    ) -> Runtime {
         let pools = config
             .pools
             .iter()
@@ -200,7 +212,7 @@ impl Runtime {
             model_aliases: config.model_aliases.clone(),
             cache: config.cache.map(|c| {
                 let previous = old.and_then(|o| o.cache.as_deref());
-                Arc::new(Cache::new(c, previous))
+                Arc::new(Cache::new(c, previous, cache_shared.clone()))
             }),
         }
     }
@@ -248,15 +260,19 @@ impl Shared {
         }
     }
 
-    /// The shared state of a freshly started gateway.
-    pub fn new(config: &Config) -> Result<Shared, String> {
+    /// The shared state of a freshly started gateway, its response cache sharing entries
+    /// through `cache_shared` when given.
+    pub fn new(
+        config: &Config,
+        cache_shared: Option<Arc<dyn SharedStore>>,
+    ) -> Result<Shared, String> {
         let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
         let alerts = match &config.alerts {
             Some(a) => Some(Alerts::new(a.clone()).map_err(|e| format!("alerts: {e}"))?),
             None => None,
         };
         Ok(Shared {
-            runtime: ArcSwap::from_pointee(Runtime::new(config)),
+            runtime: ArcSwap::from_pointee(Runtime::new(config, cache_shared.clone())),
             affinity: Affinity::new(AFFINITY_CAPACITY),
             uploads: Uploads::new(UPLOADS_CAPACITY),
             started: config.clone(),
@@ -270,6 +286,7 @@ impl Shared {
             owners: std::sync::OnceLock::new(),
             probes: std::sync::OnceLock::new(),
             series: std::sync::OnceLock::new(),
+            cache_shared,
         })
     }
 }

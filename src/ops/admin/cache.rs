@@ -32,8 +32,10 @@ impl Admin {
     }
 
     /// `DELETE /admin/cache` (everything) or `DELETE /admin/cache/tenants/{name}` (the entries
-    /// kept for that tenant; those of pools that share entries belong to no tenant and go with
-    /// everything).
+    /// kept for that tenant). Entries of pools with `cache_shared_across_tenants` belong to no
+    /// tenant (all of its tenants read them): only a purge of everything removes them, and a
+    /// tenant's purge says so. With Redis, the entries there go too, and the other instances
+    /// drop theirs from memory.
     pub(super) async fn purge_cache(&self, tenant: Option<&str>) -> Answer {
         let rt = self.shared.runtime.load_full();
         let Some(cache) = &rt.cache else {
@@ -47,18 +49,42 @@ impl Admin {
                 return error(StatusCode::NOT_FOUND, format!("no tenant named '{name}'"));
             }
         }
-        match cache.purge(tenant).await {
-            Ok(purged) => Answer(
-                StatusCode::OK,
-                json!({
-                    "purged": purged,
-                    "tenant": tenant,
-                    "bytes_used": cache.usage().bytes,
-                }),
-            ),
-            Err(fault) => error(
+        let purged = match cache.purge(tenant).await {
+            Ok(p) => p,
+            Err(fault) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the cache could not be purged: {fault}"),
+                )
+            }
+        };
+        let shared_pools: Vec<&str> = rt
+            .pools
+            .iter()
+            .filter(|p| p.config.cache_shared_across_tenants)
+            .map(|p| p.name())
+            .collect();
+        let mut body = json!({
+            "purged": purged.here,
+            "tenant": tenant,
+            "bytes_used": cache.usage().bytes,
+        });
+        if tenant.is_some() && !shared_pools.is_empty() {
+            body["shared_pools_kept"] = json!(shared_pools);
+            body["note"] = json!("entries of pools with cache_shared_across_tenants belong to no tenant and are kept; DELETE /admin/cache purges them");
+        }
+        match purged.shared {
+            None => Answer(StatusCode::OK, body),
+            Some(Ok(n)) => {
+                body["purged_in_redis"] = json!(n);
+                Answer(StatusCode::OK, body)
+            }
+            Some(Err(why)) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("the cache could not be purged: {fault}"),
+                format!(
+                    "{} entries purged from this instance's memory, but not from Redis ({why}): entries there remain until they expire, and the other instances keep theirs; try again",
+                    purged.here
+                ),
             ),
         }
     }
