@@ -10,7 +10,9 @@
 //! (an earlier build) as target `baseline`, to measure a change side by side. Target
 //! `keygate+cache` is keygate with a `cache:` section: after its first request, every one is a
 //! hit served from memory (the `Response cache` section compares it with the upstream direct).
-//! Tunables (environment): `LOAD_SECONDS` (default 10),
+//! Tunables (environment): `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (saturation and
+//! fixed-concurrency runs are made in this many rounds, each target once a round, and a target
+//! reported by its median round; default 3),
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
 //! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1), `LOAD_ONLY=fleet`
 //! (only the section on Redis: keygate alone against keygate sharing its state, and two
@@ -43,6 +45,31 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Runs `run` on every target, `rounds` times over, a round taking each target once in turn:
+/// per target, the run of median throughput and the throughput of every round.
+fn in_rounds<'t>(
+    targets: &'t [(&'static str, String, Option<u32>)],
+    rounds: usize,
+    mut run: impl FnMut(&str, Option<u32>) -> Run,
+) -> Vec<(&'t &'static str, Run, Vec<f64>)> {
+    let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, (_, base, pid)) in targets.iter().enumerate() {
+            runs[i].push(run(base, *pid));
+        }
+    }
+    targets
+        .iter()
+        .zip(runs)
+        .map(|((name, _, _), mut of_target)| {
+            let rps: Vec<f64> = of_target.iter().map(|r| r.rps).collect();
+            of_target.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let median = of_target.swap_remove(of_target.len() / 2);
+            (name, median, rps)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -906,7 +933,8 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let seconds: u64 = env_or("LOAD_SECONDS", 10);
+    let seconds: u64 = env_or("LOAD_SECONDS", 5);
+    let rounds: usize = env_or("LOAD_ROUNDS", 3).max(1);
     let conns: usize = env_or("LOAD_CONNECTIONS", 16);
     let sat_conns: usize = env_or("LOAD_SATURATION_CONNECTIONS", 128);
     let workers: usize = env_or("PROXY_WORKERS", 1);
@@ -971,23 +999,41 @@ fn main() {
         seconds
     );
 
-    // Saturation first: it sets the rate of the half-saturation run.
-    let mut saturation = Vec::new();
-    for (name, base, pid) in &targets {
-        // Warm up connections and caches.
+    // Saturation first: it sets the rate of the half-saturation run. Both loads run in
+    // `LOAD_ROUNDS` rounds, each round every target once, so that a slow moment of a shared
+    // machine falls on one round of each target rather than on one target; a target's figures
+    // are those of its median round.
+    let warm = |base: &str| {
         let _ = oha(&format!("{base}{path}"), 2, conns, None, None);
-        saturation.push((
-            name,
-            oha(&format!("{base}{path}"), seconds, sat_conns, None, *pid),
-        ));
-    }
-    let mut fixed = Vec::new();
-    for (name, base, pid) in &targets {
-        fixed.push((
-            name,
-            oha(&format!("{base}{path}"), seconds, conns, None, *pid),
-        ));
-    }
+    };
+    let saturation = in_rounds(&targets, rounds, |base, pid| {
+        warm(base);
+        oha(&format!("{base}{path}"), seconds, sat_conns, None, pid)
+    });
+    let fixed = in_rounds(&targets, rounds, |base, pid| {
+        oha(&format!("{base}{path}"), seconds, conns, None, pid)
+    });
+    let per_round = |runs: &[(&&str, Run, Vec<f64>)], a: &str, b: &str| {
+        let of = |n: &str| {
+            runs.iter()
+                .find(|(x, _, _)| **x == n)
+                .map(|(_, _, r)| r.clone())
+                .unwrap_or_default()
+        };
+        of(a)
+            .iter()
+            .zip(of(b))
+            .map(|(x, y)| format!("{:.2}", x / y))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let round_ratios = format!(
+        "keygate/pingora floor throughput in each round: saturation {}; {conns} connections {}.",
+        per_round(&saturation, "keygate", "pingora"),
+        per_round(&fixed, "keygate", "pingora")
+    );
+    let saturation: Vec<(&&str, Run)> = saturation.into_iter().map(|(n, r, _)| (n, r)).collect();
+    let fixed: Vec<(&&str, Run)> = fixed.into_iter().map(|(n, r, _)| (n, r)).collect();
     let kg_sat = saturation
         .iter()
         .find(|(n, _)| **n == "keygate")
@@ -1071,6 +1117,7 @@ fn main() {
         pf99 - d99,
         kgc / pfc
     );
+    let _ = writeln!(report, "{round_ratios}\n");
 
     // A hit served from memory against the same request direct to the upstream, one at a time
     // from one client: the latency a client sees, without queueing.
