@@ -1216,3 +1216,22 @@ async fn a_lookup_waits_on_a_slow_redis_no_longer_than_timeout_ms() {
         assert!(took < Duration::from_millis(650), "{text}: {took:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_gets_past_a_name_in_redis_that_is_not_text() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let (a, admin) = cached_instance(&mock, &redis);
+    assert_eq!(cached_ask(&a, "tok-alice", "hi").await.1, "miss");
+    until_cached(&redis, 1).await;
+    // Another program's value, under a name of keygate's prefix that is not UTF-8.
+    let foreign = "redis.call('SET', 'keygate:cache:' .. string.char(255), 'x')";
+    redis.cli(&["EVAL", foreign, "0"]);
+    assert_eq!(cache_names(&redis).len(), 2);
+
+    let (status, body) = admin_call("DELETE", &admin, "/admin/cache", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged_in_redis"], 2, "{body}");
+    assert!(cache_names(&redis).is_empty());
+}

@@ -203,7 +203,8 @@ impl Inner {
             let mut gone = 0;
             let mut cursor: u64 = 0;
             loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                // Names as bytes: one that is not UTF-8 (not keygate's) must not stop the purge.
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(&pattern)
