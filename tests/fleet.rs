@@ -1185,3 +1185,53 @@ async fn with_redis_killed_the_cache_still_answers_and_a_miss_is_no_error() {
         assert!(!logs.contains("panicked"), "{logs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lookup_waits_on_a_slow_redis_no_longer_than_timeout_ms() {
+    let redis = RedisServer::start();
+    // Every reply takes 300 ms, under timeout_ms (500): Redis is up, and slow.
+    let link = RedisLink::start(redis.port, Duration::from_millis(300)).await;
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let yaml = format!(
+        "cache:\n  ttl_seconds: 600\n{}{}{}",
+        pool_yaml(&mock.url(), &[("key-a", "p1")]),
+        tenants_of(&[("alice", None)]),
+        link.yaml(500)
+    );
+    let (kg, admin) = start_with_admin(&yaml);
+    wait_shared(&admin);
+    // The first lookup also makes the cache's connection to Redis: the two together wait no
+    // longer than timeout_ms.
+    for text in ["first", "second"] {
+        let started = Instant::now();
+        let (status, cache, body) = cached_ask(&kg, "tok-alice", text).await;
+        let took = started.elapsed();
+        assert_eq!(
+            (status, cache.as_str()),
+            (200, "miss"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(took < Duration::from_millis(650), "{text}: {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_gets_past_a_name_in_redis_that_is_not_text() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1");
+    let (a, admin) = cached_instance(&mock, &redis);
+    assert_eq!(cached_ask(&a, "tok-alice", "hi").await.1, "miss");
+    until_cached(&redis, 1).await;
+    // Another program's value, under a name of keygate's prefix that is not UTF-8.
+    let foreign = "redis.call('SET', 'keygate:cache:' .. string.char(255), 'x')";
+    redis.cli(&["EVAL", foreign, "0"]);
+    assert_eq!(cache_names(&redis).len(), 2);
+
+    let (status, body) = admin_call("DELETE", &admin, "/admin/cache", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged_in_redis"], 2, "{body}");
+    assert!(cache_names(&redis).is_empty());
+}

@@ -397,9 +397,15 @@ impl Cache {
     /// share them belong to no tenant: only a purge of everything removes them. Fails only
     /// when memory could not be purged; the shared store's fault is in [`Purged::shared`].
     pub async fn purge(&self, tenant: Option<&str>) -> Result<Purged, Fault> {
-        let here = self.store.purge(tenant).await?;
+        let mut here = self.store.purge(tenant).await?;
         let shared = match &self.shared {
-            Some(s) => Some(s.purge(tenant).await.map_err(|f| f.0)),
+            Some(s) => {
+                let purged = s.purge(tenant).await.map_err(|f| f.0);
+                // While the shared store was purging, a local miss could find an entry there
+                // not yet deleted and bring it back into memory: purged again.
+                here += self.store.purge(tenant).await?;
+                Some(purged)
+            }
             None => None,
         };
         Ok(Purged { here, shared })

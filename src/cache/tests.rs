@@ -393,3 +393,46 @@ async fn a_local_miss_is_looked_for_in_the_shared_store_and_fills_memory() {
         .await
         .is_none());
 }
+
+/// A shared store whose purge waits for `gate` before it deletes anything, as a purge in
+/// Redis (a scan of every name) takes a while.
+#[derive(Default)]
+struct SlowPurge {
+    shelf: Shelf,
+    gate: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl SharedStore for SlowPurge {
+    async fn get(&self, key: &EntryKey, max_bytes: u64) -> Option<Entry> {
+        self.shelf.get(key, max_bytes).await
+    }
+    fn put(&self, key: &EntryKey, entry: Arc<Entry>, ttl: Duration) {
+        self.shelf.put(key, entry, ttl);
+    }
+    async fn purge(&self, tenant: Option<&str>) -> Result<u64, Fault> {
+        self.gate.notified().await;
+        self.shelf.purge(tenant).await
+    }
+}
+
+#[tokio::test]
+async fn a_lookup_while_the_shared_store_purges_does_not_bring_the_entry_back() {
+    let slow = Arc::new(SlowPurge::default());
+    let cache = Cache::new(config(1 << 20), None, Some(slow.clone()));
+    let alice = key(1, Some("alice"));
+    let rec = cache.recording(alice.clone(), false);
+    assert!(cache.keep(rec, b"{}".to_vec(), 0, 1_000).await);
+    let purge = cache.purge(None);
+    let meanwhile = async {
+        // Memory is purged already; the shared store still holds the entry.
+        let _ = cache.lookup(&alice, None, 2_000).await;
+        slow.gate.notify_one();
+    };
+    let (purged, ()) = tokio::join!(purge, meanwhile);
+    assert_eq!(purged.unwrap().shared, Some(Ok(1)));
+    assert!(
+        cache.lookup(&alice, None, 3_000).await.is_none(),
+        "a purge that answered leaves nothing behind"
+    );
+}

@@ -142,12 +142,15 @@ impl Inner {
     }
 
     async fn get(&self, key: &EntryKey, max_bytes: u64) -> Option<Entry> {
+        // One deadline for the connection (made by the first lookup) and the read together: a
+        // lookup waits no longer than `timeout_ms` in all.
+        let deadline = tokio::time::Instant::now() + self.fleet.config.timeout;
         let mut c = self.connection().await?;
         let entry = name(&self.fleet.config.key_prefix, key);
         let mut invocation = self.get.key(&entry);
         invocation.arg(max_bytes);
         let read = invocation.invoke_async::<redis::Value>(&mut c);
-        let value = match tokio::time::timeout(self.fleet.config.timeout, read).await {
+        let value = match tokio::time::timeout_at(deadline, read).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 self.fault(&format!("lookup failed ({})", e.kind_label()));
@@ -200,7 +203,8 @@ impl Inner {
             let mut gone = 0;
             let mut cursor: u64 = 0;
             loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                // Names as bytes: one that is not UTF-8 (not keygate's) must not stop the purge.
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(&pattern)

@@ -181,3 +181,60 @@ impl RedisGate {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// A slow link to a Redis: every reply reaches the instance `delay` after Redis sent it (a
+/// Redis far away, or slow to answer), without holding up the replies that follow.
+pub struct RedisLink {
+    /// The port instances connect to.
+    pub port: u16,
+}
+
+impl RedisLink {
+    /// A link to the Redis on `target` whose replies take `delay`.
+    pub async fn start(target: u16, delay: Duration) -> RedisLink {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    });
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(async move {
+                        while let Some((due, bytes)) = rx.recv().await {
+                            tokio::time::sleep_until(due).await;
+                            let bytes: Vec<u8> = bytes;
+                            if client_write.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = server_read.read(&mut buf).await {
+                        let due = tokio::time::Instant::now() + delay;
+                        if n == 0 || tx.send((due, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        RedisLink { port }
+    }
+
+    /// The config section pointing keygate at the link, with `timeout_ms`.
+    pub fn yaml(&self, timeout_ms: u64) -> String {
+        format!(
+            "redis:\n  url: \"redis://127.0.0.1:{}/0\"\n  timeout_ms: {timeout_ms}\n",
+            self.port
+        )
+    }
+}
