@@ -283,10 +283,13 @@ async fn no_key_or_token_travels_through_redis() {
         traffic.contains("upload_id"),
         "no upload was shared: {traffic}"
     );
-    assert!(
-        stored.iter().any(|e| e.starts_with("keygate:series:")),
-        "no usage series was shared: {stored:?}"
-    );
+    for shared in ["keygate:series:", "keygate:usage:t:", "keygate:usage:k:"] {
+        assert!(
+            stored.iter().any(|e| e.starts_with(shared)),
+            "no {shared} was shared: {stored:?}"
+        );
+    }
+    assert!(!stored.iter().any(|e| e.contains("alice")), "{stored:?}");
     for secret in [
         "secret-key-1",
         "secret-key-2",
@@ -357,15 +360,17 @@ async fn a_served_request_makes_no_redis_round_trip() {
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
     // The usage series' writer sends each instance's counts once a second in the background
     // (one script call per busy key or tenant): not one call per request.
+    // So do the usage counters' (one script call for all of an instance's counters).
+    let background = ["keygate:series:", "keygate:usage:"];
     let (series, commands): (Vec<&str>, Vec<&str>) = traffic
         .lines()
         .filter(|l| l.contains('"') && !l.contains("\"PING\""))
-        .partition(|l| l.contains("keygate:series:"));
+        .partition(|l| background.iter().any(|b| l.contains(b)));
     assert!(commands.is_empty(), "{commands:?}");
     let calls = series.iter().filter(|l| l.contains("\"EVAL\"")).count() as u64;
-    // Two keys on one instance, two keys and a tenant on the other.
+    // Series: two keys on one instance, two keys and a tenant on the other; counters: one each.
     assert!(
-        calls <= 5 * seconds,
+        calls <= 7 * seconds,
         "{calls} series writes in {seconds} s: {series:?}"
     );
 }
@@ -915,3 +920,109 @@ async fn the_usage_series_are_the_fleets() {
     until_usage(&admin_a, (Value::Bool(false), 3, 3, 21)).await;
     until_usage(&admin_b, (Value::Bool(false), 3, 3, 21)).await;
 }
+
+/// `/admin/tenants` and `/admin/pools` at `admin`: whether each says its counts are the
+/// fleet's, alice's requests and total tokens, and the requests of all keys.
+async fn counters(admin: &str) -> (Value, u64, u64, Value, u64) {
+    let (status, tenants) = admin_call("GET", admin, "/admin/tenants", None).await;
+    assert_eq!(status, 200, "{tenants}");
+    let alice = &tenants["tenants"][0];
+    let (status, pools) = admin_call("GET", admin, "/admin/pools", None).await;
+    assert_eq!(status, 200, "{pools}");
+    let keys = pools["pools"][0]["keys"].as_array().unwrap();
+    (
+        tenants["shared"].clone(),
+        alice["requests"].as_u64().unwrap(),
+        alice["total_tokens"].as_u64().unwrap(),
+        pools["shared"].clone(),
+        keys.iter().map(|k| k["requests"].as_u64().unwrap()).sum(),
+    )
+}
+
+/// Polls the counters at `admin` until they are `want`.
+async fn until_counters(admin: &str, want: (Value, u64, u64, Value, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = counters(admin).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{admin}: {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_and_token_counters_are_the_fleets() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    for (kg, n) in [(&a, 3), (&b, 2)] {
+        for _ in 0..n {
+            let (status, _, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // Each answers the fleet's counts: 5 requests of 7 tokens, for alice and over the keys.
+    let fleet = (Value::Bool(true), 5, 35, Value::Bool(true), 5);
+    until_counters(&admin_a, fleet.clone()).await;
+    until_counters(&admin_b, fleet).await;
+    // Redis gone: each answers its own and says so.
+    redis.kill();
+    until_counters(&admin_a, (Value::Bool(false), 3, 21, Value::Bool(false), 3)).await;
+    until_counters(&admin_b, (Value::Bool(false), 2, 14, Value::Bool(false), 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_use_on_one_instance_counts_for_fair_share_on_the_other() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let yaml = format!(
+        "{}    fair_share: true\n{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("heavy", None), ("quiet", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // The quiet tenant uses B a little; the heavy one floods A.
+    for (kg, token, n) in [(&b, "tok-quiet", 3), (&a, "tok-heavy", 6)] {
+        for _ in 0..n {
+            let (status, _, body) = generate(&kg.url(), FLASH, Some(token)).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // Each instance tells its use once a second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // On B, the heavy tenant has used the pool more than the quiet one (on A): B keeps the
+    // last project for the quiet tenant, though it saw heavy send B nothing yet.
+    let before = mock.keys_seen().len();
+    for _ in 0..4 {
+        let (status, _, body) = generate(&b.url(), FLASH, Some("tok-heavy")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let used = mock.keys_seen()[before..].to_vec();
+    assert_eq!(
+        used, ["k1"; 4],
+        "B gave the heavy tenant the quiet one's project"
+    );
+    // And the quiet tenant still gets it.
+    let before = mock.keys_seen().len();
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-quiet")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mock.keys_seen().len(), before + 1);
+}
+

@@ -12,6 +12,7 @@
 //! and loads what the others wrote.
 
 mod chores;
+mod counters;
 mod limits;
 mod owners;
 mod probes;
@@ -20,6 +21,7 @@ mod store;
 mod sync;
 mod versions;
 
+pub use counters::FleetCounters;
 pub use limits::FleetLimits;
 pub use owners::FleetOwners;
 pub use probes::FleetProbes;
@@ -96,6 +98,8 @@ pub struct Fleet {
     foreign_owner_warned: AtomicBool,
     /// When penalties and clears were last learnt here, by scope.
     versions: versions::Versions,
+    /// The usage counters told to the fleet, and the fleet's sums.
+    counted: Mutex<counters::Counted>,
 }
 
 impl Fleet {
@@ -153,6 +157,7 @@ impl Fleet {
             foreign_limit_warned: AtomicBool::new(false),
             foreign_owner_warned: AtomicBool::new(false),
             versions: versions::Versions::default(),
+            counted: Mutex::default(),
         }))
     }
 
@@ -295,6 +300,7 @@ impl BackgroundService for FleetService {
             _ = chores::run(&self.fleet, chores) => {}
             _ = limits::renewer(&self.fleet) => {}
             _ = series::writer(&self.fleet, &self.shared) => {}
+            _ = counters::writer(&self.fleet, &self.shared) => {}
             _ = listener(&self.fleet, &self.shared) => {}
             _ = sync::keeper(&self.fleet, &self.shared) => {}
             _ = shutdown.changed() => {}

@@ -7,6 +7,7 @@
 //! health-checked.
 
 pub mod budget;
+pub mod counters;
 pub mod health;
 pub mod owners;
 
@@ -113,6 +114,8 @@ pub struct Shared {
     pub probes: std::sync::OnceLock<Arc<dyn health::SharedProbes>>,
     /// Where the usage series of the instances are added up.
     pub series: std::sync::OnceLock<Arc<dyn crate::quota::keys::series::SharedSeries>>,
+    /// Where the request and token counters of the instances are added up.
+    pub counters: std::sync::OnceLock<Arc<dyn counters::SharedCounters>>,
 }
 
 /// Where a request goes.
@@ -262,6 +265,7 @@ impl Shared {
             owners: std::sync::OnceLock::new(),
             probes: std::sync::OnceLock::new(),
             series: std::sync::OnceLock::new(),
+            counters: std::sync::OnceLock::new(),
         })
     }
 }
