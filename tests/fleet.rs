@@ -1026,3 +1026,41 @@ async fn a_tenants_use_on_one_instance_counts_for_fair_share_on_the_other() {
     assert_eq!(mock.keys_seen().len(), before + 1);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_started_while_redis_was_down_finishes_through_the_other_instance() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mock = Mock::start().await;
+    let keys = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &keys),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz(&admin_a).await["redis"] != "down" {
+        assert!(Instant::now() < deadline, "A never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Started on A while Redis is down; Redis comes back (empty), and the bytes go to B.
+    let url = start_upload(&a, "tok-alice").await;
+    let _redis = RedisServer::start_on(port);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = send_bytes(&url.replace(&a.url(), &b.url()), None).await;
+    assert_eq!(status, 200, "B does not know the upload: {body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    assert!(mock
+        .owner_of(file["file"]["name"].as_str().unwrap())
+        .is_some());
+}
