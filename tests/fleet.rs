@@ -1064,3 +1064,60 @@ async fn an_upload_started_while_redis_was_down_finishes_through_the_other_insta
         .owner_of(file["file"]["name"].as_str().unwrap())
         .is_some());
 }
+
+/// Sends requests to `kg` until the mock has refused `key` `times` times in all.
+async fn until_refused_times(mock: &Mock, kg: &Keygate, key: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = |mock: &Mock| {
+        let seen = mock.seen();
+        let of_key = seen.iter().filter(|s| s.key.as_deref() == Some(key));
+        of_key.filter(|s| s.status == 429).count()
+    };
+    while refused(mock) < times {
+        assert!(
+            Instant::now() < deadline,
+            "{key} never refused {times} times"
+        );
+        let (status, _, body) = generate(&kg.url(), FLASH, None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// The cooldown of project p1 in `/admin/pools` at `admin`: how many times it was doubled,
+/// and its seconds left.
+async fn p1_cooldown(admin: &str) -> Option<(u64, u64)> {
+    let (_, pools) = admin_call("GET", admin, "/admin/pools", None).await;
+    let keys = pools["pools"][0]["keys"].as_array()?;
+    let k1 = keys.iter().find(|k| k["project"] == "p1")?;
+    let c = k1["cooldowns"].as_array()?.first()?;
+    Some((c["escalations"].as_u64()?, c["seconds_left"].as_u64()?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_escalation_learnt_on_one_instance_goes_on_from_there_on_the_other() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    // p1 refuses every request, each time saying it is back in a second.
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "1s");
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    let (a, _) = instance(&mock, &keys, &redis);
+    let (b, admin_b) = instance(&mock, &keys, &redis);
+    // A is refused, then again soon after that cooldown ended: it doubles it (level 1).
+    until_refused_times(&mock, &a, "k1", 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    until_refused_times(&mock, &a, "k1", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let on_b = p1_cooldown(&admin_b).await;
+    let Some((1, first)) = on_b else {
+        panic!("B does not know A's level: {on_b:?}");
+    };
+    // Refused on B soon after that one ended, B doubles it again (level 2).
+    until_refused_times(&mock, &b, "k1", 3).await;
+    let on_b = p1_cooldown(&admin_b).await;
+    assert!(
+        on_b.is_some_and(|(level, left)| level == 2 && left + 1 >= 2 * first),
+        "B did not go on from A's level ({first} s): {on_b:?}"
+    );
+}

@@ -179,6 +179,6 @@ fn versioned(fleet: &Fleet, shared: &Shared, pool: &str, entries: Vec<store::Ent
             News::Cooled { project, model, .. } => v.cleared_at(pool, project, model) < e.at,
             _ => true,
         })
-        .map(|e| e.news)
+        .map(|e| v.unescalated(pool, &e.news, e.at))
         .collect()
 }
