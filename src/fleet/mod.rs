@@ -14,6 +14,7 @@
 mod chores;
 mod counters;
 mod limits;
+mod local;
 mod owners;
 mod probes;
 mod series;
@@ -100,6 +101,10 @@ pub struct Fleet {
     versions: versions::Versions,
     /// The usage counters told to the fleet, and the fleet's sums.
     counted: Mutex<counters::Counted>,
+    /// Bumped when the link breaks: the threads' own connections are made anew.
+    link_generation: std::sync::atomic::AtomicU64,
+    /// Threads' own connections made in the background, waiting for their thread.
+    made: local::Made,
 }
 
 impl Fleet {
@@ -158,6 +163,8 @@ impl Fleet {
             foreign_owner_warned: AtomicBool::new(false),
             versions: versions::Versions::default(),
             counted: Mutex::default(),
+            link_generation: std::sync::atomic::AtomicU64::new(0),
+            made: local::Made::default(),
         }))
     }
 
@@ -220,6 +227,7 @@ impl Fleet {
     /// Redis did not answer (in time).
     fn went_down(&self, why: &str) {
         self.behind.store(true, Relaxed);
+        self.new_link();
         if self.up.swap(false, Relaxed) {
             log::warn!(
                 "redis at {}: {why}; keygate goes on with its own table and writes back what it learns when Redis answers again",
