@@ -249,9 +249,14 @@ async fn no_key_or_token_travels_through_redis() {
         ("secret-key-2", "p2"),
         ("secret-key-3", "p3"),
     ];
-    // A tenant with limits (their entries) that uploads a file (its owner, the upload).
+    // A tenant with limits (their entries) that uploads a file (its owner, the upload), on a
+    // pool with fair share (its counts).
     let yaml = with_tenant(
-        &format!("{}{}", pool_yaml(&mock.url(), &keys), redis.yaml()),
+        &format!(
+            "{}    fair_share: true\n{}",
+            pool_yaml(&mock.url(), &keys),
+            redis.yaml()
+        ),
         "alice",
         "secret-token-alice",
     ) + "    rpm: 1000\n    max_concurrent: 5\n";
@@ -283,9 +288,10 @@ async fn no_key_or_token_travels_through_redis() {
         traffic.contains("upload_id"),
         "no upload was shared: {traffic}"
     );
-    for shared in ["keygate:series:", "keygate:usage:t:", "keygate:usage:k:"] {
+    let kinds = ["series:", "usage:t:", "usage:k:", "fair:"];
+    for shared in kinds.map(|k| format!("keygate:{k}")) {
         assert!(
-            stored.iter().any(|e| e.starts_with(shared)),
+            stored.iter().any(|e| e.starts_with(&shared)),
             "no {shared} was shared: {stored:?}"
         );
     }
