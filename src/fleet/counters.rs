@@ -160,11 +160,17 @@ impl SharedCounters for FleetCounters {
         }
         let sums = counted.sums.get(&name).copied().unwrap_or_default();
         let told = counted.told.get(&name).copied().unwrap_or_default();
-        Some(std::array::from_fn(|i| {
-            let unsent = local[i].saturating_sub(told[i]);
-            sums[i].saturating_add(unsent).max(local[i])
-        }))
+        Some(added(sums, told, local))
     }
+}
+
+/// The fleet's `sums` read back, plus what this instance counted since it `told` them
+/// (`local` now); never below `local` (Redis wiped or restarted empty).
+fn added(sums: [u64; 4], told: [u64; 4], local: [u64; 4]) -> [u64; 4] {
+    std::array::from_fn(|i| {
+        let unsent = local[i].saturating_sub(told[i]);
+        sums[i].saturating_add(unsent).max(local[i])
+    })
 }
 
 /// Tells the counts made here and reads the fleet's, once a second while Redis answers.
@@ -358,6 +364,20 @@ fn read_fair(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fleets_counts_add_what_is_not_told_yet_and_never_fall_below_ours() {
+        // The fleet holds 10 requests, 5 of them ours; we served 2 more since.
+        assert_eq!(
+            added([10, 70, 0, 70], [5, 35, 0, 35], [7, 49, 0, 49]),
+            [12, 84, 0, 84]
+        );
+        // Redis wiped: the sums start again, never below what we served ourselves.
+        assert_eq!(
+            added([1, 7, 0, 7], [7, 49, 0, 49], [8, 56, 0, 56]),
+            [8, 56, 0, 56]
+        );
+    }
 
     #[test]
     fn fair_fields_of_strangers_and_garbage_are_skipped() {
