@@ -183,6 +183,9 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         let _ = shared
             .series
             .set(Arc::new(fleet::FleetSeries(link.clone())));
+        let _ = shared
+            .counters
+            .set(Arc::new(fleet::FleetCounters(link.clone())));
         log::info!("health shared through redis at {}", link.url());
         server.add_service(background_service(
             "redis",

@@ -249,9 +249,14 @@ async fn no_key_or_token_travels_through_redis() {
         ("secret-key-2", "p2"),
         ("secret-key-3", "p3"),
     ];
-    // A tenant with limits (their entries) that uploads a file (its owner, the upload).
+    // A tenant with limits (their entries) that uploads a file (its owner, the upload), on a
+    // pool with fair share (its counts).
     let yaml = with_tenant(
-        &format!("{}{}", pool_yaml(&mock.url(), &keys), redis.yaml()),
+        &format!(
+            "{}    fair_share: true\n{}",
+            pool_yaml(&mock.url(), &keys),
+            redis.yaml()
+        ),
         "alice",
         "secret-token-alice",
     ) + "    rpm: 1000\n    max_concurrent: 5\n";
@@ -283,10 +288,14 @@ async fn no_key_or_token_travels_through_redis() {
         traffic.contains("upload_id"),
         "no upload was shared: {traffic}"
     );
-    assert!(
-        stored.iter().any(|e| e.starts_with("keygate:series:")),
-        "no usage series was shared: {stored:?}"
-    );
+    let kinds = ["series:", "usage:t:", "usage:k:", "fair:"];
+    for shared in kinds.map(|k| format!("keygate:{k}")) {
+        assert!(
+            stored.iter().any(|e| e.starts_with(&shared)),
+            "no {shared} was shared: {stored:?}"
+        );
+    }
+    assert!(!stored.iter().any(|e| e.contains("alice")), "{stored:?}");
     for secret in [
         "secret-key-1",
         "secret-key-2",
@@ -357,15 +366,17 @@ async fn a_served_request_makes_no_redis_round_trip() {
     let traffic = std::fs::read_to_string(monitor.path()).unwrap();
     // The usage series' writer sends each instance's counts once a second in the background
     // (one script call per busy key or tenant): not one call per request.
+    // So do the usage counters' (one script call for all of an instance's counters).
+    let background = ["keygate:series:", "keygate:usage:"];
     let (series, commands): (Vec<&str>, Vec<&str>) = traffic
         .lines()
         .filter(|l| l.contains('"') && !l.contains("\"PING\""))
-        .partition(|l| l.contains("keygate:series:"));
+        .partition(|l| background.iter().any(|b| l.contains(b)));
     assert!(commands.is_empty(), "{commands:?}");
     let calls = series.iter().filter(|l| l.contains("\"EVAL\"")).count() as u64;
-    // Two keys on one instance, two keys and a tenant on the other.
+    // Series: two keys on one instance, two keys and a tenant on the other; counters: one each.
     assert!(
-        calls <= 5 * seconds,
+        calls <= 7 * seconds,
         "{calls} series writes in {seconds} s: {series:?}"
     );
 }
@@ -1234,4 +1245,205 @@ async fn a_purge_gets_past_a_name_in_redis_that_is_not_text() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["purged_in_redis"], 2, "{body}");
     assert!(cache_names(&redis).is_empty());
+}
+
+/// `/admin/tenants` and `/admin/pools` at `admin`: whether each says its counts are the
+/// fleet's, alice's requests and total tokens, and the requests of all keys.
+async fn counters(admin: &str) -> (Value, u64, u64, Value, u64) {
+    let (status, tenants) = admin_call("GET", admin, "/admin/tenants", None).await;
+    assert_eq!(status, 200, "{tenants}");
+    let alice = &tenants["tenants"][0];
+    let (status, pools) = admin_call("GET", admin, "/admin/pools", None).await;
+    assert_eq!(status, 200, "{pools}");
+    let keys = pools["pools"][0]["keys"].as_array().unwrap();
+    (
+        tenants["shared"].clone(),
+        alice["requests"].as_u64().unwrap(),
+        alice["total_tokens"].as_u64().unwrap(),
+        pools["shared"].clone(),
+        keys.iter().map(|k| k["requests"].as_u64().unwrap()).sum(),
+    )
+}
+
+/// Polls the counters at `admin` until they are `want`.
+async fn until_counters(admin: &str, want: (Value, u64, u64, Value, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = counters(admin).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{admin}: {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_and_token_counters_are_the_fleets() {
+    let mut redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    for (kg, n) in [(&a, 3), (&b, 2)] {
+        for _ in 0..n {
+            let (status, _, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // Each answers the fleet's counts: 5 requests of 7 tokens, for alice and over the keys.
+    let fleet = (Value::Bool(true), 5, 35, Value::Bool(true), 5);
+    until_counters(&admin_a, fleet.clone()).await;
+    until_counters(&admin_b, fleet).await;
+    // Redis gone: each answers its own and says so.
+    redis.kill();
+    until_counters(&admin_a, (Value::Bool(false), 3, 21, Value::Bool(false), 3)).await;
+    until_counters(&admin_b, (Value::Bool(false), 2, 14, Value::Bool(false), 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_use_on_one_instance_counts_for_fair_share_on_the_other() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    mock.key("k1", "p1").key("k2", "p2");
+    let yaml = format!(
+        "{}    fair_share: true\n{}{}",
+        pool_yaml(&mock.url(), &[("k1", "p1"), ("k2", "p2")]),
+        redis.yaml(),
+        tenants_of(&[("heavy", None), ("quiet", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    // The quiet tenant uses B a little; the heavy one floods A.
+    for (kg, token, n) in [(&b, "tok-quiet", 3), (&a, "tok-heavy", 6)] {
+        for _ in 0..n {
+            let (status, _, body) = generate(&kg.url(), FLASH, Some(token)).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // Each instance tells its use once a second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // On B, the heavy tenant has used the pool more than the quiet one (on A): B keeps the
+    // last project for the quiet tenant, though it saw heavy send B nothing yet.
+    let before = mock.keys_seen().len();
+    for _ in 0..4 {
+        let (status, _, body) = generate(&b.url(), FLASH, Some("tok-heavy")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let used = mock.keys_seen()[before..].to_vec();
+    assert_eq!(
+        used, ["k1"; 4],
+        "B gave the heavy tenant the quiet one's project"
+    );
+    // And the quiet tenant still gets it.
+    let before = mock.keys_seen().len();
+    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-quiet")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mock.keys_seen().len(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_started_while_redis_was_down_finishes_through_the_other_instance() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mock = Mock::start().await;
+    let keys = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+    for (k, p) in keys {
+        mock.key(k, p);
+    }
+    let yaml = format!(
+        "{}{}{}",
+        pool_yaml(&mock.url(), &keys),
+        redis.yaml(),
+        tenants_of(&[("alice", None)])
+    );
+    let (a, admin_a) = start_with_admin(&yaml);
+    let (b, admin_b) = start_with_admin(&yaml);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz(&admin_a).await["redis"] != "down" {
+        assert!(Instant::now() < deadline, "A never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Started on A while Redis is down; Redis comes back (empty), and the bytes go to B.
+    let url = start_upload(&a, "tok-alice").await;
+    let _redis = RedisServer::start_on(port);
+    wait_shared(&admin_a);
+    wait_shared(&admin_b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = send_bytes(&url.replace(&a.url(), &b.url()), None).await;
+    assert_eq!(status, 200, "B does not know the upload: {body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    assert!(mock
+        .owner_of(file["file"]["name"].as_str().unwrap())
+        .is_some());
+}
+
+/// Sends requests to `kg` until the mock has refused `key` `times` times in all.
+async fn until_refused_times(mock: &Mock, kg: &Keygate, key: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = |mock: &Mock| {
+        let seen = mock.seen();
+        let of_key = seen.iter().filter(|s| s.key.as_deref() == Some(key));
+        of_key.filter(|s| s.status == 429).count()
+    };
+    while refused(mock) < times {
+        assert!(
+            Instant::now() < deadline,
+            "{key} never refused {times} times"
+        );
+        let (status, _, body) = generate(&kg.url(), FLASH, None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// The cooldown of project p1 in `/admin/pools` at `admin`: how many times it was doubled,
+/// and its seconds left.
+async fn p1_cooldown(admin: &str) -> Option<(u64, u64)> {
+    let (_, pools) = admin_call("GET", admin, "/admin/pools", None).await;
+    let keys = pools["pools"][0]["keys"].as_array()?;
+    let k1 = keys.iter().find(|k| k["project"] == "p1")?;
+    let c = k1["cooldowns"].as_array()?.first()?;
+    Some((c["escalations"].as_u64()?, c["seconds_left"].as_u64()?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_escalation_learnt_on_one_instance_goes_on_from_there_on_the_other() {
+    let redis = RedisServer::start();
+    let mock = Mock::start().await;
+    // p1 refuses every request, each time saying it is back in a second.
+    mock.key("k1", "p1")
+        .key("k2", "p2")
+        .per_minute_limit("p1", FLASH, 0, "1s");
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    let (a, _) = instance(&mock, &keys, &redis);
+    let (b, admin_b) = instance(&mock, &keys, &redis);
+    // A is refused, then again soon after that cooldown ended: it doubles it (level 1).
+    until_refused_times(&mock, &a, "k1", 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    until_refused_times(&mock, &a, "k1", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let on_b = p1_cooldown(&admin_b).await;
+    let Some((1, first)) = on_b else {
+        panic!("B does not know A's level: {on_b:?}");
+    };
+    // Refused on B soon after that one ended, B doubles it again (level 2).
+    until_refused_times(&mock, &b, "k1", 3).await;
+    let on_b = p1_cooldown(&admin_b).await;
+    assert!(
+        on_b.is_some_and(|(level, left)| level == 2 && left + 1 >= 2 * first),
+        "B did not go on from A's level ({first} s): {on_b:?}"
+    );
 }

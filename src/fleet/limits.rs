@@ -22,7 +22,7 @@ use crate::tenants::{Refusal, Tenant};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// How long a concurrency slot is held without renewal: what a crashed instance holds at most.
@@ -68,6 +68,9 @@ end
 return {0, 0}
 ";
 
+/// [`ADMIT`], hashed once: redis-rs sends `EVALSHA`, and `EVAL` when Redis does not have it.
+static ADMIT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADMIT));
+
 /// Renewal: the members in `ARGV[2..]` of the slots `KEYS[1]` that are still there get a lease
 /// of `ARGV[1]` ms from now (Redis's clock); a lease already given back is not taken again.
 const RENEW_SCRIPT: &str = r"
@@ -112,9 +115,23 @@ struct HeldLease {
 impl Drop for HeldLease {
     fn drop(&mut self) {
         let held = self.fleet.held.lock().remove(&self.number);
-        if let Some((name, member)) = held {
-            // Full queue: the lease ends on its own within LEASE.
-            self.fleet.chore(Chore::Release { name, member });
+        let Some((name, member)) = held else {
+            return;
+        };
+        // On this thread's own connection when it has one (no other thread woken), else in
+        // the background writer's queue; full queue: the lease ends on its own within LEASE.
+        let here = tokio::runtime::Handle::try_current().ok();
+        match (self.fleet.local_connection(), here) {
+            (Some(mut c), Some(runtime)) => {
+                let timeout = self.fleet.config.timeout;
+                runtime.spawn(async move {
+                    let mut zrem = redis::cmd("ZREM");
+                    zrem.arg(name).arg(member);
+                    let gone = zrem.query_async::<redis::Value>(&mut c);
+                    let _ = tokio::time::timeout(timeout, gone).await;
+                });
+            }
+            _ => self.fleet.chore(Chore::Release { name, member }),
         }
     }
 }
@@ -148,23 +165,33 @@ impl SharedLimits for FleetLimits {
         if !fleet.is_up_now() {
             return None;
         }
-        let mut c = fleet.lock().clone()?;
         let (rate_name, slots_name) = names(&fleet.config.key_prefix, &tenant.name);
         let number = fleet.held.next.fetch_add(1, Relaxed);
         let member = format!("{}-{number:x}", fleet.id);
-        let script = redis::Script::new(ADMIT);
-        let mut call = script.key(&rate_name);
+        let mut call = ADMIT_SCRIPT.key(&rate_name);
         call.key(&slots_name)
             .arg(interval)
             .arg(tolerance)
             .arg(limit)
             .arg(&member)
             .arg(LEASE.as_millis() as u64);
-        let answer = tokio::time::timeout(
-            fleet.config.timeout,
-            call.invoke_async::<(i64, i64)>(&mut c),
-        )
-        .await;
+        // This thread's own connection, else the shared one (see `local`).
+        let local = fleet.local_connection();
+        let shared = if local.is_none() {
+            fleet.lock().clone()
+        } else {
+            None
+        };
+        let t = fleet.config.timeout;
+        let answer = match (local, shared) {
+            (Some(mut c), _) => {
+                tokio::time::timeout(t, call.invoke_async::<(i64, i64)>(&mut c)).await
+            }
+            (None, Some(mut c)) => {
+                tokio::time::timeout(t, call.invoke_async::<(i64, i64)>(&mut c)).await
+            }
+            (None, None) => return None,
+        };
         match answer {
             Ok(Ok((0, _))) => {
                 if limit == 0 {

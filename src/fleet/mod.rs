@@ -13,7 +13,9 @@
 
 mod cache;
 mod chores;
+mod counters;
 mod limits;
+mod local;
 mod owners;
 mod probes;
 mod series;
@@ -22,6 +24,7 @@ mod sync;
 mod versions;
 
 pub use cache::FleetCache;
+pub use counters::FleetCounters;
 pub use limits::FleetLimits;
 pub use owners::FleetOwners;
 pub use probes::FleetProbes;
@@ -98,6 +101,12 @@ pub struct Fleet {
     foreign_owner_warned: AtomicBool,
     /// When penalties and clears were last learnt here, by scope.
     versions: versions::Versions,
+    /// The usage counters told to the fleet, and the fleet's sums.
+    counted: Mutex<counters::Counted>,
+    /// Bumped when the link breaks: the threads' own connections are made anew.
+    link_generation: std::sync::atomic::AtomicU64,
+    /// Threads' own connections made in the background, waiting for their thread.
+    made: local::Made,
 }
 
 impl Fleet {
@@ -155,6 +164,9 @@ impl Fleet {
             foreign_limit_warned: AtomicBool::new(false),
             foreign_owner_warned: AtomicBool::new(false),
             versions: versions::Versions::default(),
+            counted: Mutex::default(),
+            link_generation: std::sync::atomic::AtomicU64::new(0),
+            made: local::Made::default(),
         }))
     }
 
@@ -217,6 +229,7 @@ impl Fleet {
     /// Redis did not answer (in time).
     fn went_down(&self, why: &str) {
         self.behind.store(true, Relaxed);
+        self.new_link();
         if self.up.swap(false, Relaxed) {
             log::warn!(
                 "redis at {}: {why}; keygate goes on with its own table and writes back what it learns when Redis answers again",
@@ -297,6 +310,7 @@ impl BackgroundService for FleetService {
             _ = chores::run(&self.fleet, chores) => {}
             _ = limits::renewer(&self.fleet) => {}
             _ = series::writer(&self.fleet, &self.shared) => {}
+            _ = counters::writer(&self.fleet, &self.shared) => {}
             _ = listener(&self.fleet, &self.shared) => {}
             _ = sync::keeper(&self.fleet, &self.shared) => {}
             _ = shutdown.changed() => {}

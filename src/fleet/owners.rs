@@ -8,8 +8,9 @@
 //!   `upload_id` is a bearer capability: it lives as long as the upload may (7 days) and goes
 //!   when the upload finishes.
 //!
-//! Both are written in the background; read back only for a name or an id this instance does
-//! not know, in one round trip within the configured timeout. What is read is bounded and
+//! Both are written in the background, and written back when Redis answers again after an
+//! outage (an entry the store holds already is kept); read back only for a name or an id this
+//! instance does not know, in one round trip within the configured timeout. What is read is bounded and
 //! checked; an entry keygate did not write, or of a tenant or pool this instance does not
 //! have, is ignored with a warning.
 
@@ -150,6 +151,47 @@ pub(super) async fn write_back(
     Ok(())
 }
 
+/// The entry of keygate's upload id `id`.
+fn upload_entry(fleet: &Fleet, id: &str) -> String {
+    format!("{}u:{}", fleet.config.key_prefix, h(id))
+}
+
+/// The entry value of `session`.
+fn upload_value(session: &UploadSession) -> Option<String> {
+    let mut s = stored("", &session.owner);
+    s.key = Some(session.key_fingerprint.clone());
+    s.upload = Some(session.upstream_path_and_query.clone());
+    serde_json::to_string(&s).ok()
+}
+
+/// Writes `uploads` (id, session, expiry) started here while Redis was away back to the
+/// store, each unless the store holds it already.
+pub(super) async fn write_back_uploads(
+    fleet: &Fleet,
+    c: &mut redis::aio::ConnectionManager,
+    uploads: Vec<(String, UploadSession, Millis)>,
+) -> redis::RedisResult<()> {
+    let now = crate::quota::keys::now_millis();
+    for batch in uploads.chunks(WRITE_BACK_BATCH) {
+        let mut pipe = redis::pipe();
+        for (id, session, expires_at) in batch {
+            let Some(value) = upload_value(session) else {
+                continue;
+            };
+            let ttl = expires_at.saturating_sub(now).max(1);
+            pipe.cmd("SET")
+                .arg(upload_entry(fleet, id))
+                .arg(value)
+                .arg("PX")
+                .arg(ttl)
+                .arg("NX")
+                .ignore();
+        }
+        pipe.query_async::<()>(c).await?;
+    }
+    Ok(())
+}
+
 /// This instance's handle on the owners and uploads shared through Redis.
 pub struct FleetOwners(pub Arc<Fleet>);
 
@@ -159,7 +201,7 @@ impl FleetOwners {
     }
 
     fn upload_name(&self, id: &str) -> String {
-        format!("{}u:{}", self.0.config.key_prefix, h(id))
+        upload_entry(&self.0, id)
     }
 
     /// Says once that an entry was not one keygate understands.
@@ -194,10 +236,7 @@ impl SharedOwners for FleetOwners {
     }
 
     fn upload_started(&self, id: &str, session: &UploadSession, ttl_ms: Millis) {
-        let mut s = stored("", &session.owner);
-        s.key = Some(session.key_fingerprint.clone());
-        s.upload = Some(session.upstream_path_and_query.clone());
-        let Ok(value) = serde_json::to_string(&s) else {
+        let Some(value) = upload_value(session) else {
             return;
         };
         self.0.chore(Chore::Put {

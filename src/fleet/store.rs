@@ -303,6 +303,7 @@ mod tests {
             model: "gemini-2.5-flash".into(),
             why: "quota".into(),
             left_ms,
+            escalations: 0,
         }
     }
 

@@ -151,6 +151,9 @@ async fn sync(
     // Owners bound here while Redis was away (or before this instance started: its state
     // file) are written back; an owner the store holds already keeps its entry.
     super::owners::write_back(fleet, c, shared.affinity.entries(now_millis())).await?;
+    // So are the uploads started here meanwhile: another instance may be sent their bytes.
+    let uploads = shared.uploads.entries(now_millis());
+    super::owners::write_back_uploads(fleet, c, uploads).await?;
     Ok(())
 }
 
@@ -176,6 +179,6 @@ fn versioned(fleet: &Fleet, shared: &Shared, pool: &str, entries: Vec<store::Ent
             News::Cooled { project, model, .. } => v.cleared_at(pool, project, model) < e.at,
             _ => true,
         })
-        .map(|e| e.news)
+        .map(|e| v.unescalated(pool, &e.news, e.at))
         .collect()
 }

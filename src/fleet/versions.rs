@@ -9,6 +9,10 @@
 //! old penalty, and a penalty learnt after the clear (Google refused again) holds too. Only the
 //! order of a clear and a penalty made within the clock skew of two instances can come out
 //! wrong; durations never depend on these clocks.
+//!
+//! An escalation level (how many times a cooldown was doubled) is versioned the same way: a
+//! success starts it over on every instance, and a cooldown told with a level but made before
+//! that success was sent keeps its deadline and loses its level.
 
 use super::Fleet;
 use crate::quota::keys::{now_millis, Millis, News};
@@ -25,14 +29,17 @@ const MAX_STAMPS: usize = 100_000;
 /// The scope of a stamp: pool, project, model (none: every model of the project).
 type Scope = (String, String, Option<String>);
 
-/// When this instance last learnt a penalty of, and a clear of, each scope.
+/// When a scope was last penalised, cleared, and started over by a success.
+type Stamps = (Millis, Millis, Millis);
+
+/// When this instance last learnt a penalty of, a clear of, and a success on each scope.
 #[derive(Default)]
 pub(super) struct Versions {
-    stamps: std::sync::Mutex<HashMap<Scope, (Millis, Millis)>>,
+    stamps: std::sync::Mutex<HashMap<Scope, Stamps>>,
 }
 
 impl Versions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, (Millis, Millis)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Stamps>> {
         self.stamps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -41,7 +48,7 @@ impl Versions {
     }
 
     /// The stamps of `scope`, made if there is room.
-    fn stamp(&self, scope: Scope, stamp: impl FnOnce(&mut (Millis, Millis))) {
+    fn stamp(&self, scope: Scope, stamp: impl FnOnce(&mut Stamps)) {
         let mut stamps = self.lock();
         if stamps.len() >= MAX_STAMPS && !stamps.contains_key(&scope) {
             return;
@@ -59,6 +66,40 @@ impl Versions {
     /// Notes a clear of `project` (one `model`'s, or all) made at `at`.
     pub(super) fn clear(&self, pool: &str, project: &str, model: Option<&str>, at: Millis) {
         self.stamp(Versions::scope(pool, project, model), |s| s.1 = s.1.max(at));
+    }
+
+    /// Notes a success on (`project`, `model`) of a request sent at `at`: it starts the
+    /// escalation over.
+    pub(super) fn reset(&self, pool: &str, project: &str, model: &str, at: Millis) {
+        self.stamp(Versions::scope(pool, project, Some(model)), |s| {
+            s.2 = s.2.max(at)
+        });
+    }
+
+    /// When a request on (`project`, `model`) that succeeded was last sent (0: none known).
+    pub(super) fn reset_at(&self, pool: &str, project: &str, model: &str) -> Millis {
+        let stamps = self.lock();
+        stamps
+            .get(&Versions::scope(pool, project, Some(model)))
+            .map_or(0, |s| s.2)
+    }
+
+    /// `news` without the escalation level of a cooldown made at `at`, before a success that
+    /// started it over.
+    pub(super) fn unescalated(&self, pool: &str, news: &News, at: Millis) -> News {
+        let mut news = news.clone();
+        if let News::Cooled {
+            project,
+            model,
+            escalations,
+            ..
+        } = &mut news
+        {
+            if *escalations > 0 && self.reset_at(pool, project, model) >= at {
+                *escalations = 0;
+            }
+        }
+        news
     }
 
     /// When (`project`, `model`) was last penalised, as far as this instance knows (0: never
@@ -102,7 +143,7 @@ impl Versions {
     /// Drops stamps no tombstone can outlive.
     pub(super) fn prune(&self, now: Millis) {
         self.lock()
-            .retain(|_, s| s.0.max(s.1).saturating_add(KEEP_MS) > now);
+            .retain(|_, s| s.0.max(s.1).max(s.2).saturating_add(KEEP_MS) > now);
     }
 
     /// Notes what this instance itself changed, made at `at`.
@@ -113,6 +154,12 @@ impl Versions {
                 News::CooldownsCleared { project, model, .. } => {
                     self.clear(pool, project, model.as_deref(), at)
                 }
+                News::Served {
+                    project,
+                    model,
+                    sent_ago_ms,
+                    ..
+                } => self.reset(pool, project, model, at.saturating_sub(*sent_ago_ms)),
                 _ => {}
             }
         }
@@ -140,7 +187,15 @@ impl Fleet {
                         continue;
                     }
                     v.penalty(pool, project, model, at);
+                    fresh.push(v.unescalated(pool, n, at));
+                    continue;
                 }
+                News::Served {
+                    project,
+                    model,
+                    sent_ago_ms,
+                    ..
+                } => v.reset(pool, project, model, at.saturating_sub(*sent_ago_ms)),
                 News::CooldownsCleared { project, model, .. } => {
                     if v.cleared_exactly(pool, project, model.as_deref()) >= at {
                         continue; // known here already (this instance's own, or read before)
@@ -210,5 +265,32 @@ mod tests {
         assert_eq!(v.penalised_at("other", "p1", "pro"), 0);
         v.prune(600 + KEEP_MS);
         assert_eq!(v.cleared_at("main", "p2", "flash"), 0, "pruned");
+    }
+
+    #[test]
+    fn a_success_takes_the_level_off_the_cooldowns_made_before_it() {
+        let v = Versions::default();
+        let cooled = |escalations| News::Cooled {
+            project: "p1".into(),
+            model: "flash".into(),
+            why: "quota".into(),
+            left_ms: 5000,
+            escalations,
+        };
+        let served = News::Served {
+            key: "key#1".into(),
+            project: "p1".into(),
+            account: "p1".into(),
+            model: "flash".into(),
+            sent_ago_ms: 50,
+        };
+        // A success told at 250, of a request sent at 200.
+        v.made("main", &[served], 250);
+        assert_eq!(v.reset_at("main", "p1", "flash"), 200);
+        // A level-2 cooldown made at 150 arrives late: its deadline stays, its level goes.
+        assert_eq!(v.unescalated("main", &cooled(2), 150), cooled(0));
+        // One made after the request was sent (refused again) keeps it; so do other models.
+        assert_eq!(v.unescalated("main", &cooled(2), 201), cooled(2));
+        assert_eq!(v.unescalated("other", &cooled(2), 150), cooled(2));
     }
 }

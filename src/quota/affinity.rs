@@ -18,13 +18,12 @@
 //! operations (O(log n) each). They are consulted only by requests that name a resource, so the
 //! lock is never on the hot path of plain `generateContent` traffic.
 
+use crate::quota::keys::Millis;
 use crate::wire::names::kind_of;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-use crate::quota::keys::Millis;
 
 /// Expired entries dropped per insertion. Purging is amortised over insertions so one `bind`
 /// never holds the lock for a long sweep, even after a long idle period; a full table still evicts
@@ -77,7 +76,7 @@ struct Table<V> {
     capacity: usize,
 }
 
-impl<V> Table<V> {
+impl<V: Clone> Table<V> {
     fn new(capacity: usize) -> Self {
         // No preallocation: a large configured capacity should cost memory only when used.
         Table {
@@ -150,6 +149,16 @@ impl<V> Table<V> {
     fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Live entries (name, value, expires_at), soonest-expiring first.
+    fn live(&self, now: Millis) -> Vec<(String, V, Millis)> {
+        let live = self.by_expiry.iter().filter(|(at, _)| now < *at);
+        let owned = |(at, name): &(Millis, Arc<str>)| {
+            let slot = self.map.get(name)?;
+            Some((name.to_string(), slot.value.clone(), *at))
+        };
+        live.filter_map(owned).collect()
+    }
 }
 
 /// Bounded, expiring map from resource name ("files/abc") to its owner.
@@ -216,16 +225,7 @@ impl Affinity {
 
     /// Live entries (name, owner, expires_at), soonest-expiring first, for saving to a state file.
     pub fn entries(&self, now: Millis) -> Vec<(String, Owner, Millis)> {
-        let table = lock(&self.table);
-        table
-            .by_expiry
-            .iter()
-            .filter(|(expires_at, _)| now < *expires_at)
-            .filter_map(|(expires_at, name)| {
-                let slot = table.map.get(name)?;
-                Some((name.to_string(), slot.value.clone(), *expires_at))
-            })
-            .collect()
+        lock(&self.table).live(now)
     }
 
     /// Puts back saved entries, skipping expired ones, names of unknown kinds and names already
@@ -301,6 +301,11 @@ impl Uploads {
         if !table.contains_live(id, now) {
             table.insert(id, session, expires_at.min(expiry(now, UPLOAD_TTL)), now);
         }
+    }
+
+    /// Live sessions (id, session, expires_at), for writing back to the fleet's store.
+    pub fn entries(&self, now: Millis) -> Vec<(String, UploadSession, Millis)> {
+        lock(&self.table).live(now)
     }
 
     /// Ends a session (after the finalize answer).

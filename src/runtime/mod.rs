@@ -7,6 +7,7 @@
 //! health-checked.
 
 pub mod budget;
+pub mod counters;
 pub mod health;
 pub mod owners;
 
@@ -123,6 +124,8 @@ pub struct Shared {
     /// Where the response cache shares its entries with the other instances (Redis), given
     /// at start to every runtime's cache.
     pub cache_shared: Option<Arc<dyn SharedStore>>,
+    /// Where the request and token counters of the instances are added up.
+    pub counters: std::sync::OnceLock<Arc<dyn counters::SharedCounters>>,
 }
 
 /// Where a request goes.
@@ -287,6 +290,7 @@ impl Shared {
             probes: std::sync::OnceLock::new(),
             series: std::sync::OnceLock::new(),
             cache_shared,
+            counters: std::sync::OnceLock::new(),
         })
     }
 }

@@ -14,14 +14,17 @@
 //!   the lighter ones; nothing is held back for tenants that sent the pool nothing lately.
 
 pub mod endpoints;
+mod fair;
 pub mod shared;
 
+pub use fair::FairShare;
+
 use crate::config::TenantConfig;
-use crate::quota::keys::{Millis, Usage};
+use crate::quota::keys::Usage;
 use crate::secret::sha256;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The result of authenticating a request.
 #[derive(Debug, Clone)]
@@ -272,117 +275,6 @@ impl Tenants {
     }
 }
 
-/// Length of the window fair shares are measured over: Google's quotas are per minute.
-const FAIR_WINDOW_MS: Millis = 60_000;
-
-/// One tenant on one pool: requests in a sliding minute, estimated from this and the previous
-/// fixed minute, and when it last asked the pool for anything.
-#[derive(Debug, Default, Clone, Copy)]
-struct Window {
-    minute: u64,
-    current: u64,
-    previous: u64,
-    last_seen: Millis,
-}
-
-impl Window {
-    fn roll(&mut self, now: Millis) {
-        let minute = now / FAIR_WINDOW_MS;
-        if minute == self.minute {
-            return;
-        }
-        self.previous = if minute == self.minute + 1 {
-            self.current
-        } else {
-            0
-        };
-        self.current = 0;
-        self.minute = minute;
-    }
-
-    fn estimate(&self, now: Millis) -> f64 {
-        let into = (now % FAIR_WINDOW_MS) as f64 / FAIR_WINDOW_MS as f64;
-        self.previous as f64 * (1.0 - into) + self.current as f64
-    }
-}
-
-/// Keeps part of a pool for its lighter tenants, so a tenant flooding the pool cannot starve
-/// a quiet one, without holding anything back for tenants that are not there.
-///
-/// Each pool counts the requests it took per tenant over a sliding minute, and notes when each
-/// tenant last sent it a request (served or not). A tenant is *active* while its last request
-/// is at most the active window old (a minute unless configured). A tenant that used the pool
-/// more than `n` other active tenants did is kept off `n` of the pool's projects (the caller
-/// picks which: the last ones that can serve the model), leaving them to the lighter tenants;
-/// the lightest active tenant, and a tenant with nobody active beside it, may use every project.
-/// A tenant that went quiet stops holding anything back once its window passes, so no project
-/// waits for someone who is not asking. Quotas are per project, so a project is the unit that
-/// can be set aside. The table holds one entry per configured tenant that used the pool.
-#[derive(Debug)]
-pub struct FairShare {
-    active_ms: Millis,
-    windows: Mutex<HashMap<Arc<str>, Window>>,
-}
-
-impl FairShare {
-    /// An empty table where a tenant counts as active for `active_ms` after its last request.
-    pub fn new(active_ms: Millis) -> FairShare {
-        FairShare {
-            active_ms,
-            windows: Mutex::default(),
-        }
-    }
-
-    /// This table's counts carried into a new configuration: active window `active_ms`, and
-    /// only the tenants `keep` says still exist (a removed tenant holds nothing back).
-    pub fn carried_over(&self, active_ms: Millis, keep: impl Fn(&str) -> bool) -> FairShare {
-        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        FairShare {
-            active_ms,
-            windows: Mutex::new(
-                windows
-                    .iter()
-                    .filter(|(name, _)| keep(name))
-                    .map(|(name, w)| (name.clone(), *w))
-                    .collect(),
-            ),
-        }
-    }
-
-    /// Counts one request of `tenant` that the pool took at `now`.
-    pub fn record(&self, tenant: &Arc<str>, now: Millis) {
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let w = windows.entry(tenant.clone()).or_default();
-        w.roll(now);
-        w.current += 1;
-        w.last_seen = w.last_seen.max(now);
-    }
-
-    /// Notes a request of `tenant` to the pool at `now` (it is active from now on, whether the
-    /// pool takes the request or not) and says how many other active tenants used the pool
-    /// less than it did over the last minute: how many projects it leaves to them.
-    pub fn arrive(&self, tenant: &Arc<str>, now: Millis) -> usize {
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = {
-            let w = windows.entry(tenant.clone()).or_default();
-            w.roll(now);
-            w.last_seen = w.last_seen.max(now);
-            w.estimate(now)
-        };
-        let mut lighter = 0;
-        for (name, w) in windows.iter_mut() {
-            if name == tenant || now.saturating_sub(w.last_seen) > self.active_ms {
-                continue;
-            }
-            w.roll(now);
-            if w.estimate(now) < mine {
-                lighter += 1;
-            }
-        }
-        lighter
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,79 +369,5 @@ mod tests {
         drop(a);
         assert!(t.admit(1).is_ok());
         assert_eq!(t.state.refused_concurrency.load(Relaxed), 1);
-    }
-
-    /// The default active window (`fair_share_active_seconds: 60`).
-    const DEFAULT_ACTIVE_MS: Millis = 60_000;
-
-    fn names<const N: usize>(names: [&str; N]) -> [Arc<str>; N] {
-        names.map(Arc::from)
-    }
-
-    #[test]
-    fn fair_share_counts_the_lighter_active_tenants() {
-        let f = FairShare::new(DEFAULT_ACTIVE_MS);
-        let [loud, middle, quiet, newcomer] = names(["loud", "middle", "quiet", "newcomer"]);
-        let now = 10 * FAIR_WINDOW_MS + 1000;
-        for _ in 0..20 {
-            f.record(&loud, now);
-        }
-        for _ in 0..5 {
-            f.record(&middle, now);
-        }
-        f.record(&quiet, now);
-        assert_eq!(f.arrive(&loud, now), 2);
-        assert_eq!(f.arrive(&middle, now), 1);
-        assert_eq!(f.arrive(&quiet, now), 0);
-        // A tenant that has not used the pool yet is the lightest.
-        assert_eq!(f.arrive(&newcomer, now), 0);
-        // Once it asked, it is active and lighter than everyone, even if nothing was served.
-        assert_eq!(f.arrive(&quiet, now), 1);
-        assert_eq!(f.arrive(&loud, now), 3);
-        // Alone on the pool, a tenant has nobody to leave room for.
-        let alone = FairShare::new(DEFAULT_ACTIVE_MS);
-        alone.record(&loud, now);
-        assert_eq!(alone.arrive(&loud, now), 0);
-        // Two minutes later the old traffic no longer counts.
-        f.record(&loud, now + 2 * FAIR_WINDOW_MS);
-        assert_eq!(f.arrive(&loud, now + 2 * FAIR_WINDOW_MS), 0);
-    }
-
-    #[test]
-    fn a_tenant_idle_past_the_active_window_holds_nothing_back() {
-        let f = FairShare::new(DEFAULT_ACTIVE_MS);
-        let [heavy, quiet] = names(["heavy", "quiet"]);
-        let start = 10 * FAIR_WINDOW_MS + 1000;
-        f.record(&quiet, start);
-        for _ in 0..30 {
-            f.record(&heavy, start);
-        }
-        assert_eq!(f.arrive(&heavy, start), 1);
-        // Still active 60 s after its last request (and still counted as lighter)...
-        assert_eq!(f.arrive(&heavy, start + 60_000), 1);
-        // ...but idle for over 60 s it is not, though its request is still in the minute's
-        // usage estimate.
-        assert_eq!(f.arrive(&heavy, start + 60_001), 0);
-        // A new request makes it active again at once.
-        f.record(&quiet, start + 90_000);
-        assert_eq!(f.arrive(&heavy, start + 90_000), 1);
-    }
-
-    #[test]
-    fn the_active_window_is_configurable_and_carried_over() {
-        let f = FairShare::new(2_000);
-        let [heavy, quiet, gone] = names(["heavy", "quiet", "gone"]);
-        let start = 10 * FAIR_WINDOW_MS;
-        f.record(&quiet, start);
-        f.record(&gone, start);
-        for _ in 0..5 {
-            f.record(&heavy, start);
-        }
-        assert_eq!(f.arrive(&heavy, start + 2_000), 2);
-        assert_eq!(f.arrive(&heavy, start + 2_001), 0);
-        // A reload keeps the counts of tenants that still exist, under the new window.
-        let g = f.carried_over(DEFAULT_ACTIVE_MS, |name| name != "gone");
-        assert_eq!(g.arrive(&heavy, start + 2_001), 1);
-        assert_eq!(g.arrive(&heavy, start + 60_001), 0);
     }
 }

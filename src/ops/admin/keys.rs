@@ -9,7 +9,6 @@ use crate::runtime::Pool;
 use crate::secret::Secret;
 use http::StatusCode;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 pub(super) fn check_json(keys: &KeyPool, id: KeyId, check: &KeyCheck) -> Value {
@@ -25,7 +24,9 @@ pub(super) fn check_json(keys: &KeyPool, id: KeyId, check: &KeyCheck) -> Value {
     })
 }
 
-pub(super) fn key_json(k: &KeyReport, now: Millis) -> Value {
+/// A key for `/admin/pools`, with its requests, prompt, output and total tokens `counts` (the
+/// fleet's when instances share their state).
+pub(super) fn key_json(k: &KeyReport, counts: [u64; 4], now: Millis) -> Value {
     let cooldowns: Vec<Value> = k
         .cooldowns
         .iter()
@@ -54,10 +55,10 @@ pub(super) fn key_json(k: &KeyReport, now: Millis) -> Value {
         "reason": k.disabled.map(|d| d.as_str()).or(k.capped.map(|c| c.as_str())),
         "cooldowns": cooldowns,
         "blocked_methods": k.blocked_methods,
-        "requests": k.usage.requests.load(Relaxed),
-        "prompt_tokens": k.usage.prompt_tokens.load(Relaxed),
-        "output_tokens": k.usage.output_tokens.load(Relaxed),
-        "total_tokens": k.usage.total_tokens.load(Relaxed),
+        "requests": counts[0],
+        "prompt_tokens": counts[1],
+        "output_tokens": counts[2],
+        "total_tokens": counts[3],
     })
 }
 

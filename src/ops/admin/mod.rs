@@ -34,6 +34,7 @@ mod cache;
 mod keys;
 use crate::ops::dashboard;
 use crate::ops::lifecycle::reload_and_log;
+use crate::quota::keys::series::SeriesOf;
 use crate::quota::keys::{now_millis, KeyId, KeyReport, Millis};
 use crate::runtime::{Pool, Shared};
 use crate::secret::sha256;
@@ -301,12 +302,25 @@ impl Admin {
     fn pools(&self) -> Value {
         let rt = self.shared.runtime.load();
         let now = now_millis();
+        let mut shared = self.shared.counters.get().is_some();
         let pools: Vec<Value> = rt
             .pools
             .iter()
             .map(|pool| {
                 let keys = pool.keys.load();
-                let list: Vec<Value> = keys.report(now).iter().map(|k| key_json(k, now)).collect();
+                let list: Vec<Value> = keys
+                    .report(now)
+                    .iter()
+                    .map(|k| {
+                        let of = SeriesOf::Key {
+                            pool: pool.name(),
+                            fingerprint: &k.fingerprint,
+                        };
+                        let (counts, fleet) = self.shared.usage_counts(of, &k.usage);
+                        shared &= fleet;
+                        key_json(k, counts, now)
+                    })
+                    .collect();
                 let caps: Vec<Value> = keys.caps(now).iter().map(|c| cap_json(c, now)).collect();
                 json!({
                     "name": pool.name(),
@@ -323,11 +337,14 @@ impl Admin {
             // Whether health is shared with other instances (a `redis:` section), and whether
             // the store answers now.
             "health_shared": self.shared.fleet.get().map(|f| json!({ "through": "redis", "up": f.is_up() })),
+            // Whether the keys' request and token counts are the fleet's, or this instance's.
+            "shared": shared,
         })
     }
 
     fn tenants(&self) -> Value {
         let rt = self.shared.runtime.load();
+        let mut shared = self.shared.counters.get().is_some();
         let tenants: Vec<Value> = rt
             .tenants
             .list()
@@ -339,16 +356,20 @@ impl Admin {
                     .iter()
                     .filter_map(|&i| rt.pools.get(i).map(|p| p.name()))
                     .collect();
+                let (counts, fleet) = self
+                    .shared
+                    .usage_counts(SeriesOf::Tenant(&t.name), &s.usage);
+                shared &= fleet;
                 json!({
                     "name": &*t.name,
                     "pools": pools,
                     "rpm": t.rpm,
                     "max_concurrent": t.max_concurrent,
                     "in_flight": s.in_flight(),
-                    "requests": s.usage.requests.load(Relaxed),
-                    "prompt_tokens": s.usage.prompt_tokens.load(Relaxed),
-                    "output_tokens": s.usage.output_tokens.load(Relaxed),
-                    "total_tokens": s.usage.total_tokens.load(Relaxed),
+                    "requests": counts[0],
+                    "prompt_tokens": counts[1],
+                    "output_tokens": counts[2],
+                    "total_tokens": counts[3],
                     "refused": {
                         "rpm": s.refused_rate.load(Relaxed),
                         "max_concurrent": s.refused_concurrency.load(Relaxed),
@@ -363,7 +384,9 @@ impl Admin {
                 })
             })
             .collect();
-        json!({ "tenants": tenants })
+        // Whether requests and tokens are the fleet's (Redis answers) or this instance's; the
+        // other figures (in flight, refusals, cache) are always this instance's.
+        json!({ "tenants": tenants, "shared": shared })
     }
 }
 

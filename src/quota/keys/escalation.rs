@@ -73,6 +73,15 @@ impl QuotaMemory {
         true
     }
 
+    /// Another instance's refusal, told once its cooldown went through [`QuotaMemory::refused`]
+    /// (as a ceiling of its own): the higher level wins, and the quota day is the real one
+    /// (ending at `day_end`), so a refusal here soon after the cooldown ends doubles it as the
+    /// other instance would have.
+    pub(super) fn told(&self, level: u8, day_end: Millis) {
+        self.escalations.fetch_max(level, Relaxed);
+        self.day_end.fetch_max(day_end, Relaxed);
+    }
+
     /// Whether a success could start anything over.
     pub(super) fn remembers(&self) -> bool {
         self.len.load(Relaxed) != 0
@@ -131,6 +140,29 @@ mod tests {
         assert_eq!(m.refused(80 * S, DAY, 70 * S).1, 1, "60 s after the end");
         // That one lasted 20 s and ended at 90 s: 61 s later is not soon.
         assert_eq!(m.refused(161 * S, DAY, 151 * S).1, 0);
+    }
+
+    #[test]
+    fn a_level_told_merges_upward_and_the_next_refusal_doubles_from_it() {
+        let (a, b) = (QuotaMemory::default(), QuotaMemory::default());
+        // A: 10 s, then refused again soon after: 20 s, level 1.
+        a.refused(10 * S, DAY, 0);
+        assert_eq!(a.refused(31 * S, DAY, 11 * S), (31 * S, 1));
+        // B learns A's cooldown as it stands (its end as the ceiling), and the level.
+        let learnt = |m: &QuotaMemory, until, level, now| {
+            m.refused(until, until, now);
+            m.told(level, DAY);
+        };
+        learnt(&b, 31 * S, 1, 11 * S);
+        assert_eq!(b.escalations(), 1);
+        // A lower level told later (a stale message) lowers nothing.
+        learnt(&b, 31 * S, 0, 12 * S);
+        assert_eq!(b.escalations(), 1);
+        // Refused on B soon after the end: doubled from A's 20 s, level 2.
+        assert_eq!(b.refused(41 * S, DAY, 32 * S), (72 * S, 2));
+        // A success sent after the last refusal starts it over.
+        assert!(b.served(80 * S));
+        assert_eq!(b.escalations(), 0);
     }
 
     #[test]

@@ -121,6 +121,17 @@ impl Usage {
         self.total_tokens.fetch_add(total, Relaxed);
         self.minutes.add(now_millis(), 0, total);
     }
+
+    /// Requests, prompt, output and total tokens counted so far.
+    pub fn totals(&self) -> [u64; 4] {
+        [
+            &self.requests,
+            &self.prompt_tokens,
+            &self.output_tokens,
+            &self.total_tokens,
+        ]
+        .map(|c| c.load(Relaxed))
+    }
 }
 
 /// Which keys can serve a model right now, for fairness decisions and the admin API.

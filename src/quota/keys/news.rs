@@ -21,6 +21,10 @@ pub enum News {
         why: String,
         /// How long it still cools.
         left_ms: Millis,
+        /// How many times in a row the cooldown was doubled (`quota` only): an instance that
+        /// learns it doubles the next one from there, as the one that told it would.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        escalations: u8,
     },
     /// A spend cap holds on a project or billing account for `left_ms` more.
     Capped {
@@ -162,13 +166,17 @@ impl KeyPool {
         if until <= now {
             return Vec::new();
         }
+        let why = CoolingKind::from_code(health.why[p].load(Relaxed));
+        let escalations = match why {
+            CoolingKind::Quota => health.quota[p].escalations(),
+            _ => 0,
+        };
         vec![News::Cooled {
             project: self.project_name(project).to_string(),
             model: model.to_string(),
-            why: CoolingKind::from_code(health.why[p].load(Relaxed))
-                .as_str()
-                .into(),
+            why: why.as_str().into(),
             left_ms: until - now,
+            escalations,
         }]
     }
 
@@ -231,6 +239,7 @@ impl KeyPool {
                 model,
                 why,
                 left_ms,
+                escalations,
             } => {
                 let Some(until) = at(*left_ms) else {
                     return false;
@@ -238,14 +247,24 @@ impl KeyPool {
                 let why = match why.as_str() {
                     "quota_day" => Cooling::Day,
                     "unavailable" => Cooling::Tier,
-                    // Told as it stands: no escalation of its own here.
+                    // Told as it stands: no escalation of its own here...
                     _ => Cooling::Quota { ceiling: until },
                 };
-                let key = self
-                    .project_index(project)
-                    .and_then(|p| self.first_key_of(p));
+                let Some(p) = self.project_index(project) else {
+                    return false;
+                };
+                let Some(key) = self.first_key_of(p) else {
+                    return false;
+                };
                 let penalty = Penalty::CoolProjectModel { until, why };
-                (key, Learnt::Penalty(penalty, model.clone()))
+                self.change(key, Transition::penalise(&penalty, model, ""), now);
+                // ...but the level it reached, so that the next refusal here doubles it.
+                if let (Cooling::Quota { .. }, Some(h)) =
+                    (why, self.models.load().get(model.as_str()))
+                {
+                    h.quota[p as usize].told(*escalations, quota_day_end(now));
+                }
+                return true;
             }
             News::Capped {
                 scope,
@@ -364,6 +383,20 @@ impl KeyPool {
         self.billing_account_of(project)
             .unwrap_or_else(|| self.project_name(project))
     }
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// The end of the quota day at `now`: the next midnight in Los Angeles.
+fn quota_day_end(now: Millis) -> Millis {
+    let now = i64::try_from(now)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or_default();
+    let end = crate::quota::classify::next_midnight_los_angeles(now);
+    end.timestamp_millis().max(0) as Millis
 }
 
 /// The longest cooldown news may tell: a day and an hour (a per-day quota, DST included).
@@ -528,6 +561,7 @@ mod tests {
             model: "m".into(),
             why: "quota".into(),
             left_ms: 1 << 50,
+            escalations: 0,
         };
         assert!(!b.learn(&forever, 0));
     }
