@@ -129,14 +129,26 @@ pub(super) async fn write_back(
     c: &mut redis::aio::ConnectionManager,
     entries: Vec<(String, Owner, Millis)>,
 ) -> redis::RedisResult<()> {
+    let entries = entries
+        .into_iter()
+        .filter_map(|(name, owner, expires_at)| {
+            let value = serde_json::to_string(&stored(&name, &owner)).ok()?;
+            Some((owner_entry(fleet, &name), value, expires_at))
+        })
+        .collect();
+    set_missing(c, entries).await
+}
+
+/// Sets each (entry, value, expiry) of `entries` that the store does not hold, living until its
+/// expiry: a round trip per [`WRITE_BACK_BATCH`].
+async fn set_missing(
+    c: &mut redis::aio::ConnectionManager,
+    entries: Vec<(String, String, Millis)>,
+) -> redis::RedisResult<()> {
     let now = crate::quota::keys::now_millis();
     for batch in entries.chunks(WRITE_BACK_BATCH) {
         let mut pipe = redis::pipe();
-        for (name, owner, expires_at) in batch {
-            let Ok(value) = serde_json::to_string(&stored(name, owner)) else {
-                continue;
-            };
-            let entry = owner_entry(fleet, name);
+        for (entry, value, expires_at) in batch {
             let ttl = expires_at.saturating_sub(now).max(1);
             pipe.cmd("SET")
                 .arg(entry)
@@ -171,25 +183,17 @@ pub(super) async fn write_back_uploads(
     c: &mut redis::aio::ConnectionManager,
     uploads: Vec<(String, UploadSession, Millis)>,
 ) -> redis::RedisResult<()> {
-    let now = crate::quota::keys::now_millis();
-    for batch in uploads.chunks(WRITE_BACK_BATCH) {
-        let mut pipe = redis::pipe();
-        for (id, session, expires_at) in batch {
-            let Some(value) = upload_value(session) else {
-                continue;
-            };
-            let ttl = expires_at.saturating_sub(now).max(1);
-            pipe.cmd("SET")
-                .arg(upload_entry(fleet, id))
-                .arg(value)
-                .arg("PX")
-                .arg(ttl)
-                .arg("NX")
-                .ignore();
-        }
-        pipe.query_async::<()>(c).await?;
-    }
-    Ok(())
+    let entries = uploads
+        .into_iter()
+        .filter_map(|(id, session, expires_at)| {
+            Some((
+                upload_entry(fleet, &id),
+                upload_value(&session)?,
+                expires_at,
+            ))
+        })
+        .collect();
+    set_missing(c, entries).await
 }
 
 /// This instance's handle on the owners and uploads shared through Redis.
