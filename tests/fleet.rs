@@ -850,17 +850,26 @@ async fn usage_sums(admin: &str) -> (Value, u64, u64, u64) {
     )
 }
 
-/// Polls `/admin/usage` at `admin` until its sums are `want`.
-async fn until_usage(admin: &str, want: (Value, u64, u64, u64)) {
+/// Polls `read(admin)` until it answers `want` (at most 10 s).
+async fn until_read<'a, T, F>(admin: &'a str, want: T, read: impl Fn(&'a str) -> F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: std::future::Future<Output = T>,
+{
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = usage_sums(admin).await;
+        let got = read(admin).await;
         if got == want {
             return;
         }
         assert!(Instant::now() < deadline, "{admin}: {got:?}, not {want:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Polls `/admin/usage` at `admin` until its sums are `want`.
+async fn until_usage(admin: &str, want: (Value, u64, u64, u64)) {
+    until_read(admin, want, usage_sums).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1267,15 +1276,7 @@ async fn counters(admin: &str) -> (Value, u64, u64, Value, u64) {
 
 /// Polls the counters at `admin` until they are `want`.
 async fn until_counters(admin: &str, want: (Value, u64, u64, Value, u64)) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = counters(admin).await;
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{admin}: {got:?}, not {want:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_read(admin, want, counters).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
