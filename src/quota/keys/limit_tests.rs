@@ -320,3 +320,18 @@ fn many_requests_at_the_probe_instant_send_one_probe_and_no_503() {
         "{picks:?}"
     );
 }
+
+#[test]
+fn a_probe_taken_behind_the_snapshot_s_back_is_an_exhaustion_not_a_tried_project() {
+    let p = pool_with_accounts(&[("a", "p1", Some("acct-1")), ("b", "p2", Some("acct-1"))]);
+    refuse(&p, 0, &Penalty::CapBillingAccount { until: at(MONTH) }, 0);
+    // The snapshot at the probe instant offers both keys.
+    let health = p.health("m");
+    assert_eq!(p.snapshot(&health, HOUR).keys.len(), 2);
+    // Another request takes the account's probe and has not said so yet.
+    assert!(p.account_caps[0].take_probe(HOUR, p.probe_every).is_some());
+    match p.pick("m", "generateContent", &[], HOUR) {
+        Pick::Exhausted(ex) => assert_eq!(ex.retry_at, Some(HOUR + p.probe_every)),
+        other => panic!("{other:?}"),
+    }
+}

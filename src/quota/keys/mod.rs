@@ -375,30 +375,35 @@ impl KeyPool {
     /// When none of them can serve, the answer says when the project is back.
     pub fn pick_in_project(&self, model: &str, method: &str, project: u32, now: Millis) -> Pick {
         match self.pick_where(model, method, &[], Some(project), now, false) {
-            Pick::OnlyTriedProjects | Pick::Exhausted(_) => {
-                let health = self.health(model);
-                let mut ex = Exhaustion {
-                    retry_at: None,
-                    cooling: 0,
-                    disabled: 0,
-                };
-                for (k, key) in self.keys.iter().enumerate() {
-                    if key.project != project {
-                        continue;
-                    }
-                    match self.out_until(k as u32, &health) {
-                        NEVER => ex.disabled += 1,
-                        until if until > now => {
-                            ex.cooling += 1;
-                            ex.retry_at = Some(ex.retry_at.map_or(until, |r| r.min(until)));
-                        }
-                        _ => {}
-                    }
-                }
-                Pick::Exhausted(ex)
+            Pick::OnlyTriedProjects => {
+                Pick::Exhausted(self.exhaustion(&self.health(model), Some(project), now))
             }
             pick => pick,
         }
+    }
+
+    /// Why no key (of `only`, when given) serves `model` at `now`, counted from the keys' own
+    /// deadlines rather than a snapshot.
+    fn exhaustion(&self, health: &ModelHealth, only: Option<u32>, now: Millis) -> Exhaustion {
+        let mut ex = Exhaustion {
+            retry_at: None,
+            cooling: 0,
+            disabled: 0,
+        };
+        for (k, key) in self.keys.iter().enumerate() {
+            if only.is_some_and(|p| p != key.project) {
+                continue;
+            }
+            match self.out_until(k as u32, health) {
+                NEVER => ex.disabled += 1,
+                until if until > now => {
+                    ex.cooling += 1;
+                    ex.retry_at = Some(ex.retry_at.map_or(until, |r| r.min(until)));
+                }
+                _ => {}
+            }
+        }
+        ex
     }
 
     fn pick_where(
@@ -421,34 +426,38 @@ impl KeyPool {
             });
         }
         let start = self.next.fetch_add(1, Relaxed);
-        let mut lost_probe = false;
+        // Whether a key was passed over for this request's sake (its project tried or not
+        // asked for, its method blocked), not because the pool changed under the snapshot.
+        let mut passed_over = false;
         for i in 0..n {
             let k = snapshot.keys[(start.wrapping_add(i)) % n];
             let project = self.keys[k as usize].project;
             if tried.contains(&project) || only.is_some_and(|p| p != project) {
-                continue;
-            }
-            // The snapshot may be a moment old: re-check the key's own deadlines.
-            if self.out_until(k, &health) > now {
+                passed_over = true;
                 continue;
             }
             if self.any_blocked.load(Relaxed) && self.is_blocked(k, method) {
+                passed_over = true;
                 continue;
             }
-            if !self.take_probes(project, now) {
-                lost_probe = true;
+            // The snapshot may be a moment old: re-check the key's own deadlines, and another
+            // request may have taken the probe it still offers.
+            if self.out_until(k, &health) > now || !self.take_probes(project, now) {
                 continue;
             }
             return Pick::Key(KeyId(k));
         }
-        // Another request took the probe this snapshot still offered: the snapshots are stale
-        // (the taker may not have said so yet), and a second look sees the scope out and says
-        // when it is back.
-        if lost_probe && !retried {
+        if passed_over {
+            return Pick::OnlyTriedProjects;
+        }
+        // Every key the snapshot offered went out since it was made (a cooldown, a probe
+        // another request took, whose taker may not have said so yet): a second look sees them
+        // out and says when they are back.
+        if !retried {
             self.generation.fetch_add(1, Relaxed);
             return self.pick_where(model, method, tried, only, now, true);
         }
-        Pick::OnlyTriedProjects
+        Pick::Exhausted(self.exhaustion(&health, only, now))
     }
 
     /// How many keys the pool holds.
