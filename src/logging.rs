@@ -61,10 +61,22 @@ fn write_line(record: &Record) {
             Level::Debug => "DEBUG",
             Level::Trace => "TRACE",
         };
-        let _ = match record.target() {
-            "" => writeln!(line, "[{Stamp} {level}] {}", record.args()),
-            target => writeln!(line, "[{Stamp} {level} {target}] {}", record.args()),
+        // Piece by piece: `writeln!` with five arguments cost as much as the access line's own
+        // fields.
+        line.push(b'[');
+        stamp(line);
+        line.push(b' ');
+        line.extend_from_slice(level.as_bytes());
+        if !record.target().is_empty() {
+            line.push(b' ');
+            line.extend_from_slice(record.target().as_bytes());
+        }
+        line.extend_from_slice(b"] ");
+        let _ = match record.args().as_str() {
+            Some(text) => line.write_all(text.as_bytes()),
+            None => line.write_fmt(*record.args()),
         };
+        line.push(b'\n');
         if record.target() == ACCESS && record.level() == Level::Info {
             batch::access(line);
         } else {
@@ -86,26 +98,26 @@ fn write_line(record: &Record) {
     }
 }
 
-/// The time of a line, to the second in UTC (`2026-11-30T03:44:03Z`), formatted once a second.
-struct Stamp;
-
-impl std::fmt::Display for Stamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        thread_local! {
-            static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+/// Appends the time of a line, to the second in UTC (`2026-11-30T03:44:03Z`), formatted once a
+/// second.
+fn stamp(line: &mut Vec<u8>) {
+    thread_local! {
+        static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    const FORMAT: &str = "%Y-%m-%dT%H:%M:%SZ";
+    let now = chrono::Utc::now();
+    let cached = LAST.try_with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return false;
+        };
+        if last.0 != now.timestamp() {
+            *last = (now.timestamp(), now.format(FORMAT).to_string());
         }
-        const FORMAT: &str = "%Y-%m-%dT%H:%M:%SZ";
-        let now = chrono::Utc::now();
-        let cached = LAST.try_with(|last| {
-            let Ok(mut last) = last.try_borrow_mut() else {
-                return write!(f, "{}", now.format(FORMAT));
-            };
-            if last.0 != now.timestamp() {
-                *last = (now.timestamp(), now.format(FORMAT).to_string());
-            }
-            f.write_str(&last.1)
-        });
-        cached.unwrap_or_else(|_| write!(f, "{}", now.format(FORMAT)))
+        line.extend_from_slice(last.1.as_bytes());
+        true
+    });
+    if !cached.unwrap_or(false) {
+        let _ = write!(line, "{}", now.format(FORMAT));
     }
 }
 

@@ -22,31 +22,13 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
 
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx {
-            started: Instant::now(),
-            target: String::new(),
-            tenant: None,
-            in_flight: None,
-            model: String::new(),
-            keys: None,
-            pool: None,
-            cors: Vec::new(),
-            request_bytes: 0,
-            response_bytes: 0,
-            attempts: Vec::new(),
-            status: 0,
-            served: false,
-            body_reservation: None,
-            cache: None,
-            recording: None,
-        }
+        Ctx::new()
     }
 
     async fn upstream_peer(
@@ -117,25 +99,10 @@ impl ProxyHttp for Gateway {
             ctx.request_bytes,
             ctx.response_bytes,
         );
-        let error = error
-            .map(|e| format!(" error={}", e.etype().as_str()))
-            .unwrap_or_default();
-        log::info!(
-            target: "keygate::access",
-            "tenant={} \"{}\" model={} status={} attempts=[{}]{} ms={}{}",
-            printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)),
-            ctx.target,
-            if ctx.model.is_empty() { "-".into() } else { printable(&ctx.model) },
-            status,
-            AttemptList(ctx),
-            ctx.cache.map_or("", |c| match c {
-                Status::Hit => " cache=hit",
-                Status::Miss => " cache=miss",
-                Status::Bypass => " cache=bypass",
-            }),
-            ctx.started.elapsed().as_millis(),
-            error
-        );
+        if log::log_enabled!(target: "keygate::access", log::Level::Info) {
+            let line = access_line(ctx, status, error);
+            log::info!(target: "keygate::access", "{line}");
+        }
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
@@ -150,21 +117,47 @@ impl ProxyHttp for Gateway {
     }
 }
 
-/// The access line's `attempts=[...]`: `fingerprint:outcome` per attempt, comma-separated,
-/// written straight into the line.
-struct AttemptList<'a>(&'a Ctx);
-
-impl std::fmt::Display for AttemptList<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Some(keys) = &self.0.keys else {
-            return Ok(());
-        };
-        for (i, a) in self.0.attempts.iter().enumerate() {
-            let comma = if i == 0 { "" } else { "," };
-            write!(f, "{comma}{}:{}", keys.key(a.key).fingerprint, a.outcome)?;
-        }
-        Ok(())
+/// The access line of a request: `tenant=.. "METHOD /path" model=.. status=.. attempts=[..]
+/// (cache=..) ms=.. (error=..)`. Written piece by piece: through `format_args!` its ten
+/// arguments cost more than the rest of the logging hook (BENCHMARKS.md).
+fn access_line(ctx: &Ctx, status: u16, error: Option<&Error>) -> String {
+    let mut number = itoa::Buffer::new();
+    let mut line = String::with_capacity(160 + ctx.target.len());
+    line.push_str("tenant=");
+    line.push_str(&printable(ctx.tenant.as_ref().map_or("-", |t| &*t.name)));
+    line.push_str(" \"");
+    line.push_str(&ctx.target);
+    line.push_str("\" model=");
+    match ctx.model.as_str() {
+        "" => line.push('-'),
+        model => line.push_str(&printable(model)),
     }
+    line.push_str(" status=");
+    line.push_str(number.format(status));
+    line.push_str(" attempts=[");
+    if let Some(keys) = &ctx.keys {
+        for (i, a) in ctx.attempts.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            line.push_str(&keys.key(a.key).fingerprint);
+            line.push(':');
+            line.push_str(a.outcome);
+        }
+    }
+    line.push(']');
+    line.push_str(ctx.cache.map_or("", |c| match c {
+        Status::Hit => " cache=hit",
+        Status::Miss => " cache=miss",
+        Status::Bypass => " cache=bypass",
+    }));
+    line.push_str(" ms=");
+    line.push_str(number.format(ctx.started.elapsed().as_millis()));
+    if let Some(e) = error {
+        line.push_str(" error=");
+        line.push_str(e.etype().as_str());
+    }
+    line
 }
 
 impl Gateway {
@@ -528,4 +521,34 @@ impl Gateway {
 fn boxed_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     let slot = Box::<F>::new_uninit();
     Box::into_pin(Box::write(slot, make()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_line_says_what_happened_on_one_line() {
+        let mut ctx = Ctx::new();
+        ctx.target = "POST /v1beta/models/m:generateContent".into();
+        ctx.model = "m\nINFO forged".into();
+        ctx.cache = Some(Status::Hit);
+        let error = Error::explain(ErrorType::ReadTimedout, "slow");
+        let line = access_line(&ctx, 504, Some(&error));
+        let ms = line.rsplit(" ms=").next().and_then(|r| r.split(' ').next());
+        assert!(ms.is_some_and(|ms| ms.parse::<u64>().is_ok()), "{line}");
+        let ms = ms.unwrap_or_default();
+        assert_eq!(
+            line,
+            format!(
+                "tenant=- \"POST /v1beta/models/m:generateContent\" model=m\\nINFO forged \
+                 status=504 attempts=[] cache=hit ms={ms} error=ReadTimedout"
+            )
+        );
+        ctx.model.clear();
+        ctx.cache = None;
+        let line = access_line(&ctx, 200, None);
+        assert!(line.starts_with("tenant=- \"POST /v1beta/models/m:generateContent\" model=- status=200 attempts=[] ms="), "{line}");
+        assert!(!line.contains("error="), "{line}");
+    }
 }

@@ -75,6 +75,30 @@ pub struct Ctx {
     recording: Option<Box<crate::cache::Recording>>,
 }
 
+impl Ctx {
+    /// A request's context before anything is known of it.
+    pub(super) fn new() -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            target: String::new(),
+            tenant: None,
+            in_flight: None,
+            model: String::new(),
+            keys: None,
+            pool: None,
+            cors: Vec::new(),
+            request_bytes: 0,
+            response_bytes: 0,
+            attempts: Vec::new(),
+            status: 0,
+            served: false,
+            body_reservation: None,
+            cache: None,
+            recording: None,
+        }
+    }
+}
+
 /// The status logged for a request whose client hung up before its answer (nginx's 499).
 const CLIENT_GONE: u16 = 499;
 
