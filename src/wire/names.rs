@@ -167,22 +167,34 @@ impl Found {
 /// `:method` suffix and at the first byte an id cannot hold, so `files/abc%20x` is read as
 /// `files/abc` (a reader that stops there finds the same file).
 fn push_names_in_segments<S: AsRef<str>>(segments: &[S], out: &mut Found) {
-    for pair in segments.windows(2) {
+    push_names_in(segments.iter().map(AsRef::as_ref), out);
+}
+
+/// Adds every collection word followed by an id among `segments`.
+fn push_names_in<'a>(mut segments: impl Iterator<Item = &'a str>, out: &mut Found) {
+    let Some(mut word) = segments.next() else {
+        return;
+    };
+    for id in segments {
         if out.full() {
             return;
         }
-        let (word, id) = (pair[0].as_ref(), pair[1].as_ref());
-        let Some(word) = collection(word) else {
-            continue;
-        };
-        let id = id.split(':').next().unwrap_or_default();
-        let len = id.bytes().take_while(|b| is_id_byte(*b)).count();
-        // An overlong id is kept one byte too long: it can match nothing bound, so it is
-        // refused (with tenants) rather than cut into some other resource's name.
-        let id = &id[..len.min(MAX_ID_LEN + 1)];
-        if !id.is_empty() {
-            out.push(format!("{word}/{id}"));
+        if let Some(collection) = collection(word) {
+            push_name(collection, id, out);
         }
+        word = id;
+    }
+}
+
+/// Adds `collection/id` for the id at the start of segment `id` (up to a `:method`).
+fn push_name(collection: &str, id: &str, out: &mut Found) {
+    let id = id.split(':').next().unwrap_or_default();
+    let len = id.bytes().take_while(|b| is_id_byte(*b)).count();
+    // An overlong id is kept one byte too long: it can match nothing bound, so it is refused
+    // (with tenants) rather than cut into some other resource's name.
+    let id = &id[..len.min(MAX_ID_LEN + 1)];
+    if !id.is_empty() {
+        out.push(format!("{collection}/{id}"));
     }
 }
 
@@ -248,9 +260,8 @@ fn is_api_url(value: &str) -> bool {
 /// names nothing.
 pub fn names_in_path(path: &str) -> Vec<String> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let mut out = Found::default();
-    push_names_in_segments(&segments, &mut out);
+    push_names_in(path.split('/').filter(|s| !s.is_empty()), &mut out);
     out.list
 }
 

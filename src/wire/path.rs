@@ -112,12 +112,52 @@ pub fn canonical(raw: &str) -> Result<String, PathError> {
 /// Whether `raw` (absolute) is already canonical: nothing to decode, collapse or refuse. Most
 /// paths are, and this single pass is all they cost.
 fn is_canonical(raw: &str) -> bool {
-    let kept = |b: u8| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&b);
-    raw.bytes().all(kept)
-        && !raw.contains("//")
-        && raw
-            .split('/')
-            .all(|segment| segment != "." && segment != "..")
+    // The bytes a canonical path holds as they are: unreserved, sub-delims, `:`, `@` and `/`.
+    const KEPT: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'/' | b'-'
+                        | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b'='
+                        | b':'
+                        | b'@'
+                );
+            b += 1;
+        }
+        table
+    };
+    let bytes = raw.as_bytes();
+    // Where the segment being read starts (after its `/`).
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !KEPT[usize::from(b)] {
+            return false;
+        }
+        if b == b'/' {
+            // `//` (an empty segment), `/./` or `/../`.
+            if i > 0 && matches!(&bytes[start..i], b"" | b"." | b"..") {
+                return false;
+            }
+            start = i + 1;
+        }
+    }
+    !matches!(&bytes[start..], b"." | b"..")
 }
 
 /// The segments of a path, URI or bare resource name as a lenient reader takes them: a
