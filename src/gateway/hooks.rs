@@ -173,11 +173,12 @@ impl Gateway {
         let canonical = path::canonical(req.uri.path());
         let logged_path = canonical.as_deref().unwrap_or(req.uri.path());
         let target = request::with_query(logged_path, query.forwarded.as_deref());
-        ctx.target = format!(
-            "{} {}",
-            req.method,
-            printable(&affinity::redact_upload_id(&target))
-        );
+        let logged = affinity::redact_upload_id(&target);
+        let logged = printable(&logged);
+        ctx.target = String::with_capacity(req.method.as_str().len() + 1 + logged.len());
+        ctx.target.push_str(req.method.as_str());
+        ctx.target.push(' ');
+        ctx.target.push_str(&logged);
         match rt.cors.as_ref().map(|c| c.verdict(req)) {
             Some(cors::Verdict::Preflight(headers)) => {
                 ctx.cors = headers;

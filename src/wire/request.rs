@@ -437,6 +437,8 @@ pub struct Target<'a> {
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     method: http::Method,
+    /// The client's path and query as parsed, reused when an attempt sends them unchanged.
+    path_and_query: Option<http::uri::PathAndQuery>,
     headers: Vec<(HeaderName, http::HeaderValue)>,
     /// The client takes gzip: keygate asks Google for gzip, else for a plain answer (the two
     /// encodings keygate reads).
@@ -464,6 +466,7 @@ impl Outgoing {
             });
         Outgoing {
             method: client.method.clone(),
+            path_and_query: client.uri.path_and_query().cloned(),
             headers,
             gzip,
         }
@@ -511,9 +514,20 @@ pub fn upstream_request(
     if !path_and_query.starts_with('/') {
         return Err(invalid("upstream target"));
     }
-    let checked =
-        RequestHeader::build_no_case(out.method.clone(), path_and_query.as_bytes(), None)?;
-    let mut parts = http::request::Parts::from(checked);
+    let mut parts = match &out.path_and_query {
+        // Sent as the client wrote it: already parsed and checked, no second parse.
+        Some(client) if client.as_str() == path_and_query => {
+            let (mut parts, ()) = http::Request::new(()).into_parts();
+            parts.method = out.method.clone();
+            parts.uri = http::Uri::from(client.clone());
+            parts
+        }
+        _ => http::request::Parts::from(RequestHeader::build_no_case(
+            out.method.clone(),
+            path_and_query.as_bytes(),
+            None,
+        )?),
+    };
     let headers = &mut parts.headers;
     headers.reserve(out.headers.len() + target.headers.len() + 4);
     let relay = !target.base_path.is_empty() || !target.headers.is_empty();

@@ -372,3 +372,38 @@ fn an_upload_url_under_the_relay_s_path_loses_it() {
     assert_eq!(without_base(lookalike, base), lookalike);
     assert_eq!(without_base(google, ""), google);
 }
+
+#[test]
+fn the_client_s_own_path_is_sent_as_written_and_any_other_as_given() {
+    let client = req("PATCH", "/v1beta/cachedContents/c1?updateMask=ttl", &[]);
+    let out = Outgoing::from_client(&client);
+    let fwd = Forward {
+        api: Api::Gemini,
+        path_and_query: "/v1beta/cachedContents/c1?updateMask=ttl",
+        body_len: 2,
+    };
+    let h1 = Target {
+        authority: "upstream.test",
+        tls: true,
+        h2: false,
+        base_path: "",
+        headers: &[],
+    };
+    let r = upstream_request(&out, &fwd, "POOLKEY", &h1).unwrap();
+    assert_eq!(r.method, "PATCH");
+    assert_eq!(r.raw_path(), b"/v1beta/cachedContents/c1?updateMask=ttl");
+    assert_eq!(r.uri.query(), Some("updateMask=ttl"));
+    assert_eq!(r.headers["host"], "upstream.test");
+    let other = Forward {
+        path_and_query: "/v1beta/cachedContents/c2",
+        ..fwd
+    };
+    let r = upstream_request(&out, &other, "POOLKEY", &h1).unwrap();
+    assert_eq!(r.raw_path(), b"/v1beta/cachedContents/c2");
+    let h2 = Target { h2: true, ..h1 };
+    let r = upstream_request(&out, &fwd, "POOLKEY", &h2).unwrap();
+    assert_eq!(
+        r.uri.to_string(),
+        "https://upstream.test/v1beta/cachedContents/c1?updateMask=ttl"
+    );
+}
