@@ -259,7 +259,7 @@ fn is_api_url(value: &str) -> bool {
 /// `/v1beta/models/veo-2.0/operations/op1` (→ `operations/op1`). A listing (`/v1beta/files`)
 /// names nothing.
 pub fn names_in_path(path: &str) -> Vec<String> {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let path = memchr::memchr2(b'?', b'#', path.as_bytes()).map_or(path, |end| &path[..end]);
     let mut out = Found::default();
     push_names_in(path.split('/').filter(|s| !s.is_empty()), &mut out);
     out.list
