@@ -954,13 +954,21 @@ async fn only_models_google_served_become_metric_labels() {
     }
     let (status, _, _) = generate(&kg.url(), "gemini-2.5-flash", None).await;
     assert_eq!(status, 200);
-    let resp = client()
-        .get(format!("{admin}/metrics"))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .send()
-        .await
-        .unwrap();
-    let text = resp.text().await.unwrap();
+    // A request is counted just after its answer is sent: wait (bounded) for the last one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let resp = client()
+            .get(format!("{admin}/metrics"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        if text.contains("model=\"gemini-2.5-flash\"") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(!text.contains("junk-model"), "{text}");
     assert!(text.contains("model=\"gemini-2.5-flash\""), "{text}");
 }
