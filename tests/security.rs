@@ -589,8 +589,8 @@ async fn a_stalled_or_crawling_body_gets_408() {
         s.write_all(b"POST /v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: k\r\nContent-Length: 100\r\n\r\n{\"contents\"")
             .unwrap();
         let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        (started.elapsed(), answer)
+        let end = s.read_to_string(&mut answer).err();
+        (started.elapsed(), answer, end)
     });
     // Crawling: 100 bytes a second where 1000 are needed.
     let crawling = tokio::task::spawn_blocking(move || {
@@ -621,16 +621,18 @@ async fn a_stalled_or_crawling_body_gets_408() {
             String::from_utf8_lossy(&answer).into_owned(),
         )
     });
-    let (took, answer) = stalled.await.unwrap();
+    let (took, answer, end) = stalled.await.unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 408"),
-        "stalled body: {answer:?} after {took:?}"
+        "stalled body: {answer:?} ({end:?}) after {took:?}\n{}",
+        kg.logs()
     );
     assert!(took < Duration::from_secs(4), "{took:?}");
     let (took, answer) = crawling.await.unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 408"),
-        "crawling body: {answer:?} after {took:?}"
+        "crawling body: {answer:?} after {took:?}\n{}",
+        kg.logs()
     );
     assert!(took < Duration::from_secs(6), "{took:?}");
     assert!(mock.seen().is_empty());
@@ -1112,7 +1114,7 @@ async fn overrides_and_system_parameters_do_not_reach_google() {
             .map(|v| v.to_str().unwrap().to_string());
         assert!(
             matches!(encoding.as_deref(), Some("gzip" | "identity")),
-            "{encoding:?}"
+            "{encoding:?}: {seen:?}"
         );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

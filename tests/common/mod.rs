@@ -2137,11 +2137,14 @@ pub async fn start_upload_with(
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.headers()["x-goog-upload-url"]
-        .to_str()
-        .unwrap()
-        .to_string()
+    let status = resp.status();
+    let url = resp
+        .headers()
+        .get("x-goog-upload-url")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    url.expect("an upload URL")
 }
 
 pub async fn send_bytes(url: &str, token: Option<&str>) -> (u16, String) {
