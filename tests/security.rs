@@ -685,6 +685,22 @@ async fn a_client_that_hangs_up_frees_its_slot_and_stops_the_attempts() {
     assert!(logs.contains("status=499"), "{logs}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_held_to_one_request_may_send_the_next_as_soon_as_it_reads_an_answer() {
+    let mock = Mock::start().await;
+    mock.key("secret-k1", "p1");
+    let yaml = format!(
+        "{}tenants:\n  - name: alice\n    token: \"tok-alice\"\n    max_concurrent: 1\n",
+        pool_yaml(&mock.url(), &[("secret-k1", "p1")])
+    );
+    let kg = Keygate::start(&yaml);
+    // Never two at once: each request goes out once the previous answer is read whole.
+    for i in 0..300 {
+        let (status, _, body) = generate(&kg.url(), "gemini-2.5-flash", Some("tok-alice")).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding 6: trust in Google's numbers has no ceiling
 // ---------------------------------------------------------------------------------------------
