@@ -59,6 +59,26 @@ async fn all_served(kg: &Keygate, n: usize) {
     }
 }
 
+/// The state (`ok`, `cooling`, ...) `/admin/pools` at `admin` gives `key`.
+async fn key_state(admin: &str, key: &str) -> String {
+    let fp = keygate::secret::fingerprint(key.as_bytes());
+    let (status, pools) = admin_call("GET", admin, "/admin/pools", None).await;
+    assert_eq!(status, 200, "{pools}");
+    pools["pools"][0]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == fp.as_str())
+        .map(|k| k["state"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+/// Polls the instance at `admin` until it says `key` is cooling: what another instance learnt
+/// has reached it (through Redis).
+async fn until_cooling(admin: &str, key: &str) {
+    until_read(admin, "cooling".to_string(), |a| key_state(a, key)).await
+}
+
 /// Sends requests to `kg` until the mock has refused `key` once.
 async fn until_refused(mock: &Mock, kg: &Keygate, key: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -82,9 +102,9 @@ async fn a_cooldown_learnt_on_one_instance_keeps_the_other_off_the_project() {
         .per_minute_limit("p1", FLASH, 0, "50s");
     let keys = [("k1", "p1"), ("k2", "p2")];
     let (a, _) = instance(&mock, &keys, &redis);
-    let (b, _) = instance(&mock, &keys, &redis);
+    let (b, admin_b) = instance(&mock, &keys, &redis);
     until_refused(&mock, &a, "k1").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_cooling(&admin_b, "k1").await;
     let before = asked(&mock, "k1");
     all_served(&b, 10).await;
     assert_eq!(
@@ -186,19 +206,20 @@ async fn after_redis_restarts_empty_sharing_resumes_and_what_was_learnt_holds() 
     wait_shared(&admin_a);
     wait_shared(&admin_b);
     // What A learnt before is back in the new Redis (written back on reconnecting).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        redis
-            .cli(&["--scan", "--pattern", "keygate:h:*"])
-            .lines()
-            .count()
-            >= 1,
-        "nothing written back"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis
+        .cli(&["--scan", "--pattern", "keygate:h:*"])
+        .lines()
+        .count()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "nothing written back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // And a change made now on A reaches B again.
     mock.per_minute_limit("p2", FLASH, 0, "50s");
     until_refused(&mock, &a, "k2").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_cooling(&admin_b, "k2").await;
     let before = (asked(&mock, "k1"), asked(&mock, "k2"));
     all_served(&b, 10).await;
     assert_eq!((asked(&mock, "k1"), asked(&mock, "k2")), before);
@@ -214,9 +235,10 @@ async fn instances_restarted_without_a_state_file_remember_what_the_fleet_learnt
     let keys = [("k1", "p1"), ("k2", "p2")];
     {
         let (a, _) = instance(&mock, &keys, &redis);
-        let (_b, _) = instance(&mock, &keys, &redis);
+        let (_b, admin_b) = instance(&mock, &keys, &redis);
         until_refused(&mock, &a, "k1").await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Through Redis: what the restarted instances will find there.
+        until_cooling(&admin_b, "k1").await;
     }
     let before = asked(&mock, "k1");
     let (a2, _) = instance(&mock, &keys, &redis);
@@ -488,17 +510,37 @@ async fn a_tenants_max_concurrent_holds_across_instances() {
             tokio::spawn(async move { generate(&url, FLASH, Some("tok-alice")).await.0 })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both of A's requests hold their slots once Google has them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.connections() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "A's requests never reached Google"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
     assert_eq!(status, 429, "B took a third slot: {body}");
     assert!(body.contains("requests in flight"), "{body}");
     for s in slow {
         assert_eq!(s.await.unwrap(), 200);
     }
-    // Once A's requests ended, their slots are B's to take.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
-    assert_eq!(status, 200, "{body}");
+    // Once A's requests ended, their slots are B's to take (A gives them back just after
+    // answering: wait for that, bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = generate(&b.url(), FLASH, Some("tok-alice")).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("requests in flight"), "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "A's slots never came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -589,8 +589,8 @@ async fn a_stalled_or_crawling_body_gets_408() {
         s.write_all(b"POST /v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: k\r\nContent-Length: 100\r\n\r\n{\"contents\"")
             .unwrap();
         let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        (started.elapsed(), answer)
+        let end = s.read_to_string(&mut answer).err();
+        (started.elapsed(), answer, end)
     });
     // Crawling: 100 bytes a second where 1000 are needed.
     let crawling = tokio::task::spawn_blocking(move || {
@@ -621,16 +621,18 @@ async fn a_stalled_or_crawling_body_gets_408() {
             String::from_utf8_lossy(&answer).into_owned(),
         )
     });
-    let (took, answer) = stalled.await.unwrap();
+    let (took, answer, end) = stalled.await.unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 408"),
-        "stalled body: {answer:?} after {took:?}"
+        "stalled body: {answer:?} ({end:?}) after {took:?}\n{}",
+        kg.logs()
     );
     assert!(took < Duration::from_secs(4), "{took:?}");
     let (took, answer) = crawling.await.unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 408"),
-        "crawling body: {answer:?} after {took:?}"
+        "crawling body: {answer:?} after {took:?}\n{}",
+        kg.logs()
     );
     assert!(took < Duration::from_secs(6), "{took:?}");
     assert!(mock.seen().is_empty());
@@ -681,6 +683,22 @@ async fn a_client_that_hangs_up_frees_its_slot_and_stops_the_attempts() {
     );
     let logs = kg.wait_for_log("status=499");
     assert!(logs.contains("status=499"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_held_to_one_request_may_send_the_next_as_soon_as_it_reads_an_answer() {
+    let mock = Mock::start().await;
+    mock.key("secret-k1", "p1");
+    let yaml = format!(
+        "{}tenants:\n  - name: alice\n    token: \"tok-alice\"\n    max_concurrent: 1\n",
+        pool_yaml(&mock.url(), &[("secret-k1", "p1")])
+    );
+    let kg = Keygate::start(&yaml);
+    // Never two at once: each request goes out once the previous answer is read whole.
+    for i in 0..300 {
+        let (status, _, body) = generate(&kg.url(), "gemini-2.5-flash", Some("tok-alice")).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -954,13 +972,21 @@ async fn only_models_google_served_become_metric_labels() {
     }
     let (status, _, _) = generate(&kg.url(), "gemini-2.5-flash", None).await;
     assert_eq!(status, 200);
-    let resp = client()
-        .get(format!("{admin}/metrics"))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .send()
-        .await
-        .unwrap();
-    let text = resp.text().await.unwrap();
+    // A request is counted just after its answer is sent: wait (bounded) for the last one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let resp = client()
+            .get(format!("{admin}/metrics"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        if text.contains("model=\"gemini-2.5-flash\"") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(!text.contains("junk-model"), "{text}");
     assert!(text.contains("model=\"gemini-2.5-flash\""), "{text}");
 }
@@ -1104,7 +1130,7 @@ async fn overrides_and_system_parameters_do_not_reach_google() {
             .map(|v| v.to_str().unwrap().to_string());
         assert!(
             matches!(encoding.as_deref(), Some("gzip" | "identity")),
-            "{encoding:?}"
+            "{encoding:?}: {seen:?}"
         );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -179,6 +179,7 @@ pub(super) async fn write_whole(
     add_own_headers(&mut header, ctx)?;
     ctx.status = header.status.as_u16();
     ctx.response_bytes += body.len() as u64;
+    ctx.answer_complete();
     session
         .write_response_header(Box::new(header), false)
         .await?;
@@ -336,6 +337,7 @@ pub(super) async fn respond(
     add_own_headers(&mut resp, ctx)?;
     ctx.status = e.code;
     ctx.response_bytes += body.len() as u64;
+    ctx.answer_complete();
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)

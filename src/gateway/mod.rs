@@ -51,7 +51,8 @@ pub struct Ctx {
     /// `METHOD /path?query` without any `key=` parameter.
     target: String,
     tenant: Option<Arc<Tenant>>,
-    /// The tenant's concurrency slot, released when the context is dropped.
+    /// The tenant's concurrency slot, released once the answer is whole
+    /// ([`Ctx::answer_complete`]), or when the context is dropped.
     in_flight: Option<limits::Slot>,
     model: String,
     /// The keys the attempts used, to name them in the access line.
@@ -96,6 +97,13 @@ impl Ctx {
             cache: None,
             recording: None,
         }
+    }
+
+    /// The answer is whole and its last bytes are about to go out: the tenant's concurrency
+    /// slot is free now. Held until the context is dropped (after the logging hook), it would
+    /// still count a request whose client already has its answer and sends the next.
+    fn answer_complete(&mut self) {
+        self.in_flight = None;
     }
 }
 

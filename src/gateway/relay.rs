@@ -129,6 +129,7 @@ impl Gateway {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
                 self.keep_answer(job, recording.take(), tap.as_mut()).await;
                 recorded = true;
+                ctx.answer_complete();
             }
             if !write_chunk(session, ctx, &mut pace, chunk).await? {
                 return Ok(true);
@@ -159,6 +160,7 @@ impl Gateway {
                 self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
                 self.keep_answer(job, recording.take(), tap.as_mut()).await;
                 recorded = true;
+                ctx.answer_complete();
             }
             match chunk {
                 Some(chunk) => {
@@ -176,6 +178,7 @@ impl Gateway {
             self.record_answer(ctx, job, key, tap.as_ref(), upload_final, counts_tokens);
             self.keep_answer(job, recording.take(), tap.as_mut()).await;
         }
+        ctx.answer_complete();
         session.write_response_body(None, true).await?;
         Ok(true)
     }

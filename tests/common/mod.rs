@@ -1737,6 +1737,41 @@ pub fn secrets_of(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
     out
 }
 
+/// Whether process `pid` holds the socket listening on `addr` (an IPv4 address): one of its
+/// open files is the socket `/proc/net/tcp` lists as listening there.
+fn holds_listener(pid: u32, addr: SocketAddr) -> bool {
+    let SocketAddr::V4(v4) = addr else {
+        return false;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // Columns: sl, local_address, rem_address, st (0A: listening), ..., inode (the tenth).
+    let inodes: HashSet<&str> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| f[9])
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| {
+            target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']'))
+                .is_some_and(|inode| inodes.contains(inode))
+        })
+}
+
 impl Keygate {
     /// Starts keygate with `yaml` (everything but `listen`, which is added).
     pub fn start(yaml: &str) -> Keygate {
@@ -1805,7 +1840,9 @@ impl Keygate {
                     }
                     panic!("keygate exited with {status}:\n{text}");
                 }
-                if TcpStream::connect(addr).is_ok() {
+                // Another test's keygate may have taken the port first and answer there while
+                // this one has yet to find out: only this process's own listener counts.
+                if TcpStream::connect(addr).is_ok() && holds_listener(child.id(), addr) {
                     return Keygate {
                         child,
                         addr,
@@ -2100,11 +2137,14 @@ pub async fn start_upload_with(
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.headers()["x-goog-upload-url"]
-        .to_str()
-        .unwrap()
-        .to_string()
+    let status = resp.status();
+    let url = resp
+        .headers()
+        .get("x-goog-upload-url")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    url.expect("an upload URL")
 }
 
 pub async fn send_bytes(url: &str, token: Option<&str>) -> (u16, String) {
