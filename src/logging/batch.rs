@@ -1,6 +1,11 @@
 //! Where log lines go: stderr, one write per line, except access lines while keygate is busy,
 //! which leave in batches. A write per request was the largest system-call cost keygate added
 //! to Pingora's own (BENCHMARKS.md); an idle gateway still writes each line as it happens.
+//!
+//! The batch is only ever held for an append or a swap: writing happens outside it, so a
+//! request thread appending its line never waits for a write to stderr (at saturation it did,
+//! and the waits cost more CPU than the lines). Lines keep their order: whoever writes holds
+//! stderr's lock first, then takes the batch.
 
 use std::io::Write;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -34,28 +39,27 @@ static FLUSHER: OnceLock<bool> = OnceLock::new();
 /// Writes an access line: at once when keygate was idle, else with its batch.
 pub(super) fn access(line: &[u8]) {
     let mut batch = lock();
-    let now = Instant::now();
-    let idle = batch
-        .written
-        .is_none_or(|at| now.duration_since(at) >= IDLE);
-    if batch.lines.is_empty() && idle {
-        write(line);
-        batch.written = Some(now);
-        return;
-    }
+    let idle = batch.written.is_none_or(|at| at.elapsed() >= IDLE);
     let first = batch.lines.is_empty();
     batch.lines.extend_from_slice(line);
-    let flusher = *FLUSHER.get_or_init(|| {
+    let wait = !(first && idle) && batch.lines.len() < FULL && flusher_runs();
+    drop(batch);
+    if !wait {
+        write_waiting(&[]);
+    } else if first {
+        // Woken once the batch is let go: it would otherwise wake only to wait for it.
+        WAITING.notify_one();
+    }
+}
+
+/// Whether the flusher thread runs (started on the first call).
+fn flusher_runs() -> bool {
+    *FLUSHER.get_or_init(|| {
         std::thread::Builder::new()
             .name("keygate-log".into())
             .spawn(write_batches)
             .is_ok()
-    });
-    if batch.lines.len() >= FULL || !flusher {
-        batch.write_out(now);
-    } else if first {
-        WAITING.notify_one();
-    }
+    })
 }
 
 /// The flusher thread: waits for a line to wait, gives it [`WAIT`] to gather others, writes.
@@ -73,36 +77,39 @@ fn write_batches() {
 
 /// Writes any other line at once, after the access lines that came before it.
 pub(super) fn line(line: &[u8]) {
-    let mut batch = lock();
-    let now = Instant::now();
-    batch.write_out(now);
-    write(line);
-    batch.written = Some(now);
+    write_waiting(line);
 }
 
 /// Writes the access lines that wait.
 pub(super) fn flush() {
-    lock().write_out(Instant::now());
+    write_waiting(&[]);
+}
+
+/// Writes the access lines that wait, then `then`.
+fn write_waiting(then: &[u8]) {
+    let mut stderr = std::io::stderr().lock();
+    let lines = {
+        let mut batch = lock();
+        if batch.lines.is_empty() && then.is_empty() {
+            return;
+        }
+        batch.written = Some(Instant::now());
+        std::mem::take(&mut batch.lines)
+    };
+    let _ = stderr.write_all(&lines);
+    let _ = stderr.write_all(then);
+    drop(stderr);
+    // The buffer goes back for the next batch, unless a rare burst made it large.
+    if lines.capacity() <= 4 * FULL {
+        let mut batch = lock();
+        if batch.lines.is_empty() {
+            let mut lines = lines;
+            lines.clear();
+            batch.lines = lines;
+        }
+    }
 }
 
 fn lock() -> MutexGuard<'static, Batch> {
     BATCH.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Batch {
-    fn write_out(&mut self, now: Instant) {
-        if self.lines.is_empty() {
-            return;
-        }
-        write(&self.lines);
-        self.lines.clear();
-        if self.lines.capacity() > 4 * FULL {
-            self.lines = Vec::new();
-        }
-        self.written = Some(now);
-    }
-}
-
-fn write(bytes: &[u8]) {
-    let _ = std::io::stderr().lock().write_all(bytes);
 }
