@@ -259,13 +259,7 @@ fn upstream_request_carries_no_client_credential_or_hop_header() {
         path_and_query: &path,
         body_len: 10,
     };
-    let h1 = Target {
-        authority: "upstream.test",
-        tls: true,
-        h2: false,
-        base_path: "",
-        headers: &[],
-    };
+    let h1 = upstream_test();
     let req = upstream_request(&Outgoing::from_client(&client), &fwd, "POOLKEY", &h1).unwrap();
     let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
     for gone in [
@@ -382,13 +376,7 @@ fn the_client_s_own_path_is_sent_as_written_and_any_other_as_given() {
         path_and_query: "/v1beta/cachedContents/c1?updateMask=ttl",
         body_len: 2,
     };
-    let h1 = Target {
-        authority: "upstream.test",
-        tls: true,
-        h2: false,
-        base_path: "",
-        headers: &[],
-    };
+    let h1 = upstream_test();
     let r = upstream_request(&out, &fwd, "POOLKEY", &h1).unwrap();
     assert_eq!(r.method, "PATCH");
     assert_eq!(r.raw_path(), b"/v1beta/cachedContents/c1?updateMask=ttl");
@@ -406,4 +394,15 @@ fn the_client_s_own_path_is_sent_as_written_and_any_other_as_given() {
         r.uri.to_string(),
         "https://upstream.test/v1beta/cachedContents/c1?updateMask=ttl"
     );
+}
+
+/// Google's place, over TLS and HTTP/1.1, with no base path or headers of its own.
+fn upstream_test() -> Target<'static> {
+    Target {
+        authority: "upstream.test",
+        tls: true,
+        h2: false,
+        base_path: "",
+        headers: &[],
+    }
 }
