@@ -19,8 +19,13 @@ fn asked(mock: &Mock, key: &str) -> usize {
 
 /// A keygate with an admin listener, sharing its health through `redis`.
 fn instance(mock: &Mock, keys: &[(&str, &str)], redis: &RedisServer) -> (Keygate, String) {
-    let yaml = format!("{}{}", pool_yaml(&mock.url(), keys), redis.yaml());
-    let (kg, admin) = start_with_admin(&yaml);
+    shared(&format!("{}{}", pool_yaml(&mock.url(), keys), redis.yaml()))
+}
+
+/// A keygate with an admin listener started with `yaml` (a `redis:` section in it), once it
+/// says its health is shared.
+fn shared(yaml: &str) -> (Keygate, String) {
+    let (kg, admin) = start_with_admin(yaml);
     wait_shared(&admin);
     (kg, admin)
 }
@@ -282,8 +287,7 @@ async fn no_key_or_token_travels_through_redis() {
         "alice",
         "secret-token-alice",
     ) + "    rpm: 1000\n    max_concurrent: 5\n";
-    let (kg, admin) = start_with_admin(&yaml);
-    wait_shared(&admin);
+    let (kg, _) = shared(&yaml);
     for _ in 0..8 {
         generate(&kg.url(), FLASH, Some("secret-token-alice")).await;
     }
@@ -459,9 +463,7 @@ fn limited(mock: &Mock, redis: &RedisServer, limits: &str) -> (Keygate, String) 
         pool_yaml(&mock.url(), &[("k1", "p1")]),
         redis.yaml()
     );
-    let (kg, admin) = start_with_admin(&yaml);
-    wait_shared(&admin);
-    (kg, admin)
+    shared(&yaml)
 }
 
 /// Sends `n` requests of alice to `kg`, one after the other: the statuses, and the Retry-After
@@ -582,8 +584,7 @@ async fn limits_cost() {
         pool_yaml(&mock.url(), &[("k1", "p1")]),
         redis.yaml()
     );
-    let (kg, admin) = start_with_admin(&yaml);
-    wait_shared(&admin);
+    let (kg, _) = shared(&yaml);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let monitor = tempfile::NamedTempFile::new().unwrap();
     let mut watch = std::process::Command::new("redis-cli")
@@ -653,10 +654,8 @@ async fn an_upload_started_on_one_instance_finishes_on_the_other_and_its_file_is
         redis.yaml(),
         tenants_of(&[("alice", None), ("bob", None)])
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, _) = shared(&yaml);
+    let (b, _) = shared(&yaml);
     let url = start_upload(&a, "tok-alice").await;
     let on_b = url.replace(&a.url(), &b.url());
     assert_ne!(on_b, url);
@@ -769,10 +768,8 @@ async fn a_cap_is_probed_once_per_interval_by_the_whole_fleet() {
         mock.url(),
         redis.yaml()
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, _) = shared(&yaml);
+    let (b, _) = shared(&yaml);
     // A meets the cap; B learns it.
     until_refused(&mock, &a, "k1").await;
     tokio::time::sleep(Duration::from_millis(2300)).await;
@@ -925,10 +922,8 @@ async fn the_usage_series_are_the_fleets() {
         redis.yaml(),
         tenants_of(&[("alice", None)])
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, admin_a) = shared(&yaml);
+    let (b, admin_b) = shared(&yaml);
     for (kg, n) in [(&a, 3), (&b, 2)] {
         for _ in 0..n {
             let (status, _, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
@@ -990,10 +985,8 @@ async fn a_file_uploaded_through_one_instance_can_be_named_in_a_live_session_on_
         redis.yaml(),
         tenants_of(&[("alice", None), ("bob", None)])
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, _) = shared(&yaml);
+    let (b, _) = shared(&yaml);
     let url = start_upload(&a, "tok-alice").await;
     let (status, body) = send_bytes(&url, None).await;
     assert_eq!(status, 200, "{body}");
@@ -1036,9 +1029,7 @@ fn cached_instance(mock: &Mock, redis: &RedisServer) -> (Keygate, String) {
         tenants_of(&[("alice", None), ("bob", None)]),
         redis.yaml()
     );
-    let (kg, admin) = start_with_admin(&yaml);
-    wait_shared(&admin);
-    (kg, admin)
+    shared(&yaml)
 }
 
 /// A generation asked through `kg` by the tenant of `token`: its status, `x-keygate-cache` and
@@ -1261,8 +1252,7 @@ async fn a_lookup_waits_on_a_slow_redis_no_longer_than_timeout_ms() {
         tenants_of(&[("alice", None)]),
         link.yaml(500)
     );
-    let (kg, admin) = start_with_admin(&yaml);
-    wait_shared(&admin);
+    let (kg, _) = shared(&yaml);
     // The first lookup also makes the cache's connection to Redis: the two together wait no
     // longer than timeout_ms.
     for text in ["first", "second"] {
@@ -1332,10 +1322,8 @@ async fn the_request_and_token_counters_are_the_fleets() {
         redis.yaml(),
         tenants_of(&[("alice", None)])
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, admin_a) = shared(&yaml);
+    let (b, admin_b) = shared(&yaml);
     for (kg, n) in [(&a, 3), (&b, 2)] {
         for _ in 0..n {
             let (status, _, body) = generate(&kg.url(), FLASH, Some("tok-alice")).await;
@@ -1363,10 +1351,8 @@ async fn a_tenants_use_on_one_instance_counts_for_fair_share_on_the_other() {
         redis.yaml(),
         tenants_of(&[("heavy", None), ("quiet", None)])
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, _) = shared(&yaml);
+    let (b, _) = shared(&yaml);
     // The quiet tenant uses B a little; the heavy one floods A.
     for (kg, token, n) in [(&b, "tok-quiet", 3), (&a, "tok-heavy", 6)] {
         for _ in 0..n {
@@ -1410,10 +1396,8 @@ async fn an_upload_started_while_redis_was_down_finishes_through_the_other_insta
         redis.yaml(),
         tenants_of(&[("alice", None)])
     );
-    let (a, admin_a) = start_with_admin(&yaml);
-    let (b, admin_b) = start_with_admin(&yaml);
-    wait_shared(&admin_a);
-    wait_shared(&admin_b);
+    let (a, admin_a) = shared(&yaml);
+    let (b, admin_b) = shared(&yaml);
     redis.kill();
     let deadline = Instant::now() + Duration::from_secs(10);
     while readyz(&admin_a).await["redis"] != "down" {
