@@ -375,7 +375,8 @@ impl KeyPool {
     /// When none of them can serve, the answer says when the project is back.
     pub fn pick_in_project(&self, model: &str, method: &str, project: u32, now: Millis) -> Pick {
         match self.pick_where(model, method, &[], Some(project), now, false) {
-            Pick::OnlyTriedProjects => {
+            // Counted for the project alone: an empty snapshot's numbers are the whole pool's.
+            Pick::OnlyTriedProjects | Pick::Exhausted(_) => {
                 Pick::Exhausted(self.exhaustion(&self.health(model), Some(project), now))
             }
             pick => pick,

@@ -174,6 +174,16 @@ fn a_bound_project_serves_alone_and_says_when_it_is_back() {
             disabled: 0
         })
     );
+    // With every key out, the answer is still p2's, not the whole pool's.
+    cool(&p, 0, "m", 30_000);
+    assert_eq!(
+        p.pick_in_project("m", "generateContent", 1, 1000),
+        Pick::Exhausted(Exhaustion {
+            retry_at: Some(50_000),
+            cooling: 2,
+            disabled: 0
+        })
+    );
 }
 
 #[test]
