@@ -82,6 +82,11 @@ pub fn run(config: Config, launch: Launch) -> Result<(), String> {
         // One single-threaded runtime per worker thread, like nginx's workers: measured
         // cheaper per request than tokio's work-stealing pool (BENCHMARKS.md).
         work_stealing: false,
+        // Pingora's own timeouts (an idle pooled connection's, write timeouts) on tokio's timer
+        // wheel rather than its shared "fast" timer tree: under load keygate registers one a
+        // request, each up to a minute long, and the tree's inserts cost more than the wheel's
+        // (BENCHMARKS.md).
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         upgrade_sock: config.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };

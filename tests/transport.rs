@@ -151,6 +151,43 @@ async fn a_stream_cut_upstream_is_cut_for_the_client_too() {
     assert_eq!(mock.seen().len(), 1, "output had started: no retry");
 }
 
+/// A stream whose upstream goes silent for longer than `timeouts.read_seconds` between two
+/// events is cut there: the client sees what came and a broken stream, within about the
+/// timeout, instead of waiting as long as the upstream does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_stalls_past_the_read_timeout_is_cut() {
+    use futures_util::StreamExt;
+    let mock = Mock::start().await;
+    mock.key("key-a", "p1").sse(3, Duration::from_secs(4));
+    let kg = Keygate::start(&format!(
+        "timeouts:\n  read_seconds: 1\n{}",
+        pool_yaml(&mock.url(), &[("key-a", "p1")])
+    ));
+    let started = std::time::Instant::now();
+    let resp = stream_sse(&kg.url(), FLASH).await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    let mut error = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(text.matches("data: ").count(), 1, "{text}");
+    assert!(error.is_some(), "a broken stream, not a clean end: {text}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "cut after about read_seconds, not after the upstream's 4 s gap: {took:?}"
+    );
+    assert_eq!(mock.seen().len(), 1, "output had started: no retry");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_that_never_answers_is_a_504() {
     let mock = Mock::start().await;

@@ -2,7 +2,7 @@
 //! next, each answer is classified, and health changes go through the door.
 
 use super::answers::{exhausted_error, fair_share_error};
-use super::client::unless_client_gone;
+use super::client::{watched, Waited};
 use super::events::{is_news, quota_event};
 use super::{AttemptLog, Ctx, Ending, Gateway, Job, Kind};
 use crate::quota::classify::{
@@ -310,10 +310,8 @@ impl Gateway {
             };
             match then {
                 Then::Wait(wait) => {
-                    if unless_client_gone(session, tokio::time::sleep(wait))
-                        .await
-                        .is_none()
-                    {
+                    let waited = watched(session, tokio::time::sleep(wait), None).await;
+                    if matches!(waited, Waited::ClientGone) {
                         return Ending::ClientGone;
                     }
                 }
@@ -423,16 +421,23 @@ impl Gateway {
             error,
             reused: false,
         })?;
-        http.set_read_timeout(Some(timeouts.read));
+        // The header's wait is timed with the client's watch, by one timer (see [`watched`]);
+        // the rest of the answer is read under Pingora's per-read timeout.
+        http.set_read_timeout(None);
         http.set_write_timeout(Some(timeouts.write));
         write_request(&mut http, req, &job.body)
             .await
             .map_err(|error| SendError::Exchange { error, reused })?;
-        match unless_client_gone(session, read_final_header(&mut http)).await {
-            Some(Ok(())) => {}
-            None => return Err(SendError::ClientGone),
-            Some(Err(error)) => return Err(SendError::Exchange { error, reused }),
+        match watched(session, read_final_header(&mut http), Some(timeouts.read)).await {
+            Waited::Done(Ok(())) => {}
+            Waited::ClientGone => return Err(SendError::ClientGone),
+            Waited::Done(Err(error)) => return Err(SendError::Exchange { error, reused }),
+            Waited::TimedOut => {
+                let error = Error::explain(ErrorType::ReadTimedout, "no answer header in time");
+                return Err(SendError::Exchange { error, reused });
+            }
         }
+        http.set_read_timeout(Some(timeouts.read));
         let header = http
             .response_header()
             .cloned()

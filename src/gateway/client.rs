@@ -13,30 +13,85 @@ use http::header;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::ErrorType;
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
 /// How long work may take before keygate starts watching its client for a hang-up. Most
 /// answers come sooner, and the watch costs a read of the client's socket; a client that hangs
 /// up while Google thinks for seconds or minutes is noticed within this.
 pub(super) const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
 
-/// Runs `work` unless the client hangs up first (`None` then). The request body has been read
-/// whole by now, so any read from the client means it is gone (or, pipelining, sending more
-/// than it should): Pingora's idle read only ever ends with an error.
-pub(super) async fn unless_client_gone<T>(
+/// How a wait on the upstream ended.
+pub(super) enum Waited<T> {
+    Done(T),
+    /// The client hung up meanwhile.
+    ClientGone,
+    /// The wait took longer than its timeout.
+    TimedOut,
+}
+
+/// Runs `work` (a wait on the upstream) unless the client hangs up first or, with a
+/// `timeout`, it takes longer than that. The request body has been read whole by now, so any
+/// read from the client means it is gone (or, pipelining, sending more than it should):
+/// Pingora's idle read only ever ends with an error.
+///
+/// One timer serves both, and only when `work` has to wait: first until [`WATCH_CLIENT_AFTER`]
+/// (then the client is watched), then until the timeout. A timer per wait is the largest cost
+/// keygate adds to a request that Pingora's own proxy does not have (BENCHMARKS.md), so the
+/// upstream read timeouts of the request path are kept here rather than in Pingora's session.
+pub(super) async fn watched<T>(
     session: &mut Session,
-    work: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let watch = async {
-        pingora::time::fast_timeout::fast_sleep(WATCH_CLIENT_AFTER).await;
-        let _ = session.read_body_or_idle(true).await;
+    work: impl Future<Output = T>,
+    timeout: Option<Duration>,
+) -> Waited<T> {
+    let mut work = pin!(work);
+    let mut timer = pin!(None::<Sleep>);
+    // When the watch starts, and the deadline: known once the work first waits.
+    let mut at: Option<(Instant, Option<Instant>)> = None;
+    // Until the watch starts: the work alone.
+    let first = poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        let (watch_from, deadline) = *at.get_or_insert_with(|| {
+            let now = Instant::now();
+            (now + WATCH_CLIENT_AFTER, timeout.map(|t| now + t))
+        });
+        if timer.is_none() {
+            let first = deadline.map_or(watch_from, |d| d.min(watch_from));
+            timer.set(Some(tokio::time::sleep_until(first)));
+        }
+        match timer.as_mut().as_pin_mut() {
+            Some(sleep) => sleep.poll(cx).map(|()| Err((watch_from, deadline))),
+            None => Poll::Pending,
+        }
+    })
+    .await;
+    let deadline = match first {
+        Ok(out) => return Waited::Done(out),
+        Err((watch_from, Some(deadline))) if deadline <= watch_from => return Waited::TimedOut,
+        Err((_, deadline)) => deadline,
     };
+    // From now on the same timer waits for the deadline, if there is one.
+    if let (Some(deadline), Some(sleep)) = (deadline, timer.as_mut().as_pin_mut()) {
+        sleep.reset(deadline);
+    }
+    let expiry = async {
+        match (deadline, timer.as_pin_mut()) {
+            (Some(_), Some(sleep)) => sleep.await,
+            _ => std::future::pending().await,
+        }
+    };
+    let watch = session.read_body_or_idle(true);
     tokio::select! {
         biased;
-        out = work => Some(out),
-        _ = watch => None,
+        out = work => Waited::Done(out),
+        _ = watch => Waited::ClientGone,
+        () = expiry => Waited::TimedOut,
     }
 }
 

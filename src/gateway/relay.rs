@@ -5,7 +5,7 @@ use super::answers::{
     add_own_headers, error_reply, respond, scrub_headers, write_whole, ErrorReply,
 };
 use super::cache;
-use super::client::{client_gone, prepare_downstream_header, unless_client_gone};
+use super::client::{client_gone, prepare_downstream_header, watched, Waited};
 use super::place::counts_tokens;
 use super::{Ctx, Gateway, Job, Learn};
 use crate::gateway::guard;
@@ -21,8 +21,12 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 /// Largest answer body read to learn the names of created resources.
 pub(super) const CREATED_ANSWER_LIMIT: usize = 256 * 1024;
@@ -135,18 +139,27 @@ impl Gateway {
                 return Ok(true);
             }
         }
+        // Each read of the body is timed with the client's watch (see [`watched`]).
+        let read_timeout = job.rt.timeouts.read;
+        if let Some(http) = body.http.as_mut() {
+            http.set_read_timeout(None);
+        }
         while let Some(http) = body.http.as_mut() {
             // A client gone mid-stream stops the stream: Google stops when its connection goes.
-            let chunk = {
-                let read = http.read_response_body();
-                tokio::pin!(read);
-                unless_client_gone(session, read.as_mut()).await
+            let chunk = match watched(session, http.read_response_body(), Some(read_timeout)).await
+            {
+                Waited::Done(chunk) => chunk?,
+                Waited::ClientGone => {
+                    session.set_keepalive(None);
+                    return Ok(true);
+                }
+                Waited::TimedOut => {
+                    return Err(Error::explain(
+                        ErrorType::ReadTimedout,
+                        "the answer's body stalled",
+                    ))
+                }
             };
-            let Some(chunk) = chunk else {
-                session.set_keepalive(None);
-                return Ok(true);
-            };
-            let chunk = chunk?;
             body.complete = chunk.is_none() || http.response_done();
             self.park(job, &mut body).await;
             if let Some(tap) = tap.as_mut() {
@@ -464,9 +477,22 @@ async fn write_chunk(
 ) -> pingora::Result<bool> {
     let len = chunk.len();
     ctx.response_bytes += len as u64;
-    let started = Instant::now();
-    session.write_response_body(Some(chunk), false).await?;
-    if pace.record(len, started.elapsed()) {
+    // Most writes go out at once: only one that has to wait reads the clock.
+    let took = {
+        let mut write = pin!(session.write_response_body(Some(chunk), false));
+        match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(written) => {
+                written?;
+                Duration::ZERO
+            }
+            Poll::Pending => {
+                let started = Instant::now();
+                write.await?;
+                started.elapsed()
+            }
+        }
+    };
+    if pace.record(len, took) {
         return Ok(true);
     }
     log::debug!("client takes its answer too slowly: dropped");
@@ -476,7 +502,6 @@ async fn write_chunk(
 
 /// Reads a listing's body, up to [`LISTING_LIMIT`], unless the client hangs up first (false).
 async fn read_listing(session: &mut Session, answer: &mut Answer) -> bool {
-    unless_client_gone(session, read_up_to(&mut answer.body, LISTING_LIMIT))
-        .await
-        .is_some()
+    let read = read_up_to(&mut answer.body, LISTING_LIMIT);
+    !matches!(watched(session, read, None).await, Waited::ClientGone)
 }
