@@ -12,7 +12,8 @@
 //! hit served from memory (the `Response cache` section compares it with the upstream direct).
 //! Tunables (environment): `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (saturation and
 //! fixed-concurrency runs are made in this many rounds, each target once a round, and a target
-//! reported by its median round; default 3),
+//! reported by its median round; default 5; keygate against the floor is also given as the
+//! median of the rounds' ratios),
 //! `LOAD_CONNECTIONS` (fixed-concurrency run, default 16), `LOAD_SATURATION_CONNECTIONS`
 //! (default 128), `PROXY_WORKERS` (nginx workers / keygate threads, default 1), `LOAD_ONLY=fleet`
 //! (only the section on Redis: keygate alone against keygate sharing its state, and two
@@ -47,29 +48,54 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Runs `run` on every target, `rounds` times over, a round taking each target once in turn:
-/// per target, the run of median throughput and the throughput of every round.
+/// Runs `run` on every target, `rounds` times over, a round taking each target once in turn,
+/// starting one target further each round (a target that runs right after a heavy one in one
+/// round does not in the next): per target, the run of median throughput and every round's run.
 fn in_rounds<'t>(
     targets: &'t [(&'static str, String, Option<u32>)],
     rounds: usize,
     mut run: impl FnMut(&str, Option<u32>) -> Run,
-) -> Vec<(&'t &'static str, Run, Vec<f64>)> {
+) -> Vec<(&'t &'static str, Run, Vec<Run>)> {
     let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
-    for _ in 0..rounds {
-        for (i, (_, base, pid)) in targets.iter().enumerate() {
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let (_, base, pid) = &targets[i];
             runs[i].push(run(base, *pid));
         }
     }
     targets
         .iter()
         .zip(runs)
-        .map(|((name, _, _), mut of_target)| {
-            let rps: Vec<f64> = of_target.iter().map(|r| r.rps).collect();
-            of_target.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-            let median = of_target.swap_remove(of_target.len() / 2);
-            (name, median, rps)
+        .map(|((name, _, _), every)| {
+            let mut sorted = every.clone();
+            sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let median = sorted.swap_remove(sorted.len() / 2);
+            (name, median, every)
         })
         .collect()
+}
+
+/// `a` against `b` in each round (`f` of a's run over `f` of b's), and the median of those
+/// ratios: two targets measured minutes apart on a shared machine differ by more than the
+/// effect measured, two measured in the same round much less.
+fn paired(
+    runs: &[(&&str, Run, Vec<Run>)],
+    a: &str,
+    b: &str,
+    f: fn(&Run) -> f64,
+) -> (f64, Vec<f64>) {
+    let of = |n: &str| {
+        runs.iter()
+            .find(|(x, _, _)| **x == n)
+            .map(|(_, _, every)| every.iter().map(f).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let ratios: Vec<f64> = of(a).iter().zip(of(b)).map(|(x, y)| x / y).collect();
+    if ratios.is_empty() {
+        return (f64::NAN, ratios);
+    }
+    (median(ratios.clone()), ratios)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -934,7 +960,7 @@ fn main() {
         return;
     }
     let seconds: u64 = env_or("LOAD_SECONDS", 5);
-    let rounds: usize = env_or("LOAD_ROUNDS", 3).max(1);
+    let rounds: usize = env_or("LOAD_ROUNDS", 5).max(1);
     let conns: usize = env_or("LOAD_CONNECTIONS", 16);
     let sat_conns: usize = env_or("LOAD_SATURATION_CONNECTIONS", 128);
     let workers: usize = env_or("PROXY_WORKERS", 1);
@@ -1013,24 +1039,21 @@ fn main() {
     let fixed = in_rounds(&targets, rounds, |base, pid| {
         oha(&format!("{base}{path}"), seconds, conns, None, pid)
     });
-    let per_round = |runs: &[(&&str, Run, Vec<f64>)], a: &str, b: &str| {
-        let of = |n: &str| {
-            runs.iter()
-                .find(|(x, _, _)| **x == n)
-                .map(|(_, _, r)| r.clone())
-                .unwrap_or_default()
-        };
-        of(a)
+    let listed = |ratios: &[f64]| {
+        ratios
             .iter()
-            .zip(of(b))
-            .map(|(x, y)| format!("{:.2}", x / y))
+            .map(|r| format!("{r:.2}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let (sat_pf, sat_rounds) = paired(&saturation, "keygate", "pingora", |r| r.rps);
+    let (fixed_pf, fixed_rounds) = paired(&fixed, "keygate", "pingora", |r| r.rps);
+    let (sat_cpu, _) = paired(&saturation, "keygate", "pingora", |r| r.cpu_per_10k);
+    let (fixed_cpu, _) = paired(&fixed, "keygate", "pingora", |r| r.cpu_per_10k);
     let round_ratios = format!(
-        "keygate/pingora floor throughput in each round: saturation {}; {conns} connections {}.",
-        per_round(&saturation, "keygate", "pingora"),
-        per_round(&fixed, "keygate", "pingora")
+        "keygate/pingora floor, medians of the {rounds} rounds' ratios: throughput {sat_pf:.2}x at saturation ({}), {fixed_pf:.2}x at {conns} connections ({}); CPU per request {sat_cpu:.2}x and {fixed_cpu:.2}x.",
+        listed(&sat_rounds),
+        listed(&fixed_rounds)
     );
     let saturation: Vec<(&&str, Run)> = saturation.into_iter().map(|(n, r, _)| (n, r)).collect();
     let fixed: Vec<(&&str, Run)> = fixed.into_iter().map(|(n, r, _)| (n, r)).collect();
@@ -1109,7 +1132,7 @@ fn main() {
     let (kgc, pfc) = ratio(&saturation, "keygate", "pingora", |r| r.cpu_per_10k);
     let _ = writeln!(
         report,
-        "\nThroughput at saturation: keygate/nginx {:.2}x, keygate/pingora floor {:.2}x. p99 over direct at half saturation: keygate {:+.3} ms, keygate+cache (hits) {:+.3} ms, pingora floor {:+.3} ms. CPU per request at saturation: keygate/pingora floor {:.2}x.\n",
+        "\nThroughput at saturation (ratios of the median rounds): keygate/nginx {:.2}x, keygate/pingora floor {:.2}x. p99 over direct at half saturation: keygate {:+.3} ms, keygate+cache (hits) {:+.3} ms, pingora floor {:+.3} ms. CPU per request at saturation (median rounds): keygate/pingora floor {:.2}x.\n",
         kg / ng,
         kg / pf,
         kg99 - d99,
