@@ -121,9 +121,22 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     assert!(mock.seen()[0].headers.get("expect").is_none());
 }
 
+/// A streamed answer's text as far as it came, and the error that ended it, if one did.
+async fn read_stream(resp: reqwest::Response) -> (String, Option<reqwest::Error>) {
+    use futures_util::StreamExt;
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(e) => return (text, Some(e)),
+        }
+    }
+    (text, None)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_cut_upstream_is_cut_for_the_client_too() {
-    use futures_util::StreamExt;
     let mock = Mock::start().await;
     mock.key("key-a", "p1")
         .sse(5, Duration::from_millis(20))
@@ -131,18 +144,7 @@ async fn a_stream_cut_upstream_is_cut_for_the_client_too() {
     let kg = Keygate::start(&pool_yaml(&mock.url(), &[("key-a", "p1")]));
     let resp = stream_sse(&kg.url(), FLASH).await;
     assert_eq!(resp.status(), 200);
-    let mut stream = resp.bytes_stream();
-    let mut text = String::new();
-    let mut error = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
-            Err(e) => {
-                error = Some(e);
-                break;
-            }
-        }
-    }
+    let (text, error) = read_stream(resp).await;
     assert_eq!(text.matches("data: ").count(), 2, "{text}");
     assert!(
         error.is_some(),
@@ -156,7 +158,6 @@ async fn a_stream_cut_upstream_is_cut_for_the_client_too() {
 /// timeout, instead of waiting as long as the upstream does.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_stalls_past_the_read_timeout_is_cut() {
-    use futures_util::StreamExt;
     let mock = Mock::start().await;
     mock.key("key-a", "p1").sse(3, Duration::from_secs(4));
     let kg = Keygate::start(&format!(
@@ -166,18 +167,7 @@ async fn a_stream_that_stalls_past_the_read_timeout_is_cut() {
     let started = std::time::Instant::now();
     let resp = stream_sse(&kg.url(), FLASH).await;
     assert_eq!(resp.status(), 200);
-    let mut stream = resp.bytes_stream();
-    let mut text = String::new();
-    let mut error = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
-            Err(e) => {
-                error = Some(e);
-                break;
-            }
-        }
-    }
+    let (text, error) = read_stream(resp).await;
     let took = started.elapsed();
     assert_eq!(text.matches("data: ").count(), 1, "{text}");
     assert!(error.is_some(), "a broken stream, not a clean end: {text}");
