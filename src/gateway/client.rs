@@ -40,9 +40,9 @@ pub(super) enum Waited<T> {
 /// Pingora's idle read only ever ends with an error.
 ///
 /// One timer serves both, and only when `work` has to wait: first until [`WATCH_CLIENT_AFTER`]
-/// (then the client is watched), then until the timeout. A timer per wait is the largest cost
-/// keygate adds to a request that Pingora's own proxy does not have (BENCHMARKS.md), so the
-/// upstream read timeouts of the request path are kept here rather than in Pingora's session.
+/// (then the client is watched), then until the timeout. Timers were the largest cost keygate
+/// added to a request over Pingora's own proxy (BENCHMARKS.md), so the upstream read timeouts
+/// of the request path are kept here rather than in Pingora's session.
 pub(super) async fn watched<T>(
     session: &mut Session,
     work: impl Future<Output = T>,
